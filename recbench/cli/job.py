@@ -1,0 +1,249 @@
+"""One job: prepare the protocol, solve the budget, build, train, evaluate, track.
+
+Everything a Hydra job does lives here so that tests can call ``run_job(cfg)`` on a composed
+config without a launcher. The CLI (``recbench``) is a thin Hydra wrapper around it.
+
+References: DESIGN.md sections 2, 4, 5 and 8.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recbench.methods.base import InfeasibleBudget
+from recbench.tracking.base import FAILED, FINISHED, flatten
+from recbench.training.optim import DenseOptimizer
+from recbench.training.trainer import Trainer, TrainerConfig
+from recbench.types import Budget, EmbeddingOptimizer, settings_hash
+
+log = logging.getLogger("recbench")
+
+#: resolved-config keys that do not change a run's numbers (excluded from its config hash)
+NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "trainer.progress", "trainer.num_threads",
+                    "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps", "hydra")
+#: degenerate-run rule (DESIGN.md section 4)
+DEGENERATE_AUC_MARGIN = 0.01
+
+
+@dataclass
+class JobResult:
+    status: str  # finished | infeasible | failed | skipped
+    metrics: Dict[str, float]
+    run_id: Optional[str]
+    reason: str = ""
+
+
+def _drop(mapping: Dict[str, Any], dotted: str) -> None:
+    head, _, rest = dotted.partition(".")
+    if head in mapping:
+        if rest:
+            if isinstance(mapping[head], dict):
+                _drop(mapping[head], rest)
+        else:
+            del mapping[head]
+
+
+def config_hash(resolved: Dict[str, Any]) -> str:
+    trimmed = json.loads(json.dumps(resolved, default=str))
+    for key in NON_NUMERIC_KEYS:
+        _drop(trimmed, key)
+    return settings_hash(trimmed, length=16)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def instantiate_without(cfg: DictConfig, drop=("protocol", "name"), **kwargs: Any) -> Any:
+    """Instantiate a component config, leaving out keys that are not constructor arguments."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for key in drop:
+        container.pop(key, None)
+    return instantiate(container, **kwargs)
+
+
+def configure_threads(cfg: DictConfig) -> int:
+    threads = cfg.trainer.get("num_threads") or int(os.environ.get("RECBENCH_NUM_THREADS", 0)) or os.cpu_count() or 1
+    torch.set_num_threads(int(threads))
+    return int(threads)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def protocol_tag(dataset_protocol_id: str, resolved: Dict[str, Any]) -> str:
+    """Dataset protocol id + hash of the frozen training protocol (model, trainer, optimizer)."""
+    training = {k: resolved.get(k) for k in ("model", "trainer", "optimizer")}
+    trimmed = json.loads(json.dumps(training, default=str))
+    for key in ("trainer.progress", "trainer.num_threads", "trainer.resume", "trainer.checkpoint_every_steps",
+                "trainer.log_every_steps"):
+        _drop(trimmed, key)
+    return f"{dataset_protocol_id}/{settings_hash(trimmed, 8)}"
+
+
+def run_job(cfg: DictConfig, tracker=None) -> JobResult:
+    """Run one job end to end; never raises for a bad method/budget/training failure once the
+    tracker run exists (the run is recorded as FAILED with its reason and the error re-raised
+    only for configuration errors before tracking starts)."""
+    configure_threads(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    chash = config_hash(resolved)
+    protocol = instantiate_without(cfg.dataset)
+    prepared = protocol.prepare(Path(cfg.paths.data_root))
+    spec = prepared.spec
+    experiment = spec.protocol_id
+    tracker = tracker if tracker is not None else instantiate_without(cfg.tracking, drop=("skip_finished",))
+    if cfg.tracking.get("skip_finished", False):
+        done = tracker.find_finished(experiment, chash)
+        if done:
+            log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
+            return JobResult("skipped", {}, done, "already finished with the same resolved config")
+
+    run_dir = Path(cfg.paths.run_root) / chash
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = run_dir / "checkpoint.pt"
+    run_id_file = run_dir / "run_id.txt"
+    resume_id = None
+    if cfg.trainer.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
+        resume_id = run_id_file.read_text().strip() or None
+    elif checkpoint_path.exists():
+        checkpoint_path.unlink()
+
+    method_name = cfg.method.name
+    model_name = cfg.model.get("name", "model")
+    ratio = float(cfg.budget.compression_ratio)
+    tags = {
+        "method": method_name, "model": model_name, "dataset": spec.name, "protocol": protocol_tag(spec.protocol_id, resolved),
+        "dataset_protocol_id": spec.protocol_id, "compression_ratio": f"{ratio:g}", "seed": str(cfg.seed),
+        "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "config_hash": chash, "status": "running",
+    }
+    run_name = f"{method_name}@{ratio:g}/{model_name}/{spec.name}/s{cfg.seed}"
+    run_id = tracker.start_run(experiment, run_name, tags, flatten(resolved), resume_run_id=resume_id)
+    run_id_file.write_text(str(run_id))
+    try:
+        result = _train_and_evaluate(cfg, prepared, tracker, checkpoint_path, resolved)
+    except InfeasibleBudget as exc:
+        tracker.set_tags({"status": "infeasible", "status_reason": str(exc)})
+        tracker.log_metrics({"budget/requested_ratio": ratio, "budget/min_reachable_ratio": exc.min_ratio,
+                             "budget/max_reachable_ratio": exc.max_ratio})
+        tracker.end_run(FINISHED)
+        log.warning("infeasible: %s", exc)
+        return JobResult("infeasible", {}, run_id, str(exc))
+    except BaseException as exc:  # recorded, then re-raised so the launcher sees the failure
+        reason = f"{type(exc).__name__}: {exc}"
+        tracker.set_tags({"status": "failed", "status_reason": reason[:5000]})
+        _log_text_artifact(tracker, "traceback.txt", traceback.format_exc())
+        tracker.end_run(FAILED)
+        raise
+    metrics, reason = result
+    status = "failed" if reason else "finished"
+    tracker.set_tags({"status": status, "status_reason": reason,
+                      "achieved_ratio": f"{metrics.get('emb/compression_ratio', float('nan')):.6g}"})
+    tracker.end_run(FAILED if reason else FINISHED)
+    if checkpoint_path.exists():
+        checkpoint_path.unlink()  # the run is complete; its checkpoint is no longer needed
+    return JobResult(status, metrics, run_id, reason)
+
+
+def _log_text_artifact(tracker, name: str, text: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_text(text)
+        tracker.log_artifact(path)
+
+
+def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
+    spec = prepared.spec
+    method = instantiate(cfg.method)
+    reason = method.compatible_with(cfg.model.get("name", ""))
+    if reason:
+        raise ValueError(f"method {method.name!r} cannot be used with model {cfg.model.get('name')!r}: {reason}")
+    budget = Budget(**OmegaConf.to_container(cfg.budget, resolve=True))
+    embedding_optimizer = EmbeddingOptimizer(**OmegaConf.to_container(cfg.optimizer.embedding, resolve=True))
+    dense_optimizer = DenseOptimizer(**OmegaConf.to_container(cfg.optimizer.dense, resolve=True))
+    dim = int(cfg.model.embedding_dim)
+    tables = list(spec.tables)
+    hparams = method.solve(tables, dim, budget)
+    closed_form = method.memory(tables, dim, hparams, embedding_optimizer)
+    tracker.log_metrics({"budget/requested_ratio": budget.compression_ratio,
+                         "budget/solved_ratio": closed_form.compression_ratio})
+    if hparams:
+        tracker.set_tags({f"hparam.{k}": v for k, v in flatten(hparams).items()})
+
+    seed_everything(int(cfg.seed))
+    embedding = method.build(tables, dim, budget, embedding_optimizer)
+    model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables))
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in ("resume", "num_threads"):
+        trainer_kwargs.pop(key, None)
+    trainer = Trainer(TrainerConfig(seed=int(cfg.seed), **trainer_kwargs), model, method, prepared,
+                      dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
+                      checkpoint_path=checkpoint_path)
+    result = trainer.fit()
+    metrics = dict(result.metrics)
+    measured = model.embedding.memory_report()
+    metrics["emb/closed_form_matches"] = float(measured.inference_bytes == closed_form.inference_bytes)
+    metrics["budget/requested_ratio"] = budget.compression_ratio
+    for key, value in spec.extras.items():
+        if key.startswith("bayes_") and isinstance(value, (int, float)):
+            metrics[f"bayes/{key[len('bayes_'):]}"] = float(value)
+    if "bayes/test_auc" in metrics:
+        metrics["test/auc_gap_to_bayes"] = metrics["bayes/test_auc"] - metrics["test/auc"]
+    tracker.log_metrics(metrics, step=result.history[-1]["step"] if result.history else 0)
+    reason = ""
+    auc = metrics["test/auc"]
+    if not np.isfinite(auc):
+        reason = "test AUC is NaN after training"
+    elif abs(auc - 0.5) < DEGENERATE_AUC_MARGIN:
+        reason = f"test AUC {auc:.4f} is within {DEGENERATE_AUC_MARGIN} of 0.5 (degenerate model)"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+        (Path(tmp) / "stages.json").write_text(json.dumps(result.stage_results, indent=2, default=str))
+        (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
+        for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
+            tracker.log_artifact(Path(tmp) / name)
+    return metrics, reason
+
+
+RESULT_KEYS = [
+    ("val/auc", "val AUC", "{:.4f}"), ("test/auc", "test AUC", "{:.4f}"), ("test/logloss", "test log loss", "{:.4f}"),
+    ("bayes/test_auc", "Bayes-optimal test AUC", "{:.4f}"), ("test/auc_gap_to_bayes", "gap to Bayes AUC", "{:.4f}"),
+    ("emb/compression_ratio", "compression ratio", "{:.4g}"), ("emb/bytes_inference", "embedding bytes (inference)", "{:,.0f}"),
+    ("emb/bytes_training", "embedding bytes (training)", "{:,.0f}"), ("train/samples_per_s", "train samples/s", "{:,.0f}"),
+    ("infer/latency_ms", "latency, batch 4096 (ms)", "{:.2f}"), ("infer/latency_ms_single", "latency, 1 request (ms)", "{:.3f}"),
+    ("sys/peak_rss_mb", "peak RSS (MB)", "{:,.0f}"),
+]
+
+
+def format_result(cfg: DictConfig, result: JobResult) -> str:
+    """A plain-text result table for the end of a run."""
+    title = f"{cfg.method.name} @ ratio {float(cfg.budget.compression_ratio):g} | {cfg.model.get('name')} | seed {cfg.seed}"
+    lines = [title, "-" * len(title), f"{'status':<30} {result.status}"]
+    if result.reason:
+        lines.append(f"{'reason':<30} {result.reason}")
+    for key, label, fmt in RESULT_KEYS:
+        if key in result.metrics:
+            lines.append(f"{label:<30} {fmt.format(result.metrics[key])}")
+    if result.run_id:
+        lines.append(f"{'MLflow run':<30} {result.run_id}")
+    return "\n".join(lines)

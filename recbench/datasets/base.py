@@ -1,0 +1,60 @@
+"""The dataset protocol contract: settings -> protocol id -> cached, verified arrays.
+
+A protocol object is instantiated by Hydra from ``conf/dataset/<name>.yaml``. Its ``settings()``
+hold everything that changes the numbers (source checksum, preprocessing rules, split rule,
+label rule); the protocol id is the name plus a hash of them, so a changed rule never reuses a
+stale cache.
+
+References: DESIGN.md sections 2, 3 ("Tables and datasets"), 4a and 8.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+from recbench.datasets.storage import CacheWriter, PreparedDataset, load_prepared, try_load
+from recbench.types import settings_hash
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """Bad input data: the message names the file, line and field and what is allowed."""
+
+
+class DatasetProtocol(abc.ABC):
+    """Base class of every dataset protocol."""
+
+    name: str = "dataset"
+
+    @abc.abstractmethod
+    def settings(self) -> Dict[str, Any]:
+        """Every setting that changes the numbers, JSON-serialisable (source checksum included)."""
+
+    @abc.abstractmethod
+    def build(self, writer: CacheWriter) -> Dict[str, Any]:
+        """Write every split and count file through ``writer``; return the manifest dict
+        (see ``storage.spec_to_manifest``) without the ``files`` entry."""
+
+    def protocol_id(self) -> str:
+        return f"{self.name}-{settings_hash(self.settings())}"
+
+    def cache_dir(self, data_root: Path) -> Path:
+        return Path(data_root) / self.name / "processed" / self.protocol_id()
+
+    def prepare(self, data_root: Path, force: bool = False) -> PreparedDataset:
+        """Return the cached protocol, building (and atomically publishing) it when needed."""
+        directory = self.cache_dir(data_root)
+        if not force:
+            cached = try_load(directory)
+            if cached is not None:
+                return cached
+        log.info("preparing %s into %s", self.protocol_id(), directory)
+        with CacheWriter(directory) as writer:
+            manifest = self.build(writer)
+            manifest.setdefault("settings", self.settings())
+            manifest["protocol_id"] = self.protocol_id()
+            writer.commit(manifest)
+        return load_prepared(directory)

@@ -1,0 +1,188 @@
+"""The compression-method contract.
+
+A method is two objects (DESIGN.md section 3):
+
+* ``CompressionMethod`` — instantiated by Hydra from ``conf/method/<name>.yaml`` with
+  hyperparameters only. ``solve`` turns ``auto`` hyperparameters into values that meet the
+  budget, ``memory`` is the closed-form byte count, ``build`` returns the embedding module,
+  ``stages``/``hooks``/``rebuild`` drive multi-stage schedules inside the one trainer loop.
+* ``EmbeddingModule`` — an ``nn.Module`` with TorchRec's embedding-bag-collection interface:
+  ``forward(KeyedJaggedTensor) -> KeyedTensor`` with one ``dim``-wide output per field, plus
+  ``extra_loss``, ``param_groups``, ``fused_optimizer``, ``memory_report`` and ``to_inference``.
+
+References: DESIGN.md section 3 ("Compression method", "Budget and memory", "Stages and hooks").
+"""
+from __future__ import annotations
+
+import abc
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
+
+
+class InfeasibleBudget(Exception):
+    """The method cannot reach the requested budget: a recorded, skipped run, not a crash."""
+
+    def __init__(self, method: str, requested: float, min_ratio: float, max_ratio: float, reason: str = ""):
+        self.method, self.requested = method, requested
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"method {method!r} cannot reach compression_ratio={requested:g}; reachable range is "
+            f"[{min_ratio:.3g}, {max_ratio:.3g}]{detail}"
+        )
+
+
+@dataclass
+class ParamGroup:
+    """A named group of non-fused trainable parameters.
+
+    Attributes:
+        name: e.g. "embedding", "thresholds", "scales".
+        params: the parameters.
+        learning_rate: None uses the trainer's rule for ``kind``.
+        kind: "dense" (Adam with the dense learning rate) or "sparse" (row-sparse gradients,
+            trained with the embedding optimizer's rule and learning rate).
+    """
+
+    name: str
+    params: List[nn.Parameter]
+    learning_rate: Optional[float] = None
+    kind: str = "dense"
+
+
+class Hook:
+    """Trainer callbacks a method can register; every method is a no-op by default.
+
+    ``context`` is the trainer's ``TrainContext`` (model, embedding, stage, step, metrics).
+    Return value of ``on_step_end``/``on_eval_end``: True requests the current stage to end.
+    """
+
+    def on_stage_start(self, context: Any) -> None: ...
+
+    def on_step_end(self, context: Any) -> Optional[bool]:
+        return None
+
+    def on_eval_end(self, context: Any, metrics: Mapping[str, float]) -> Optional[bool]:
+        return None
+
+    def on_stage_end(self, context: Any) -> None: ...
+
+
+class EmbeddingModule(nn.Module, abc.ABC):
+    """Base of every embedding module.
+
+    Args:
+        tables: one TableSpec per field, in KeyedJaggedTensor key order.
+        dim: the logical output dim D per field (the model's embedding_dim).
+
+    ``forward(features: KeyedJaggedTensor) -> KeyedTensor`` with keys = field names and
+    ``values()`` of shape (B, F * D).
+    """
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int):
+        super().__init__()
+        self.tables = list(tables)
+        self.dim = int(dim)
+        self.feature_names = [t.name for t in self.tables]
+
+    @abc.abstractmethod
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor: ...
+
+    def extra_loss(self) -> torch.Tensor:
+        """Regularisation added to the task loss (scalar); zero by default."""
+        return torch.zeros(())
+
+    def fused_optimizer(self):
+        """The optimizer fused into FBGEMM's backward (a KeyedOptimizer), or None."""
+        return None
+
+    def fused_parameters(self) -> List[nn.Parameter]:
+        """Parameters updated inside the backward pass (excluded from every other optimizer)."""
+        return []
+
+    def param_groups(self) -> List[ParamGroup]:
+        """Non-fused trainable parameters of this module, grouped; default: one dense group."""
+        fused = {id(p) for p in self.fused_parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in fused]
+        return [ParamGroup("embedding", params)] if params else []
+
+    @abc.abstractmethod
+    def memory_report(self) -> MemoryReport:
+        """Bytes measured from the tensors actually held (must equal the method's closed form)."""
+
+    def to_inference(self) -> nn.Module:
+        """The deployable form; outputs match this module within the method's stated tolerance."""
+        clone = copy.deepcopy(self)
+        return clone.eval()
+
+    def keyed_output(self, values: torch.Tensor) -> KeyedTensor:
+        """Wrap (B, F * D) values as a KeyedTensor over this module's fields."""
+        return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.feature_names), values=values)
+
+
+class CompressionMethod(abc.ABC):
+    """Base of every compression method (hyperparameters only; instantiated by Hydra).
+
+    Subclasses set ``name`` (one identifier for file, config, card, MLflow tag and leaderboard
+    row) and implement ``solve``, ``memory`` and ``build``.
+    """
+
+    name: str = "method"
+    #: True when ``build`` looks up plain TorchRec/FBGEMM tables (fused lookups, shardable).
+    table_backed: bool = True
+
+    def __init__(self, name: Optional[str] = None, **hyperparameters: Any):
+        if name is not None and name != self.name:
+            raise ValueError(
+                f"conf/method config names {name!r} but its _target_ is the {self.name!r} method; "
+                "the config file name, `name` and the class must agree"
+            )
+        self.hyperparameters: Dict[str, Any] = dict(hyperparameters)
+
+    # ----- budget -----
+    @abc.abstractmethod
+    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+        """Pure: concrete hyperparameters meeting the budget, or raise InfeasibleBudget."""
+
+    @abc.abstractmethod
+    def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
+               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
+        """Pure closed-form memory of the method with these hyperparameters."""
+
+    # ----- module -----
+    @abc.abstractmethod
+    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> EmbeddingModule:
+        """Build the embedding module for these tables at this budget."""
+
+    # ----- schedule -----
+    def stages(self) -> List[Stage]:
+        return [Stage("train")]
+
+    def hooks(self) -> List[Hook]:
+        return []
+
+    def rebuild(self, module: EmbeddingModule, stage_result: Mapping[str, Any]) -> EmbeddingModule:
+        """Between stages: return the module for the next stage (default: unchanged)."""
+        return module
+
+    def compatible_with(self, model_name: str) -> Optional[str]:
+        """None when the method works with ``model_name``, else the reason it does not."""
+        return None
+
+
+@dataclass
+class SolvedBudget:
+    """What the solver decided, for logging next to the requested ratio."""
+
+    hparams: Dict[str, Any]
+    memory: MemoryReport
+    requested_ratio: float
+    extras: Dict[str, Any] = field(default_factory=dict)

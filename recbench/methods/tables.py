@@ -1,0 +1,128 @@
+"""Plain TorchRec/FBGEMM tables with fused optimizers, shared by every table-backed method.
+
+``FusedTables`` owns one ``FusedEmbeddingBagCollection`` over a list of physical tables. The
+optimizer (SGD, Adagrad or row-wise Adagrad on CPU) runs inside FBGEMM's backward, so no dense
+gradient of a table is ever materialised. Methods that transform ids (hashing, QR, unified, ...)
+wrap it: they rewrite the KeyedJaggedTensor, look up, and combine.
+
+References: TorchRec ``FusedEmbeddingBagCollection``; FBGEMM ``SplitTableBatchedEmbeddingBagsCodegen``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+
+from recbench.types import FP32_BYTES, EmbeddingOptimizer
+
+_OPTIMIZER_TYPES = {
+    "sgd": torch.optim.SGD,
+    "adagrad": torch.optim.Adagrad,
+    "rowwise_adagrad": RowWiseAdagrad,
+}
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+@dataclass(frozen=True)
+class PhysicalTable:
+    """One stored table: ``rows`` x ``dim`` fp32, looked up by ``features`` (KJT keys)."""
+
+    name: str
+    rows: int
+    dim: int
+    features: Sequence[str]
+    pooling: str = "sum"
+
+    def config(self) -> EmbeddingBagConfig:
+        return EmbeddingBagConfig(
+            name=self.name,
+            embedding_dim=self.dim,
+            num_embeddings=self.rows,
+            feature_names=list(self.features),
+            pooling=_POOLING[self.pooling],
+        )
+
+
+def check_fbgemm_dim(dim: int, where: str) -> None:
+    if dim % 4 != 0 or dim <= 0:
+        raise ValueError(f"{where}: FBGEMM tables need an embedding dim that is a positive multiple of 4, got {dim}")
+
+
+class FusedTables(nn.Module):
+    """A FusedEmbeddingBagCollection over physical tables.
+
+    forward(features: KeyedJaggedTensor with keys covering every table's features)
+        -> KeyedTensor with one (B, table.dim) block per feature, in config order.
+    """
+
+    def __init__(self, tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer, seed_init: bool = True):
+        super().__init__()
+        for t in tables:
+            check_fbgemm_dim(t.dim, f"table {t.name!r}")
+        self.physical = list(tables)
+        self.optimizer_spec = optimizer
+        kwargs = {"lr": optimizer.learning_rate}
+        if optimizer.kind != "sgd":
+            kwargs["eps"] = optimizer.eps
+        self.collection = FusedEmbeddingBagCollection(
+            tables=[t.config() for t in tables],
+            optimizer_type=_OPTIMIZER_TYPES[optimizer.kind],
+            optimizer_kwargs=kwargs,
+            device=torch.device("cpu"),
+        )
+        if seed_init:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(rows), 1/sqrt(rows)) from torch's global RNG (seeded by the trainer),
+        the DLRM initialisation; FBGEMM's own init does not follow torch's seed."""
+        with torch.no_grad():
+            for t in self.physical:
+                w = self.weight(t.name)
+                bound = 1.0 / max(t.rows, 1) ** 0.5
+                w.copy_(torch.empty_like(w).uniform_(-bound, bound))
+
+    def weight(self, table_name: str) -> torch.Tensor:
+        return self.collection.embedding_bags[table_name].weight
+
+    def forward(self, features):
+        return self.collection(features)
+
+    def fused_optimizer(self):
+        return self.collection.fused_optimizer()
+
+    def fused_parameters(self) -> List[nn.Parameter]:
+        return list(self.collection.parameters())
+
+    # ---- memory, measured from the tensors held ----
+    def weight_bytes(self) -> int:
+        return sum(self.weight(t.name).numel() * self.weight(t.name).element_size() for t in self.physical)
+
+    def optimizer_state_bytes(self) -> int:
+        total = 0
+        for state in self.fused_optimizer().state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    total += value.numel() * value.element_size()
+        return total
+
+    def unfused_copy(self) -> EmbeddingBagCollection:
+        """A plain EmbeddingBagCollection with the same weights (the deployable form)."""
+        ebc = EmbeddingBagCollection(tables=[t.config() for t in self.physical], device=torch.device("cpu"))
+        with torch.no_grad():
+            for t in self.physical:
+                ebc.embedding_bags[t.name].weight.copy_(self.weight(t.name))
+        return ebc
+
+
+def closed_form_table_bytes(tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer) -> Dict[str, int]:
+    """Closed-form fp32 weight bytes and optimizer-state bytes of physical tables."""
+    weights = sum(t.rows * t.dim * FP32_BYTES for t in tables)
+    state = sum(t.rows * optimizer.state_bytes_per_row(t.dim) for t in tables)
+    return {"weights": int(weights), "optimizer_state": int(state)}

@@ -1,0 +1,30 @@
+"""Atomic checkpoints that load with ``weights_only=True``.
+
+A checkpoint holds only tensors, numbers, strings, lists and dicts: model and optimizer
+states, progress counters, RNG state and stage results. It is written to a temporary file and
+renamed, so a kill during the write leaves the previous checkpoint intact.
+
+References: DESIGN.md section 8; torch.load(weights_only=True).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+
+def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

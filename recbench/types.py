@@ -1,0 +1,208 @@
+"""Typed contracts shared by every layer of recbench.
+
+Nothing here imports torch modules or other recbench packages: ``types`` is the root of the
+dependency graph (``types`` <- ``datasets``, ``methods``, ``gates``, ``models`` <- ``training`` <- ``cli``).
+
+References: DESIGN.md section 3 (contracts) and section 4a (protocols).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+FP32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One sparse field.
+
+    Attributes:
+        name: field name; also the TorchRec feature and table name.
+        num_embeddings: rows of the uncompressed table, OOV row (index 0) included.
+        counts: id frequencies on the training split only, shape (num_embeddings,), int64;
+            may be None for tests that do not need them.
+        pooling: "sum" or "mean" (how a multi-hot bag is pooled).
+        multi_hot: True when a sample can carry several ids for this field.
+    """
+
+    name: str
+    num_embeddings: int
+    counts: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
+    pooling: str = "sum"
+    multi_hot: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_embeddings < 1:
+            raise ValueError(f"table {self.name!r}: num_embeddings must be >= 1, got {self.num_embeddings}")
+        if self.pooling not in ("sum", "mean"):
+            raise ValueError(f"table {self.name!r}: pooling must be 'sum' or 'mean', got {self.pooling!r}")
+        if self.counts is not None and len(self.counts) != self.num_embeddings:
+            raise ValueError(
+                f"table {self.name!r}: counts has {len(self.counts)} entries, expected {self.num_embeddings}"
+            )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A prepared dataset protocol.
+
+    Attributes:
+        name: short protocol name, e.g. "movielens100k".
+        protocol_id: name + hash of every setting that changes the numbers.
+        num_dense: number of dense features (0 allowed).
+        tables: one TableSpec per sparse field, in KeyedJaggedTensor key order.
+        split_sizes: rows per split ("train", "val", "test").
+        extra_targets: names of extra per-row targets (e.g. "rating"), besides the click label.
+        extras: protocol facts worth logging (e.g. the synthetic Bayes-optimal metrics).
+    """
+
+    name: str
+    protocol_id: str
+    num_dense: int
+    tables: Sequence[TableSpec]
+    split_sizes: Mapping[str, int]
+    extra_targets: Sequence[str] = ()
+    extras: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def feature_names(self) -> List[str]:
+        return [t.name for t in self.tables]
+
+
+def full_embedding_bytes(tables: Sequence[TableSpec], dim: int) -> int:
+    """Bytes of the uncompressed fp32 embedding layer: sum_i rows_i * dim * 4."""
+    return int(sum(t.num_embeddings for t in tables) * dim * FP32_BYTES)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A memory budget for the embedding layer.
+
+    Attributes:
+        compression_ratio: target inference_bytes / full_bytes, in (0, 1].
+        min_rows_to_compress: fields with fewer rows stay uncompressed (charged in full).
+        tolerance: the solver aims for [1 - tolerance, 1] x the target when the method can.
+    """
+
+    compression_ratio: float = 1.0
+    min_rows_to_compress: int = 0
+    tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (0.0 < float(self.compression_ratio) <= 1.0):
+            raise ValueError(
+                f"budget.compression_ratio must be in (0, 1], got {self.compression_ratio!r}"
+            )
+        if self.min_rows_to_compress < 0:
+            raise ValueError(f"budget.min_rows_to_compress must be >= 0, got {self.min_rows_to_compress}")
+        if not (0.0 < self.tolerance < 1.0):
+            raise ValueError(f"budget.tolerance must be in (0, 1), got {self.tolerance}")
+
+    def target_bytes(self, tables: Sequence[TableSpec], dim: int) -> int:
+        return int(self.compression_ratio * full_embedding_bytes(tables, dim))
+
+
+@dataclass
+class MemoryReport:
+    """Bytes of an embedding layer.
+
+    Attributes:
+        inference_bytes: every tensor the deployable form needs, at its stored dtype.
+        training_bytes: inference-form-independent training state: parameters, optimizer
+            state, masks and other buffers held while training.
+        parameters: number of trainable scalars while training.
+        full_bytes: the uncompressed fp32 reference for the same tables and dim.
+        breakdown: named parts of inference_bytes (e.g. {"weights": ..., "remap": ...}).
+    """
+
+    inference_bytes: int
+    training_bytes: int
+    parameters: int
+    full_bytes: int
+    breakdown: Dict[str, int] = field(default_factory=dict)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.inference_bytes / self.full_bytes if self.full_bytes else float("nan")
+
+    def as_metrics(self) -> Dict[str, float]:
+        return {
+            "emb/bytes_inference": float(self.inference_bytes),
+            "emb/bytes_training": float(self.training_bytes),
+            "emb/parameters": float(self.parameters),
+            "emb/bytes_full": float(self.full_bytes),
+            "emb/compression_ratio": float(self.compression_ratio),
+        }
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a method's training schedule.
+
+    Attributes:
+        name: stage name, used as a metric prefix and in checkpoints.
+        kind: "train" (the trainer's loop) or "search" (runs ``run`` instead of training).
+        max_steps / max_epochs: length limits (None: the trainer's default).
+        reset_optimizer: start the stage with fresh optimizer state.
+        reinit: re-initialise dense (non-embedding) parameters at the stage start.
+        run: for kind="search", a callable(context) -> dict of results.
+    """
+
+    name: str = "train"
+    kind: str = "train"
+    max_steps: Optional[int] = None
+    max_epochs: Optional[float] = None
+    reset_optimizer: bool = False
+    reinit: bool = False
+    run: Optional[Callable[..., Dict[str, Any]]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("train", "search"):
+            raise ValueError(f"stage {self.name!r}: kind must be 'train' or 'search', got {self.kind!r}")
+        if self.kind == "search" and self.run is None:
+            raise ValueError(f"stage {self.name!r}: a search stage needs a run callable")
+
+
+def settings_hash(settings: Mapping[str, Any], length: int = 10) -> str:
+    """Stable short hash of a JSON-serialisable settings mapping."""
+    blob = json.dumps(settings, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def dataclass_dict(obj: Any) -> Dict[str, Any]:
+    return asdict(obj)
+
+
+EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
+
+
+@dataclass(frozen=True)
+class EmbeddingOptimizer:
+    """Optimizer of embedding parameters.
+
+    Table-backed methods fuse it into FBGEMM's backward (no dense gradient of a table is ever
+    built); CPU supports SGD, Adagrad and row-wise Adagrad. Custom-lookup methods use the same
+    rule on their own (sparse or small) parameters.
+    """
+
+    kind: str = "rowwise_adagrad"
+    learning_rate: float = 0.05
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.kind not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(
+                f"optimizer.embedding.kind={self.kind!r} is not supported; allowed: {', '.join(EMBEDDING_OPTIMIZERS)}"
+                " (FBGEMM's fused CPU optimizers; Adam is not available for fused tables on CPU)"
+            )
+        if not self.learning_rate > 0:
+            raise ValueError(f"optimizer.embedding.learning_rate must be > 0, got {self.learning_rate}")
+
+    def state_bytes_per_row(self, dim: int) -> int:
+        """fp32 optimizer-state bytes per table row."""
+        return {"sgd": 0, "adagrad": dim * FP32_BYTES, "rowwise_adagrad": FP32_BYTES}[self.kind]
