@@ -1,0 +1,89 @@
+"""``recbench-data``: fetch and prepare dataset protocols outside of training.
+
+    recbench-data list
+    recbench-data fetch movielens100k
+    recbench-data prepare synthetic dataset.rows=1000000 [--force]
+    recbench-data info movielens100k
+
+Dataset names are the files of ``conf/dataset/`` (the registry); overrides are Hydra overrides.
+
+References: DESIGN.md sections 2 and 7.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List
+
+from recbench.cli.train import CONFIG_DIR
+
+
+def dataset_names() -> List[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "dataset").glob("*.yaml"))
+
+
+def compose_dataset(name: str, overrides: List[str]):
+    from hydra import compose, initialize_config_dir
+
+    names = dataset_names()
+    if name not in names:
+        raise SystemExit(f"recbench-data: unknown dataset {name!r}; allowed: {', '.join(names)} (conf/dataset/*.yaml)")
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[f"dataset={name}", *overrides])
+
+
+def main(argv: List[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="recbench-data", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list dataset protocols")
+    for command in ("fetch", "prepare", "info"):
+        p = sub.add_parser(command)
+        p.add_argument("dataset")
+        p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset.rows=100000")
+        if command == "prepare":
+            p.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        print("\n".join(dataset_names()))
+        return 0
+
+    from recbench.cli.job import instantiate_without
+    from recbench.datasets.base import DatasetError
+
+    cfg = compose_dataset(args.dataset, args.overrides)
+    data_root = Path(cfg.paths.data_root)
+    try:
+        if args.command == "fetch":
+            module = importlib.import_module(cfg.dataset._target_.rsplit(".", 1)[0])
+            fetch = getattr(module, "fetch", None)
+            if fetch is None:
+                print(f"{args.dataset}: nothing to fetch automatically; see datasets/{args.dataset}/README.md "
+                      "for how to obtain the raw files")
+                return 0
+            print(f"{args.dataset}: raw files in {fetch(data_root)}")
+            return 0
+        protocol = instantiate_without(cfg.dataset)
+        if args.command == "prepare":
+            prepared = protocol.prepare(data_root, force=args.force)
+        else:
+            prepared = protocol.prepare(data_root)
+        spec = prepared.spec
+        print(json.dumps({
+            "protocol_id": spec.protocol_id, "directory": str(prepared.directory), "num_dense": spec.num_dense,
+            "split_sizes": dict(spec.split_sizes),
+            "tables": {t.name: t.num_embeddings for t in spec.tables},
+            "extras": dict(spec.extras),
+        }, indent=2, default=str))
+        return 0
+    except DatasetError as exc:
+        print(f"recbench-data: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

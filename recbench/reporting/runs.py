@@ -1,0 +1,54 @@
+"""Run records read from MLflow (or an exported JSON file) — never from live training objects.
+
+A record is a flat dict: run id, experiment (the dataset protocol id), status, the tags
+(method, model, dataset, protocol, compression_ratio, seed, sweep_id, status, ...) and the
+final value of every metric.
+
+References: DESIGN.md section 5 ("Tracking").
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
+               "sweep_id", "status", "status_reason", "config_hash", "git_commit", "achieved_ratio")
+
+
+def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Every recbench run in the store (optionally of one dataset name) as flat records."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    records = []
+    for experiment in client.search_experiments():
+        if experiment.name == "Default":
+            continue
+        token = None
+        while True:
+            page = client.search_runs([experiment.experiment_id], filter_string="tags.method != ''",
+                                      max_results=1000, page_token=token)
+            for run in page:
+                tags = run.data.tags
+                if dataset and tags.get("dataset") != dataset:
+                    continue
+                record: Dict[str, Any] = {"run_id": run.info.run_id, "experiment": experiment.name,
+                                          "experiment_id": experiment.experiment_id,
+                                          "run_status": run.info.status, "run_name": tags.get("mlflow.runName", "")}
+                record.update({k: tags.get(k, "") for k in RECORD_TAGS})
+                record["metrics"] = dict(run.data.metrics)
+                record["overrides"] = tags.get("overrides", "")
+                records.append(record)
+            token = page.token
+            if not token:
+                break
+    return records
+
+
+def save_records(records: List[Dict[str, Any]], path: Path) -> None:
+    Path(path).write_text(json.dumps(records, indent=2, sort_keys=True, default=str))
+
+
+def load_records(path: Path) -> List[Dict[str, Any]]:
+    return json.loads(Path(path).read_text())
