@@ -1,0 +1,55 @@
+"""Every config in conf/ composes and instantiates (the folders are the registries)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recbench.cli.job import instantiate_without
+from recbench.cli.train import CONFIG_DIR
+from recbench.methods.base import CompressionMethod
+
+
+def names(group):
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("dataset", names("dataset"))
+def test_every_dataset_config_composes_and_instantiates(dataset):
+    cfg = composed(f"dataset={dataset}")
+    protocol = instantiate_without(cfg.dataset)
+    assert hasattr(protocol, "prepare") and hasattr(protocol, "settings")
+    for key in ("batch_size", "embedding_dim", "bottom_mlp", "top_mlp", "dense_learning_rate",
+                "embedding_learning_rate", "max_epochs", "evals_per_epoch", "patience"):
+        assert key in cfg.dataset.protocol, f"conf/dataset/{dataset}.yaml: protocol.{key} missing"
+
+
+@pytest.mark.parametrize("method", names("method"))
+def test_every_method_config_names_its_file_and_class(method):
+    cfg = composed(f"method={method}")
+    assert cfg.method.name == method, f"conf/method/{method}.yaml must have name: {method}"
+    instance = instantiate_without(cfg.method, drop=())
+    assert isinstance(instance, CompressionMethod) and instance.name == method
+    card = Path(CONFIG_DIR).parent / "methods" / f"{method}.md"
+    assert card.is_file(), f"method card {card} missing"
+
+
+@pytest.mark.parametrize("model", names("model"))
+def test_every_model_config_composes(model):
+    cfg = composed(f"model={model}")
+    assert cfg.model.name == model
+
+
+def test_unknown_names_get_a_clear_error():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="nosuchmethod"):
+        composed("method=nosuchmethod")
+    with pytest.raises(ConfigCompositionException, match="Available options"):
+        composed("dataset=nosuchdata")
