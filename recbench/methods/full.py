@@ -50,18 +50,8 @@ class FullEmbedding(EmbeddingModule):
         )
 
     def to_inference(self) -> nn.Module:
-        return _UnfusedFull(self.fused.unfused_copy()).eval()
-
-
-class _UnfusedFull(nn.Module):
-    """Deployable form: a plain EmbeddingBagCollection (no optimizer state)."""
-
-    def __init__(self, collection: nn.Module):
-        super().__init__()
-        self.collection = collection
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.collection(features)
+        """A plain EmbeddingBagCollection with the same weights (no optimizer state)."""
+        return self.fused.unfused_copy().eval()
 
 
 class Full(CompressionMethod):

@@ -18,6 +18,7 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recbench.types import FP32_BYTES, EmbeddingOptimizer
 
@@ -26,7 +27,6 @@ _OPTIMIZER_TYPES = {
     "adagrad": torch.optim.Adagrad,
     "rowwise_adagrad": RowWiseAdagrad,
 }
-_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,16 @@ class PhysicalTable:
     pooling: str = "sum"
 
     def config(self) -> EmbeddingBagConfig:
+        # Always SUM inside FBGEMM; mean pooling is a division by the bag size afterwards
+        # (``pool_outputs``). TorchRec 1.8's FusedEmbeddingBagCollection returns wrong values for
+        # the second pooling group when SUM and MEAN tables are mixed (measured), and one group is
+        # also one kernel call instead of two.
         return EmbeddingBagConfig(
             name=self.name,
             embedding_dim=self.dim,
             num_embeddings=self.rows,
             feature_names=list(self.features),
-            pooling=_POOLING[self.pooling],
+            pooling=PoolingType.SUM,
         )
 
 
@@ -67,6 +71,8 @@ class FusedTables(nn.Module):
             check_fbgemm_dim(t.dim, f"table {t.name!r}")
         self.physical = list(tables)
         self.optimizer_spec = optimizer
+        self.feature_order = [f for t in self.physical for f in t.features]
+        self.mean_features = [f for t in self.physical if t.pooling == "mean" for f in t.features]
         kwargs = {"lr": optimizer.learning_rate}
         if optimizer.kind != "sgd":
             kwargs["eps"] = optimizer.eps
@@ -92,7 +98,7 @@ class FusedTables(nn.Module):
         return self.collection.embedding_bags[table_name].weight
 
     def forward(self, features):
-        return self.collection(features)
+        return pool_outputs(self.collection(features), features, self.feature_order, self.mean_features)
 
     def fused_optimizer(self):
         return self.collection.fused_optimizer()
@@ -112,13 +118,41 @@ class FusedTables(nn.Module):
                     total += value.numel() * value.element_size()
         return total
 
-    def unfused_copy(self) -> EmbeddingBagCollection:
+    def unfused_copy(self) -> "PooledCollection":
         """A plain EmbeddingBagCollection with the same weights (the deployable form)."""
         ebc = EmbeddingBagCollection(tables=[t.config() for t in self.physical], device=torch.device("cpu"))
         with torch.no_grad():
             for t in self.physical:
                 ebc.embedding_bags[t.name].weight.copy_(self.weight(t.name))
-        return ebc
+        return PooledCollection(ebc, self.feature_order, self.mean_features)
+
+
+class PooledCollection(nn.Module):
+    """A sum-pooling embedding-bag collection + mean division and field order (see FusedTables)."""
+
+    def __init__(self, collection: nn.Module, feature_order: Sequence[str], mean_features: Sequence[str]):
+        super().__init__()
+        self.collection = collection
+        self.feature_order, self.mean_features = list(feature_order), list(mean_features)
+
+    def forward(self, features):
+        return pool_outputs(self.collection(features), features, self.feature_order, self.mean_features)
+
+
+def pool_outputs(keyed: KeyedTensor, features, order: Sequence[str], mean_features: Sequence[str]) -> KeyedTensor:
+    """Sum-pooled lookups -> the configured pooling, with key blocks in ``order``.
+
+    Mean-pooled fields are divided by their bag sizes (an empty bag stays zero). Collections may
+    return keys grouped by dtype or pooling, so the blocks are put back in field order.
+    """
+    if not mean_features and keyed.keys() == list(order):
+        return keyed
+    blocks = keyed.to_dict()
+    for name in mean_features:
+        lengths = features[name].lengths().clamp(min=1).to(blocks[name].dtype)
+        blocks[name] = blocks[name] / lengths.unsqueeze(1)
+    return KeyedTensor(keys=list(order), length_per_key=[blocks[k].shape[1] for k in order],
+                       values=torch.cat([blocks[k] for k in order], dim=1))
 
 
 def closed_form_table_bytes(tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer) -> Dict[str, int]:
