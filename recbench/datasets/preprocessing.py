@@ -1,0 +1,1035 @@
+"""Streaming preprocessing of delimited click logs (Criteo, Avazu, synthetic) into protocol arrays.
+
+One pipeline serves every text-file protocol. It reads the source files in chunks of
+``chunk_rows`` lines, so peak memory depends on the chunk size and on the number of distinct
+categorical values (the vocabularies, which are inherent), never on the file size.
+
+Pipeline (two streaming passes over the sources)::
+
+    sources --(chunk of lines)--> validate (numpy + polars, vectorised) --> split assignment
+        pass 1: count categorical keys of TRAIN rows   --> vocabularies, counts/<field>.npy
+        pass 2: map keys to rows, transform dense      --> <split>/{dense,sparse,labels}.npy,
+                                                           <split>/targets/<row extra>.npy
+
+Rules (every one is part of the protocol id through ``PipelineConfig.rules()``):
+
+- Lines. A line is split on the format's separator; no quoting (a quote character is data).
+  A trailing ``\\r`` is ignored. A malformed line is one that is not valid UTF-8, is empty, has
+  the wrong number of fields, or fails a field check (label not ``0``/``1``; an integer field
+  that is not a signed 64-bit integer; format-specific checks such as Avazu's ``hour``).
+  Malformed lines are counted and reported with their 1-based line numbers: ``malformed=skip``
+  drops them (count and the first 20 in the manifest extras and the log), ``malformed=fail``
+  raises ``DatasetError`` naming file, line, field and what is allowed. Nothing is dropped
+  silently.
+- Dense (integer) fields: ``log(max(x, 0) + 1)`` as float32; a missing (empty) value is 0.
+  Negative integers are clamped to 0 before the log, as DLRM and Hetu do.
+- Categorical fields: each value gets a stable 64-bit key. A value of 1 to 15 lowercase hex
+  digits (Criteo's 8-digit hashes, Avazu's ids and numbers) is keyed by its hex value plus an
+  offset per length (``int(v, 16) + (16**len(v) - 16) / 15``), which is injective and below
+  2**60; any other value is keyed by FNV-1a-64 of its UTF-8 bytes with the top bit set. An
+  empty value is missing. With ``hash_cap`` the key becomes ``key % hash_cap`` before the
+  vocabulary is built (DLRM's ``--max-ind-range``), so a field has at most ``hash_cap`` rows
+  plus the OOV row.
+- Vocabularies and counts come from the TRAIN split only. Keys seen fewer than ``min_count``
+  times in train, keys never seen in train, and missing values map to row 0 (OOV). Rows
+  1..V are ordered by descending train frequency, ties by ascending key; ``counts[0]`` is the
+  number of train values that mapped to OOV.
+- Splits are assigned by data-line index in the concatenated sources (header lines excluded,
+  malformed lines included), so a skipped malformed line never moves another row between
+  splits, and ``chunk_rows`` never changes the arrays. Rows keep file order inside a split.
+  ``dlrm_chunks``: the lines are cut into ``num_chunks`` consecutive chunks of equal size
+  (the first ``L % num_chunks`` chunks one line longer; ``num_chunks=None``: one chunk per
+  source file, e.g. Criteo Terabyte's days); all chunks but the last are train, the last is
+  halved with ``numpy.array_split``: first half test, second half validation, exactly as
+  DLRM's ``dlrm_data_pytorch.py`` and Hetu. ``random``: line ``i`` goes to train, validation
+  or test by its rank ``pi(i)`` under a keyed pseudo-random permutation of ``[0, L)`` (a
+  4-round Feistel network on splitmix64, cycle-walked; seed ``split_seed``): ranks below
+  ``L - 2 * (L // 10)`` train, the next ``L // 10`` validation, the rest test (8:1:1 exactly,
+  in O(1) memory).
+- Row extras: float sidecar arrays aligned with the data lines (e.g. the synthetic true
+  click probability) are gathered by data-line index and stored as ``<split>/targets/<name>.npy``.
+
+Arrays are streamed to ``.npy`` files with plain writes (no memory maps), so the page cache of
+the outputs never counts against the process.
+
+References:
+    M. Naumov et al. 2019. Deep Learning Recommendation Model for Personalization and
+    Recommendation Systems. arXiv:1906.00091 (the log transform, the 7-chunk split of Criteo
+    Kaggle, ``--max-ind-range``); facebookresearch/dlrm ``dlrm_data_pytorch.py`` and
+    ``data_utils.py``.
+    X. Miao et al. 2022. HET: Scaling out Huge Embedding Model Training via Cache-enabled
+    Distributed Framework. VLDB (Hetu's Criteo/Avazu preprocessing, same split and clamp).
+    G. Fowler, L. C. Noll, K.-P. Vo. FNV hash (FNV-1a, 64-bit).
+    M. Luby and C. Rackoff. 1988. How to Construct Pseudorandom Permutations from
+    Pseudorandom Functions. SIAM J. Comput. 17(2) (the Feistel permutation).
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from recbench.datasets.base import DatasetError
+from recbench.datasets.storage import SPLITS, CacheWriter, sha256_file, spec_to_manifest
+from recbench.types import DatasetSpec, TableSpec
+
+log = logging.getLogger(__name__)
+
+# Bump whenever a rule below changes the arrays without changing a setting.
+PIPELINE_VERSION = 1
+MISSING_KEY = np.uint64(2**63 - 1)  # hex keys are < 2**60, FNV keys >= 2**63
+MAX_EXAMPLES = 20  # malformed lines listed in the manifest and the log
+CHECKSUM_CACHE = ".recbench-checksums.json"
+_NEWLINE, _CR = 10, 13
+_READ_BYTES = 1 << 23
+_HEX_PATTERN = r"^[0-9a-f]{1,15}$"
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_TOP_BIT = np.uint64(1 << 63)
+# number of hex strings shorter than ``length`` (lengths 1..15): makes the hex key injective
+_HEX_LENGTH_OFFSET = np.array([0] + [(16**n - 16) // 15 for n in range(1, 17)], dtype=np.uint64)
+INT64_RANGE = "[-9223372036854775808, 9223372036854775807]"
+
+SourceLike = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+
+
+# ------------------------------------------------------------------------------------------------
+# sources: expansion, checksums and line counts (cached next to the files)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One source file: its sha256 (of the bytes on disk) and its number of text lines."""
+
+    path: Path
+    sha256: str
+    lines: int
+
+    def describe(self) -> Dict[str, Any]:
+        return {"file": self.path.name, "sha256": self.sha256, "lines": self.lines}
+
+
+def _natural_key(path: Path) -> List[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def expand_sources(source: SourceLike, how_to_obtain: str) -> List[Path]:
+    """Resolve ``source`` (a path, a glob, or a list of them) to existing files.
+
+    Globs expand in natural order (``day_2`` before ``day_10``). A missing file or a glob that
+    matches nothing raises ``DatasetError`` naming the path and ``how_to_obtain``.
+    """
+    items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+    if not items:
+        raise DatasetError(f"no source files given. {how_to_obtain}")
+    paths: List[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        if glob.has_magic(text):
+            matches = sorted((Path(p) for p in glob.glob(text)), key=_natural_key)
+            if not matches:
+                raise DatasetError(f"source pattern {text!r} matches no file. {how_to_obtain}")
+            paths.extend(matches)
+        else:
+            paths.append(Path(text))
+    for path in paths:
+        if not path.is_file():
+            raise DatasetError(f"source file {path} does not exist. {how_to_obtain}")
+    return paths
+
+
+def open_binary(path: Path):
+    """Open a source for reading bytes; ``.gz`` files are decompressed on the fly."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def count_lines(path: Path) -> int:
+    """Text lines of a file: newlines, plus one for a final line without a newline."""
+    lines, last = 0, b"\n"
+    with open_binary(path) as handle:
+        while True:
+            block = handle.read(_READ_BYTES)
+            if not block:
+                break
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return lines + (last != b"\n")
+
+
+_DIGESTS: Dict[Tuple[str, int, int], SourceFile] = {}
+
+
+def describe_source(path: Path) -> SourceFile:
+    """sha256 and line count of ``path``, cached by (path, size, mtime).
+
+    The cache is a small JSON file (``.recbench-checksums.json``) next to the source, so the
+    multi-gigabyte hash is computed once, not on every run; a read-only directory only loses
+    the cache.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    memo_key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo_key in _DIGESTS:
+        return _DIGESTS[memo_key]
+    cache_path = path.parent / CHECKSUM_CACHE
+    try:
+        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    entry = cache.get(path.name)
+    if not (entry and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns):
+        log.info("computing sha256 and line count of %s (cached afterwards in %s)", path, cache_path.name)
+        entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256_file(path),
+                 "lines": count_lines(path)}
+        cache[path.name] = entry
+        try:
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
+            os.replace(tmp, cache_path)
+        except OSError as exc:
+            log.warning("cannot cache the checksum of %s (%s); it is recomputed next run", path, exc)
+    described = SourceFile(path, entry["sha256"], int(entry["lines"]))
+    _DIGESTS[memo_key] = described
+    return described
+
+
+# ------------------------------------------------------------------------------------------------
+# line formats
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FieldCheck:
+    """A vectorised per-field check: ``bad`` is a boolean polars expression (null = fine)."""
+
+    field: str
+    bad: pl.Expr
+    allowed: str
+
+
+class LineFormat:
+    """A delimited text format: the column layout and the per-field parsing rules.
+
+    Args:
+        name: format name used in messages and settings (e.g. ``"criteo"``).
+        columns: raw column names, in file order.
+        separator: one-byte field separator (``"\\t"`` or ``","``).
+        label: the 0/1 label column.
+        dense: integer columns (log-transformed, missing -> 0).
+        categorical: string columns keyed as categorical fields, in table order.
+        header: the first line of every file is the header ``separator.join(columns)``.
+
+    Subclasses add derived fields (Avazu's hour) by overriding ``sparse_fields``, ``checks``
+    and ``sparse_keys``.
+    """
+
+    def __init__(self, name: str, columns: Sequence[str], separator: str, label: str,
+                 dense: Sequence[str] = (), categorical: Sequence[str] = (), header: bool = False):
+        if len(separator.encode()) != 1:
+            raise ValueError(f"separator must be one byte, got {separator!r}")
+        self.name, self.columns, self.separator = name, tuple(columns), separator
+        self.label, self.dense, self.categorical, self.header = label, tuple(dense), tuple(categorical), header
+
+    @property
+    def sparse_fields(self) -> Tuple[str, ...]:
+        return self.categorical
+
+    @property
+    def separator_name(self) -> str:
+        return {"\t": "tab", ",": "comma"}.get(self.separator, repr(self.separator))
+
+    def header_line(self) -> str:
+        return self.separator.join(self.columns)
+
+    def checks(self) -> List[FieldCheck]:
+        label = pl.col(self.label)
+        out = [FieldCheck(self.label, ~label.is_in(["0", "1"]).fill_null(False), "0 or 1")]
+        for name in self.dense:
+            col = pl.col(name)
+            out.append(FieldCheck(name, col.is_not_null() & col.cast(pl.Int64, strict=False).is_null(),
+                                  f"an integer in {INT64_RANGE}, or empty for missing"))
+        return out
+
+    def labels(self, frame: pl.DataFrame) -> np.ndarray:
+        """(N,) float32 labels of validated rows."""
+        return (frame.get_column(self.label) == "1").to_numpy().astype(np.float32)
+
+    def dense_values(self, frame: pl.DataFrame) -> np.ndarray:
+        """(N, num_dense) float32: ``log(max(x, 0) + 1)``, missing -> 0."""
+        if not self.dense:
+            return np.zeros((frame.height, 0), dtype=np.float32)
+        exprs = [pl.col(c).cast(pl.Int64).clip(lower_bound=0).fill_null(0).cast(pl.Float64).log1p()
+                 .cast(pl.Float32) for c in self.dense]
+        return frame.select(exprs).to_numpy().astype(np.float32, copy=False).reshape(frame.height, len(self.dense))
+
+    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> List[np.ndarray]:
+        """One (N,) uint64 key array per sparse field (``MISSING_KEY`` for missing values)."""
+        return string_keys(frame, self.categorical, plain)
+
+    def rules(self) -> Dict[str, Any]:
+        return {
+            "format": self.name, "columns": list(self.columns), "separator": self.separator,
+            "header": self.header, "label": f"{self.label} in {{0, 1}}",
+            "dense": {"fields": list(self.dense), "transform": "log(max(x, 0) + 1) as float32; missing -> 0"},
+            "sparse_fields": list(self.sparse_fields),
+            "categorical_key": "lowercase hex (1-15 digits): int(v, 16) + (16**len - 16) / 15; "
+                               "else FNV-1a-64 of the UTF-8 bytes | 2**63; empty -> missing (OOV)",
+        }
+
+
+# ------------------------------------------------------------------------------------------------
+# categorical keys
+# ------------------------------------------------------------------------------------------------
+
+
+def _fnv1a64(values: pl.Series) -> np.ndarray:
+    """FNV-1a-64 of each string's UTF-8 bytes, vectorised over byte positions."""
+    arr = pc.cast(values.to_arrow(), pa.large_binary())
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data_buffer = arr.buffers()[2]
+    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    digest = np.full(len(arr), _FNV_OFFSET, dtype=np.uint64)
+    for position in range(int(lengths.max(initial=0))):
+        active = np.flatnonzero(lengths > position)
+        digest[active] = (digest[active] ^ data[starts[active] + position]) * _FNV_PRIME
+    return digest
+
+
+def string_keys(frame: pl.DataFrame, columns: Sequence[str], plain: bool = False) -> List[np.ndarray]:
+    """Stable uint64 keys of the categorical string ``columns`` of ``frame`` (module docstring).
+
+    Returns one (N,) uint64 array per column; ``MISSING_KEY`` marks missing (null) values.
+    ``plain=True`` promises that no value contains ``A``-``F`` or ``+`` (checked on the raw
+    bytes by ``parse_chunk``), the only characters ``str.to_integer(base=16)`` accepts outside
+    the canonical lowercase form, so the regex check can be skipped with identical keys.
+    """
+    exprs = []
+    for k, name in enumerate(columns):
+        col = pl.col(name)
+        value = col.str.to_integer(base=16, strict=False, dtype=pl.UInt64)
+        exprs += [value.fill_null(0).alias(f"h{k}"), value.is_not_null().alias(f"p{k}"),
+                  col.str.len_bytes().fill_null(0).alias(f"n{k}")]
+        if not plain:
+            exprs.append(col.str.contains(_HEX_PATTERN).fill_null(False).alias(f"r{k}"))
+    parts = frame.select(exprs)
+    out = []
+    for k, name in enumerate(columns):
+        length = parts.get_column(f"n{k}").to_numpy()
+        is_hex = parts.get_column(f"p{k}").to_numpy() & (length <= 15)
+        if not plain:
+            is_hex &= parts.get_column(f"r{k}").to_numpy()
+        keys = parts.get_column(f"h{k}").to_numpy() + _HEX_LENGTH_OFFSET[np.minimum(length, 16)]
+        missing = length == 0  # read_csv turns empty fields into nulls
+        other = np.flatnonzero(~is_hex & ~missing)
+        if other.size:
+            keys[other] = _fnv1a64(frame.get_column(name).gather(other)) | _TOP_BIT
+        keys[missing] = MISSING_KEY
+        out.append(keys)
+    return out
+
+
+def cap_keys(keys: np.ndarray, hash_cap: Optional[int]) -> np.ndarray:
+    """``key % hash_cap`` for present keys (missing stays missing); identity without a cap."""
+    if hash_cap is None:
+        return keys
+    return np.where(keys == MISSING_KEY, MISSING_KEY, keys % np.uint64(hash_cap))
+
+
+# ------------------------------------------------------------------------------------------------
+# chunked line reading and vectorised validation
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LineChunk:
+    """Complete lines of one source: ``data`` holds them, each ending with ``\\n`` at ``ends``.
+
+    Attributes:
+        source: the file.
+        first_line: 1-based line number (in the file) of the chunk's first line.
+        first_index: data-line index (in the concatenated sources) of the first line.
+        data: bytes of the lines.
+        ends: (n_lines,) int64 positions of each line's newline in ``data``.
+    """
+
+    source: SourceFile
+    first_line: int
+    first_index: int
+    data: bytes
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+
+def iter_line_chunks(source: SourceFile, chunk_rows: int, first_index: int,
+                     header: Optional[str] = None) -> Iterator[LineChunk]:
+    """Stream ``source`` in chunks of ``chunk_rows`` complete lines (memory ~ one chunk).
+
+    With ``header``, the file's first line must equal it (else ``DatasetError``) and is skipped.
+    A final line without a newline gets one. The lines read must match ``source.lines``.
+    """
+    line, index = 1, first_index
+    with open_binary(source.path) as handle:
+        if header is not None:
+            first = handle.readline().rstrip(b"\r\n")
+            if first != header.encode():
+                shown = first[:200].decode("utf-8", "replace")
+                raise DatasetError(f"{source.path}:1: header is {shown!r}; allowed: exactly {header!r}")
+            line = 2
+        blocks: List[bytes] = []
+        newlines: List[np.ndarray] = []
+        size = pending_lines = 0
+        eof = False
+        while not eof:
+            block = handle.read(_READ_BYTES)
+            if not block:
+                eof = True
+                if blocks and not blocks[-1].endswith(b"\n"):
+                    block = b"\n"
+            if block:
+                found = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == _NEWLINE)
+                blocks.append(block)
+                newlines.append(found + size)
+                size += len(block)
+                pending_lines += len(found)
+            if pending_lines < chunk_rows and not eof:
+                continue
+            if not blocks:
+                break
+            data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
+            ends = np.concatenate(newlines)
+            blocks, newlines = [], []
+            done = 0
+            while len(ends) - done >= chunk_rows or (eof and done < len(ends)):
+                stop = min(done + chunk_rows, len(ends))
+                begin = 0 if done == 0 else int(ends[done - 1]) + 1
+                end = int(ends[stop - 1]) + 1
+                piece = data if (begin == 0 and end == len(data)) else data[begin:end]
+                yield LineChunk(source, line, index, piece, ends[done:stop] - begin)
+                line += stop - done
+                index += stop - done
+                done = stop
+            rest_begin = 0 if done == 0 else int(ends[done - 1]) + 1
+            if rest_begin < len(data):
+                blocks, newlines = [data[rest_begin:]], [ends[done:] - rest_begin]
+            size = len(data) - rest_begin
+            pending_lines = len(ends) - done
+    if line - 1 != source.lines:
+        raise DatasetError(
+            f"{source.path}: read {line - 1} lines but the file had {source.lines} when its checksum was "
+            "taken; it changed during preprocessing (or its checksum cache is stale: delete "
+            f"{source.path.parent / CHECKSUM_CACHE})")
+
+
+def invalid_utf8_positions(data: np.ndarray) -> np.ndarray:
+    """Sorted positions of the bytes of ``data`` (uint8) that break UTF-8 (RFC 3629).
+
+    Vectorised over the non-ASCII bytes: a lead byte must be followed by the right number of
+    continuation bytes (with the overlong/surrogate/range limits on the second byte), and every
+    continuation byte must belong to a valid sequence.
+    """
+    high = np.flatnonzero(data >= 0x80)
+    if high.size == 0:
+        return high
+    byte = data[high]
+    is_cont = (byte & 0xC0) == 0x80
+    need = np.zeros(high.size, dtype=np.int64)
+    need[(byte >= 0xC2) & (byte <= 0xDF)] = 1
+    need[(byte >= 0xE0) & (byte <= 0xEF)] = 2
+    need[(byte >= 0xF0) & (byte <= 0xF4)] = 3
+    lead = np.flatnonzero(need > 0)
+    lead_pos, lead_need, lead_byte = high[lead], need[lead], byte[lead]
+    ok = np.ones(lead.size, dtype=bool)
+    for k in (1, 2, 3):
+        has = np.flatnonzero(lead_need >= k)
+        pos = lead_pos[has] + k
+        nxt = np.zeros(pos.size, dtype=np.uint8)
+        inside = pos < data.size
+        nxt[inside] = data[pos[inside]]
+        good = inside & ((nxt & 0xC0) == 0x80)
+        if k == 1:
+            first = lead_byte[has]
+            good &= ~(((first == 0xE0) & (nxt < 0xA0)) | ((first == 0xED) & (nxt > 0x9F))
+                      | ((first == 0xF0) & (nxt < 0x90)) | ((first == 0xF4) & (nxt > 0x8F)))
+        ok[has[~good]] = False
+    claimed = np.concatenate([lead_pos[ok & (lead_need >= k)] + k for k in (1, 2, 3)])
+    cont_pos = high[is_cont]
+    stray = cont_pos[~np.isin(cont_pos, claimed)]
+    invalid = high[(need == 0) & ~is_cont]  # C0, C1, F5..FF
+    return np.unique(np.concatenate([invalid, lead_pos[~ok], stray]))
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """One malformed line: where, which field, what was found, what is allowed."""
+
+    path: Path
+    line: int
+    field: str
+    problem: str
+    allowed: str
+
+    def message(self) -> str:
+        return f"{self.path}:{self.line}: {self.problem}; allowed: {self.allowed}"
+
+
+@dataclass
+class ParsedChunk:
+    """The valid rows of a chunk.
+
+    Attributes:
+        rows: (N,) int64 line offsets (0-based, within the chunk) of the valid rows.
+        frame: polars frame of the valid rows, one String column per raw column.
+        malformed: the first ``MAX_EXAMPLES`` malformed lines of the chunk, in line order.
+        malformed_count: number of malformed lines in the chunk.
+        plain: no byte of the chunk is ``A``-``F`` or ``+`` (fast categorical keys).
+    """
+
+    rows: np.ndarray
+    frame: pl.DataFrame
+    malformed: List[Malformed]
+    malformed_count: int
+    plain: bool = False
+
+
+def _shown(value: Optional[str]) -> str:
+    if value is None:
+        return "empty"
+    return repr(value if len(value) <= 60 else value[:57] + "...")
+
+
+def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
+    """Validate every line of ``chunk`` and parse the valid ones (no per-line Python)."""
+    data = np.frombuffer(chunk.data, dtype=np.uint8)
+    ends = chunk.ends
+    n = len(ends)
+    starts = np.empty(n, dtype=np.int64)
+    starts[:1] = 0
+    starts[1:] = ends[:-1] + 1
+    content_end = ends - ((ends > starts) & (data[ends - 1] == _CR))
+    # per block of lines (small temporaries): separators per line, non-ASCII bytes, and whether
+    # any byte is A-F or '+' (see ``string_keys``)
+    separators = np.empty(n, dtype=np.int64)
+    sep = ord(fmt.separator)
+    non_ascii, plain = False, True
+    step = 1 << 16
+    for i in range(0, n, step):
+        j = min(i + step, n)
+        begin, end = int(starts[i]), int(ends[j - 1]) + 1
+        block = data[begin:end]
+        found = np.flatnonzero(block == sep)
+        separators[i:j] = np.diff(np.searchsorted(found, np.append(starts[i:j] - begin, end - begin)))
+        non_ascii = non_ascii or bool(block.max() >= 0x80)
+        plain = plain and not (((block - np.uint8(65)) < 6).any() or (block == 43).any())
+    problem = np.zeros(n, dtype=np.int8)  # 0 ok, 1 UTF-8, 2 empty, 3 field count
+    problem[separators != len(fmt.columns) - 1] = 3
+    problem[content_end == starts] = 2
+    bad_bytes = invalid_utf8_positions(data) if non_ascii else np.zeros(0, np.int64)
+    first_bad_byte: Dict[int, int] = {}
+    if bad_bytes.size:
+        bad_lines, first = np.unique(np.searchsorted(ends, bad_bytes), return_index=True)
+        problem[bad_lines] = 1
+        first_bad_byte = dict(zip(bad_lines[:MAX_EXAMPLES].tolist(), bad_bytes[first[:MAX_EXAMPLES]].tolist()))
+    structural = np.flatnonzero(problem)
+    path = chunk.source.path
+    found: List[Tuple[int, Malformed]] = []
+    for offset in structural[:MAX_EXAMPLES].tolist():
+        line = chunk.first_line + offset
+        kind = int(problem[offset])
+        if kind == 1:
+            pos = first_bad_byte.get(offset, int(starts[offset]))
+            what = (f"byte 0x{int(data[pos]):02x} at column {pos - int(starts[offset]) + 1} "
+                    "is not valid UTF-8")
+            found.append((offset, Malformed(path, line, "line", what, "UTF-8 text")))
+        else:
+            expected = f"{len(fmt.columns)} {fmt.separator_name}-separated fields ({', '.join(fmt.columns[:3])}, ...)"
+            what = "empty line" if kind == 2 else f"line has {int(separators[offset]) + 1} fields"
+            found.append((offset, Malformed(path, line, "line", what, expected)))
+    good = np.flatnonzero(problem == 0)
+    if good.size == 0:
+        frame = pl.DataFrame(schema={c: pl.String for c in fmt.columns})
+    else:
+        if structural.size:
+            keep = np.repeat(problem == 0, ends - starts + 1)
+            text = data[keep].tobytes()
+        else:
+            text = chunk.data
+        frame = pl.read_csv(text, has_header=False, separator=fmt.separator, new_columns=list(fmt.columns),
+                            schema={c: pl.String for c in fmt.columns}, quote_char=None)
+    count = int(structural.size)
+    checks = fmt.checks()
+    if frame.height and checks:
+        flags = frame.select([c.bad.fill_null(False).alias(f"_bad{k}") for k, c in enumerate(checks)]).to_numpy()
+        row_bad = flags.any(axis=1)
+        if row_bad.any():
+            bad_rows = np.flatnonzero(row_bad)
+            count += int(bad_rows.size)
+            for r in bad_rows[:MAX_EXAMPLES].tolist():
+                check = checks[int(np.argmax(flags[r]))]
+                value = frame.get_column(check.field)[r]
+                offset = int(good[r])
+                found.append((offset, Malformed(path, chunk.first_line + offset, check.field,
+                                                f"field {check.field!r} is {_shown(value)}", check.allowed)))
+            frame = frame.filter(pl.Series(~row_bad))
+            good = good[~row_bad]
+    found.sort(key=lambda item: item[0])
+    return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count, plain)
+
+
+# ------------------------------------------------------------------------------------------------
+# splits
+# ------------------------------------------------------------------------------------------------
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 -> uint64, wrap-around arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class FeistelPermutation:
+    """A keyed pseudo-random bijection of ``[0, n)`` evaluated pointwise (O(1) memory).
+
+    A balanced 4-round Feistel network on ``2 * half`` bits (the smallest even width with
+    ``2**bits >= n``) whose round function is splitmix64 of the right half xor a round key;
+    values that land outside ``[0, n)`` are re-encrypted (cycle walking), which keeps a
+    bijection on ``[0, n)``.
+    """
+
+    def __init__(self, n: int, seed: int, rounds: int = 4):
+        if n < 1:
+            raise ValueError(f"permutation domain must be non-empty, got n={n}")
+        bits = max(2, (int(n) - 1).bit_length())
+        self.n, self.half = int(n), (bits + 1) // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        state = np.random.SeedSequence([int(seed), 0x5EED5]).generate_state(rounds, dtype=np.uint64)
+        self.keys = [np.uint64(k) for k in state]
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> np.uint64(self.half), x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ (_mix64(right ^ key) & self.mask)
+        return (left << np.uint64(self.half)) | right
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self._encrypt(np.asarray(x, dtype=np.uint64))
+        outside = np.flatnonzero(y >= np.uint64(self.n))
+        while outside.size:
+            y[outside] = self._encrypt(y[outside])
+            outside = outside[y[outside] >= np.uint64(self.n)]
+        return y.astype(np.int64)
+
+
+SPLIT_RULES = ("dlrm_chunks", "random")
+TRAIN, VAL, TEST = 0, 1, 2  # split codes, in storage.SPLITS order
+
+
+class SplitAssigner:
+    """Maps data-line indices (int64, concatenated sources) to split codes (0 train, 1 val, 2 test).
+
+    Args:
+        rule: ``"dlrm_chunks"`` or ``"random"`` (see the module docstring).
+        total: data lines L in the concatenated sources (malformed included).
+        file_lines: data lines per source file (for ``num_chunks=None``).
+        num_chunks: equal chunks for ``dlrm_chunks``; None = one chunk per source file.
+        seed: ``split_seed`` of the ``random`` rule.
+    """
+
+    def __init__(self, rule: str, total: int, file_lines: Sequence[int], num_chunks: Optional[int], seed: int):
+        self.rule, self.total = rule, int(total)
+        if rule == "dlrm_chunks":
+            if num_chunks is None:
+                sizes = list(file_lines)
+            else:
+                base, extra = divmod(self.total, int(num_chunks))
+                sizes = [base + (k < extra) for k in range(int(num_chunks))]
+            last_start = int(sum(sizes[:-1]))
+            last = self.total - last_start
+            self.test_start = last_start
+            self.val_start = last_start + (last + 1) // 2  # np.array_split: the first half takes the extra line
+        elif rule == "random":
+            n_val = n_test = self.total // 10
+            self.train_end, self.val_end = self.total - n_val - n_test, self.total - n_test
+            self.permutation = FeistelPermutation(max(self.total, 1), seed)
+        else:
+            raise ValueError(f"unknown split rule {rule!r}; allowed: {', '.join(SPLIT_RULES)}")
+
+    def __call__(self, index: np.ndarray) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64)
+        if self.rule == "dlrm_chunks":
+            return np.where(index < self.test_start, TRAIN, np.where(index < self.val_start, TEST, VAL)).astype(np.int8)
+        rank = self.permutation(index) if index.size else index
+        return np.where(rank < self.train_end, TRAIN, np.where(rank < self.val_end, VAL, TEST)).astype(np.int8)
+
+
+# ------------------------------------------------------------------------------------------------
+# vocabularies
+# ------------------------------------------------------------------------------------------------
+
+
+def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Unique sorted keys and the summed counts of each (exact int64)."""
+    if keys.size == 0:
+        return keys.astype(np.uint64), counts.astype(np.int64)
+    order = np.argsort(keys, kind="stable")
+    keys, counts = keys[order], counts[order]
+    first = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    return keys[first], np.add.reduceat(counts, first).astype(np.int64)
+
+
+class FrequencyCounter:
+    """Streaming key counts of one field (memory ~ distinct keys, merged with amortised doubling)."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self.missing = 0
+        self._pending: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._pending_size = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        present = keys[keys != MISSING_KEY]
+        self.missing += int(keys.size - present.size)
+        unique, counts = np.unique(present, return_counts=True)
+        self._pending.append((unique, counts.astype(np.int64)))
+        self._pending_size += unique.size
+        if self._pending_size > max(self.keys.size, 1 << 20):
+            self._merge()
+
+    def _merge(self) -> None:
+        if self._pending:
+            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
+            counts = np.concatenate([self.counts] + [c for _, c in self._pending])
+            self.keys, self.counts = _sum_by_key(keys, counts)
+            self._pending, self._pending_size = [], 0
+
+    def result(self) -> Tuple[np.ndarray, np.ndarray, int]:
+        """(sorted keys, counts, missing count)."""
+        self._merge()
+        return self.keys, self.counts, self.missing
+
+
+@dataclass
+class Vocabulary:
+    """Key -> row mapping of one field; row 0 is OOV.
+
+    Attributes:
+        keys: (V,) uint64 kept keys, sorted ascending (for ``searchsorted``).
+        rows: (V,) int32 row of each key in ``keys`` (1..V, by descending train count).
+        counts: (V + 1,) int64 train frequency of each row; ``counts[0]`` = train values -> OOV.
+    """
+
+    keys: np.ndarray
+    rows: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def num_embeddings(self) -> int:
+        return int(self.counts.size)
+
+    @classmethod
+    def from_counter(cls, counter: FrequencyCounter, min_count: int) -> "Vocabulary":
+        keys, counts, missing = counter.result()
+        keep = counts >= min_count
+        kept_keys, kept_counts = keys[keep], counts[keep]
+        order = np.lexsort((kept_keys, -kept_counts))  # descending count, then ascending key
+        rows = np.empty(kept_keys.size, dtype=np.int32)
+        rows[order] = np.arange(1, kept_keys.size + 1, dtype=np.int32)
+        oov = missing + int(counts[~keep].sum())
+        return cls(kept_keys, rows, np.concatenate([[oov], kept_counts[order]]).astype(np.int64))
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """(N,) int32 rows of ``keys``; 0 for missing, rare and unseen keys."""
+        if self.keys.size == 0:
+            return np.zeros(keys.size, dtype=np.int32)
+        if self.keys.size > 1 << 16:  # large vocabulary: sorted queries walk it cache-friendly
+            order = np.argsort(keys)
+            pos = np.empty(keys.size, dtype=np.int64)
+            pos[order] = np.searchsorted(self.keys, keys[order])
+        else:
+            pos = np.searchsorted(self.keys, keys)
+        np.minimum(pos, self.keys.size - 1, out=pos)
+        return np.where(self.keys[pos] == keys, self.rows[pos], 0).astype(np.int32)
+
+
+# ------------------------------------------------------------------------------------------------
+# streamed .npy output
+# ------------------------------------------------------------------------------------------------
+
+
+class NpyStreamWriter:
+    """Writes a C-order ``.npy`` file of known shape by appending row blocks (no memory map)."""
+
+    def __init__(self, path: Path, dtype: Any, shape: Sequence[int]):
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(int(s) for s in shape)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "wb")
+        np.lib.format.write_array_header_1_0(
+            self._handle, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                           "shape": self.shape})
+        self.rows = 0
+
+    def append(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:]:
+            raise ValueError(f"{self.path}: block shape {block.shape} does not fit {self.shape}")
+        self._handle.write(block.tobytes())
+        self.rows += block.shape[0]
+
+    def close(self) -> None:
+        self._handle.close()
+        if self.rows != self.shape[0]:
+            raise RuntimeError(f"{self.path}: wrote {self.rows} rows, expected {self.shape[0]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the pipeline
+# ------------------------------------------------------------------------------------------------
+
+MALFORMED_POLICIES = ("skip", "fail")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The preprocessing rules of a text protocol (see the module docstring).
+
+    Attributes:
+        fmt: the line format.
+        split: ``"dlrm_chunks"`` or ``"random"``.
+        split_seed: seed of the ``random`` split.
+        num_chunks: chunks of ``dlrm_chunks`` (None: one per source file).
+        min_count: train occurrences a key needs to get its own row (>= 1).
+        hash_cap: None, or the number of key buckets per field (``key % hash_cap``).
+        malformed: ``"skip"`` or ``"fail"``.
+        chunk_rows: lines per processing chunk (memory knob; never changes the arrays).
+    """
+
+    fmt: LineFormat
+    split: str = "dlrm_chunks"
+    split_seed: int = 0
+    num_chunks: Optional[int] = 7
+    min_count: int = 1
+    hash_cap: Optional[int] = None
+    malformed: str = "skip"
+    chunk_rows: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLIT_RULES:
+            raise ValueError(f"split must be one of {', '.join(SPLIT_RULES)}, got {self.split!r}")
+        if self.num_chunks is not None and int(self.num_chunks) < 2:
+            raise ValueError(f"num_chunks must be >= 2 or null (one chunk per file), got {self.num_chunks!r}")
+        if int(self.min_count) < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count!r}")
+        if self.hash_cap is not None and int(self.hash_cap) < 1:
+            raise ValueError(f"hash_cap must be null or >= 1, got {self.hash_cap!r}")
+        if self.malformed not in MALFORMED_POLICIES:
+            raise ValueError(f"malformed must be one of {', '.join(MALFORMED_POLICIES)}, got {self.malformed!r}")
+        if int(self.chunk_rows) < 1:
+            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows!r}")
+
+    def split_rule(self) -> Dict[str, Any]:
+        if self.split == "random":
+            return {"rule": "random", "fractions": [0.8, 0.1, 0.1], "split_seed": int(self.split_seed),
+                    "assignment": "rank under a 4-round Feistel/splitmix64 permutation of the data lines"}
+        return {"rule": "dlrm_chunks", "chunks": "one per source file" if self.num_chunks is None else int(self.num_chunks),
+                "assignment": "all chunks but the last train; last chunk: first half test, second half validation"}
+
+    def rules(self) -> Dict[str, Any]:
+        """Every setting that changes the arrays (``chunk_rows`` does not)."""
+        return {
+            "pipeline_version": PIPELINE_VERSION,
+            "line_format": self.fmt.rules(),
+            "split": self.split_rule(),
+            "min_count": int(self.min_count),
+            "hash_cap": None if self.hash_cap is None else int(self.hash_cap),
+            "oov": "row 0: missing, unseen in train, or fewer than min_count train occurrences",
+            "row_order": "descending train count, ties by ascending key",
+            "malformed": self.malformed,
+        }
+
+
+@dataclass(frozen=True)
+class RowExtra:
+    """A float sidecar array (``.npy``, shape (L,)) aligned with the data lines of the sources."""
+
+    name: str
+    path: Path
+
+    def describe(self) -> Dict[str, Any]:
+        return {"file": self.path.name, "sha256": describe_source(self.path).sha256}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        values = np.load(self.path, mmap_mode="r")  # re-opened per chunk: resident pages stay bounded
+        try:
+            return np.array(values[start:stop], dtype=np.float32)
+        finally:
+            del values
+
+
+@dataclass
+class _ScanResult:
+    sizes: np.ndarray
+    positives: np.ndarray
+    vocabularies: List[Vocabulary]
+    malformed_count: int
+    malformed_examples: List[str]
+
+
+class TextPipeline:
+    """Runs ``PipelineConfig`` over ``sources`` and writes the protocol through a ``CacheWriter``."""
+
+    def __init__(self, config: PipelineConfig, sources: Sequence[SourceFile],
+                 row_extras: Sequence[RowExtra] = (), description: str = "preprocessing"):
+        self.config, self.sources, self.row_extras = config, list(sources), list(row_extras)
+        self.description = description
+        header = 1 if config.fmt.header else 0
+        for source in self.sources:
+            if source.lines < header:
+                raise DatasetError(f"{source.path}: empty file; allowed: a header line {config.fmt.header_line()!r}")
+        self.file_lines = [s.lines - header for s in self.sources]
+        self.total = int(sum(self.file_lines))
+        if self.total == 0:
+            raise DatasetError(f"{', '.join(str(s.path) for s in self.sources)}: no data lines")
+        self.assigner = SplitAssigner(config.split, self.total, self.file_lines, config.num_chunks, config.split_seed)
+        for extra in self.row_extras:
+            shape = np.load(extra.path, mmap_mode="r").shape
+            if shape != (self.total,):
+                raise DatasetError(f"row extra {extra.name!r} ({extra.path}) has shape {shape}; allowed: "
+                                   f"({self.total},), one value per data line of the sources")
+
+    # -- streaming ---------------------------------------------------------------------------
+
+    def _chunks(self, desc: str) -> Iterator[LineChunk]:
+        header = self.config.fmt.header_line() if self.config.fmt.header else None
+        index = 0
+        with tqdm(total=self.total, desc=desc, unit="line", unit_scale=True, disable=None) as bar:
+            for source, lines in zip(self.sources, self.file_lines):
+                for chunk in iter_line_chunks(source, int(self.config.chunk_rows), index, header):
+                    yield chunk
+                    bar.update(len(chunk))
+                index += lines
+
+    def _parsed(self, desc: str) -> Iterator[Tuple[LineChunk, ParsedChunk, np.ndarray]]:
+        for chunk in self._chunks(desc):
+            parsed = parse_chunk(chunk, self.config.fmt)
+            yield chunk, parsed, self.assigner(chunk.first_index + parsed.rows)
+
+    def _sparse_keys(self, frame: pl.DataFrame, plain: bool) -> List[np.ndarray]:
+        return [cap_keys(k, self.config.hash_cap) for k in self.config.fmt.sparse_keys(frame, plain)]
+
+    # -- pass 1: validation, split sizes, train vocabularies -----------------------------------
+
+    def scan(self) -> _ScanResult:
+        fields = self.config.fmt.sparse_fields
+        counters = [FrequencyCounter() for _ in fields]
+        sizes, positives = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
+        malformed_count, examples = 0, []
+        for _, parsed, split in self._parsed(f"{self.description} 1/2 (vocabulary)"):
+            if parsed.malformed_count:
+                if self.config.malformed == "fail":
+                    raise DatasetError(f"{parsed.malformed[0].message()} (malformed=fail; set malformed=skip "
+                                       "to skip malformed lines, which are then counted in the manifest)")
+                malformed_count += parsed.malformed_count
+                examples.extend(m.message() for m in parsed.malformed[: MAX_EXAMPLES - len(examples)])
+            labels = self.config.fmt.labels(parsed.frame)
+            sizes += np.bincount(split, minlength=3)
+            positives += np.bincount(split, weights=labels, minlength=3).astype(np.int64)
+            train = split == TRAIN
+            if train.any():
+                frame = parsed.frame if train.all() else parsed.frame.filter(pl.Series(train))
+                for counter, keys in zip(counters, self._sparse_keys(frame, parsed.plain)):
+                    counter.add(keys)
+        if malformed_count:
+            log.warning("%s: %d malformed lines skipped; first ones:\n  %s", self.description, malformed_count,
+                        "\n  ".join(examples))
+        vocabularies = [Vocabulary.from_counter(c, int(self.config.min_count)) for c in counters]
+        return _ScanResult(sizes, positives, vocabularies, malformed_count, examples)
+
+    # -- pass 2: arrays ------------------------------------------------------------------------
+
+    def write(self, writer: CacheWriter, scan: _ScanResult) -> None:
+        fmt = self.config.fmt
+        num_dense, num_sparse = len(fmt.dense), len(fmt.sparse_fields)
+        outputs: List[Dict[str, NpyStreamWriter]] = []
+        for code, split in enumerate(SPLITS):
+            n = int(scan.sizes[code])
+            streams = {
+                "dense": NpyStreamWriter(writer.path(f"{split}/dense.npy"), np.float32, (n, num_dense)),
+                "sparse": NpyStreamWriter(writer.path(f"{split}/sparse.npy"), np.int32, (n, num_sparse)),
+                "labels": NpyStreamWriter(writer.path(f"{split}/labels.npy"), np.float32, (n,)),
+            }
+            for extra in self.row_extras:
+                streams[extra.name] = NpyStreamWriter(writer.path(f"{split}/targets/{extra.name}.npy"), np.float32, (n,))
+            outputs.append(streams)
+        for chunk, parsed, split in self._parsed(f"{self.description} 2/2 (arrays)"):
+            if parsed.frame.height == 0:
+                continue
+            labels = fmt.labels(parsed.frame)
+            dense = fmt.dense_values(parsed.frame)
+            sparse = np.empty((parsed.frame.height, num_sparse), dtype=np.int32)
+            for f, (vocab, keys) in enumerate(zip(scan.vocabularies, self._sparse_keys(parsed.frame, parsed.plain))):
+                sparse[:, f] = vocab.lookup(keys)
+            extras = {e.name: e.read(chunk.first_index, chunk.first_index + len(chunk))[parsed.rows]
+                      for e in self.row_extras}
+            for code, streams in enumerate(outputs):
+                rows = np.flatnonzero(split == code)
+                if rows.size == 0:
+                    continue
+                streams["dense"].append(dense[rows])
+                streams["sparse"].append(sparse[rows])
+                streams["labels"].append(labels[rows])
+                for name, values in extras.items():
+                    streams[name].append(values[rows])
+        for streams in outputs:
+            for stream in streams.values():
+                stream.close()
+
+    # -- everything ----------------------------------------------------------------------------
+
+    def build(self, writer: CacheWriter, name: str, protocol_id: str,
+              extras: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """Both passes plus counts; returns the manifest dict (without ``files``)."""
+        scan = self.scan()
+        fields = self.config.fmt.sparse_fields
+        tables = []
+        for field_name, vocab in zip(fields, scan.vocabularies):
+            writer.save(f"counts/{field_name}.npy", vocab.counts)
+            tables.append(TableSpec(field_name, vocab.num_embeddings, vocab.counts))
+        self.write(writer, scan)
+        split_sizes = {s: int(scan.sizes[k]) for k, s in enumerate(SPLITS)}
+        facts: Dict[str, Any] = {
+            "sources": [{"path": str(s.path), **s.describe()} for s in self.sources],
+            "data_lines": self.total,
+            "malformed_lines": scan.malformed_count,
+            "malformed_examples": scan.malformed_examples,
+            "positive_rate": {
+                **{s: (float(scan.positives[k] / scan.sizes[k]) if scan.sizes[k] else None) for k, s in enumerate(SPLITS)},
+                "all": float(scan.positives.sum() / max(scan.sizes.sum(), 1))},
+            "split_rule": self.config.split_rule(),
+        }
+        facts.update(extras or {})
+        spec = DatasetSpec(name=name, protocol_id=protocol_id, num_dense=len(self.config.fmt.dense),
+                           tables=tuple(tables), split_sizes=split_sizes,
+                           extra_targets=tuple(e.name for e in self.row_extras), extras=facts)
+        log.info("%s: %s rows (train/val/test), %d malformed lines, tables %s", name,
+                 "/".join(str(v) for v in split_sizes.values()), scan.malformed_count,
+                 {t.name: t.num_embeddings for t in tables})
+        return spec_to_manifest(spec)
