@@ -53,3 +53,16 @@ def test_unknown_names_get_a_clear_error():
         composed("method=nosuchmethod")
     with pytest.raises(ConfigCompositionException, match="Available options"):
         composed("dataset=nosuchdata")
+
+
+@pytest.mark.parametrize("experiment", names("experiment"))
+def test_every_experiment_composes(experiment):
+    cfg = composed(f"experiment={experiment}")
+    assert cfg.model.embedding_dim > 0
+
+
+@pytest.mark.parametrize("launcher", names("hydra/launcher"))
+def test_cluster_launcher_configs_compose(launcher):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
