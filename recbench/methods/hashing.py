@@ -1,0 +1,163 @@
+"""``hashing``: the hashing trick — each field's ids hashed into a smaller table of its own.
+
+References: Weinberger et al., "Feature Hashing for Large Scale Multitask Learning", ICML 2009.
+
+Mechanism: field f with n_f ids owns an (m_f, D) fp32 table, m_f <= n_f; id x is looked up at row
+h_f(x), with h_f drawn from the universal family ((a_f x + b_f) mod p) mod m_f (salted per field,
+``recbench.methods.hashing_fns``) or plain x mod m_f (``hash_function: modulo``). The KJT's ids are
+rewritten and looked up in fused FBGEMM tables (fused optimizer, shardable), so a multi-hot bag
+pools the hashed rows of its ids.
+Budget: m_f = min(n_f, ceil(r * n_f)) (at least 1) — rows proportional to the field's size — with
+r bisected so that sum_f m_f * D * 4 (+ kept fields in full) lands in [1 - tolerance, 1] x target.
+Fields below ``budget.min_rows_to_compress`` keep their full table. Infeasible when one row per
+compressed field already exceeds the budget.
+Shapes: KJT (F keys, B bags) -> ids rewritten in place -> KeyedTensor (B, F * D).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Mapping, Sequence
+
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recbench.methods import hashing_fns
+from recbench.methods.base import CompressionMethod, EmbeddingModule
+from recbench.methods.budget import bisect_continuous, land, split_tables, target_bytes
+from recbench.methods.per_id import value_fields, with_values
+from recbench.methods.tables import FusedTables, PhysicalTable, closed_form_table_bytes
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+
+
+def check_auto(method: str, key: str, value: Any) -> None:
+    if value != "auto":
+        raise ValueError(f"method {method!r}: {key}={value!r} is not supported; only 'auto' (solved from the budget)")
+
+
+def table_memory(physical: Sequence[PhysicalTable], tables: Sequence[TableSpec], dim: int,
+                 optimizer: EmbeddingOptimizer) -> MemoryReport:
+    """Closed-form memory of fused fp32 tables (weights; + optimizer state while training)."""
+    parts = closed_form_table_bytes(physical, optimizer)
+    return MemoryReport(
+        inference_bytes=parts["weights"],
+        training_bytes=parts["weights"] + parts["optimizer_state"],
+        parameters=sum(t.rows * t.dim for t in physical),
+        full_bytes=full_embedding_bytes(tables, dim),
+        breakdown={"weights": parts["weights"]},
+    )
+
+
+class FusedIdMapEmbedding(EmbeddingModule):
+    """Base of modules that rewrite the KJT's ids (``rewrite``), look up ``self.fused`` (a
+    FusedTables) and assemble the per-field outputs (``combine``, identity by default)."""
+
+    fused: nn.Module
+
+    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        raise NotImplementedError
+
+    def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        return looked_up
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.combine(self.fused(self.rewrite(features)), features)
+
+    def fused_optimizer(self):
+        return self.fused.fused_optimizer()
+
+    def fused_parameters(self) -> List[nn.Parameter]:
+        return self.fused.fused_parameters()
+
+    def memory_report(self) -> MemoryReport:
+        weights = self.fused.weight_bytes()
+        return MemoryReport(
+            inference_bytes=weights,
+            training_bytes=weights + self.fused.optimizer_state_bytes(),
+            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
+            full_bytes=full_embedding_bytes(self.tables, self.dim),
+            breakdown={"weights": weights},
+        )
+
+    def to_inference(self) -> nn.Module:
+        """The same id rewrite over a plain EmbeddingBagCollection with the same weights."""
+        unfused = self.fused.unfused_copy()
+        return copy.deepcopy(self, memo={id(self.fused): unfused}).eval()
+
+
+def physical_tables(tables: Sequence[TableSpec], dim: int, rows: Mapping[str, int]) -> List[PhysicalTable]:
+    """One table per field: ``rows[name]`` rows when compressed, the full table otherwise."""
+    return [PhysicalTable(t.name, int(rows.get(t.name, t.num_embeddings)), dim, [t.name], t.pooling) for t in tables]
+
+
+class HashingEmbedding(FusedIdMapEmbedding):
+    """Per-field hashed tables. forward: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
+
+    Args:
+        rows: hashed table rows per compressed field (absent fields are kept in full).
+        hash_function: "universal" or "modulo".
+        hash_seed: seed of the per-field (a, b) of the universal family.
+    """
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int, rows: Mapping[str, int], hash_function: str,
+                 hash_seed: int, optimizer: EmbeddingOptimizer):
+        super().__init__(tables, dim)
+        self.hash_function = hashing_fns.check_kind("hashing", hash_function)
+        self.field_index = {t.name: i for i, t in enumerate(self.tables)}
+        hashing_fns.check_hashable("hashing", [(t.name, t.num_embeddings) for t in self.tables],
+                                   max(rows.values(), default=1))
+        a, b = hashing_fns.draw(hash_seed, (len(self.tables),))
+        self.register_buffer("a", a, persistent=False)
+        self.register_buffer("b", b, persistent=False)
+        self.register_buffer("buckets", torch.tensor([int(rows.get(t.name, t.num_embeddings)) for t in self.tables]),
+                             persistent=False)
+        self.register_buffer("hashed", torch.tensor([t.name in rows for t in self.tables]), persistent=False)
+        self.fused = FusedTables(physical_tables(self.tables, dim, rows), optimizer)
+
+    def rows_of(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """(N,) the table row of every value: h_f(id) for compressed fields, the id for kept ones."""
+        fields = value_fields(features, self.field_index)
+        ids = features.values().long()
+        hashed = hashing_fns.hash_ids(self.hash_function, ids, self.a[fields], self.b[fields], self.buckets[fields])
+        return torch.where(self.hashed[fields], hashed, ids)
+
+    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return with_values(features, self.rows_of(features))
+
+
+class Hashing(CompressionMethod):
+    name = "hashing"
+
+    def __init__(self, name: str | None = None, rows: Any = "auto", hash_function: str = "universal",
+                 hash_seed: int = 0):
+        super().__init__(name, rows=rows, hash_function=hash_function, hash_seed=hash_seed)
+        check_auto(self.name, "rows", rows)
+        self.hash_function = hashing_fns.check_kind(self.name, hash_function)
+        self.hash_seed = int(hash_seed)
+
+    @staticmethod
+    def rows_at(ratio: float, compressed: Sequence[TableSpec]) -> Dict[str, int]:
+        return {t.name: max(1, min(t.num_embeddings, math.ceil(ratio * t.num_embeddings))) for t in compressed}
+
+    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+        compressed, _ = split_tables(tables, budget)
+        limit = target_bytes(tables, dim, budget)
+
+        def bytes_at(ratio: float) -> int:
+            return self.memory(tables, dim, {"rows": self.rows_at(ratio, compressed)}).inference_bytes
+
+        ratio = bisect_continuous(bytes_at, 0.0, 1.0, limit)
+        land(self.name, bytes_at(ratio), tables, dim, budget, bytes_at(0.0), bytes_at(1.0),
+             "one row per compressed field already exceeds the budget" if bytes_at(0.0) > limit else "")
+        return {"rows": self.rows_at(ratio, compressed), "row_fraction": ratio,
+                "hash_function": self.hash_function, "hash_seed": self.hash_seed}
+
+    def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
+               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
+        return table_memory(physical_tables(tables, dim, hparams["rows"]), tables, dim, optimizer)
+
+    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> HashingEmbedding:
+        hparams = self.solve(tables, dim, budget)
+        return HashingEmbedding(tables, dim, hparams["rows"], self.hash_function, self.hash_seed, optimizer)
