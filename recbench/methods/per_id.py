@@ -82,6 +82,9 @@ class PerIdEmbedding(EmbeddingModule):
         kept: names of the fields that stay uncompressed.
     """
 
+    #: name of the method's own part of the inference bytes in ``MemoryReport.breakdown``
+    breakdown_name = "weights"
+
     def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str]):
         super().__init__(tables, dim)
         self.field_index: Dict[str, int] = {t.name: i for i, t in enumerate(self.tables)}
@@ -145,11 +148,12 @@ class PerIdEmbedding(EmbeddingModule):
         dense_bytes = tensor_bytes(p for p in trainable if id(p) not in sparse)
         sparse_bytes = tensor_bytes(p for p in trainable if id(p) in sparse)
         state = tensor_bytes(self.state_dict().values())
+        kept = tensor_bytes([self.kept_table]) if self.kept_table is not None else 0
         return MemoryReport(
             inference_bytes=inference,
             training_bytes=state + 2 * dense_bytes + sparse_bytes,
             parameters=sum(p.numel() for p in trainable),
             full_bytes=full_embedding_bytes(self.tables, self.dim),
-            breakdown={"kept": tensor_bytes([self.kept_table]) if self.kept_table is not None else 0},
+            breakdown={self.breakdown_name: inference - kept, "kept": kept},
         )
 
