@@ -1,0 +1,91 @@
+"""DHE: deterministic dense hash encodings in the stated distribution, decoder width from the budget."""
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recbench.methods import hashing_fns as H
+from recbench.methods.base import InfeasibleBudget
+from recbench.methods.dhe import Dhe
+from recbench.types import Budget, TableSpec
+
+DIM = 16
+TABLES = [TableSpec("a", 20000), TableSpec("b", 5000, pooling="mean", multi_hot=True)]
+
+
+def build(ratio=0.05, **kwargs):
+    torch.manual_seed(0)
+    return Dhe(**kwargs).build(TABLES, DIM, Budget(compression_ratio=ratio))
+
+
+def kjt(a_ids, b_ids):
+    return KeyedJaggedTensor(keys=["a", "b"], values=torch.cat([a_ids, b_ids]),
+                             lengths=torch.ones(len(a_ids) + len(b_ids), dtype=torch.int32))
+
+
+def test_uniform_encodings_are_the_scaled_hashes_and_deterministic():
+    m = build(num_hashes=64)
+    ids, fields = torch.arange(3000), torch.zeros(3000, dtype=torch.long)
+    enc = m.encodings(fields, ids)
+    a, b = H.draw(0, (2, 64))
+    expected = H.universal(ids.unsqueeze(1), a[0], b[0], 1_000_000).double() * 2 / 999_999 - 1
+    assert torch.allclose(enc.double(), expected, atol=1e-6)
+    assert torch.equal(enc, build(num_hashes=64).encodings(fields, ids))  # a pure function of the seed
+    assert float(enc.min()) >= -1 and float(enc.max()) <= 1
+    assert abs(float(enc.mean())) < 0.02 and abs(float(enc.var()) - 1 / 3) < 0.02  # U(-1, 1)
+    other_field = m.encodings(torch.ones(3000, dtype=torch.long), ids)
+    assert float((other_field - enc).abs().mean()) > 0.3  # per-field salts
+
+
+def test_gaussian_encodings_are_standard_normal():
+    enc = build(num_hashes=64, distribution="gaussian").encodings(torch.zeros(3000, dtype=torch.long), torch.arange(3000))
+    assert abs(float(enc.mean())) < 0.02 and abs(float(enc.std()) - 1) < 0.02
+    assert abs(float((enc ** 4).mean()) - 3) < 0.15  # Gaussian kurtosis
+
+
+def test_width_is_the_largest_within_the_budget():
+    method, budget = Dhe(), Budget(compression_ratio=0.05)
+    hp = method.solve(TABLES, DIM, budget)
+    target = budget.target_bytes(TABLES, DIM)
+    width = hp["width"]
+    assert method.memory(TABLES, DIM, hp).inference_bytes == 4 * (1024 * width + width + width * width + width
+                                                                  + width * DIM + DIM)
+    assert method.memory(TABLES, DIM, hp).inference_bytes <= target
+    assert method.memory(TABLES, DIM, dict(hp, width=width + 1)).inference_bytes > target
+    built = method.build(TABLES, DIM, budget)
+    assert built.decoder[0].weight.shape == (width, 1024)
+
+
+def test_infeasible_budget_reports_the_reachable_range():
+    with pytest.raises(InfeasibleBudget, match="even width 1") as info:
+        Dhe().solve(TABLES, DIM, Budget(compression_ratio=0.001))
+    assert info.value.min_ratio == pytest.approx(4 * (1024 + 1 + 2 + 16 + 16) / ((20000 + 5000) * DIM * 4))
+
+
+def test_decoding_unique_ids_is_exact_and_batchnorm_folds():
+    m = build()
+    ids = torch.randint(0, 50, (400,))
+    for _ in range(3):  # move the BatchNorm running statistics away from their init
+        m(kjt(ids, ids % 7))
+    m.eval()
+    fields = torch.zeros(400, dtype=torch.long)
+    with torch.no_grad():
+        naive = m.decoder(m.encodings(fields, ids))
+        assert torch.allclose(m.encode(fields, ids), naive, atol=1e-6)
+        deployable = m.to_inference()
+        assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in deployable.decoder)
+        assert torch.allclose(m(kjt(ids, ids % 7)).values(), deployable(kjt(ids, ids % 7)).values(), atol=1e-5)
+
+
+def test_memory_counts_adam_state_and_batchnorm_statistics():
+    m = build()
+    report, width = m.memory_report(), m.decoder[0].out_features
+    params = 1024 * width + 2 * width + width * width + 2 * width + width * DIM + DIM
+    assert report.parameters == params
+    assert report.training_bytes == 3 * 4 * params + 2 * (2 * width * 4 + 8)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="distribution"):
+        Dhe(distribution="laplace")
+    with pytest.raises(ValueError, match="even num_hashes"):
+        Dhe(distribution="gaussian", num_hashes=5)
