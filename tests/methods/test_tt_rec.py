@@ -1,0 +1,80 @@
+"""TT-Rec against the tensor-train equations (Yin et al., MLSys 2021)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_contract import random_kjt  # tests/methods is on sys.path
+
+from recbench.methods.base import InfeasibleBudget
+from recbench.methods.tt_rec import TTCores, TTRec, core_parameters, dim_factors, row_factors
+from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+
+DIM = 16
+
+
+def specs():
+    return [TableSpec("big", 4000), TableSpec("mid", 900), TableSpec("tiny", 7),
+            TableSpec("bag", 600, pooling="mean", multi_hot=True)]
+
+
+def test_factorisations_cover_rows_and_dim():
+    for n in (1, 7, 1000, 4000, 12345):
+        n1, n2, n3 = row_factors(n)
+        assert n1 * n2 * n3 >= n
+    assert dim_factors(16) == (2, 2, 4) and np.prod(dim_factors(64)) == 64
+
+
+def test_lookup_equals_the_materialised_tt_table():
+    torch.manual_seed(0)
+    cores = TTCores(300, DIM, 3)
+    full = cores.full_table()
+    ids = torch.arange(300)
+    assert torch.allclose(cores(ids), full[:300], atol=1e-6)
+    # entry-wise the TT contraction: W[(i1,i2,i3), (a,b,c)] = sum_rs G1[i1,a,r] G2[i2,r,b,s] G3[i3,s,c]
+    i = 123
+    i1, i2, i3 = i // (cores.n2 * cores.n3), (i // cores.n3) % cores.n2, i % cores.n3
+    expected = torch.einsum("ar,rbs,sc->abc", cores.core1[i1], cores.core2[i2], cores.core3[i3]).reshape(-1)
+    assert torch.allclose(cores(torch.tensor([i]))[0], expected, atol=1e-6)
+    # init: reconstructed entries have about the plain table's variance 1 / (3 n)
+    assert float(full.detach().var()) == pytest.approx(1 / 900, rel=0.5)
+
+
+def test_bags_pool_per_id_rows_and_inference_matches():
+    tables = specs()
+    torch.manual_seed(0)
+    module = TTRec().build(tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer(kind="sgd")).eval()
+    assert "tiny" not in module.cores and "big" in module.cores
+    features = random_kjt(tables, 16, np.random.default_rng(0), max_bag=5)
+    with torch.no_grad():
+        out = module(features).to_dict()
+        table = module.cores["bag"].full_table()
+        ids, lengths = features["bag"].values(), features["bag"].lengths().long()
+        bag = torch.repeat_interleave(torch.arange(16), lengths)
+        expected = torch.zeros(16, DIM).index_add_(0, bag, table[ids]) / lengths.clamp(min=1).unsqueeze(1)
+        assert torch.allclose(out["bag"], expected, atol=1e-6)
+        assert torch.equal(module(features).values(), module.to_inference()(features).values())
+
+
+def test_rank_is_the_largest_that_fits():
+    tables = specs()
+    full = full_embedding_bytes(tables, DIM)
+    for ratio in (0.5, 0.3, 0.2):
+        hp = TTRec().solve(tables, DIM, Budget(compression_ratio=ratio))
+        assert 0.9 * ratio <= TTRec().memory(tables, DIM, hp).inference_bytes / full <= ratio
+        bigger = TTRec(rank=hp["rank"] + 1)
+        with pytest.raises(InfeasibleBudget):
+            bigger.solve(tables, DIM, Budget(compression_ratio=ratio))
+    hp = TTRec().solve(tables, DIM, Budget(compression_ratio=0.2))
+    assert core_parameters(4000, DIM, hp["rank"]) < 4000 * DIM
+    with pytest.raises(InfeasibleBudget, match="reachable range"):
+        TTRec().solve(tables, DIM, Budget(compression_ratio=0.001))
+
+
+def test_cores_are_dense_adam_parameters_and_memory_matches():
+    tables = specs()
+    method = TTRec()
+    hp = method.solve(tables, DIM, Budget(compression_ratio=0.2))
+    module = method.build(tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer())
+    assert [g.name for g in module.param_groups()] == ["tt_cores"]
+    assert module.memory_report() == method.memory(tables, DIM, hp, EmbeddingOptimizer())
