@@ -12,7 +12,7 @@ References: DESIGN.md section 3 ("Budget and memory").
 """
 from __future__ import annotations
 
-from typing import Callable, List, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from recbench.methods.base import InfeasibleBudget
 from recbench.types import FP32_BYTES, Budget, TableSpec, full_embedding_bytes
@@ -84,3 +84,8 @@ def land(method: str, achieved_bytes: int, tables: Sequence[TableSpec], dim: int
         return
     raise InfeasibleBudget(method, budget.compression_ratio, min_bytes / full, max_bytes / full,
                            reason or f"the closest solution has ratio {achieved_bytes / full:.4g}")
+
+
+def check_auto(method: str, key: str, value: Any) -> None:
+    if value != "auto":
+        raise ValueError(f"method {method!r}: {key}={value!r} is not supported; only 'auto' (solved from the budget)")

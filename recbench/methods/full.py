@@ -5,53 +5,29 @@ Recommendation Systems" (DLRM), arXiv:1906.00091, 2019.
 
 Mechanism: field i owns a (num_embeddings_i, D) table; a bag is pooled by TorchRec/FBGEMM.
 Budget: the only reachable ratio is 1.0; any smaller ratio is infeasible (recorded, skipped).
+Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Sequence
 
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods.base import CompressionMethod, EmbeddingModule, InfeasibleBudget
-from recbench.methods.tables import FusedTables, PhysicalTable, closed_form_table_bytes
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
-
-
-def _physical(tables: Sequence[TableSpec], dim: int):
-    return [PhysicalTable(t.name, t.num_embeddings, dim, [t.name], t.pooling) for t in tables]
+from recbench.methods.base import CompressionMethod, InfeasibleBudget
+from recbench.methods.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec
 
 
-class FullEmbedding(EmbeddingModule):
-    """One fused table per field. forward: KJT (F keys, B bags each) -> KeyedTensor (B, F * D)."""
+class FullEmbedding(FusedIdMapEmbedding):
+    """One fused table per field; ids are looked up unchanged."""
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, optimizer: EmbeddingOptimizer):
         super().__init__(tables, dim)
         self.optimizer_spec = optimizer
-        self.fused = FusedTables(_physical(tables, dim), optimizer)
+        self.fused = FusedTables(physical_tables(tables, dim, {}), optimizer)
 
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.fused(features)
-
-    def fused_optimizer(self):
-        return self.fused.fused_optimizer()
-
-    def fused_parameters(self):
-        return self.fused.fused_parameters()
-
-    def memory_report(self) -> MemoryReport:
-        weights = self.fused.weight_bytes()
-        return MemoryReport(
-            inference_bytes=weights,
-            training_bytes=weights + self.fused.optimizer_state_bytes(),
-            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
-            full_bytes=full_embedding_bytes(self.tables, self.dim),
-            breakdown={"weights": weights},
-        )
-
-    def to_inference(self) -> nn.Module:
-        """A plain EmbeddingBagCollection with the same weights (no optimizer state)."""
-        return self.fused.unfused_copy().eval()
+    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        return features
 
 
 class Full(CompressionMethod):
@@ -65,14 +41,7 @@ class Full(CompressionMethod):
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
-        parts = closed_form_table_bytes(_physical(tables, dim), optimizer)
-        return MemoryReport(
-            inference_bytes=parts["weights"],
-            training_bytes=parts["weights"] + parts["optimizer_state"],
-            parameters=sum(t.num_embeddings for t in tables) * dim,
-            full_bytes=full_embedding_bytes(tables, dim),
-            breakdown={"weights": parts["weights"]},
-        )
+        return table_memory(physical_tables(tables, dim, {}), tables, dim, optimizer)
 
     def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FullEmbedding:

@@ -15,80 +15,19 @@ Shapes: KJT (F keys, B bags) -> ids rewritten in place -> KeyedTensor (B, F * D)
 """
 from __future__ import annotations
 
-import copy
 import math
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods import hashing_fns
-from recbench.methods.base import CompressionMethod, EmbeddingModule
-from recbench.methods.budget import bisect_continuous, land, split_tables, target_bytes
+from recbench.methods.base import CompressionMethod
+from recbench.methods.budget import bisect_continuous, check_auto, land, split_tables, target_bytes
 from recbench.methods.per_id import value_fields, with_values
-from recbench.methods.tables import FusedTables, PhysicalTable, closed_form_table_bytes
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
-
-
-def check_auto(method: str, key: str, value: Any) -> None:
-    if value != "auto":
-        raise ValueError(f"method {method!r}: {key}={value!r} is not supported; only 'auto' (solved from the budget)")
-
-
-def table_memory(physical: Sequence[PhysicalTable], tables: Sequence[TableSpec], dim: int,
-                 optimizer: EmbeddingOptimizer) -> MemoryReport:
-    """Closed-form memory of fused fp32 tables (weights; + optimizer state while training)."""
-    parts = closed_form_table_bytes(physical, optimizer)
-    return MemoryReport(
-        inference_bytes=parts["weights"],
-        training_bytes=parts["weights"] + parts["optimizer_state"],
-        parameters=sum(t.rows * t.dim for t in physical),
-        full_bytes=full_embedding_bytes(tables, dim),
-        breakdown={"weights": parts["weights"]},
-    )
-
-
-class FusedIdMapEmbedding(EmbeddingModule):
-    """Base of modules that rewrite the KJT's ids (``rewrite``), look up ``self.fused`` (a
-    FusedTables) and assemble the per-field outputs (``combine``, identity by default)."""
-
-    fused: nn.Module
-
-    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        raise NotImplementedError
-
-    def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
-        return looked_up
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        return self.combine(self.fused(self.rewrite(features)), features)
-
-    def fused_optimizer(self):
-        return self.fused.fused_optimizer()
-
-    def fused_parameters(self) -> List[nn.Parameter]:
-        return self.fused.fused_parameters()
-
-    def memory_report(self) -> MemoryReport:
-        weights = self.fused.weight_bytes()
-        return MemoryReport(
-            inference_bytes=weights,
-            training_bytes=weights + self.fused.optimizer_state_bytes(),
-            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
-            full_bytes=full_embedding_bytes(self.tables, self.dim),
-            breakdown={"weights": weights},
-        )
-
-    def to_inference(self) -> nn.Module:
-        """The same id rewrite over a plain EmbeddingBagCollection with the same weights."""
-        unfused = self.fused.unfused_copy()
-        return copy.deepcopy(self, memo={id(self.fused): unfused}).eval()
-
-
-def physical_tables(tables: Sequence[TableSpec], dim: int, rows: Mapping[str, int]) -> List[PhysicalTable]:
-    """One table per field: ``rows[name]`` rows when compressed, the full table otherwise."""
-    return [PhysicalTable(t.name, int(rows.get(t.name, t.num_embeddings)), dim, [t.name], t.pooling) for t in tables]
+from recbench.methods.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec
 
 
 class HashingEmbedding(FusedIdMapEmbedding):

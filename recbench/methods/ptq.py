@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recbench.methods import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
-from recbench.methods.tables import closed_form_table_bytes
+from recbench.methods.tables import closed_form_table_bytes, physical_tables
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 LEVELS = (32, 16, 8, 4, 2)
@@ -206,10 +206,8 @@ class PTQ(CompressionMethod):
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
-        from recbench.methods.full import _physical
-
         inference = self._total(tables, dim, hparams["bits"])
-        parts = closed_form_table_bytes(_physical(tables, dim), optimizer)
+        parts = closed_form_table_bytes(physical_tables(tables, dim, {}), optimizer)
         return MemoryReport(
             inference_bytes=int(inference), training_bytes=parts["weights"] + parts["optimizer_state"],
             parameters=sum(t.num_embeddings for t in tables) * dim,

@@ -27,7 +27,7 @@ from torch import nn
 from recbench.methods import hashing_fns
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
 from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
-from recbench.methods.hashing import check_auto
+from recbench.methods.budget import check_auto
 from recbench.methods.per_id import PerIdEmbedding
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 

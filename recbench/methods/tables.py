@@ -9,8 +9,9 @@ References: TorchRec ``FusedEmbeddingBagCollection``; FBGEMM ``SplitTableBatched
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,9 +19,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim import RowWiseAdagrad
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.types import FP32_BYTES, EmbeddingOptimizer
+from recbench.methods.base import EmbeddingModule
+from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 _OPTIMIZER_TYPES = {
     "sgd": torch.optim.SGD,
@@ -160,3 +162,58 @@ def closed_form_table_bytes(tables: Sequence[PhysicalTable], optimizer: Embeddin
     weights = sum(t.rows * t.dim * FP32_BYTES for t in tables)
     state = sum(t.rows * optimizer.state_bytes_per_row(t.dim) for t in tables)
     return {"weights": int(weights), "optimizer_state": int(state)}
+
+
+def table_memory(physical: Sequence[PhysicalTable], tables: Sequence[TableSpec], dim: int,
+                 optimizer: EmbeddingOptimizer) -> MemoryReport:
+    """Closed-form memory of fused fp32 tables (weights; + optimizer state while training)."""
+    parts = closed_form_table_bytes(physical, optimizer)
+    return MemoryReport(
+        inference_bytes=parts["weights"],
+        training_bytes=parts["weights"] + parts["optimizer_state"],
+        parameters=sum(t.rows * t.dim for t in physical),
+        full_bytes=full_embedding_bytes(tables, dim),
+        breakdown={"weights": parts["weights"]},
+    )
+
+
+def physical_tables(tables: Sequence[TableSpec], dim: int, rows: Mapping[str, int]) -> List[PhysicalTable]:
+    """One table per field: ``rows[name]`` rows when compressed, the full table otherwise."""
+    return [PhysicalTable(t.name, int(rows.get(t.name, t.num_embeddings)), dim, [t.name], t.pooling) for t in tables]
+
+
+class FusedIdMapEmbedding(EmbeddingModule):
+    """Base of modules that rewrite the KJT's ids (``rewrite``), look up ``self.fused`` (a
+    FusedTables) and assemble the per-field outputs (``combine``, identity by default)."""
+
+    fused: nn.Module
+
+    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        raise NotImplementedError
+
+    def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        return looked_up
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        return self.combine(self.fused(self.rewrite(features)), features)
+
+    def fused_optimizer(self):
+        return self.fused.fused_optimizer()
+
+    def fused_parameters(self) -> List[nn.Parameter]:
+        return self.fused.fused_parameters()
+
+    def memory_report(self) -> MemoryReport:
+        weights = self.fused.weight_bytes()
+        return MemoryReport(
+            inference_bytes=weights,
+            training_bytes=weights + self.fused.optimizer_state_bytes(),
+            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
+            full_bytes=full_embedding_bytes(self.tables, self.dim),
+            breakdown={"weights": weights},
+        )
+
+    def to_inference(self) -> nn.Module:
+        """The same id rewrite over a plain EmbeddingBagCollection with the same weights."""
+        unfused = self.fused.unfused_copy()
+        return copy.deepcopy(self, memo={id(self.fused): unfused}).eval()

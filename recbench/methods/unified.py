@@ -23,8 +23,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recbench.methods import hashing_fns
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
 from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.hashing import FusedIdMapEmbedding, check_auto, table_memory
-from recbench.methods.tables import FusedTables, PhysicalTable, check_fbgemm_dim
+from recbench.methods.budget import check_auto
+from recbench.methods.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, check_fbgemm_dim, table_memory
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec
 
 SHARED = "unified_shared"
