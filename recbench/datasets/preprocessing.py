@@ -711,7 +711,7 @@ class FrequencyCounter:
         unique, counts = np.unique(present, return_counts=True)
         self._pending.append((unique, counts.astype(np.int64)))
         self._pending_size += unique.size
-        if self._pending_size > max(self.keys.size, 1 << 20):
+        if self._pending_size > max(self.keys.size, 1 << 16):  # amortised: merge cost ~ pending size
             self._merge()
 
     def _merge(self) -> None:
@@ -954,9 +954,8 @@ class TextPipeline:
             positives += np.bincount(split, weights=labels, minlength=3).astype(np.int64)
             train = split == TRAIN
             if train.any():
-                frame = parsed.frame if train.all() else parsed.frame.filter(pl.Series(train))
-                for counter, keys in zip(counters, self._sparse_keys(frame, parsed.plain)):
-                    counter.add(keys)
+                for counter, keys in zip(counters, self._sparse_keys(parsed.frame, parsed.plain)):
+                    counter.add(keys if train.all() else keys[train])
         if malformed_count:
             log.warning("%s: %d malformed lines skipped; first ones:\n  %s", self.description, malformed_count,
                         "\n  ".join(examples))

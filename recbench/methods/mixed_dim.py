@@ -23,7 +23,6 @@ Shapes: KJT with F keys, B bags per key -> KeyedTensor (B, F * D); block i: (B, 
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np

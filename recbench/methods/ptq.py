@@ -32,7 +32,7 @@ from recbench.methods import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
 from recbench.methods.tables import closed_form_table_bytes, physical_tables
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 LEVELS = (32, 16, 8, 4, 2)
 SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per quantized row

@@ -3,18 +3,92 @@
 Uses ``MlflowClient`` (no global active-run state), so several trackers can live in one process
 and parallel jobs never share a run. Experiment creation tolerates a concurrent creator.
 
+Parallel jobs on one SQLite file (Hydra's joblib launcher): the first connection to a fresh file
+creates MLflow's schema, which MLflow does not serialise across processes, so it runs under an
+exclusive file lock (``<db>.lock``); every client call retries with exponential backoff when SQLite
+reports "database is locked" (a write lost to a concurrent writer is rolled back, never half-done).
+
 References: MLflow tracking API (``mlflow.tracking.MlflowClient``), DESIGN.md section 5.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
+import random
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
 from recbench.tracking.base import FINISHED, Tracker
 
 MAX_PARAM_LENGTH = 6000
 _BATCH = 100
+#: retries of a client call that met a busy SQLite database (backoff 0.05 s doubling, capped at 5 s)
+RETRIES = 12
+_TRANSIENT = ("database is locked", "database table is locked", "database schema has changed", "disk i/o error",
+              "unable to open database file")
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A concurrent-writer error of SQLite (worth retrying), judged by the message chain."""
+    seen = 0
+    while exc is not None and seen < 5:
+        if any(marker in str(exc).lower() for marker in _TRANSIENT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def with_retries(call: Callable[..., T], *args: Any, retries: int = RETRIES, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)``, retried with jittered exponential backoff on transient SQLite errors."""
+    delay = 0.05
+    for attempt in range(retries + 1):
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:  # MlflowException wraps SQLAlchemy's OperationalError
+            if attempt == retries or not is_transient(exc):
+                raise
+            log.debug("MLflow store busy (%s); retry %d in %.2fs", exc, attempt + 1, delay)
+            time.sleep(delay * (1 + random.random()))
+            delay = min(delay * 2, 5.0)
+    raise AssertionError("unreachable")
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):].split("?", 1)[0]) if uri.startswith(prefix) else None
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Exclusive inter-process lock next to a SQLite store (no-op for other stores or on Windows)."""
+    path = sqlite_path(uri)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if path is None or fcntl is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def init_store(uri: str):
+    """An ``MlflowClient`` whose store (schema included) exists; safe to call from parallel processes."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    with store_lock(uri):
+        with_retries(client.search_experiments, max_results=1)  # creates/migrates the schema once
+    return client
 
 
 def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
@@ -33,11 +107,9 @@ class MLflowTracker(Tracker):
     """Args: tracking_uri (any MLflow URI; default SQLite), artifact_root (folder or URI)."""
 
     def __init__(self, tracking_uri: str, artifact_root: str):
-        from mlflow.tracking import MlflowClient
-
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.client = init_store(tracking_uri)
         self.run_id: Optional[str] = None
 
     def _artifact_location(self, experiment: str) -> str:
@@ -52,13 +124,18 @@ class MLflowTracker(Tracker):
         from mlflow.exceptions import MlflowException
 
         for attempt in range(10):
-            found = self.client.get_experiment_by_name(name)
+            found = with_retries(self.client.get_experiment_by_name, name)
             if found is not None:
                 return found.experiment_id
             if not create:
                 return None
             try:
-                return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+                with store_lock(self.tracking_uri):  # one creator at a time on a shared SQLite file
+                    found = with_retries(self.client.get_experiment_by_name, name)
+                    if found is not None:
+                        return found.experiment_id
+                    return with_retries(self.client.create_experiment, name,
+                                        artifact_location=self._artifact_location(name))
             except MlflowException:
                 time.sleep(0.2 * (attempt + 1))  # another job created it (or the db is busy): look again
         raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {self.tracking_uri}")
@@ -68,15 +145,15 @@ class MLflowTracker(Tracker):
 
         if resume_run_id:
             self.run_id = resume_run_id
-            self.client.update_run(resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            with_retries(self.client.update_run, resume_run_id, status=RunStatus.to_string(RunStatus.RUNNING))
             return resume_run_id
         experiment_id = self.experiment_id(experiment)
         all_tags = {"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}}
-        run = self.client.create_run(experiment_id, tags=all_tags, run_name=run_name)
+        run = with_retries(self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + _BATCH])
+            with_retries(self.client.log_batch, self.run_id, params=items[i:i + _BATCH])
         return self.run_id
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
@@ -85,25 +162,25 @@ class MLflowTracker(Tracker):
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         for i in range(0, len(items), _BATCH):
-            self.client.log_batch(self.run_id, metrics=items[i:i + _BATCH])
+            with_retries(self.client.log_batch, self.run_id, metrics=items[i:i + _BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        with_retries(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: Path) -> None:
-        self.client.log_artifact(self.run_id, str(path))
+        with_retries(self.client.log_artifact, self.run_id, str(path))
 
     def end_run(self, status: str = FINISHED) -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        with_retries(self.client.set_terminated, self.run_id, status=status)
 
     def find_finished(self, experiment: str, config_hash: str) -> Optional[str]:
         experiment_id = self.experiment_id(experiment, create=False)
         if experiment_id is None:
             return None
-        runs = self.client.search_runs(
-            [experiment_id],
+        runs = with_retries(
+            self.client.search_runs, [experiment_id],
             filter_string=f"tags.config_hash = '{config_hash}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
