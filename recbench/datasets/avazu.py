@@ -31,7 +31,7 @@ References:
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import polars as pl
@@ -83,11 +83,12 @@ class AvazuFormat(LineFormat):
         bad = ~shape_ok | date.is_null() | (hh > 23).fill_null(True)
         return super().checks() + [FieldCheck("hour", bad, "YYMMDDHH: 8 digits, a valid date and an hour 00-23")]
 
-    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> List[np.ndarray]:
+    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> Iterator[np.ndarray]:
         date, hh = self._hour_parts()
         parts = frame.select(hh.cast(pl.UInt64).alias("hour_of_day"), date.dt.weekday().cast(pl.UInt64).alias("weekday"))
-        derived = [parts.get_column(name).to_numpy() for name in HOUR_FIELDS]
-        return derived + super().sparse_keys(frame, plain)
+        for name in HOUR_FIELDS:
+            yield parts.get_column(name).to_numpy()
+        yield from super().sparse_keys(frame, plain)
 
     def rules(self) -> Dict[str, Any]:
         rules = super().rules()

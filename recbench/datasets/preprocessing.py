@@ -275,9 +275,9 @@ class LineFormat:
                  .cast(pl.Float32) for c in self.dense]
         return frame.select(exprs).to_numpy().astype(np.float32, copy=False).reshape(frame.height, len(self.dense))
 
-    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> List[np.ndarray]:
-        """One (N,) uint64 key array per sparse field (``MISSING_KEY`` for missing values)."""
-        return string_keys(frame, self.categorical, plain)
+    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> Iterator[np.ndarray]:
+        """One (N,) uint64 key array per sparse field, in order (``MISSING_KEY`` = missing)."""
+        return iter_string_keys(frame, self.categorical, plain)
 
     def rules(self) -> Dict[str, Any]:
         return {
@@ -311,37 +311,39 @@ def _fnv1a64(values: pl.Series) -> np.ndarray:
     return digest
 
 
-def string_keys(frame: pl.DataFrame, columns: Sequence[str], plain: bool = False) -> List[np.ndarray]:
+def iter_string_keys(frame: pl.DataFrame, columns: Sequence[str], plain: bool = False) -> Iterator[np.ndarray]:
     """Stable uint64 keys of the categorical string ``columns`` of ``frame`` (module docstring).
 
-    Returns one (N,) uint64 array per column; ``MISSING_KEY`` marks missing (null) values.
-    ``plain=True`` promises that no value contains ``A``-``F`` or ``+`` (checked on the raw
-    bytes by ``parse_chunk``), the only characters ``str.to_integer(base=16)`` accepts outside
-    the canonical lowercase form, so the regex check can be skipped with identical keys.
+    Yields one (N,) uint64 array per column, one column at a time (bounded temporaries);
+    ``MISSING_KEY`` marks missing (null) values. ``plain=True`` promises that no value contains
+    ``A``-``F`` or ``+`` (checked on the raw bytes by ``parse_chunk``), the only characters
+    ``str.to_integer(base=16)`` accepts outside the canonical lowercase form, so the regex check
+    can be skipped with identical keys.
     """
-    exprs = []
-    for k, name in enumerate(columns):
+    for name in columns:
         col = pl.col(name)
         value = col.str.to_integer(base=16, strict=False, dtype=pl.UInt64)
-        exprs += [value.fill_null(0).alias(f"h{k}"), value.is_not_null().alias(f"p{k}"),
-                  col.str.len_bytes().fill_null(0).alias(f"n{k}")]
+        exprs = [value.fill_null(0).alias("hex"), value.is_not_null().alias("parsed"),
+                 col.str.len_bytes().fill_null(0).alias("length")]
         if not plain:
-            exprs.append(col.str.contains(_HEX_PATTERN).fill_null(False).alias(f"r{k}"))
-    parts = frame.select(exprs)
-    out = []
-    for k, name in enumerate(columns):
-        length = parts.get_column(f"n{k}").to_numpy()
-        is_hex = parts.get_column(f"p{k}").to_numpy() & (length <= 15)
+            exprs.append(col.str.contains(_HEX_PATTERN).fill_null(False).alias("canonical"))
+        parts = frame.select(exprs)
+        length = parts.get_column("length").to_numpy()
+        is_hex = parts.get_column("parsed").to_numpy() & (length <= 15)
         if not plain:
-            is_hex &= parts.get_column(f"r{k}").to_numpy()
-        keys = parts.get_column(f"h{k}").to_numpy() + _HEX_LENGTH_OFFSET[np.minimum(length, 16)]
+            is_hex &= parts.get_column("canonical").to_numpy()
+        keys = parts.get_column("hex").to_numpy() + _HEX_LENGTH_OFFSET[np.minimum(length, 16)]
         missing = length == 0  # read_csv turns empty fields into nulls
         other = np.flatnonzero(~is_hex & ~missing)
         if other.size:
             keys[other] = _fnv1a64(frame.get_column(name).gather(other)) | _TOP_BIT
         keys[missing] = MISSING_KEY
-        out.append(keys)
-    return out
+        yield keys
+
+
+def string_keys(frame: pl.DataFrame, columns: Sequence[str], plain: bool = False) -> List[np.ndarray]:
+    """``iter_string_keys`` as a list."""
+    return list(iter_string_keys(frame, columns, plain))
 
 
 def cap_keys(keys: np.ndarray, hash_cap: Optional[int]) -> np.ndarray:
@@ -932,8 +934,8 @@ class TextPipeline:
             parsed = parse_chunk(chunk, self.config.fmt)
             yield chunk, parsed, self.assigner(chunk.first_index + parsed.rows)
 
-    def _sparse_keys(self, frame: pl.DataFrame, plain: bool) -> List[np.ndarray]:
-        return [cap_keys(k, self.config.hash_cap) for k in self.config.fmt.sparse_keys(frame, plain)]
+    def _sparse_keys(self, frame: pl.DataFrame, plain: bool) -> Iterator[np.ndarray]:
+        return (cap_keys(k, self.config.hash_cap) for k in self.config.fmt.sparse_keys(frame, plain))
 
     # -- pass 1: validation, split sizes, train vocabularies -----------------------------------
 
