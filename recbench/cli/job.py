@@ -31,10 +31,14 @@ from recbench.types import Budget, EmbeddingOptimizer, settings_hash
 log = logging.getLogger("recbench")
 
 #: resolved-config keys that do not change a run's numbers (excluded from its config hash)
-NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "trainer.progress", "trainer.num_threads",
+NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "trainer.num_threads",
                     "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps", "hydra")
 #: degenerate-run rule (DESIGN.md section 4)
 DEGENERATE_AUC_MARGIN = 0.01
+
+
+class ConfigError(ValueError):
+    """An impossible configuration value (reported before any run is recorded)."""
 
 
 @dataclass
@@ -55,11 +59,16 @@ def _drop(mapping: Dict[str, Any], dotted: str) -> None:
             del mapping[head]
 
 
-def config_hash(resolved: Dict[str, Any]) -> str:
+def config_hash(resolved: Dict[str, Any], ignore: tuple = ()) -> str:
     trimmed = json.loads(json.dumps(resolved, default=str))
-    for key in NON_NUMERIC_KEYS:
+    for key in NON_NUMERIC_KEYS + tuple(ignore):
         _drop(trimmed, key)
     return settings_hash(trimmed, length=16)
+
+
+def group_hash(resolved: Dict[str, Any]) -> str:
+    """The config hash without the seed: runs sharing it are seeds of one leaderboard row."""
+    return config_hash(resolved, ignore=("seed",))
 
 
 def git_commit() -> str:
@@ -100,11 +109,13 @@ def protocol_tag(dataset_protocol_id: str, resolved: Dict[str, Any]) -> str:
     return f"{dataset_protocol_id}/{settings_hash(trimmed, 8)}"
 
 
-def run_job(cfg: DictConfig, tracker=None) -> JobResult:
+def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] = None) -> JobResult:
     """Run one job end to end; never raises for a bad method/budget/training failure once the
     tracker run exists (the run is recorded as FAILED with its reason and the error re-raised
-    only for configuration errors before tracking starts)."""
+    only for configuration errors before tracking starts). ``extra_tags`` (e.g. the Hydra
+    overrides and the command that reproduces the job) are added to the run's tags."""
     configure_threads(cfg)
+    settings_of(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(resolved)
     protocol = instantiate_without(cfg.dataset)
@@ -134,7 +145,8 @@ def run_job(cfg: DictConfig, tracker=None) -> JobResult:
     tags = {
         "method": method_name, "model": model_name, "dataset": spec.name, "protocol": protocol_tag(spec.protocol_id, resolved),
         "dataset_protocol_id": spec.protocol_id, "compression_ratio": f"{ratio:g}", "seed": str(cfg.seed),
-        "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "config_hash": chash, "status": "running",
+        "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "config_hash": chash,
+        "group_hash": group_hash(resolved), "status": "running", **(extra_tags or {}),
     }
     run_name = f"{method_name}@{ratio:g}/{model_name}/{spec.name}/s{cfg.seed}"
     run_id = tracker.start_run(experiment, run_name, tags, flatten(resolved), resume_run_id=resume_id)
@@ -171,15 +183,35 @@ def _log_text_artifact(tracker, name: str, text: str) -> None:
         tracker.log_artifact(path)
 
 
+def settings_of(cfg: DictConfig):
+    """Validated (Budget, EmbeddingOptimizer, DenseOptimizer, TrainerConfig) of a job's config.
+
+    Called before anything is prepared or tracked, so an impossible value (a ratio outside (0, 1],
+    an unknown optimizer kind, a zero batch size) is a clear error and no half-recorded run."""
+    try:
+        budget = Budget(**OmegaConf.to_container(cfg.budget, resolve=True))
+        embedding_optimizer = EmbeddingOptimizer(**OmegaConf.to_container(cfg.optimizer.embedding, resolve=True))
+        dense_optimizer = DenseOptimizer(**OmegaConf.to_container(cfg.optimizer.dense, resolve=True))
+        trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+        for key in ("resume", "num_threads"):
+            trainer_kwargs.pop(key, None)
+        trainer_config = TrainerConfig(seed=int(cfg.seed), **trainer_kwargs)
+    except TypeError as exc:  # an unknown key in a config group
+        raise ConfigError(f"unknown setting: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if int(cfg.model.embedding_dim) % 4:
+        raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim}: FBGEMM tables need a multiple of 4")
+    return budget, embedding_optimizer, dense_optimizer, trainer_config
+
+
 def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
     spec = prepared.spec
     method = instantiate(cfg.method)
     reason = method.compatible_with(cfg.model.get("name", ""))
     if reason:
         raise ValueError(f"method {method.name!r} cannot be used with model {cfg.model.get('name')!r}: {reason}")
-    budget = Budget(**OmegaConf.to_container(cfg.budget, resolve=True))
-    embedding_optimizer = EmbeddingOptimizer(**OmegaConf.to_container(cfg.optimizer.embedding, resolve=True))
-    dense_optimizer = DenseOptimizer(**OmegaConf.to_container(cfg.optimizer.dense, resolve=True))
+    budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
     dim = int(cfg.model.embedding_dim)
     tables = list(spec.tables)
     hparams = method.solve(tables, dim, budget)
@@ -192,10 +224,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     seed_everything(int(cfg.seed))
     embedding = method.build(tables, dim, budget, embedding_optimizer)
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables))
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in ("resume", "num_threads"):
-        trainer_kwargs.pop(key, None)
-    trainer = Trainer(TrainerConfig(seed=int(cfg.seed), **trainer_kwargs), model, method, prepared,
+    trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
                       checkpoint_path=checkpoint_path)
     result = trainer.fit()

@@ -5,7 +5,10 @@ References: Hydra (``hydra.main``), DESIGN.md section 7.
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -22,16 +25,44 @@ def main(cfg: DictConfig) -> float:
 
     from recbench.cli.job import format_result, run_job
 
-    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    tags = {"overrides": " ".join(overrides), "command": shlex.join(["recbench", *overrides])}
+    outcome = Path(hydra_cfg.runtime.output_dir) / "outcome.json"
     try:
-        result = run_job(cfg)
+        result = run_job(cfg, extra_tags=tags)
     except Exception as exc:
         logging.getLogger("recbench").error("job failed: %s: %s", type(exc).__name__, exc)
+        _write_outcome(outcome, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000],
+                                 "overrides": overrides})
         if multirun:  # recorded as FAILED; the sweep goes on
             return float("nan")
+        if _is_user_error(exc) and not os.environ.get("RECBENCH_DEBUG"):
+            print(f"recbench: error: {exc}\n(set RECBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
+            sys.exit(2)
         raise
+    _write_outcome(outcome, {"status": result.status, "reason": result.reason, "run_id": result.run_id,
+                             "overrides": overrides})
     print(format_result(cfg, result), flush=True)
     return float(result.metrics.get("val/auc", float("nan")))
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Bad data or impossible settings: a one-line message, not a traceback."""
+    from recbench.cli.job import ConfigError
+    from recbench.datasets.base import DatasetError
+
+    return isinstance(exc, (ConfigError, DatasetError, FileNotFoundError))
+
+
+def _write_outcome(path: Path, outcome: dict) -> None:
+    """The job's outcome next to its Hydra log, read by ``recbench-sweep`` to count a sweep."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(outcome, default=str))
+    except OSError as exc:  # bookkeeping only: never fail a job over it
+        logging.getLogger("recbench").warning("could not write %s: %s", path, exc)
 
 
 if __name__ == "__main__":
