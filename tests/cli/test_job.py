@@ -101,3 +101,18 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     assert json.loads(Path(local).read_text())["test/auc"] == pytest.approx(run.data.metrics["test/auc"])
     second = run_job(cfg)
     assert second.status == "skipped" and second.run_id == first.run_id
+
+
+@pytest.mark.parametrize("override, message", [
+    ("budget.compression_ratio=1.5", "must be in \\(0, 1\\]"),
+    ("budget.compression_ratio=-0.1", "must be in \\(0, 1\\]"),
+    ("optimizer.embedding.kind=adam", "allowed: sgd, adagrad, rowwise_adagrad"),
+    ("trainer.batch_size=0", "batch_size must be >= 1"),
+])
+def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override, message):
+    from recbench.cli.job import ConfigError
+
+    tracker = InMemoryTracker()
+    with pytest.raises(ConfigError, match=message):
+        run_job(toy_cfg(tmp_path, override), tracker)
+    assert tracker.runs == []
