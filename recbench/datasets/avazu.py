@@ -31,12 +31,13 @@ References:
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import polars as pl
 
-from recbench.datasets.base import DatasetProtocol
+from recbench.datasets.base import DatasetError, DatasetProtocol
 from recbench.datasets.preprocessing import (
     FieldCheck,
     LineFormat,
@@ -60,6 +61,15 @@ HOW_TO_OBTAIN = (
     "https://www.kaggle.com/c/avazu-ctr-prediction/data (40,428,967 lines with a header), place it (or the "
     "extracted train.csv) in <data_root>/avazu/raw/ or point dataset.source at it; see datasets/avazu/README.md."
 )
+
+
+def fetch(data_root: Path) -> Path:
+    """``recbench-data fetch``: nothing is downloaded; returns ``<data_root>/avazu/raw`` when it holds
+    ``train.gz`` or ``train.csv``, else raises ``DatasetError`` saying how to obtain it."""
+    raw = Path(data_root) / "avazu" / "raw"
+    if (raw / "train.gz").is_file() or (raw / "train.csv").is_file():
+        return raw
+    raise DatasetError(f"no Avazu file in {raw}. {HOW_TO_OBTAIN}")
 
 
 class AvazuFormat(LineFormat):

@@ -77,6 +77,15 @@ HOW_TO_OBTAIN = {
 }
 
 
+def fetch(data_root: Path) -> Path:
+    """``recbench-data fetch``: nothing is downloaded; returns ``<data_root>/criteo/raw`` when it holds
+    ``train.txt`` or ``day_*`` files, else raises ``DatasetError`` saying how to obtain them."""
+    raw = Path(data_root) / STORAGE_DIR / "raw"
+    if (raw / "train.txt").is_file() or any(raw.glob("day_*")):
+        return raw
+    raise DatasetError(f"no Criteo files in {raw}. {HOW_TO_OBTAIN['kaggle']} {HOW_TO_OBTAIN['terabyte']}")
+
+
 def criteo_config(format: str = "kaggle", split: str = "dlrm_chunks", split_seed: int = 0, min_count: int = 1,
                   hash_cap: Optional[int] = None, malformed: str = "skip",
                   chunk_rows: int = 500_000) -> PipelineConfig:

@@ -536,8 +536,8 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
         j = min(i + step, n)
         begin, end = int(starts[i]), int(ends[j - 1]) + 1
         block = data[begin:end]
-        found = np.flatnonzero(block == sep)
-        separators[i:j] = np.diff(np.searchsorted(found, np.append(starts[i:j] - begin, end - begin)))
+        positions = np.flatnonzero(block == sep)
+        separators[i:j] = np.diff(np.searchsorted(positions, np.append(starts[i:j] - begin, end - begin)))
         non_ascii = non_ascii or bool(block.max() >= 0x80)
         plain = plain and not (((block - np.uint8(65)) < 6).any() or (block == 43).any())
     problem = np.zeros(n, dtype=np.int8)  # 0 ok, 1 UTF-8, 2 empty, 3 field count
@@ -575,6 +575,11 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
             text = chunk.data
         frame = pl.read_csv(text, has_header=False, separator=fmt.separator, new_columns=list(fmt.columns),
                             schema={c: pl.String for c in fmt.columns}, quote_char=None)
+        if frame.height != good.size:  # a line polars split differently from the byte scan: never guess
+            raise DatasetError(
+                f"{chunk.source.path}:{chunk.first_line}-{chunk.first_line + n - 1}: the CSV reader found "
+                f"{frame.height} rows in {good.size} well-formed lines; allowed: one record per line, no "
+                "embedded line breaks")
     count = int(structural.size)
     checks = fmt.checks()
     if frame.height and checks:

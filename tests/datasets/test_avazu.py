@@ -161,3 +161,14 @@ def test_batch_iterator_with_no_dense_features(prepared):
     rows = np.sort(np.random.default_rng([1, 0]).permutation(len(split))[:32])
     np.testing.assert_array_equal(kjt["weekday"].values().numpy(), split.sparse[rows, 1])
     np.testing.assert_array_equal(batch.labels.numpy(), split.labels[rows])
+
+
+def test_fetch_explains_how_to_obtain_the_file(tmp_path, source):
+    from recbench.datasets.avazu import fetch
+
+    with pytest.raises(DatasetError, match="kaggle.com/c/avazu-ctr-prediction"):
+        fetch(tmp_path)
+    raw = tmp_path / "avazu" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train.csv").write_bytes(source.read_bytes())
+    assert fetch(tmp_path) == raw

@@ -413,3 +413,14 @@ def test_batch_iterator_yields_keyed_jagged_batches(prepared):
     np.testing.assert_array_equal(batch.labels.numpy(), split.labels[rows])
     np.testing.assert_array_equal(batch.targets["index"].numpy(), split.targets["index"][rows])
     assert batch.dense_features.shape == (64, len(DENSE_FIELDS))
+
+
+def test_fetch_explains_how_to_obtain_the_files(tmp_path):
+    from recbench.datasets.criteo import fetch
+
+    with pytest.raises(DatasetError, match="does not download"):
+        fetch(tmp_path)
+    raw = tmp_path / "criteo" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "train.txt").write_text(line() + "\n")
+    assert fetch(tmp_path) == raw
