@@ -62,19 +62,15 @@ FORMATS = ("kaggle", "terabyte")
 DEFAULT_NAMES = {"kaggle": "criteo_kaggle", "terabyte": "criteo_terabyte"}
 STORAGE_DIR = "criteo"  # <data_root>/criteo/{raw,processed}: one folder (and card) for both sources
 
-HOW_TO_OBTAIN = {
-    "kaggle": (
-        "recbench does not download Criteo data (Criteo's licence terms apply). Get the Kaggle Display "
-        "Advertising Challenge archive (dac.tar.gz) from Criteo AI Lab (https://ailab.criteo.com/ressources/), "
-        "extract train.txt (45,840,617 lines) into <data_root>/criteo/raw/ or point dataset.source at it; "
-        "see datasets/criteo/README.md."
-    ),
-    "terabyte": (
-        "recbench does not download Criteo data (Criteo's licence terms apply). Get the Criteo 1TB Click Logs "
-        "(day_0 .. day_23, plain or .gz) from Criteo AI Lab (https://ailab.criteo.com/ressources/) into "
-        "<data_root>/criteo/raw/ or point dataset.source at them; see datasets/criteo/README.md."
-    ),
+_NO_DOWNLOAD = "recbench does not download Criteo data (Criteo's licence terms apply)."
+_GET = {
+    "kaggle": ("Get the Kaggle Display Advertising Challenge archive (dac.tar.gz) from Criteo AI Lab "
+               "(https://ailab.criteo.com/ressources/) and extract train.txt (45,840,617 lines)"),
+    "terabyte": "Get the Criteo 1TB Click Logs (day_0 .. day_23, plain or .gz) from Criteo AI Lab "
+                "(https://ailab.criteo.com/ressources/)",
 }
+_PLACE = "into <data_root>/criteo/raw/ or point dataset.source at the file(s); see datasets/criteo/README.md."
+HOW_TO_OBTAIN = {fmt: f"{_NO_DOWNLOAD} {get} {_PLACE}" for fmt, get in _GET.items()}
 
 
 def fetch(data_root: Path) -> Path:
@@ -83,7 +79,8 @@ def fetch(data_root: Path) -> Path:
     raw = Path(data_root) / STORAGE_DIR / "raw"
     if (raw / "train.txt").is_file() or any(raw.glob("day_*")):
         return raw
-    raise DatasetError(f"no Criteo files in {raw}. {HOW_TO_OBTAIN['kaggle']} {HOW_TO_OBTAIN['terabyte']}")
+    raise DatasetError(f"no Criteo files in {raw}. {_NO_DOWNLOAD} Criteo Kaggle: {_GET['kaggle']}. Criteo Terabyte: "
+                       f"{_GET['terabyte']}. Put them {_PLACE}")
 
 
 def criteo_config(format: str = "kaggle", split: str = "dlrm_chunks", split_seed: int = 0, min_count: int = 1,
