@@ -527,7 +527,7 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
     starts[1:] = ends[:-1] + 1
     content_end = ends - ((ends > starts) & (data[ends - 1] == _CR))
     # per block of lines (small temporaries): separators per line, non-ASCII bytes, and whether
-    # any byte is A-F or '+' (see ``string_keys``)
+    # any byte is A-F or '+' (see ``iter_string_keys``)
     separators = np.empty(n, dtype=np.int64)
     sep = ord(fmt.separator)
     non_ascii, plain = False, True
@@ -801,6 +801,10 @@ class NpyStreamWriter:
         self._handle.write(block.tobytes())
         self.rows += block.shape[0]
 
+    def abort(self) -> None:
+        """Close without the row check (the caller discards the file)."""
+        self._handle.close()
+
     def close(self) -> None:
         self._handle.close()
         if self.rows != self.shape[0]:
@@ -983,27 +987,31 @@ class TextPipeline:
                 "labels": NpyStreamWriter(writer.path(f"{split}/labels.npy"), np.float32, (n,)),
             }
             for extra in self.row_extras:
-                streams[extra.name] = NpyStreamWriter(writer.path(f"{split}/targets/{extra.name}.npy"), np.float32, (n,))
+                streams[f"targets/{extra.name}"] = NpyStreamWriter(
+                    writer.path(f"{split}/targets/{extra.name}.npy"), np.float32, (n,))
             outputs.append(streams)
-        for chunk, parsed, split in self._parsed(f"{self.description} 2/2 (arrays)"):
-            if parsed.frame.height == 0:
-                continue
-            labels = fmt.labels(parsed.frame)
-            dense = fmt.dense_values(parsed.frame)
-            sparse = np.empty((parsed.frame.height, num_sparse), dtype=np.int32)
-            for f, (vocab, keys) in enumerate(zip(scan.vocabularies, self._sparse_keys(parsed.frame, parsed.plain))):
-                sparse[:, f] = vocab.lookup(keys)
-            extras = {e.name: e.read(chunk.first_index, chunk.first_index + len(chunk))[parsed.rows]
-                      for e in self.row_extras}
-            for code, streams in enumerate(outputs):
-                rows = np.flatnonzero(split == code)
-                if rows.size == 0:
+        try:
+            for chunk, parsed, split in self._parsed(f"{self.description} 2/2 (arrays)"):
+                if parsed.frame.height == 0:
                     continue
-                streams["dense"].append(dense[rows])
-                streams["sparse"].append(sparse[rows])
-                streams["labels"].append(labels[rows])
-                for name, values in extras.items():
-                    streams[name].append(values[rows])
+                columns = {"labels": fmt.labels(parsed.frame), "dense": fmt.dense_values(parsed.frame),
+                           "sparse": np.empty((parsed.frame.height, num_sparse), dtype=np.int32)}
+                keys = self._sparse_keys(parsed.frame, parsed.plain)
+                for f, (vocab, field_keys) in enumerate(zip(scan.vocabularies, keys)):
+                    columns["sparse"][:, f] = vocab.lookup(field_keys)
+                for extra in self.row_extras:
+                    values = extra.read(chunk.first_index, chunk.first_index + len(chunk))
+                    columns[f"targets/{extra.name}"] = values[parsed.rows]
+                for code, streams in enumerate(outputs):
+                    rows = np.flatnonzero(split == code)
+                    if rows.size:
+                        for key, stream in streams.items():
+                            stream.append(columns[key][rows])
+        except BaseException:
+            for streams in outputs:
+                for stream in streams.values():
+                    stream.abort()
+            raise
         for streams in outputs:
             for stream in streams.values():
                 stream.close()
