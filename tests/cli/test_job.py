@@ -44,7 +44,7 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
         assert key in run.metrics, key
     assert run.latest("emb/compression_ratio") == 1.0
     assert run.latest("emb/closed_form_matches") == 1.0
-    assert run.tags["method"] == "full" and run.tags["seed"] == "3" and run.tags["model"] == "dlrm"
+    assert run.tags["method"] == "full" and run.tags["seed"] == "3" and run.tags["model"] == "dcn"
     assert run.tags["dataset_protocol_id"].startswith("toy-") and run.tags["status"] == "finished"
     assert run.params["trainer.batch_size"] == 64  # flattened resolved config
     assert {Path(a).name for a in run.artifacts} >= {"metrics.json", "config.yaml"}
