@@ -19,13 +19,31 @@ def kjt(ids_per_field):
 
 def test_rows_proportional_to_field_size_and_small_fields_kept():
     budget = Budget(compression_ratio=0.1, min_rows_to_compress=50)
-    hp = Hashing().solve(TABLES, 8, budget)
+    hp = Hashing(allocation="proportional").solve(TABLES, 8, budget)
     assert set(hp["rows"]) == {"a", "b"}  # "small" stays full
     r = hp["row_fraction"]
     assert hp["rows"]["a"] == int(np.ceil(r * 1000)) and hp["rows"]["b"] == int(np.ceil(r * 400))
     memory = Hashing().memory(TABLES, 8, hp)
     assert memory.inference_bytes == (hp["rows"]["a"] + hp["rows"]["b"] + 10) * 8 * 4
     assert 0.9 * 0.1 <= memory.compression_ratio <= 0.1
+
+
+def test_cap_allocation_hashes_only_fields_larger_than_the_cap():
+    tables = TABLES + [TableSpec("c", 3000)]
+    budget = Budget(compression_ratio=0.2)
+    hp = Hashing().solve(tables, 8, budget)
+    cap = hp["row_cap"]
+    assert hp["rows"] == {t.name: min(t.num_embeddings, cap) for t in tables}
+    assert hp["rows"]["small"] == 10  # a field below the cap keeps one row per id
+    memory = Hashing().memory(tables, 8, hp)
+    assert 0.9 * 0.2 <= memory.compression_ratio <= 0.2
+    over = Hashing().memory(tables, 8, {"rows": {t.name: min(t.num_embeddings, cap + 1) for t in tables}})
+    assert over.compression_ratio > 0.2  # the cap is the largest that fits
+
+
+def test_unknown_allocation_is_rejected():
+    with pytest.raises(ValueError, match="allowed: cap, proportional"):
+        Hashing(allocation="greedy")
 
 
 def test_infeasible_when_one_row_per_field_exceeds_budget():
