@@ -13,7 +13,7 @@ from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
 TOY = {
-    "_target_": "conftest.ToyProtocol",
+    "_target_": "toy_protocol.ToyProtocol",
     "rows": 2000,
     "protocol": {"batch_size": 64, "embedding_dim": 8, "bottom_mlp": [16, 8], "top_mlp": [16, 1],
                  "dense_learning_rate": 0.001, "embedding_learning_rate": 0.1, "max_epochs": 2,
