@@ -1,54 +1,63 @@
 """``recbench-report``: leaderboards from the MLflow store (or exported JSON records).
 
-    recbench-report [--dataset movielens100k] [--tracking-uri sqlite:///mlflow.db] [--out reports]
+    recbench-report [--dataset movielens100k] [--sweep-id ID] [--tracking-uri sqlite:///mlflow.db]
+                    [--records runs.json] [--export runs.json] [--out reports] [--ui-url http://127.0.0.1:5000]
 
-Writes ``reports/<dataset>/leaderboard.md`` and ``leaderboard.csv`` and prints the table.
+Writes, per dataset, ``reports/<dataset>/``: ``leaderboard.md``, ``leaderboard.csv``, a self-contained
+``index.html`` (tables + figures embedded) and ``pareto.png``/``budgets.png``; prints the tables.
 
 References: DESIGN.md section 5; ``recbench.reporting``.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import shlex
 import sys
+import time
 from pathlib import Path
 
-from recbench.reporting.leaderboard import aggregate, csv_rows, markdown
-from recbench.reporting.runs import load_mlflow_runs, load_records
+from recbench.reporting.report import build_reports
+from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
 from recbench.tracking.mlflow_tracker import resolve_tracking_uri
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="recbench-report", description="leaderboards from MLflow runs")
     parser.add_argument("--dataset", default=None, help="dataset name (default: every dataset in the store)")
+    parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
+    parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
     parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--ui-url", default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}",
+                        help="MLflow UI the run links point to (make dashboard)")
+    parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
     if args.records:
-        records = load_records(args.records)
+        records, source = load_records(args.records), str(args.records)
         if args.dataset:
             records = [r for r in records if r.get("dataset") == args.dataset]
     else:
-        records = load_mlflow_runs(resolve_tracking_uri(args.tracking_uri, Path.cwd()), args.dataset)
+        source = resolve_tracking_uri(args.tracking_uri, Path.cwd())
+        records = load_mlflow_runs(source, args.dataset)
+    if args.sweep_id:
+        records = [r for r in records if r.get("sweep_id") == args.sweep_id]
     if not records:
-        print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''} "
-              f"in {args.records or args.tracking_uri}", file=sys.stderr)
+        print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''}"
+              f"{' in sweep ' + args.sweep_id if args.sweep_id else ''} in {args.records or args.tracking_uri}",
+              file=sys.stderr)
         return 1
-    for dataset in sorted({r.get("dataset", "") for r in records}):
-        rows = aggregate([r for r in records if r.get("dataset") == dataset])
-        folder = args.out / dataset
-        folder.mkdir(parents=True, exist_ok=True)
-        text = markdown(rows)
-        (folder / "leaderboard.md").write_text(f"# Leaderboard: {dataset}\n\n{text}\n")
-        table = csv_rows(rows)
-        with open(folder / "leaderboard.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-        print(f"\n== {dataset} ==\n{text}")
-        print(f"written: {folder / 'leaderboard.md'}, {folder / 'leaderboard.csv'}")
+    if args.export:
+        save_records(records, args.export)
+    generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "
+                 f"from {source} ({len(records)} runs).")
+    for report in build_reports(records, args.out, args.ui_url, generated, figures=not args.no_figures):
+        print(f"\n== {report.dataset} ==\n{report.markdown}")
+        print(f"\nwritten: {', '.join(str(p) for p in report.files)}")
+        print(f"HTML report: {report.index.resolve()}")
+    print("MLflow dashboard: make dashboard  (http://127.0.0.1:5000)")
     return 0
 
 

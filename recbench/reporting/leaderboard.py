@@ -1,109 +1,349 @@
-"""Leaderboard tables: mean +- std over seeds per (protocol, method, requested ratio).
+"""Leaderboard scoring: mean +- std over seeds per (protocol, method, budget), ranks with ties,
+delta AUC vs ``full``, the Pareto front of AUC vs inference bytes and a budget -> method
+recommendation.
 
-Pure functions over run records (``reporting.runs``), so they are tested on fixtures.
+Pure functions over run records (``reporting.runs``: MLflow or exported JSON), so they are tested
+on fixtures; loading, plotting and rendering live elsewhere (scoring separate from loading).
 
-References: DESIGN.md section 4 (seeds, mean +- std) and section 5.
+Rules (stated in every report):
+- A row is one (protocol, method, requested compression ratio, config group) where the config
+  group is the run's config hash without the seed (``group_hash`` tag): seeds of the same
+  configuration are averaged, different configurations never are. Only runs that FINISHED with
+  ``status=finished`` count; of several finished runs of one seed the latest counts once.
+- mean +- std over seeds (sample std, ddof=1; no std for a single seed).
+- Ties: within one budget, method j is ranked below method i only if
+  ``mean_i - mean_j > 2 * max(std_i, std_j)`` (test AUC); rank = 1 + the number of methods
+  above it, so methods within 2 std of each other share a rank. Rank 1 = tied with the best.
+- Delta AUC is against the ``full`` reference (ratio 1.0) of the same protocol.
+- Pareto front (AUC up, inference bytes down): rows that no other row beats on both, i.e. no
+  row has bytes <= and AUC >= with one of them strict.
+
+References: DESIGN.md sections 4 (seeds, mean +- std) and 5 (tags, metric keys).
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-COLUMNS = ("test/auc", "test/logloss", "emb/compression_ratio", "emb/bytes_inference", "train/samples_per_s",
-           "infer/latency_ms", "bayes/test_auc")
+AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", "emb/compression_ratio"
+SPEED, LATENCY, BAYES = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc"
+COLUMNS = (AUC, LOGLOSS, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
+REFERENCE_METHOD = "full"
+TIE_STDS = 2.0
+RULES = (f"mean ± std over seeds (sample std); methods within {TIE_STDS:g} std (the larger of the two) of each "
+         f"other in test AUC share a rank (`=`); Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
+         "no other row has fewer or equal inference bytes and higher or equal AUC.")
 
 
 @dataclass
 class Row:
     protocol: str
     method: str
-    ratio: float
+    ratio: float  # requested compression ratio
     status: str  # finished | infeasible | failed
     seeds: int
     mean: Dict[str, float] = field(default_factory=dict)
     std: Dict[str, float] = field(default_factory=dict)
     run_ids: List[str] = field(default_factory=list)
     reason: str = ""
+    dataset: str = ""
+    group: str = ""
+    label: str = ""  # method, or method [group] when one method has several configurations at a budget
+    seed_list: List[str] = field(default_factory=list)
+    experiment_ids: List[str] = field(default_factory=list)
+    overrides: str = ""
+    git_commits: List[str] = field(default_factory=list)
+    rank: int = 0
+    tied: bool = False  # shares its rank with another row of its budget
+    pareto: bool = False
+    delta_auc: float = float("nan")
 
     @property
     def auc(self) -> float:
-        return self.mean.get("test/auc", float("nan"))
+        return self.mean.get(AUC, float("nan"))
+
+    @property
+    def auc_std(self) -> float:
+        value = self.std.get(AUC, float("nan"))
+        return 0.0 if math.isnan(value) else value
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
 
 
-def _ratio(record: Dict[str, Any]) -> float:
+def _float(value: Any) -> float:
     try:
-        return float(record.get("compression_ratio", "nan"))
-    except ValueError:
+        return float(value)
+    except (TypeError, ValueError):
         return float("nan")
 
 
+def _key(value: float) -> float:
+    return -1.0 if math.isnan(value) else value
+
+
+def dedupe_seeds(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One run per seed: the latest finished one (a re-run must not count twice)."""
+    latest: Dict[str, Dict[str, Any]] = {}
+    for run in runs:
+        seed = str(run.get("seed", ""))
+        if seed not in latest or (run.get("end_time") or 0) > (latest[seed].get("end_time") or 0):
+            latest[seed] = run
+    return [latest[s] for s in sorted(latest, key=lambda s: (len(s), s))]
+
+
+def _is_finished(record: Dict[str, Any]) -> bool:
+    return record.get("status") == "finished" and record.get("run_status", "FINISHED") == "FINISHED"
+
+
 def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
-    """Group finished runs by (protocol, method, ratio); infeasible/failed groups keep their reason."""
-    groups: Dict[Tuple[str, str, float], List[Dict[str, Any]]] = defaultdict(list)
+    """Rows of every (protocol, method, ratio, config group), scored: ranks, ties, delta vs full, Pareto."""
+    groups: Dict[Tuple[str, str, float, str], List[Dict[str, Any]]] = defaultdict(list)
     for record in records:
-        groups[(record.get("protocol", ""), record.get("method", ""), _ratio(record))].append(record)
+        key = (record.get("protocol", ""), record.get("method", ""), _float(record.get("compression_ratio")),
+               record.get("group_hash", "") or "")
+        groups[key].append(record)
     rows = []
-    for (protocol, method, ratio), runs in groups.items():
-        finished = [r for r in runs if r.get("status") == "finished" and r.get("run_status") == "FINISHED"]
+    for (protocol, method, ratio, group), runs in groups.items():
+        finished = dedupe_seeds([r for r in runs if _is_finished(r)])
+        common = dict(dataset=runs[0].get("dataset", ""), group=group, label=method)
         if finished:
-            row = Row(protocol, method, ratio, "finished", len({r.get("seed") for r in finished}))
+            row = Row(protocol, method, ratio, "finished", len(finished), **common)
             for key in COLUMNS:
-                values = [r["metrics"][key] for r in finished if key in r["metrics"]]
+                values = [float(r["metrics"][key]) for r in finished if key in r.get("metrics", {})]
                 if values:
                     row.mean[key] = float(np.mean(values))
-                    row.std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+                    row.std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
             row.run_ids = [r["run_id"] for r in finished]
+            row.seed_list = [str(r.get("seed", "")) for r in finished]
+            row.experiment_ids = [str(r.get("experiment_id", "")) for r in finished]
+            row.overrides = next((r.get("overrides", "") for r in finished if r.get("overrides")), "")
+            row.git_commits = sorted({r.get("git_commit", "") for r in finished if r.get("git_commit")})
         else:
             statuses = {r.get("status") or r.get("run_status", "").lower() for r in runs}
             status = "infeasible" if "infeasible" in statuses else "failed"
             reason = next((r.get("status_reason", "") for r in runs if r.get("status_reason")), "")
-            row = Row(protocol, method, ratio, status, 0, reason=reason, run_ids=[r["run_id"] for r in runs])
+            if status == "failed" and not reason:
+                reason = f"no finished run (MLflow status: {', '.join(sorted({r.get('run_status', '?') for r in runs}))})"
+            runs = dedupe_seeds(runs)
+            row = Row(protocol, method, ratio, status, 0, reason=reason, run_ids=[r["run_id"] for r in runs],
+                      experiment_ids=[str(r.get("experiment_id", "")) for r in runs],
+                      seed_list=[str(r.get("seed", "")) for r in runs],
+                      overrides=next((r.get("overrides", "") for r in runs if r.get("overrides")), ""), **common)
         rows.append(row)
-    rows.sort(key=lambda r: (r.protocol, -r.ratio if not math.isnan(r.ratio) else 0, -(r.auc if not math.isnan(r.auc) else -1)))
+    _label_variants(rows)
+    score(rows)
+    rows.sort(key=lambda r: (r.protocol, -_key(r.ratio), not r.finished, r.rank or 10**6, -_key(r.auc), r.label))
     return rows
 
 
-def fmt(mean: Optional[float], std: Optional[float], digits: int = 4) -> str:
+def _label_variants(rows: List[Row]) -> None:
+    by_key: Dict[Tuple[str, str, float], List[Row]] = defaultdict(list)
+    for row in rows:
+        by_key[(row.protocol, row.method, row.ratio)].append(row)
+    for variants in by_key.values():
+        if len(variants) > 1:
+            for row in variants:
+                row.label = f"{row.method} [{row.group[:6] or '?'}]"
+
+
+def rank_with_ties(rows: Sequence[Row], stds: float = TIE_STDS) -> None:
+    """Set ``rank`` and ``tied`` on finished rows of one budget (see the module rules)."""
+    finished = [r for r in rows if r.finished and not math.isnan(r.auc)]
+    for row in finished:
+        row.rank = 1 + sum(1 for other in finished if other is not row
+                           and other.auc - row.auc > stds * max(other.auc_std, row.auc_std))
+    counts: Dict[int, int] = defaultdict(int)
+    for row in finished:
+        counts[row.rank] += 1
+    for row in finished:
+        row.tied = counts[row.rank] > 1
+
+
+def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
+    """Non-dominated flags for (bytes, auc) points: fewer bytes and higher AUC are better."""
+    flags = []
+    for i, (b_i, a_i) in enumerate(points):
+        dominated = any(b_j <= b_i and a_j >= a_i and (b_j < b_i or a_j > a_i)
+                        for j, (b_j, a_j) in enumerate(points) if j != i)
+        flags.append(not dominated)
+    return flags
+
+
+def reference(rows: Sequence[Row], protocol: str) -> Optional[Row]:
+    """The ``full`` row (ratio 1.0) of ``protocol``."""
+    candidates = [r for r in rows if r.protocol == protocol and r.method == REFERENCE_METHOD and r.finished]
+    candidates.sort(key=lambda r: (abs(r.ratio - 1.0), -r.seeds))
+    return candidates[0] if candidates else None
+
+
+def score(rows: List[Row]) -> None:
+    """Ranks and ties per budget, delta AUC vs full, Pareto membership per protocol."""
+    for protocol in {r.protocol for r in rows}:
+        mine = [r for r in rows if r.protocol == protocol]
+        for ratio in {r.ratio for r in mine}:
+            rank_with_ties([r for r in mine if r.ratio == ratio])
+        ref = reference(rows, protocol)
+        for row in mine:
+            if ref is not None and row.finished:
+                row.delta_auc = row.auc - ref.auc
+        candidates = [r for r in mine if r.finished and BYTES in r.mean and not math.isnan(r.auc)]
+        for row, flag in zip(candidates, pareto_front([(r.mean[BYTES], r.auc) for r in candidates])):
+            row.pareto = flag
+
+
+def protocols(rows: Sequence[Row]) -> List[str]:
+    """Protocols, the one with most finished runs first."""
+    counts: Dict[str, int] = defaultdict(int)
+    for row in rows:
+        counts[row.protocol] += row.seeds
+    return sorted(counts, key=lambda p: (-counts[p], p))
+
+
+def budgets(rows: Sequence[Row], protocol: str) -> List[float]:
+    return sorted({r.ratio for r in rows if r.protocol == protocol}, key=lambda x: -_key(x))
+
+
+@dataclass
+class Recommendation:
+    ratio: float
+    best: Optional[Row]
+    tied: List[Row]
+    infeasible: List[str]
+    failed: List[str]
+
+
+def recommend(rows: Sequence[Row], protocol: str) -> List[Recommendation]:
+    """Per budget: the best method by mean test AUC, the methods tied with it, the infeasible ones."""
+    out = []
+    for ratio in budgets(rows, protocol):
+        here = [r for r in rows if r.protocol == protocol and r.ratio == ratio]
+        top = sorted((r for r in here if r.finished and r.rank == 1), key=lambda r: -_key(r.auc))
+        out.append(Recommendation(ratio, top[0] if top else None, top[1:],
+                                  sorted(r.label for r in here if r.status == "infeasible"),
+                                  sorted(r.label for r in here if r.status == "failed")))
+    return out
+
+
+def infeasible_from(rows: Sequence[Row], protocol: str) -> Dict[str, float]:
+    """Per method: the largest requested ratio at which it is infeasible (where it becomes infeasible)."""
+    out: Dict[str, float] = {}
+    for row in rows:
+        if row.protocol == protocol and row.status == "infeasible":
+            out[row.method] = max(out.get(row.method, -1.0), row.ratio)
+    return out
+
+
+def bayes_ceiling(rows: Sequence[Row], protocol: str) -> Optional[float]:
+    values = [r.mean[BAYES] for r in rows if r.protocol == protocol and BAYES in r.mean]
+    return float(np.mean(values)) if values else None
+
+
+# --- formatting helpers shared by the Markdown, CSV and HTML renderers -------------------------
+
+def fmt(mean: Optional[float], std: Optional[float] = None, digits: int = 4) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown(rows: List[Row]) -> str:
-    """One Markdown table per protocol."""
+def fmt_bytes(value: Optional[float]) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
+
+
+def fmt_rank(row: Row) -> str:
+    return f"{row.rank}{'=' if row.tied else ''}" if row.finished and row.rank else "—"
+
+
+def fmt_delta(value: float) -> str:
+    return "—" if math.isnan(value) else f"{value:+.4f}"
+
+
+def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def command(row: Row) -> str:
+    """The command that reproduces the row (its seeds as one multirun)."""
+    if row.overrides:
+        parts = [o for o in row.overrides.split() if not o.startswith("seed=")]
+    else:
+        parts = [f"dataset={row.dataset}", f"method={row.method}", f"budget.compression_ratio={row.ratio:g}"]
+    seeds = row.seed_list or ["0"]
+    return " ".join(["recbench", *(["-m"] if len(seeds) > 1 else []), *parts, f"seed={','.join(seeds)}"])
+
+
+def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
+    """Markdown: recommendation, then one leaderboard table per budget, for one protocol."""
     out = []
-    for protocol in sorted({r.protocol for r in rows}):
-        out.append(f"### {protocol}\n")
-        out.append("| method | ratio | status | seeds | test AUC | test log loss | achieved ratio | samples/s | latency ms (4096) |")
-        out.append("|---|---|---|---|---|---|---|---|---|")
-        for r in (r for r in rows if r.protocol == protocol):
-            if r.status != "finished":
-                out.append(f"| {r.method} | {r.ratio:g} | {r.status} | 0 | — | — | — | — | — |")
+    ref = reference(rows, protocol)
+    bayes = bayes_ceiling(rows, protocol)
+    if ref is not None:
+        out.append(f"Reference `full` (ratio 1): test AUC {fmt(ref.auc, ref.std.get(AUC))}, "
+                   f"{fmt_bytes(ref.mean.get(BYTES))} inference bytes, {ref.seeds} seed(s).")
+    if bayes is not None:
+        out.append(f"Bayes-optimal test AUC (ceiling): {bayes:.4f}.")
+    out.append("\n### Which method at which budget\n")
+    out.append("| budget (ratio) | recommended | test AUC | Δ AUC vs full | inference bytes | tied (within 2 std) | infeasible |")
+    out.append("|---|---|---|---|---|---|---|")
+    for rec in recommend(rows, protocol):
+        best = rec.best
+        out.append(f"| {rec.ratio:g} | {best.label if best else '—'} | "
+                   f"{fmt(best.auc, best.std.get(AUC)) if best else '—'} | {fmt_delta(best.delta_auc) if best else '—'} | "
+                   f"{fmt_bytes(best.mean.get(BYTES)) if best else '—'} | {', '.join(r.label for r in rec.tied) or '—'} | "
+                   f"{', '.join(rec.infeasible) or '—'} |")
+    for ratio in budgets(rows, protocol):
+        out.append(f"\n### Budget: compression ratio {ratio:g}\n")
+        out.append("| rank | method | seeds | test AUC | Δ AUC vs full | test log loss | inference bytes | achieved ratio "
+                   "| train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in (r for r in rows if r.protocol == protocol and r.ratio == ratio):
+            links = " ".join(f"[s{s}]({run_url(ui_url, e, i)})" for s, e, i in
+                             zip(r.seed_list or ["?"] * len(r.run_ids), r.experiment_ids, r.run_ids))
+            if not r.finished:
+                out.append(f"| — | {r.label} | 0 | {r.status}: {r.reason.replace('|', '/')[:160]} | — | — | — | — | — | — | — "
+                           f"| {links} | `{command(r)}` |")
                 continue
             out.append(
-                f"| {r.method} | {r.ratio:g} | {r.status} | {r.seeds} | {fmt(r.auc, r.std.get('test/auc'))} | "
-                f"{fmt(r.mean.get('test/logloss'), r.std.get('test/logloss'))} | "
-                f"{r.mean.get('emb/compression_ratio', float('nan')):.4g} | "
-                f"{r.mean.get('train/samples_per_s', float('nan')):,.0f} | {r.mean.get('infer/latency_ms', float('nan')):.2f} |"
-            )
-        bayes = [r.mean["bayes/test_auc"] for r in rows if r.protocol == protocol and "bayes/test_auc" in r.mean]
-        if bayes:
-            out.append(f"\nBayes-optimal test AUC (ceiling): {bayes[0]:.4f}")
-        out.append("")
+                f"| {fmt_rank(r)} | {r.label} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
+                f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt_bytes(r.mean.get(BYTES))} | "
+                f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
+                f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | `{command(r)}` |")
+    out.append(f"\nRules: {RULES}")
     return "\n".join(out)
 
 
-def csv_rows(rows: List[Row]) -> List[Dict[str, Any]]:
+def markdown(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> str:
+    """One section per protocol."""
+    return "\n\n".join(f"## Protocol `{p}`\n\n{markdown_tables(rows, p, ui_url)}" for p in protocols(rows))
+
+
+def csv_rows(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> List[Dict[str, Any]]:
     table = []
     for r in rows:
-        item = {"protocol": r.protocol, "method": r.method, "ratio": r.ratio, "status": r.status, "seeds": r.seeds,
-                "reason": r.reason, "run_ids": " ".join(r.run_ids)}
+        item: Dict[str, Any] = {
+            "protocol": r.protocol, "dataset": r.dataset, "method": r.label, "ratio": r.ratio, "status": r.status,
+            "seeds": r.seeds, "rank": r.rank if r.finished else "", "tied": int(r.tied), "pareto": int(r.pareto),
+            "delta_auc_vs_full": "" if math.isnan(r.delta_auc) else r.delta_auc, "reason": r.reason,
+        }
         for key in COLUMNS:
             item[f"{key}_mean"] = r.mean.get(key, "")
-            item[f"{key}_std"] = r.std.get(key, "")
+            std = r.std.get(key, "")
+            item[f"{key}_std"] = "" if isinstance(std, float) and math.isnan(std) else std
+        item.update({"seed_list": " ".join(r.seed_list), "run_ids": " ".join(r.run_ids),
+                     "run_urls": " ".join(run_url(ui_url, e, i) for e, i in zip(r.experiment_ids, r.run_ids)),
+                     "git_commits": " ".join(r.git_commits), "command": command(r)})
         table.append(item)
     return table

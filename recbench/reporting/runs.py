@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
-               "sweep_id", "status", "status_reason", "config_hash", "git_commit", "achieved_ratio")
+               "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
+               "overrides", "command")
 
 
 def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -35,10 +36,10 @@ def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[D
                     continue
                 record: Dict[str, Any] = {"run_id": run.info.run_id, "experiment": experiment.name,
                                           "experiment_id": experiment.experiment_id,
-                                          "run_status": run.info.status, "run_name": tags.get("mlflow.runName", "")}
+                                          "run_status": run.info.status, "run_name": tags.get("mlflow.runName", ""),
+                                          "start_time": run.info.start_time, "end_time": run.info.end_time}
                 record.update({k: tags.get(k, "") for k in RECORD_TAGS})
-                record["metrics"] = dict(run.data.metrics)
-                record["overrides"] = tags.get("overrides", "")
+                record["metrics"] = dict(run.data.metrics)  # the last logged value of every metric
                 records.append(record)
             token = page.token
             if not token:

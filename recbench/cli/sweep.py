@@ -1,0 +1,292 @@
+"""``recbench-sweep``: run a sweep preset (``conf/sweep/<preset>.yaml``) as one command.
+
+    recbench-sweep leaderboard_synthetic                 # every method x 6 budgets x 3 seeds + `full`
+    recbench-sweep demo --jobs 2                         # two parallel local jobs (Hydra joblib launcher)
+    recbench-sweep smoke seed=1 dataset.rows=100000      # extra Hydra overrides win over the preset
+    recbench-sweep leaderboard_movielens100k --dry-run   # print the plan (job counts) and the commands
+    recbench-sweep --list                                # the presets
+
+A preset is an ordinary Hydra config (``# @package _global_``): its ``hydra.sweeper.params`` hold
+the grid, so ``recbench -m sweep=<preset>`` runs the main grid too. ``method: glob(*,exclude=full)``
+expands, at launch time, to every file in ``conf/method/`` (the folder is the registry: nothing to
+keep in sync). ``sweep_preset.reference`` names extra fixed points launched after the main grid
+with the same seeds, e.g. the uncompressed ``full`` model at ratio 1.0 that every leaderboard row is
+compared with. ``sweep_preset`` never changes a job's numbers (it is left out of the config hash).
+
+Bookkeeping:
+- every job gets the sweep id (``--sweep-id``; default ``<preset>-<hash of preset and overrides>``,
+  so a re-launch keeps its id) through ``RECBENCH_SWEEP_ID`` -> tag ``sweep_id``;
+- before launching, the planner composes every job, computes its config hash and counts the jobs
+  that already FINISHED in the MLflow store (they are skipped by the job itself; FAILED, killed or
+  never-started jobs run again, resuming from their checkpoint when one exists);
+- the dataset of each protocol is prepared and its MLflow experiment created once, here, so
+  parallel jobs never race on either;
+- parallel jobs (``--jobs N`` > 1: Hydra's joblib launcher) get ``max(1, cores // N)`` torch/OpenMP
+  threads each; a failing or infeasible job is recorded and the sweep goes on;
+- at the end each job's outcome (written by ``recbench`` next to its Hydra log) is counted:
+  finished / skipped / infeasible / failed / no outcome (killed).
+
+References: Hydra multirun and BasicSweeper (``hydra.sweeper.params``, ``glob``), hydra-joblib-launcher;
+DESIGN.md sections 5 and 7.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from recbench.types import settings_hash
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
+OUTCOMES = ("finished", "skipped", "infeasible", "failed")
+
+
+@dataclass
+class Grid:
+    name: str  # main | reference-<i>
+    overrides: List[str]  # command-line overrides of this Hydra multirun (after sweep=<preset>)
+    jobs: List[List[str]] = field(default_factory=list)  # per job: its full override list
+
+
+@dataclass
+class Plan:
+    preset: str
+    sweep_id: str
+    grids: List[Grid]
+    jobs_total: int = 0
+    already_finished: int = 0
+    protocols: List[str] = field(default_factory=list)
+    checked: bool = False
+
+
+def presets() -> List[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "sweep").glob("*.yaml"))
+
+
+def default_sweep_id(preset: str, overrides: Sequence[str]) -> str:
+    return f"{preset}-{settings_hash({'preset': preset, 'overrides': sorted(overrides)}, 8)}"
+
+
+def _compose(overrides: Sequence[str], hydra: bool = False):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def _search_path_overrides(overrides: Sequence[str]) -> List[str]:
+    return [o for o in overrides if o.startswith("hydra.searchpath")]
+
+
+def expand(params: Sequence[str], search_overrides: Sequence[str] = ()) -> List[List[str]]:
+    """Hydra's own expansion of a grid (BasicSweeper.split_arguments; ``glob`` over config groups)."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    search_path = create_config_search_path(str(CONFIG_DIR))
+    for override in search_overrides:  # hydra.searchpath=[file://...] (tests, plugins)
+        for item in override.split("=", 1)[1].strip("[]").split(","):
+            if item.strip():
+                search_path.append("recbench-sweep", item.strip())
+    loader = ConfigLoaderImpl(config_search_path=search_path)
+    parsed = OverridesParser.create(config_loader=loader).parse_overrides(
+        [p for p in params if not p.startswith("hydra.")])
+    return BasicSweeper.split_arguments(parsed, None)[0]
+
+
+def build_plan(preset: str, overrides: Sequence[str], sweep_id: Optional[str] = None) -> Plan:
+    overrides = list(overrides)
+    cfg = _compose([f"sweep={preset}", *overrides], hydra=True)
+    params = OrderedDict((str(k), str(v)) for k, v in (cfg.hydra.sweeper.params or {}).items())
+    meta = cfg.get("sweep_preset") or {}
+    base = [f"{k}={v}" for k, v in params.items()]
+    grids = [Grid("main", list(overrides))]
+    references = meta.get("reference") or []
+    if hasattr(references, "items"):  # one reference point given as a mapping
+        references = [references]
+    for i, ref in enumerate(references):
+        grids.append(Grid(f"reference-{i}", [*overrides, *(f"{k}={v}" for k, v in ref.items())]))
+    seen = set()
+    search = _search_path_overrides(overrides)
+    for grid in grids:
+        for job in expand(base + grid.overrides, search):
+            key = tuple(sorted(job))
+            if key not in seen:  # a reference point already in the main grid runs once
+                seen.add(key)
+                grid.jobs.append([f"sweep={preset}", *search, *job])
+    plan = Plan(preset, sweep_id or default_sweep_id(preset, overrides), [g for g in grids if g.jobs])
+    plan.jobs_total = sum(len(g.jobs) for g in plan.grids)
+    return plan
+
+
+def _job_configs(jobs: Sequence[List[str]]):
+    """Compose every job (once per seed-free override set: seeds only change ``seed``)."""
+    from omegaconf import OmegaConf
+
+    cache: Dict[Tuple[str, ...], Any] = {}
+    for job in jobs:
+        seed = next((o.split("=", 1)[1] for o in job if o.startswith("seed=")), None)
+        rest = tuple(o for o in job if not o.startswith("seed="))
+        if rest not in cache:
+            cache[rest] = _compose(rest)
+        cfg = OmegaConf.to_container(cache[rest])
+        if seed is not None:
+            cfg["seed"] = int(seed) if seed.lstrip("-").isdigit() else seed
+        yield job, OmegaConf.create(cfg)
+
+
+def check_plan(plan: Plan) -> Plan:
+    """Prepare each protocol's dataset and MLflow experiment once; count already-FINISHED jobs."""
+    from omegaconf import OmegaConf
+
+    from recbench.cli.job import config_hash, instantiate_without
+
+    prepared: Dict[str, str] = {}  # dataset config json -> protocol id
+    finished_hashes: Dict[Tuple[str, str], set] = {}
+    for grid in plan.grids:
+        for job, cfg in _job_configs(grid.jobs):
+            dataset_key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True, default=str)
+            if dataset_key not in prepared:
+                protocol = instantiate_without(cfg.dataset)
+                prepared[dataset_key] = protocol.prepare(Path(cfg.paths.data_root)).spec.protocol_id
+            protocol_id = prepared[dataset_key]
+            tracker = None
+            store_key = (OmegaConf.to_yaml(cfg.tracking), protocol_id)
+            if store_key not in finished_hashes:
+                tracker = instantiate_without(cfg.tracking, drop=("skip_finished",))
+                finished_hashes[store_key] = _finished_hashes(tracker, protocol_id)
+            if cfg.tracking.get("skip_finished", False) and \
+                    config_hash(OmegaConf.to_container(cfg, resolve=True)) in finished_hashes[store_key]:
+                plan.already_finished += 1
+    plan.protocols = sorted(set(prepared.values()))
+    plan.checked = True
+    return plan
+
+
+def _finished_hashes(tracker, experiment: str) -> set:
+    """Config hashes of FINISHED runs in ``experiment`` (creating the experiment if missing)."""
+    if not hasattr(tracker, "experiment_id"):
+        return set()
+    from recbench.tracking.mlflow_tracker import with_retries
+
+    experiment_id = tracker.experiment_id(experiment)  # created once here, before parallel jobs start
+    hashes, token = set(), None
+    while True:
+        page = with_retries(tracker.client.search_runs, [experiment_id], "attributes.status = 'FINISHED'",
+                            max_results=1000, page_token=token)
+        hashes.update(run.data.tags.get("config_hash", "") for run in page)
+        token = page.token
+        if not token:
+            return hashes
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def job_environment(sweep_id: str, jobs: int, base: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """Environment of the Hydra process: sweep id and per-job thread counts (no oversubscription)."""
+    env = dict(os.environ if base is None else base)
+    env["RECBENCH_SWEEP_ID"] = sweep_id
+    if jobs > 1 or not env.get("RECBENCH_NUM_THREADS"):  # a user's choice stands for sequential sweeps
+        env["RECBENCH_NUM_THREADS"] = str(max(1, usable_cores() // max(1, jobs)))
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = env["RECBENCH_NUM_THREADS"]
+    return env
+
+
+def recbench_command() -> List[str]:
+    script = Path(sys.executable).parent / "recbench"
+    return [str(script)] if script.is_file() else [sys.executable, "-c", "from recbench.cli.train import main; main()"]
+
+
+def hydra_command(plan: Plan, grid: Grid, jobs: int, sweep_dir: Path) -> List[str]:
+    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    return [*recbench_command(), "-m", f"sweep={plan.preset}", *grid.overrides, *launcher,
+            f"hydra.sweep.dir={sweep_dir / grid.name}", "hydra.sweep.subdir=${hydra.job.num}"]
+
+
+def count_outcomes(sweep_dir: Path, expected: int) -> Counter:
+    counts: Counter = Counter()
+    for path in Path(sweep_dir).glob("*/*/outcome.json"):
+        try:
+            counts[json.loads(path.read_text()).get("status", "failed")] += 1
+        except (OSError, ValueError):
+            counts["failed"] += 1
+    counts["no outcome (killed?)"] = max(0, expected - sum(counts.values()))
+    return counts
+
+
+def run_plan(plan: Plan, jobs: int, root: Path) -> Tuple[int, Counter]:
+    sweep_dir = Path(root) / plan.sweep_id / time.strftime("%Y-%m-%d_%H-%M-%S")
+    env = job_environment(plan.sweep_id, jobs)
+    code = 0
+    for grid in plan.grids:
+        command = hydra_command(plan, grid, jobs, sweep_dir)
+        print(f"\n[recbench-sweep] {grid.name}: {len(grid.jobs)} jobs\n  RECBENCH_SWEEP_ID={plan.sweep_id} "
+              f"RECBENCH_NUM_THREADS={env['RECBENCH_NUM_THREADS']} {shlex.join(command)}", flush=True)
+        code = subprocess.run(command, env=env).returncode or code
+    return code, count_outcomes(sweep_dir, plan.jobs_total)
+
+
+def summary(plan: Plan, counts: Optional[Counter] = None) -> str:
+    lines = [f"sweep {plan.preset} (sweep id {plan.sweep_id}): {plan.jobs_total} jobs in {len(plan.grids)} grid(s)"]
+    if plan.checked:
+        lines.append(f"  before launch: {plan.already_finished} already FINISHED (will be skipped), "
+                     f"{plan.jobs_total - plan.already_finished} to run; protocols: {', '.join(plan.protocols)}")
+    if counts is not None:
+        parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in (*OUTCOMES, "no outcome (killed?)"))
+        lines.append(f"  this launch:   {parts}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="recbench-sweep", description="run a sweep preset of conf/sweep/")
+    parser.add_argument("preset", nargs="?", help="a conf/sweep/<preset>.yaml name")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (win over the preset's grid)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel local jobs (joblib launcher when > 1; default: the preset's sweep_preset.jobs or 1)")
+    parser.add_argument("--sweep-id", default=None, help="default: <preset>-<hash of preset and overrides>")
+    parser.add_argument("--root", type=Path, default=Path("outputs/sweeps"), help="Hydra sweep folders")
+    parser.add_argument("--dry-run", action="store_true", help="plan and count, launch nothing")
+    parser.add_argument("--no-check", action="store_true", help="skip the pre-launch count of finished jobs")
+    parser.add_argument("--list", action="store_true", help="list the presets")
+    args = parser.parse_args(argv)
+    if args.list or not args.preset:
+        print("\n".join(presets()))
+        return 0 if args.list else 2
+    if args.preset not in presets() and not _search_path_overrides(args.overrides):
+        print(f"recbench-sweep: unknown preset {args.preset!r}; available: {', '.join(presets())}", file=sys.stderr)
+        return 2
+    plan = build_plan(args.preset, args.overrides, args.sweep_id)
+    if not args.no_check:
+        check_plan(plan)
+    jobs = args.jobs or int((_compose([f"sweep={args.preset}", *args.overrides]).get("sweep_preset") or {})
+                            .get("jobs", 1))
+    print(summary(plan), flush=True)
+    if args.dry_run:
+        for grid in plan.grids:
+            print(shlex.join(hydra_command(plan, grid, jobs, args.root / plan.sweep_id / "<time>")))
+        return 0
+    code, counts = run_plan(plan, jobs, args.root)
+    print("\n" + summary(plan, counts), flush=True)
+    if code:
+        print(f"recbench-sweep: the Hydra launcher exited with status {code}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

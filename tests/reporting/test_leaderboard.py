@@ -1,0 +1,83 @@
+"""Scoring on fixture runs: exact means/stds, delta vs full, ties, Pareto membership, recommendation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from report_fixtures import record
+
+from recbench.reporting.leaderboard import (
+    aggregate, command, csv_rows, infeasible_from, markdown, pareto_front, recommend,
+)
+
+from report_fixtures import PROTOCOL
+
+
+def by(rows, method, ratio):
+    (row,) = [r for r in rows if r.method == method and r.ratio == ratio]
+    return row
+
+
+def test_means_stds_seeds_and_delta(records):
+    rows = aggregate(records)
+    full = by(rows, "full", 1.0)
+    assert full.seeds == 3 and full.auc == pytest.approx(0.80) and full.auc_std == pytest.approx(0.01)
+    hashing = by(rows, "hashing", 0.1)
+    assert hashing.seeds == 3  # the older duplicate of seed 0 (AUC 0.5) is not counted
+    assert hashing.auc == pytest.approx(0.78) and hashing.auc_std == pytest.approx(0.0)
+    assert hashing.delta_auc == pytest.approx(-0.02)
+    qr = by(rows, "qr", 0.1)
+    assert qr.auc == pytest.approx(0.78) and qr.auc_std == pytest.approx(0.005)
+    assert qr.mean["emb/bytes_inference"] == 110.0 and qr.mean["train/samples_per_s"] == pytest.approx(1001.0)
+    assert by(rows, "dhe", 0.1).status == "infeasible" and "cannot reach" in by(rows, "dhe", 0.1).reason
+    assert by(rows, "qr", 0.01).status == "failed"
+    assert by(rows, "robe", 0.01).status == "failed"  # only a killed (RUNNING) run: not a result
+    assert "RUNNING" in by(rows, "robe", 0.01).reason
+
+
+def test_ties_within_two_std(records):
+    rows = aggregate(records)
+    hashing, qr, robe = by(rows, "hashing", 0.1), by(rows, "qr", 0.1), by(rows, "robe", 0.1)
+    assert (hashing.rank, qr.rank, robe.rank) == (1, 1, 3)
+    assert hashing.tied and qr.tied and not robe.tied
+    assert by(rows, "hashing", 0.01).rank == 1 and not by(rows, "hashing", 0.01).tied
+
+
+def test_pareto_front_membership(records):
+    rows = aggregate(records)
+    front = {(r.method, r.ratio) for r in rows if r.pareto}
+    assert front == {("full", 1.0), ("hashing", 0.1), ("hashing", 0.01)}
+    assert pareto_front([(1, 0.5), (2, 0.6), (2, 0.4), (1, 0.5)]) == [True, True, False, True]
+
+
+def test_recommendation_and_infeasibility(records):
+    rows = aggregate(records)
+    recs = {r.ratio: r for r in recommend(rows, PROTOCOL)}
+    assert recs[0.1].best.method in {"hashing", "qr"} and {r.method for r in recs[0.1].tied} | {recs[0.1].best.method} == {"hashing", "qr"}
+    assert recs[0.1].infeasible == ["dhe"]
+    assert recs[0.01].best.method == "hashing" and recs[0.01].failed == ["qr", "robe"]
+    assert infeasible_from(rows, PROTOCOL) == {"dhe": 0.1}
+
+
+def test_markdown_and_csv_carry_exact_numbers_links_and_commands(records):
+    rows = aggregate(records)
+    text = markdown(rows, ui_url="http://127.0.0.1:5000")
+    assert "| 1= | hashing | 3 | 0.7800 ± 0.0000 | -0.0200 |" in text
+    assert "| 1= | qr | 3 | 0.7800 ± 0.0050 | -0.0200 |" in text
+    assert "| 3 | robe | 3 | 0.7000 ± 0.0100 | -0.1000 |" in text
+    assert "Reference `full` (ratio 1): test AUC 0.8000 ± 0.0100" in text
+    assert "[s0](http://127.0.0.1:5000/#/experiments/7/runs/hashing-0.1-s0-100)" in text
+    assert "`recbench -m sweep=fixture method=hashing budget.compression_ratio=0.1 seed=0,1,2`" in text
+    table = {(r["method"], r["ratio"]): r for r in csv_rows(rows)}
+    row = table[("qr", 0.1)]
+    assert row["test/auc_mean"] == pytest.approx(0.78) and row["test/auc_std"] == pytest.approx(0.005)
+    assert row["rank"] == 1 and row["tied"] == 1 and row["pareto"] == 0
+    assert row["delta_auc_vs_full"] == pytest.approx(-0.02)
+    assert command(by(rows, "full", 1.0)).startswith("recbench -m sweep=fixture method=full")
+
+
+def test_single_seed_has_no_std_and_no_tie():
+    rows = aggregate([record("hashing", 0.1, 0, 0.78, 100.0), record("qr", 0.1, 0, 0.78 - 1e-6, 100.0)])
+    assert all(math.isnan(r.std["test/auc"]) for r in rows)
+    assert sorted(r.rank for r in rows) == [1, 2]
