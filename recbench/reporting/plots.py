@@ -90,12 +90,17 @@ def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
             y = 0.03 + 0.03 * i
             ax.scatter(infeasible, [y] * len(infeasible), marker="x", color=colors[method], transform=bottom,
                        clip_on=False, label=None if finished else f"{method} (infeasible)")
-            ax.annotate(f"{method} infeasible ≤ {boundary[method]:g}" if boundary[method] == max(infeasible) else "",
-                        (boundary[method], y), xycoords=bottom, xytext=(4, 3), textcoords="offset points",
+            below = not finished or max(infeasible) < min(r.ratio for r in finished)
+            text = (f"{method}: infeasible at ratio ≤ {boundary[method]:g}" if below
+                    else f"{method}: infeasible at {', '.join(f'{x:g}' for x in infeasible)}")
+            ax.annotate(text, (boundary[method], y), xycoords=bottom, xytext=(4, 3), textcoords="offset points",
                         fontsize=7, color=colors[method])
     _references(ax, rows, protocol)
     if mine:
         ax.set_xscale("log")
+        ticks = sorted({r.ratio for r in mine})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel("requested compression ratio (log scale; x: infeasible budget)")
     ax.set_ylabel("test AUC (mean ± std over seeds)")
     ax.set_title(f"AUC over budgets — {protocol}", fontsize=10)
