@@ -8,7 +8,7 @@ STAMP := $(VENV)/.install-stamp
 export RECBENCH_DATA_ROOT ?= datasets
 PORT ?= 5000
 
-.PHONY: setup data demo test test-slow dashboard report bench clean-runs
+.PHONY: setup data demo test test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
 
 ## setup: create .venv if missing and install the pinned CPU stack (no CUDA wheels), then self-check
 setup: $(STAMP)
@@ -23,10 +23,26 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 data: setup
 	$(BIN)/recbench-data fetch movielens100k
 
-## demo: the main job (installs first if needed)
+## demo: a small movielens100k sweep (full + 5 methods x 2 budgets, 1 seed, 2 parallel jobs), then its report
 demo: setup data
-	$(BIN)/recbench -m dataset=movielens100k method=full seed=0
+	$(BIN)/recbench-sweep demo
 	$(BIN)/recbench-report --dataset movielens100k
+	@echo
+	@echo "HTML report: $(CURDIR)/reports/movielens100k/index.html"
+	@echo "dashboard:   make dashboard   (MLflow UI on http://127.0.0.1:$(PORT))"
+
+## sweep-smoke: every registered method at one budget for a few steps (registry smoke test)
+sweep-smoke: setup data
+	$(BIN)/recbench-sweep smoke
+
+## sweep-movielens100k: the MovieLens-100K leaderboard (every method x 6 budgets x 3 seeds + full)
+sweep-movielens100k: setup data
+	$(BIN)/recbench-sweep leaderboard_movielens100k $(ARGS)
+
+## sweep-synthetic: the synthetic leaderboard (every method x 6 budgets x 3 seeds + full); JOBS=2 for parallel
+JOBS ?= 1
+sweep-synthetic: setup
+	$(BIN)/recbench-sweep leaderboard_synthetic --jobs $(JOBS) $(ARGS)
 
 ## test: the default test suite (installs first if needed)
 test: setup
@@ -40,9 +56,9 @@ test-slow: setup
 dashboard: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(PORT)
 
-## report: leaderboards from the MLflow store
+## report: leaderboards (md, csv, self-contained html, png) under reports/<dataset>/ from the MLflow store
 report: setup
-	$(BIN)/recbench-report
+	$(BIN)/recbench-report $(ARGS)
 
 ## bench: the performance harness
 bench: setup

@@ -85,8 +85,8 @@ def init_store(uri: str):
     """An ``MlflowClient`` whose store (schema included) exists; safe to call from parallel processes."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=uri)
-    with store_lock(uri):
+    with store_lock(uri):  # MlflowClient may build the store (and its schema) on construction
+        client = MlflowClient(tracking_uri=uri)
         with_retries(client.search_experiments, max_results=1)  # creates/migrates the schema once
     return client
 

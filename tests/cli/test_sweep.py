@@ -1,0 +1,173 @@
+"""Sweep bookkeeping: parallel writers on one SQLite store lose nothing; a killed sweep, re-launched,
+skips its finished jobs and completes; the preset grid covers every registered method."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from recbench.cli.sweep import build_plan, default_sweep_id, job_environment, presets
+
+REPO = Path(__file__).resolve().parents[2]
+METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+TOY_DATASET = """_target_: conftest.ToyProtocol
+rows: 1500
+protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], dense_learning_rate: 0.003,
+           embedding_learning_rate: 0.1, max_epochs: 1, evals_per_epoch: 1, patience: 1}
+"""
+TOY_PRESET = """# @package _global_
+defaults:
+  - override /dataset: toy
+  - override /model: dlrm
+trainer: {progress: false, latency_repeats: 1}
+sweep_preset:
+  reference: {method: full, budget.compression_ratio: 1.0}
+hydra:
+  sweeper:
+    params:
+      method: hashing
+      budget.compression_ratio: 0.5
+      seed: 0,1,2
+"""
+
+
+@pytest.fixture
+def toy_sweep(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "dataset").mkdir(parents=True)
+    (conf / "sweep").mkdir()
+    (conf / "dataset" / "toy.yaml").write_text(TOY_DATASET)
+    (conf / "sweep" / "toy.yaml").write_text(TOY_PRESET)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RECBENCH_ARTIFACT_ROOT=str(tmp_path / "art"),
+               RECBENCH_DATA_ROOT=str(tmp_path / "data"), RECBENCH_RUN_ROOT=str(tmp_path / "runs"))
+    env.pop("RECBENCH_SWEEP_ID", None)
+    command = [str(Path(sys.executable).parent / "recbench-sweep"), "toy", f"hydra.searchpath=[file://{conf}]",
+               "--root", str(tmp_path / "sweeps")]
+    return command, env, tmp_path
+
+
+def finished_runs(uri):
+    from recbench.tracking.mlflow_tracker import init_store
+
+    client = init_store(uri)  # under the store lock: the sweep may be creating the schema right now
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return [r for r in client.search_runs(experiments, "tags.method != ''", max_results=1000)
+            if r.info.status == "FINISHED"]
+
+
+def _writer(uri: str, art: str, worker: int, runs: int) -> int:
+    from recbench.tracking.mlflow_tracker import MLflowTracker
+
+    tracker = MLflowTracker(uri, art)
+    for i in range(runs):
+        tracker.start_run("shared-experiment", f"w{worker}-{i}", {"method": "m", "worker": str(worker)},
+                          {f"p{k}": k for k in range(150)})
+        for step in range(10):
+            tracker.log_metrics({f"m{k}": step * k for k in range(20)}, step=step)
+        tracker.set_tags({"status": "finished"})
+        tracker.end_run()
+    return worker
+
+
+def test_four_parallel_joblib_writers_lose_no_run_on_one_sqlite_store(tmp_path):
+    from joblib import Parallel, delayed
+
+    uri = f"sqlite:///{tmp_path}/fresh.db"  # fresh: schema creation and experiment creation race too
+    done = Parallel(n_jobs=4, backend="loky")(delayed(_writer)(uri, str(tmp_path / "art"), w, 3) for w in range(4))
+    assert sorted(done) == [0, 1, 2, 3]
+    runs = finished_runs(uri)
+    assert len(runs) == 12 and len({r.info.run_name for r in runs}) == 12
+    assert all(len(r.data.metrics) == 20 and len(r.data.params) == 150 for r in runs)
+    from mlflow.tracking import MlflowClient
+
+    assert [e.name for e in MlflowClient(uri).search_experiments()].count("shared-experiment") == 1
+
+
+def test_leaderboard_presets_cover_every_registered_method():
+    for preset in ("leaderboard_synthetic", "leaderboard_movielens100k"):
+        plan = build_plan(preset, [])
+        grid_methods = {o.split("=", 1)[1] for g in plan.grids for job in g.jobs for o in job if o.startswith("method=")}
+        assert grid_methods == set(METHODS)
+        assert plan.jobs_total == (len(METHODS) - 1) * 6 * 3 + 3
+        ratios = {o.split("=", 1)[1] for job in plan.grids[0].jobs for o in job if o.startswith("budget.compression_ratio=")}
+        assert ratios == {"0.5", "0.2", "0.1", "0.05", "0.01", "0.001"}
+    assert {"smoke", "demo", "leaderboard_synthetic", "leaderboard_movielens100k"} <= set(presets())
+    smoke = build_plan("smoke", [])
+    assert smoke.jobs_total == len(METHODS)  # every method once (+ full as the reference)
+    assert default_sweep_id("demo", ["seed=1"]) == default_sweep_id("demo", ["seed=1"]) != default_sweep_id("demo", [])
+
+
+def test_thread_count_per_parallel_job():
+    env = job_environment("s", 4, base={})
+    assert env["RECBENCH_SWEEP_ID"] == "s" and env["OMP_NUM_THREADS"] == env["RECBENCH_NUM_THREADS"]
+    assert int(env["RECBENCH_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) // 4)
+    assert job_environment("s", 1, base={"RECBENCH_NUM_THREADS": "3"})["RECBENCH_NUM_THREADS"] == "3"
+
+
+def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
+    """The pre-launch count of a re-launched sweep: FINISHED jobs (same config hash) are skipped."""
+    from omegaconf import OmegaConf
+
+    from recbench.cli.job import run_job
+    from recbench.cli.sweep import _job_configs, check_plan
+
+    command, env, tmp = toy_sweep
+    for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
+        monkeypatch.setenv(key, env[key])
+    overrides = [command[2]]
+    plan = check_plan(build_plan("toy", overrides))
+    assert (plan.jobs_total, plan.already_finished) == (6, 0)
+    (job, cfg), = [(j, c) for j, c in _job_configs(plan.grids[0].jobs) if "seed=1" in j]
+    cfg = OmegaConf.merge(cfg, {"trainer": {"max_steps": 5}})
+    assert run_job(cfg).status == "finished"
+    assert check_plan(build_plan("toy", overrides)).already_finished == 0  # max_steps changed the config hash
+    (job, cfg), = [(j, c) for j, c in _job_configs(plan.grids[0].jobs) if "seed=1" in j]
+    assert run_job(cfg).status == "finished"
+    again = check_plan(build_plan("toy", overrides))
+    assert (again.jobs_total, again.already_finished) == (6, 1)
+    assert run_job(cfg).status == "skipped"
+
+
+def _counts(text: str) -> dict:
+    line = re.findall(r"this launch:.*", text)[-1]
+    return {k: int(v) for v, k in [(m[1], m[0]) for m in re.findall(r"(finished|skipped|infeasible|failed) (\d+)", line)]}
+
+
+@pytest.mark.slow  # ~55 s on 2 cores: two launches, Hydra + 4 joblib workers (the acceptance scenario)
+def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_run(toy_sweep):
+    command, env, tmp = toy_sweep
+    uri = env["MLFLOW_TRACKING_URI"]
+    log = open(tmp / "first.log", "w")
+    first = subprocess.Popen(command + ["--jobs", "1"], env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and first.poll() is None:
+        time.sleep(1)
+        if (tmp / "mlflow.db").exists() and len(finished_runs(uri)) >= 2:
+            break
+    os.killpg(first.pid, signal.SIGKILL)  # kill the whole sweep halfway (launcher, Hydra, job)
+    first.wait()
+    done_before = len(finished_runs(uri))
+    total = 6  # hashing x seeds 0-2, then the `full` reference with the same seeds
+    assert 1 <= done_before < total, (tmp / "first.log").read_text()[-3000:]
+
+    second = subprocess.run(command + ["--jobs", "4"], env=env, cwd=tmp, capture_output=True, text=True, timeout=400)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f": {total} jobs in 2 grid(s)" in out
+    assert f"before launch: {done_before} already FINISHED (will be skipped), {total - done_before} to run" in out
+    counts = _counts(out)
+    assert counts["skipped"] == done_before and counts["finished"] == total - done_before, out[-2000:]
+    runs = finished_runs(uri)
+    hashes = [r.data.tags["config_hash"] for r in runs]
+    assert len(runs) == total and len(set(hashes)) == total  # every job once: nothing re-run, nothing lost
+    assert {r.data.tags["sweep_id"] for r in runs} == {default_sweep_id("toy", [command[2]])}
+    assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["method"] == "hashing") == ["0", "1", "2"]
+    assert all(r.data.tags["command"].startswith("recbench ") for r in runs)
