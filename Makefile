@@ -28,7 +28,6 @@ demo: setup data
 	$(BIN)/recbench-sweep demo
 	$(BIN)/recbench-report --dataset movielens100k
 	@echo
-	@echo "HTML report: $(CURDIR)/reports/movielens100k/index.html"
 	@echo "dashboard:   make dashboard   (MLflow UI on http://127.0.0.1:$(PORT))"
 
 ## sweep-smoke: every registered method at one budget for a few steps (registry smoke test)

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from recbench.reporting.leaderboard import (  # noqa: E402
-    AUC, BYTES, REFERENCE_METHOD, Row, bayes_ceiling, infeasible_from, reference,
+    BYTES, REFERENCE_METHOD, Row, bayes_ceiling, infeasible_from, reference,
 )
 
 DPI = 110
@@ -109,4 +109,4 @@ def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
     return _png(fig)
 
 
-__all__ = ["pareto_figure", "budget_figure", "method_colors", "AUC"]
+__all__ = ["pareto_figure", "budget_figure", "method_colors"]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
+import pytest
+
 PROTOCOL = "toy-abc/1234"
 
 
@@ -40,3 +42,8 @@ def fixture_records() -> List[Dict[str, Any]]:
     runs.append(record("qr", 0.01, 0, 0.0, 0.0, status="failed", run_status="FAILED"))
     runs.append(record("robe", 0.01, 0, 0.0, 0.0, status="running", run_status="RUNNING"))  # killed
     return runs
+
+
+@pytest.fixture
+def records() -> List[Dict[str, Any]]:
+    return fixture_records()

@@ -11,7 +11,7 @@ from recbench.reporting.leaderboard import (
     aggregate, command, csv_rows, infeasible_from, markdown, pareto_front, recommend,
 )
 
-from report_fixtures import PROTOCOL
+from report_fixtures import PROTOCOL, records  # noqa: F401 (fixture)
 
 
 def by(rows, method, ratio):

@@ -1,0 +1,89 @@
+"""recbench-report end to end: from exported JSON and from an MLflow store (numbers equal MLflow's)."""
+from __future__ import annotations
+
+import csv
+import json
+import re
+
+import pytest
+from report_fixtures import fixture_records
+
+from recbench.cli.report import main as report_main
+from recbench.reporting.runs import load_mlflow_runs, save_records
+from recbench.tracking.base import FAILED, FINISHED
+from recbench.tracking.mlflow_tracker import MLflowTracker
+
+
+def test_report_from_json_writes_every_output(tmp_path):
+    save_records(fixture_records(), tmp_path / "runs.json")
+    assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "reports")]) == 0
+    folder = tmp_path / "reports" / "toy"
+    for name in ("leaderboard.md", "leaderboard.csv", "index.html", "pareto.png", "budgets.png"):
+        assert (folder / name).stat().st_size > 0, name
+    assert (folder / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (folder / "index.html").read_text()
+    # self-contained: figures embedded, no external script/style/image resource
+    assert page.count('src="data:image/png;base64,') == 2
+    assert not re.search(r'<(script|img|link)[^>]+(src|href)="https?://', page)
+    assert "<td>0.7800 ± 0.0050</td>" in page and "1=" in page
+    assert "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 seed=0,1,2" in page
+    rows = list(csv.DictReader(open(folder / "leaderboard.csv")))
+    assert {r["method"] for r in rows} == {"full", "hashing", "qr", "robe", "dhe"}
+
+
+def test_report_numbers_equal_what_mlflow_holds(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, str(tmp_path / "art"))
+    source = [r for r in fixture_records() if r["run_status"] in ("FINISHED", "FAILED")]
+    for r in source:
+        tags = {k: r[k] for k in ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio",
+                                  "seed", "sweep_id", "status", "status_reason", "config_hash", "group_hash", "overrides")}
+        tracker.start_run(r["experiment"], r["run_name"], tags, {"seed": r["seed"]})
+        tracker.log_metrics(r["metrics"])
+        tracker.end_run(FINISHED if r["run_status"] == "FINISHED" else FAILED)
+    records = load_mlflow_runs(uri)
+    assert len(records) == len(source)
+    assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "reports"), "--export",
+                        str(tmp_path / "export.json")]) == 0
+    assert len(json.loads((tmp_path / "export.json").read_text())) == len(source)
+    client = MlflowClient(uri)
+    rows = list(csv.DictReader(open(tmp_path / "reports" / "toy" / "leaderboard.csv")))
+    checked = 0
+    for row in rows:
+        if row["status"] != "finished":
+            continue
+        values = [client.get_run(run_id).data.metrics["test/auc"] for run_id in row["run_ids"].split()]
+        assert float(row["test/auc_mean"]) == pytest.approx(sum(values) / len(values), abs=1e-12)
+        assert int(row["seeds"]) == len(values)
+        for url, run_id in zip(row["run_urls"].split(), row["run_ids"].split()):
+            experiment_id = client.get_run(run_id).info.experiment_id
+            assert url == f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"
+        checked += 1
+    assert checked == 5  # full, hashing x2, qr, robe
+
+
+def test_dashboard_search_expression_selects_one_budget_on_one_dataset(tmp_path):
+    """The README's MLflow search: every method at ratio 0.01 on a dataset, in one expression."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, str(tmp_path / "art"))
+    for dataset in ("synthetic", "movielens100k"):
+        for method, ratio in (("hashing", 0.01), ("qr", 0.01), ("qr", 0.1)):
+            tracker.start_run(f"{dataset}-p", f"{method}@{ratio:g}/dcn/{dataset}/s0",
+                              {"method": method, "dataset": dataset, "compression_ratio": f"{ratio:g}"}, {})
+            tracker.end_run()
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found = client.search_runs(experiments, "tags.dataset = 'synthetic' and tags.compression_ratio = '0.01'")
+    assert sorted(r.data.tags["method"] for r in found) == ["hashing", "qr"]
+    by_name = client.search_runs(experiments, "attributes.run_name LIKE '%@0.01/%/synthetic/%'")
+    assert len(by_name) == 2
+
+
+def test_no_runs_is_a_clear_error(tmp_path, capsys):
+    save_records([], tmp_path / "none.json")
+    assert report_main(["--records", str(tmp_path / "none.json"), "--out", str(tmp_path / "r")]) == 1
+    assert "no recbench runs" in capsys.readouterr().err
