@@ -16,7 +16,7 @@ from recbench.cli.sweep import build_plan, default_sweep_id, job_environment, pr
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
-TOY_DATASET = """_target_: conftest.ToyProtocol
+TOY_DATASET = """_target_: toy_protocol.ToyProtocol
 rows: 1500
 protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], dense_learning_rate: 0.003,
            embedding_learning_rate: 0.1, max_epochs: 1, evals_per_epoch: 1, patience: 1}
