@@ -62,12 +62,7 @@ def pareto_figure(rows: Sequence[Row], protocol: str) -> bytes:
     _references(ax, rows, protocol)
     if mine:
         ax.set_xscale("log")
-    ax.set_xlabel("embedding inference bytes (log scale)")
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(f"AUC vs memory — {protocol}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
+    return _finish(fig, ax, "embedding inference bytes (log scale)", f"AUC vs memory — {protocol}")
 
 
 def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
@@ -101,9 +96,15 @@ def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
         ticks = sorted({r.ratio for r in mine})
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.minorticks_off()
-    ax.set_xlabel("requested compression ratio (log scale; x: infeasible budget)")
+    return _finish(fig, ax, "requested compression ratio (log scale; x: infeasible budget)",
+                   f"AUC over budgets — {protocol}")
+
+
+def _finish(fig, ax, xlabel: str, title: str) -> bytes:
+    """Labels, grid and legend shared by every figure; returns the PNG bytes."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(f"AUC over budgets — {protocol}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
