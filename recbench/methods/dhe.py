@@ -9,14 +9,17 @@ m = ``hash_buckets``; salted per field), each transformed to a real: uniform on 
 (N, k) encoding that is deterministic and storage-free. A shared MLP decoder — ``hidden_layers``
 blocks of Linear -> BatchNorm -> Mish (or ReLU), then Linear(h, D) — maps it to the D-dim
 embedding. Each id is decoded, then the bag is pooled (``recbench.methods.per_id``): pooled
-encodings are never decoded. Encodings and the first Linear run on the batch's unique (field, id)
-pairs and are gathered back (exact: the first layer is row-wise, BatchNorm still sees every id).
+encodings are never decoded. The whole decoder runs on the batch's U unique (field, id) pairs
+and the result is gathered back to the N values: every layer is row-wise except BatchNorm, whose
+training statistics are weighted by each unique id's occurrence count
+(``count_weighted_batch_norm``) — identical to BatchNorm over all N occurrences, values and
+gradients — so the work shrinks by N / U (Zipf-skewed batches repeat their hot ids).
 Budget: the hidden width h (for the configured depth) is the knob: inference bytes are the
 decoder's weights with BatchNorm folded into the Linear layers,
 4 * (sum_l (in_l * h + h) + h * D + D), in_1 = k, in_l = h; h is the largest width within the target
 (infeasible, with the reachable range, when even h = 1 exceeds it). Training bytes add BatchNorm's
 affine parameters and running statistics and Adam's two moments per dense parameter.
-Shapes: KJT (F keys, N values) -> encodings (U, k) of the U unique ids -> (N, h) -> (N, D) per id
+Shapes: KJT (F keys, N values) -> encodings (U, k) of the U unique ids -> (U, h) -> (U, D) -> (N, D) per id
 -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
@@ -49,6 +52,36 @@ def encode_hashes(hashes: torch.Tensor, buckets: int, distribution: str) -> torc
     radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
     angle = 2.0 * math.pi * u[:, 1::2]
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1).to(torch.float32)
+
+
+def count_weighted_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """BatchNorm of the N rows that ``x`` (U, h) stands for, row u repeated ``counts[u]`` times.
+
+    Training mode: batch mean and (biased) variance weighted by ``counts`` — identical to
+    ``norm`` applied to the N repeated rows — and the running statistics updated with the
+    unbiased variance of those N rows, as ``nn.BatchNorm1d`` does. Eval mode: ``norm(x)``.
+    """
+    if not norm.training:
+        return norm(x)
+    weights = counts.to(x.dtype).unsqueeze(1)
+    total = weights.sum()
+    mean = (weights * x).sum(0) / total
+    centred = x - mean
+    var = (weights * centred * centred).sum(0) / total
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+        momentum = norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+        unbiased = var * (total / (total - 1).clamp(min=1))
+        norm.running_mean.lerp_(mean.detach(), momentum)
+        norm.running_var.lerp_(unbiased.detach(), momentum)
+    return centred * torch.rsqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def decode(network: nn.Sequential, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Run the decoder on (U, k) unique encodings standing for ``counts`` (U,) occurrences each."""
+    for layer in network:
+        x = count_weighted_batch_norm(layer, x, counts) if isinstance(layer, nn.BatchNorm1d) else layer(x)
+    return x
 
 
 def decoder(num_hashes: int, width: int, depth: int, dim: int, activation: str, batch_norm: bool) -> nn.Sequential:
@@ -105,9 +138,9 @@ class DheEmbedding(PerIdEmbedding):
     def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:
             return torch.zeros(0, self.dim)
-        unique, inverse = torch.unique(fields * self.max_rows + ids, return_inverse=True)
-        first = self.decoder[0](self.encodings(unique // self.max_rows, unique % self.max_rows))
-        return self.decoder[1:](first[inverse])
+        unique, inverse, counts = torch.unique(fields * self.max_rows + ids, return_inverse=True, return_counts=True)
+        encodings = self.encodings(unique // self.max_rows, unique % self.max_rows)
+        return decode(self.decoder, encodings, counts)[inverse]
 
     def to_inference(self) -> nn.Module:
         """BatchNorm folded into the Linear layers (eval statistics); the same hash encodings."""

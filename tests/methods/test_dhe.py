@@ -89,3 +89,28 @@ def test_config_validation():
         Dhe(distribution="laplace")
     with pytest.raises(ValueError, match="even num_hashes"):
         Dhe(distribution="gaussian", num_hashes=5)
+
+
+def test_decoding_unique_ids_with_count_weighted_batch_norm_equals_decoding_every_occurrence():
+    """Values, gradients and running statistics match BatchNorm over all N repeated rows."""
+    from recbench.methods.dhe import decode, decoder
+
+    torch.manual_seed(0)
+    unique = torch.randn(50, 32, dtype=torch.float64)
+    counts = torch.randint(1, 6, (50,))
+    inverse = torch.repeat_interleave(torch.arange(50), counts)
+    nets = [decoder(32, 24, 2, 8, "mish", True).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    probe = torch.randn(int(counts.sum()), 8, dtype=torch.float64)
+    outs = []
+    forwards = (lambda net, x: net(x[inverse]), lambda net, x: decode(net, x, counts)[inverse])
+    for net, forward in zip(nets, forwards):
+        y = forward(net, unique.clone().requires_grad_(True))
+        (y * probe).sum().backward()
+        outs.append((y, [p.grad for p in net.parameters()], net[1].running_mean, net[1].running_var))
+    (y0, g0, m0, v0), (y1, g1, m1, v1) = outs
+    assert torch.allclose(y0, y1, atol=1e-10)
+    assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(g0, g1))
+    assert torch.allclose(m0, m1, atol=1e-12) and torch.allclose(v0, v1, atol=1e-12)
+    nets[0].eval(), nets[1].eval()
+    assert torch.allclose(nets[0](unique), decode(nets[1], unique, counts), atol=1e-12)
