@@ -255,8 +255,8 @@ def summary(plan: Plan, counts: Optional[Counter] = None) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="recbench-sweep", description="run a sweep preset of conf/sweep/")
-    parser.add_argument("preset", nargs="?", help="a conf/sweep/<preset>.yaml name")
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides (win over the preset's grid)")
+    parser.add_argument("words", nargs="*", metavar="preset [overrides ...]",
+                        help="a conf/sweep/<preset>.yaml name, then extra Hydra overrides (win over the preset's grid)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="parallel local jobs (joblib launcher when > 1; default: the preset's sweep_preset.jobs or 1)")
     parser.add_argument("--sweep-id", default=None, help="default: <preset>-<hash of preset and overrides>")
@@ -264,7 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="plan and count, launch nothing")
     parser.add_argument("--no-check", action="store_true", help="skip the pre-launch count of finished jobs")
     parser.add_argument("--list", action="store_true", help="list the presets")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come before, between or after the words
+    args.preset, args.overrides = (args.words[0], args.words[1:]) if args.words else (None, [])
     if args.list or not args.preset:
         print("\n".join(presets()))
         return 0 if args.list else 2

@@ -171,3 +171,11 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
     assert {r.data.tags["sweep_id"] for r in runs} == {default_sweep_id("toy", [command[2]])}
     assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["method"] == "hashing") == ["0", "1", "2"]
     assert all(r.data.tags["command"].startswith("recbench ") for r in runs)
+
+
+def test_options_may_follow_the_preset_and_its_overrides(capsys):
+    from recbench.cli.sweep import main
+
+    assert main(["smoke", "--dry-run", "trainer.num_threads=1", "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert "sweep smoke" in out and "trainer.num_threads=1" in out
