@@ -31,6 +31,8 @@ from recbench.datasets.storage import PreparedDataset
 from recbench.training.checkpoint import load_checkpoint, save_checkpoint
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
+from recbench.training.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
+                                     training_loss)
 from recbench.types import EmbeddingOptimizer, Stage
 
 log = logging.getLogger(__name__)
@@ -141,7 +143,6 @@ class Trainer:
         self.optimizers: Dict[str, torch.optim.Optimizer] = {}
         self.history: List[Dict[str, float]] = []
         self.stage_results: List[Dict[str, Any]] = []
-        self.loss_fn = nn.BCEWithLogitsLoss()
         self._splits: Dict[str, Any] = {}
         self.train_seconds = 0.0
         self.trained_samples = 0
@@ -153,24 +154,35 @@ class Trainer:
         return self._splits[name]
 
     @torch.no_grad()
-    def predict(self, split: str, model: Optional[nn.Module] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Logits and labels of a whole split, (N,) each."""
+    def predict_tasks(self, split: str, model: Optional[nn.Module] = None):
+        """Click labels (N,), every task's outputs {task: (N,)} and the regression targets {task: (N,)}."""
         model = model or self.model
         was_training = model.training
         model.eval()
         iterator = BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size)
-        logits, labels = [], []
+        labels: List[np.ndarray] = []
+        outputs: Dict[str, List[np.ndarray]] = {}
+        targets: Dict[str, List[np.ndarray]] = {}
         for batch in iterator:
-            logits.append(model(batch.dense_features, batch.sparse_features).float().numpy())
+            for task, values in task_outputs(model(batch.dense_features, batch.sparse_features)).items():
+                outputs.setdefault(task, []).append(values.float().numpy())
+                if task != CLICK:
+                    targets.setdefault(task, []).append(regression_target(batch, task).numpy())
             labels.append(batch.labels.numpy())
         model.train(was_training)
-        if not logits:
+        if not labels:
             raise ValueError(f"split {split!r} of {self.dataset.spec.protocol_id} is empty")
-        return np.concatenate(labels), np.concatenate(logits)
+        return (np.concatenate(labels), {k: np.concatenate(v) for k, v in outputs.items()},
+                {k: np.concatenate(v) for k, v in targets.items()})
+
+    def predict(self, split: str, model: Optional[nn.Module] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Labels and click logits of a whole split, (N,) each."""
+        labels, outputs, _ = self.predict_tasks(split, model)
+        return labels, outputs[CLICK]
 
     def evaluate(self, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
-        labels, logits = self.predict(split, model)
-        return binary_metrics(labels, logits)
+        labels, outputs, targets = self.predict_tasks(split, model)
+        return {**binary_metrics(labels, outputs[CLICK]), **regression_metrics(outputs, targets)}
 
     # ------------------------------------------------------------- optimizers
     def _make_optimizers(self) -> None:
@@ -323,7 +335,8 @@ class Trainer:
                     metrics = self.evaluate("val")
                     progress["evals"] += 1
                     record = {"val/auc": metrics["auc"], "val/logloss": metrics["logloss"],
-                              "train/loss": loss, "epoch": progress["epoch"] + progress["batch"] / steps_per_epoch}
+                              "train/loss": loss, "epoch": progress["epoch"] + progress["batch"] / steps_per_epoch,
+                              **split_task_metrics(metrics, "val")}
                     self.history.append({"step": progress["global_step"], "stage": context.stage_index, **record})
                     self._log({k: v for k, v in record.items()}, progress["global_step"])
                     context.last_metrics = metrics
@@ -357,8 +370,8 @@ class Trainer:
 
     def _step(self, batch: RecBatch) -> float:
         self.model.train()
-        logits = self.model(batch.dense_features, batch.sparse_features)
-        loss = self.loss_fn(logits, batch.labels) + self.model.embedding.extra_loss()
+        output = self.model(batch.dense_features, batch.sparse_features)
+        loss = training_loss(self.model, output, batch) + self.model.embedding.extra_loss()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()  # fused tables are updated here, inside FBGEMM's backward
@@ -389,6 +402,7 @@ class Trainer:
             "val/auc_training_form": val_training_form["auc"],
             "test/auc": test["auc"], "test/logloss": test["logloss"],
             "test/mean_prediction": test["mean_prediction"], "test/positive_rate": test["positive_rate"],
+            **split_task_metrics(val, "val"), **split_task_metrics(test, "test"),
             "train/samples_per_s": self.trained_samples / self.train_seconds if self.train_seconds else float("nan"),
             "train/seconds": self.train_seconds,
             "train/samples": float(self.trained_samples),
