@@ -151,6 +151,9 @@ class Stage:
         reset_optimizer: start the stage with fresh optimizer state.
         reinit: re-initialise dense (non-embedding) parameters at the stage start.
         run: for kind="search", a callable(context) -> dict of results.
+        early_stopping: end the stage after ``trainer.patience`` evaluations without a val AUC
+            gain; False for schedule stages that must run to their end (or until a hook ends
+            them), e.g. a pruning schedule whose early, denser checkpoints are not deployable.
     """
 
     name: str = "train"
@@ -160,6 +163,7 @@ class Stage:
     reset_optimizer: bool = False
     reinit: bool = False
     run: Optional[Callable[..., Dict[str, Any]]] = None
+    early_stopping: bool = True
 
     def __post_init__(self) -> None:
         if self.kind not in ("train", "search"):

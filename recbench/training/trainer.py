@@ -349,7 +349,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{metrics['auc']:.4f}",
                                     best=f"{progress['best_auc']:.4f}")
                     self._call_hooks("on_eval_end", context, metrics)
-                    if progress["bad_evals"] >= cfg.patience:
+                    if stage.early_stopping and progress["bad_evals"] >= cfg.patience:
                         log.info("early stop at step %d (no val AUC gain in %d evals)", progress["global_step"], cfg.patience)
                         stop = True
                 if context.stop_requested or at_end:
