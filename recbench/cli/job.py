@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recbench.methods.base import InfeasibleBudget
 from recbench.tracking.base import FAILED, FINISHED, flatten
+from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, settings_hash
@@ -176,6 +177,13 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     return JobResult(status, metrics, run_id, reason)
 
 
+def _log_stage(tracker, index: int, name: str, result: Dict[str, Any]) -> None:
+    """A finished stage's result (masks, chosen dims, thresholds, ...) as artifacts of the run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in write_stage_result(Path(tmp), index, name, result):
+            tracker.log_artifact(path)
+
+
 def _log_text_artifact(tracker, name: str, text: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
@@ -226,7 +234,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables))
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
-                      checkpoint_path=checkpoint_path)
+                      checkpoint_path=checkpoint_path, log_stage=lambda *stage: _log_stage(tracker, *stage))
     result = trainer.fit()
     metrics = dict(result.metrics)
     measured = model.embedding.memory_report()
@@ -247,7 +255,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         (Path(tmp) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-        (Path(tmp) / "stages.json").write_text(json.dumps(result.stage_results, indent=2, default=str))
+        (Path(tmp) / "stages.json").write_text(json.dumps(jsonable(result.stage_results), indent=2))
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)

@@ -62,6 +62,8 @@ class Hook:
 
     ``context`` is the trainer's ``TrainContext`` (model, embedding, stage, step, metrics).
     Return value of ``on_step_end``/``on_eval_end``: True requests the current stage to end.
+    ``on_stage_end`` may return a mapping merged into the stage's result (the stage artifacts the
+    next stage's ``rebuild`` needs: masks, thresholds, chosen dims); it is checkpointed and logged.
     """
 
     def on_stage_start(self, context: Any) -> None: ...
@@ -72,7 +74,8 @@ class Hook:
     def on_eval_end(self, context: Any, metrics: Mapping[str, float]) -> Optional[bool]:
         return None
 
-    def on_stage_end(self, context: Any) -> None: ...
+    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        return None
 
 
 class EmbeddingModule(nn.Module, abc.ABC):

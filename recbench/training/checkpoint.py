@@ -12,7 +12,22 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
+
+
+def checkpointable(value: Any) -> Any:
+    """``value`` with numpy arrays and scalars turned into tensors and Python numbers (the types
+    ``weights_only=True`` loads), recursively through dicts, lists and tuples."""
+    if isinstance(value, dict):
+        return {k: checkpointable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(checkpointable(v) for v in value)
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:

@@ -1,9 +1,19 @@
 """The only training loop: stages, hooks, evaluation, early stopping, checkpoints and timing.
 
 A method's ``stages()`` list what to run; ``kind="train"`` stages run this loop,
-``kind="search"`` stages call their ``run(context)``. Between stages the method's ``rebuild``
-may replace the embedding module. Hooks (``on_step_end``, ``on_eval_end``, ...) drive schedules
-and may request the current stage to end. Methods never subclass the trainer.
+``kind="search"`` stages call their ``run(context)``. Hooks (``on_step_end``, ``on_eval_end``, ...)
+drive schedules and may request the current stage to end. Methods never subclass the trainer.
+
+Stage results and resume. A stage's result is the dict its ``run`` returns (search) or the loop's
+summary (train: best val AUC, steps, epochs), updated with the mappings the hooks' ``on_stage_end``
+return (masks, thresholds, chosen dims: whatever the next stage needs), plus its wall time
+``seconds``. Scalars are logged as ``stage/<name>/<key>`` metrics, the whole result is handed to
+``log_stage`` (the job writes it as MLflow artifacts). When a stage ends and another follows, the
+method's ``rebuild(module, result)`` builds the next stage's module at once and the checkpoint
+written then holds the rebuilt module's state, the next stage index and every stage result. A
+resumed run replays the ``rebuild`` chain on the freshly built module (``rebuild`` must derive the
+module's structure from the result alone), loads the state and continues: finished stages never
+run again. Checkpoints inside a train stage (``checkpoint_every_steps``) resume mid-stage.
 
 Protocol (DESIGN.md section 4): exact AUC over the whole split; validation ``evals_per_epoch``
 times per epoch; early stopping on validation AUC; the test split is evaluated once, on the best
@@ -28,7 +38,7 @@ from tqdm.auto import tqdm
 
 from recbench.datasets.batching import BatchIterator, RecBatch
 from recbench.datasets.storage import PreparedDataset
-from recbench.training.checkpoint import load_checkpoint, save_checkpoint
+from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.training.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
@@ -126,13 +136,17 @@ class Trainer:
         dense_optimizer / embedding_optimizer: optimizer settings.
         log_metrics: callable(metrics: dict, step: int) (the tracker), or None.
         checkpoint_path: where to save/resume (None: no checkpoints).
+        log_stage: callable(stage_index: int, stage_name: str, result: dict) called once per
+            finished stage with its full result (the job stores it as artifacts), or None.
     """
 
     def __init__(self, config: TrainerConfig, model: nn.Module, method, dataset: PreparedDataset,
                  dense_optimizer: DenseOptimizer, embedding_optimizer: EmbeddingOptimizer,
                  log_metrics: Optional[Callable[[Dict[str, float], int], None]] = None,
-                 checkpoint_path: Optional[Path] = None):
+                 checkpoint_path: Optional[Path] = None,
+                 log_stage: Optional[Callable[[int, str, Dict[str, Any]], None]] = None):
         self.config, self.model, self.method, self.dataset = config, model, method, dataset
+        self._log_stage = log_stage or (lambda index, name, result: None)
         self.dense_optimizer, self.embedding_optimizer = dense_optimizer, embedding_optimizer
         self._log = log_metrics or (lambda metrics, step: None)
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
@@ -146,6 +160,7 @@ class Trainer:
         self._splits: Dict[str, Any] = {}
         self.train_seconds = 0.0
         self.trained_samples = 0
+        self._stage_clock = time.perf_counter()  # perf_counter() value at which the current stage began
 
     # ------------------------------------------------------------------ data
     def split(self, name: str):
@@ -211,7 +226,7 @@ class Trainer:
         save_checkpoint(self.checkpoint_path, {
             "model": self.model.state_dict(),
             "optimizers": self._optimizer_states(),
-            "progress": progress,
+            "progress": {**progress, "stage_seconds": time.perf_counter() - self._stage_clock},
             "best_state": best_state or {},
             "rng": torch.get_rng_state(),
             "history": self.history,
@@ -228,7 +243,8 @@ class Trainer:
             return None
         progress = payload["progress"]
         self.stage_results = list(payload["stage_results"])
-        for i in range(min(progress["stage_index"], len(self.stage_results))):
+        # the module of stage k is rebuild(..rebuild(built, r_0).., r_{k-1}); the last stage is never rebuilt
+        for i in range(min(progress["stage_index"], len(self.stages) - 1, len(self.stage_results))):
             self.model.embedding = self.method.rebuild(self.model.embedding, self.stage_results[i])
         self.model.load_state_dict(payload["model"])
         self._make_optimizers()
@@ -263,25 +279,30 @@ class Trainer:
             context = TrainContext(self, stage, index, progress["global_step"], progress["stage_step"], progress["epoch"])
             resumed_mid_stage = index == progress["stage_index"] and progress["stage_step"] > 0
             if not resumed_mid_stage:
-                if index > 0 and index - 1 < len(self.stage_results):
-                    self.model.embedding = self.method.rebuild(self.model.embedding, self.stage_results[index - 1])
-                    self._make_optimizers()
                 if stage.reset_optimizer:
                     self._make_optimizers()
                 if stage.reinit:
                     self._reinit_dense()
                     self._make_optimizers()
-                progress.update({"stage_step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0, "evals": 0})
+                progress.update({"stage_step": 0, "epoch": 0, "batch": 0, "best_auc": -math.inf, "bad_evals": 0,
+                                 "evals": 0, "stage_seconds": 0.0})
                 best_state = None
+            self._stage_clock = time.perf_counter() - float(progress.get("stage_seconds", 0.0))
             self._call_hooks("on_stage_start", context)
             if stage.kind == "search":
                 result = dict(stage.run(context) or {})
             else:
                 best_state, result = self._train_stage(stage, context, progress, best_state)
                 last_train_best = best_state
-            self._call_hooks("on_stage_end", context)
-            if len(self.stage_results) <= index:
-                self.stage_results.append(result)
+            for hook in self.hooks:  # stage artifacts (masks, thresholds, ...) the next stage needs
+                result.update(hook.on_stage_end(context) or {})
+            result = checkpointable({**result, "seconds": time.perf_counter() - self._stage_clock})
+            self.stage_results[index:] = [result]
+            self._finish_stage(index, stage, result, context.global_step)
+            if index + 1 < len(self.stages):  # the next stage's module; the checkpoint below holds it
+                self.model.embedding = self.method.rebuild(self.model.embedding, result)
+                self._make_optimizers()
+                best_state = last_train_best = None  # states of the previous module's structure
             progress.update({"stage_index": index + 1, "stage_step": 0, "epoch": 0, "batch": 0,
                              "global_step": context.global_step})
             self._save(dict(progress), best_state)
@@ -289,6 +310,15 @@ class Trainer:
             self.model.load_state_dict(last_train_best)
         metrics = self._final_metrics()
         return TrainResult(metrics, self.stage_results, self.history)
+
+    def _finish_stage(self, index: int, stage: Stage, result: Dict[str, Any], step: int) -> None:
+        """Log a finished stage: its scalars as ``stage/<name>/<key>`` metrics, all of it via ``log_stage``."""
+        scalars = {f"stage/{stage.name}/{k}": float(v) for k, v in result.items()
+                   if isinstance(v, (int, float, bool, np.number)) and math.isfinite(float(v))}
+        self._log(scalars, step)
+        self._log_stage(index, stage.name, result)
+        log.info("stage %d (%s) finished in %.1fs: %s", index, stage.name, result["seconds"],
+                 ", ".join(f"{k.rsplit('/', 1)[1]}={v:.4g}" for k, v in scalars.items()))
 
     def _reinit_dense(self) -> None:
         fused = {id(p) for p in self.model.embedding.parameters()}
@@ -364,8 +394,6 @@ class Trainer:
         bar.close()
         result = {"best_val_auc": progress["best_auc"], "steps": progress["stage_step"],
                   "epochs": progress["epoch"] + progress["batch"] / max(steps_per_epoch, 1)}
-        self._log({f"stage/{stage.name}/best_val_auc": progress["best_auc"],
-                   f"stage/{stage.name}/steps": float(progress["stage_step"])}, progress["global_step"])
         return best_state, result
 
     def _step(self, batch: RecBatch) -> float:
