@@ -1,0 +1,143 @@
+"""``deeplight``: DeepLight — progressive magnitude pruning of the embedding to a target sparsity.
+
+References: Deng, Pan, Zhou, Kong, Flores, Lin, "DeepLight: Deep Lightweight Feature Interactions
+for Accelerating CTR Predictions in Ad Serving", WSDM 2021 (arXiv:2002.06987).
+
+Mechanism: after ``warmup_epochs`` of dense training, every ``prune_every`` steps the table keeps
+only its largest-magnitude entries (one global threshold over all compressed fields, as the
+paper's stacked-embedding threshold) at the paper's damped schedule
+
+    s_t = S * (1 - damping^(t / time_constant)),   t = steps since the warm-up ended,
+
+with the paper's ``damping = 0.99`` and ``prune_every = 10`` (the reference code prunes every 10
+iterations with ``0.99^(iterations / 100)``). That schedule only approaches S, so the time
+constant is set from ``pruning_epochs`` (T steps) such that S - s_T = ``tolerance`` (1e-3):
+``time_constant = T ln(damping) / ln(tolerance / S)``; the hook ends stage ``prune`` at the first
+pruning step within ``tolerance`` of the target. ``rebuild`` then fixes the mask at exactly
+``nnz`` entries (the largest magnitudes among the surviving ones: at most ``tolerance * R * D``
+more entries pruned) and stage ``finetune`` keeps training with that mask (early stopping on
+validation AUC; the test checkpoint is always at the target). Pruned weights stay zero: the
+lookup multiplies by the mask (so they get no gradient) and the mask is re-applied to the
+touched rows after every optimizer step.
+
+Budget: ``nnz`` is the largest number of kept entries whose cheapest sparse storage (values +
+indices, ``sparse_storage``) fits the target; S = 1 - nnz / (R D).
+
+Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from recbench.methods.base import Hook
+from recbench.methods.budget import check_auto
+from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
+from recbench.types import Stage, TableSpec
+
+
+def damped_sparsity(step: int, target: float, damping: float, time_constant: float) -> float:
+    """DeepLight's schedule s_t = S (1 - damping^(t / time_constant)) (0 for t <= 0)."""
+    if step <= 0:
+        return 0.0
+    return target * (1.0 - damping ** (step / time_constant))
+
+
+def time_constant_for(steps: int, target: float, damping: float, tolerance: float) -> float:
+    """The time constant at which s_steps = target - tolerance (the schedule's end)."""
+    if target <= tolerance:
+        return 1.0  # already within tolerance at the first pruning step
+    return steps * math.log(damping) / math.log(tolerance / target)
+
+
+class DeepLightEmbedding(PrunedEmbedding):
+    """Masked table pruned by magnitude on a schedule. forward: KJT -> (B, F * D)."""
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]):
+        super().__init__(tables, dim, hparams["kept"], hparams["nnz"])
+
+    def target_sparsity(self) -> float:
+        return 1.0 - self.nnz / self.mask.numel()
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Keep the round((1 - sparsity) R D) largest |w| (never fewer than nnz); zero the rest."""
+        keep = max(self.nnz, int(round((1.0 - sparsity) * self.mask.numel())))
+        if keep < int(self.mask.sum()):
+            scores = self.weight.abs().masked_fill(~self.mask, -float("inf"))
+            self.mask.copy_(top_k_mask(scores, keep))
+            self.reapply_mask()
+
+
+class ScheduleHook(Hook):
+    """Prunes on the damped schedule during stage ``prune`` and ends it within tolerance."""
+
+    def __init__(self, method: "DeepLight"):
+        self.method = method
+        self.reached = False
+
+    def on_stage_start(self, context: Any) -> None:
+        self.reached = False
+
+    def on_step_end(self, context: Any) -> Optional[bool]:
+        if context.stage.name != "prune":
+            return None
+        m, module = self.method, context.embedding
+        steps_per_epoch = math.ceil(len(context.trainer.split("train")) / context.trainer.config.batch_size)
+        warmup = int(round(m.warmup_epochs * steps_per_epoch))
+        horizon = max(1, int(round(m.pruning_epochs * steps_per_epoch)))
+        t = context.stage_step - warmup
+        if t <= 0 or t % m.prune_every:
+            return None
+        target = module.target_sparsity()
+        sparsity = damped_sparsity(t, target, m.damping, time_constant_for(horizon, target, m.damping, m.tolerance))
+        module.prune_to(sparsity)
+        if target - sparsity <= m.tolerance:
+            self.reached = True
+            return True
+        return None
+
+    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        if context.stage.name != "prune":
+            return None
+        return pruning_stage_result(context.embedding, self.reached)
+
+
+class DeepLight(PruningMethod):
+    """Hyperparameters: see ``conf/method/deeplight.yaml`` and ``methods/deeplight.md``."""
+
+    name = "deeplight"
+    module_class = DeepLightEmbedding
+
+    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", warmup_epochs: float = 1.0,
+                 pruning_epochs: float = 2.0, prune_every: int = 10, damping: float = 0.99,
+                 tolerance: float = 1e-3):
+        super().__init__(name, nnz=nnz, warmup_epochs=warmup_epochs, pruning_epochs=pruning_epochs,
+                         prune_every=prune_every, damping=damping, tolerance=tolerance)
+        check_auto(self.name, "nnz", nnz)
+        if warmup_epochs < 0:
+            raise ValueError(f"method 'deeplight': warmup_epochs must be >= 0, got {warmup_epochs}")
+        if not pruning_epochs > 0:
+            raise ValueError(f"method 'deeplight': pruning_epochs must be > 0, got {pruning_epochs}")
+        if int(prune_every) < 1:
+            raise ValueError(f"method 'deeplight': prune_every must be >= 1, got {prune_every}")
+        if not 0 < damping < 1:
+            raise ValueError(f"method 'deeplight': damping must be in (0, 1), got {damping}")
+        if not 0 < tolerance < 1:
+            raise ValueError(f"method 'deeplight': tolerance must be in (0, 1), got {tolerance}")
+        self.warmup_epochs, self.pruning_epochs = float(warmup_epochs), float(pruning_epochs)
+        self.prune_every, self.damping, self.tolerance = int(prune_every), float(damping), float(tolerance)
+
+    def stages(self) -> List[Stage]:
+        # the hook ends the stage at the schedule's end; the cap leaves room for the last pruning step
+        return [Stage("prune", max_epochs=self.warmup_epochs + self.pruning_epochs + 0.5, early_stopping=False),
+                Stage("finetune")]
+
+    def hooks(self) -> List[Hook]:
+        return [MaskHook(), ScheduleHook(self)]
+
+    def rebuild(self, module: DeepLightEmbedding, stage_result: Mapping[str, Any]) -> DeepLightEmbedding:
+        module.prune_to(1.0)  # exactly nnz entries: the largest magnitudes among the survivors
+        return module
