@@ -23,8 +23,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.methods.base import InfeasibleBudget
-from recbench.tracking.base import FAILED, FINISHED, flatten
+from recbench.tracking.base import FAILED, FINISHED, flatten, owner_tags
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
+from recbench.training.inference_cost import inference_cost
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, settings_hash
@@ -101,13 +102,32 @@ def seed_everything(seed: int) -> None:
 
 
 def protocol_tag(dataset_protocol_id: str, resolved: Dict[str, Any]) -> str:
-    """Dataset protocol id + hash of the frozen training protocol (model, trainer, optimizer)."""
+    """Dataset protocol id + hash of the frozen training protocol (model, trainer, optimizer, and
+    the MoE gate when the model has one)."""
     training = {k: resolved.get(k) for k in ("model", "trainer", "optimizer")}
+    if "gate" in resolved:
+        training["gate"] = resolved["gate"]
     trimmed = json.loads(json.dumps(training, default=str))
     for key in ("trainer.progress", "trainer.num_threads", "trainer.resume", "trainer.checkpoint_every_steps",
                 "trainer.log_every_steps"):
         _drop(trimmed, key)
     return f"{dataset_protocol_id}/{settings_hash(trimmed, 8)}"
+
+
+def gate_tags(cfg: DictConfig) -> Dict[str, str]:
+    """Tags of a mixture-of-experts run's gate (none for models without one)."""
+    if cfg.get("gate") is None:
+        return {}
+    return {"gate": str(cfg.gate.name), "gate_k": str(cfg.gate.get("k")),
+            "gate_local_search": str(bool(cfg.gate.get("local_search", False))).lower()}
+
+
+def model_label(cfg: DictConfig) -> str:
+    """The model's name in run names: ``dcn``, or ``dcn_moe[comet+ls]`` with its gate."""
+    name = cfg.model.get("name", "model")
+    if cfg.get("gate") is None:
+        return name
+    return f"{name}[{cfg.gate.name}{'+ls' if cfg.gate.get('local_search', False) else ''}]"
 
 
 def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] = None) -> JobResult:
@@ -147,10 +167,13 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
         "method": method_name, "model": model_name, "dataset": spec.name, "protocol": protocol_tag(spec.protocol_id, resolved),
         "dataset_protocol_id": spec.protocol_id, "compression_ratio": f"{ratio:g}", "seed": str(cfg.seed),
         "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "config_hash": chash,
-        "group_hash": group_hash(resolved), "status": "running", **(extra_tags or {}),
+        "group_hash": group_hash(resolved), "status": "running", **gate_tags(cfg), **(extra_tags or {}),
     }
-    run_name = f"{method_name}@{ratio:g}/{model_name}/{spec.name}/s{cfg.seed}"
+    run_name = f"{method_name}@{ratio:g}/{model_label(cfg)}/{spec.name}/s{cfg.seed}"
+    tags.update(owner_tags())  # host/pid: a run left RUNNING by a killed process is recognisable
     run_id = tracker.start_run(experiment, run_name, tags, flatten(resolved), resume_run_id=resume_id)
+    if resume_id:
+        tracker.set_tags({**owner_tags(), "status": "running", "resumed": "true"})
     run_id_file.write_text(str(run_id))
     try:
         result = _train_and_evaluate(cfg, prepared, tracker, checkpoint_path, resolved)
@@ -231,7 +254,9 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
 
     seed_everything(int(cfg.seed))
     embedding = method.build(tables, dim, budget, embedding_optimizer)
-    model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables))
+    injected = {"gate": instantiate_without(cfg.gate, drop=(), _partial_=True)} if cfg.get("gate") is not None else {}
+    model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables),
+                                **injected)
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
                       checkpoint_path=checkpoint_path, log_stage=lambda *stage: _log_stage(tracker, *stage))
@@ -240,6 +265,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     measured = model.embedding.memory_report()
     metrics["emb/closed_form_matches"] = float(measured.inference_bytes == closed_form.inference_bytes)
     metrics["budget/requested_ratio"] = budget.compression_ratio
+    metrics.update(inference_cost(model, prepared, trainer_config.eval_batch_size))
     for key, value in spec.extras.items():
         if key.startswith("bayes_") and isinstance(value, (int, float)):
             metrics[f"bayes/{key[len('bayes_'):]}"] = float(value)
@@ -267,6 +293,8 @@ RESULT_KEYS = [
     ("bayes/test_auc", "Bayes-optimal test AUC", "{:.4f}"), ("test/auc_gap_to_bayes", "gap to Bayes AUC", "{:.4f}"),
     ("emb/compression_ratio", "compression ratio", "{:.4g}"), ("emb/bytes_inference", "embedding bytes (inference)", "{:,.0f}"),
     ("emb/bytes_training", "embedding bytes (training)", "{:,.0f}"), ("train/samples_per_s", "train samples/s", "{:,.0f}"),
+    ("test/rating_mse", "test rating MSE", "{:.4f}"), ("infer/flops_per_sample", "FLOPs per sample", "{:,.0f}"),
+    ("moe/experts_computed_per_sample", "experts computed per sample", "{:.2f}"),
     ("infer/latency_ms", "latency, batch 4096 (ms)", "{:.2f}"), ("infer/latency_ms_single", "latency, 1 request (ms)", "{:.3f}"),
     ("sys/peak_rss_mb", "peak RSS (MB)", "{:,.0f}"),
 ]

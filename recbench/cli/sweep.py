@@ -63,6 +63,7 @@ class Plan:
     grids: List[Grid]
     jobs_total: int = 0
     already_finished: int = 0
+    orphans_closed: int = 0
     protocols: List[str] = field(default_factory=list)
     checked: bool = False
 
@@ -165,6 +166,7 @@ def check_plan(plan: Plan) -> Plan:
             if store_key not in finished_hashes:
                 tracker = instantiate_without(cfg.tracking, drop=("skip_finished",))
                 finished_hashes[store_key] = _finished_hashes(tracker, protocol_id)
+                plan.orphans_closed += tracker.close_orphans(protocol_id)  # killed earlier: will re-run
             if cfg.tracking.get("skip_finished", False) and \
                     config_hash(OmegaConf.to_container(cfg, resolve=True)) in finished_hashes[store_key]:
                 plan.already_finished += 1
@@ -247,6 +249,9 @@ def summary(plan: Plan, counts: Optional[Counter] = None) -> str:
     if plan.checked:
         lines.append(f"  before launch: {plan.already_finished} already FINISHED (will be skipped), "
                      f"{plan.jobs_total - plan.already_finished} to run; protocols: {', '.join(plan.protocols)}")
+        if plan.orphans_closed:
+            lines.append(f"  closed {plan.orphans_closed} run(s) left RUNNING by killed processes (now KILLED, "
+                         "with the reason; their jobs run again)")
     if counts is not None:
         parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in (*OUTCOMES, "no outcome (killed?)"))
         lines.append(f"  this launch:   {parts}")

@@ -12,9 +12,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from recbench.tracking.base import orphan_reason
+
 RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
                "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
-               "overrides", "command")
+               "overrides", "command", "host", "pid", "process_start")
 
 
 def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -40,6 +42,9 @@ def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[D
                                           "start_time": run.info.start_time, "end_time": run.info.end_time}
                 record.update({k: tags.get(k, "") for k in RECORD_TAGS})
                 record["metrics"] = dict(run.data.metrics)  # the last logged value of every metric
+                orphaned = orphan_reason(tags) if run.info.status == "RUNNING" else None
+                if orphaned:  # shown as killed; `recbench-sweep` closes such runs in the store
+                    record.update(status="killed", status_reason=orphaned)
                 records.append(record)
             token = page.token
             if not token:

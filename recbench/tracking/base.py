@@ -17,6 +17,52 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
+def owner_tags() -> Dict[str, str]:
+    """Which process holds a run open: host, pid and the process's start time (s since the epoch).
+
+    A run left RUNNING by a process that no longer exists (SIGKILL, OOM kill, power loss) is an
+    orphan; ``orphan_reason`` recognises it from these tags (the start time guards against a
+    recycled pid).
+    """
+    import os
+    import socket
+
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "process_start": f"{_process_start(os.getpid()):.0f}"}
+
+
+def _process_start(pid: int) -> float:
+    """Start time of ``pid`` in seconds since the epoch (Linux /proc), or -1 when unknown/gone."""
+    import os
+
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, StopIteration):
+        return -1.0
+
+
+def orphan_reason(tags: Mapping[str, str], host: Optional[str] = None) -> Optional[str]:
+    """Why a RUNNING run with these tags has no live process on this host, or None.
+
+    Runs of other hosts, and runs without owner tags, are never declared orphans (unknowable here).
+    """
+    import socket
+
+    host = host or socket.gethostname()
+    if tags.get("host") != host or not tags.get("pid", "").isdigit():
+        return None
+    pid = int(tags["pid"])
+    started = _process_start(pid)
+    if started < 0:
+        return f"process {pid} on {host} ended without closing its run (SIGKILL, OOM kill or power loss)"
+    recorded = float(tags.get("process_start") or -1)
+    if recorded >= 0 and abs(started - recorded) > 2:
+        return f"process {pid} on {host} ended without closing its run (its pid now belongs to another process)"
+    return None
+
+
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists become their string form."""
     out: Dict[str, Any] = {}
@@ -50,6 +96,11 @@ class Tracker(abc.ABC):
     def find_finished(self, experiment: str, config_hash: str) -> Optional[str]:
         """Id of a FINISHED run of ``experiment`` with this config hash, if any."""
         return None
+
+    def close_orphans(self, experiment: str) -> int:
+        """Mark this host's RUNNING runs of ``experiment`` whose process is gone as KILLED (with the
+        reason); returns how many. Default: nothing to close."""
+        return 0
 
 
 @dataclass

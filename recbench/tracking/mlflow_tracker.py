@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
 
-from recbench.tracking.base import FINISHED, Tracker
+from recbench.tracking.base import FINISHED, KILLED, Tracker, orphan_reason
 
 MAX_PARAM_LENGTH = 6000
 _BATCH = 100
@@ -174,6 +174,27 @@ class MLflowTracker(Tracker):
 
     def end_run(self, status: str = FINISHED) -> None:
         with_retries(self.client.set_terminated, self.run_id, status=status)
+
+    def close_orphans(self, experiment: str) -> int:
+        experiment_id = self.experiment_id(experiment, create=False)
+        if experiment_id is None:
+            return 0
+        closed, token = 0, None
+        while True:
+            page = with_retries(self.client.search_runs, [experiment_id], "attributes.status = 'RUNNING'",
+                                max_results=1000, page_token=token)
+            for run in page:
+                reason = orphan_reason(run.data.tags)
+                if reason:
+                    from mlflow.entities import RunTag
+
+                    with_retries(self.client.log_batch, run.info.run_id,
+                                 tags=[RunTag("status", "killed"), RunTag("status_reason", reason)])
+                    with_retries(self.client.set_terminated, run.info.run_id, status=KILLED)
+                    closed += 1
+            token = page.token
+            if not token:
+                return closed
 
     def find_finished(self, experiment: str, config_hash: str) -> Optional[str]:
         experiment_id = self.experiment_id(experiment, create=False)

@@ -171,6 +171,16 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
     assert {r.data.tags["sweep_id"] for r in runs} == {default_sweep_id("toy", [command[2]])}
     assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["method"] == "hashing") == ["0", "1", "2"]
     assert all(r.data.tags["command"].startswith("recbench ") for r in runs)
+    # the job killed mid-run left its MLflow run RUNNING; the relaunch closed it as KILLED with a reason
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    others = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+              if r.info.status != "FINISHED"]
+    assert all(r.info.status == "KILLED" and "ended without closing its run" in r.data.tags["status_reason"]
+               for r in others), [(r.info.status, r.data.tags.get("status_reason")) for r in others]
+    if others:
+        assert f"closed {len(others)} run(s) left RUNNING by killed processes" in out
 
 
 def test_options_may_follow_the_preset_and_its_overrides(capsys):
