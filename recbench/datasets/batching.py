@@ -121,13 +121,18 @@ class BatchIterator:
             return np.arange(n, dtype=np.int64)
         return np.random.default_rng([self.seed, epoch]).permutation(n).astype(np.int64)
 
-    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[RecBatch]:
-        """Batches of one epoch, optionally starting at ``start_batch`` (for resume)."""
+    def epoch_rows(self, epoch: int = 0, start_batch: int = 0) -> Iterator[np.ndarray]:
+        """Row indices of each batch of one epoch, optionally starting at ``start_batch``."""
         order = self.order(epoch)
         for b in range(start_batch, len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             if self.shuffle:
                 rows = np.sort(rows)  # sequential page access inside the batch; order within a batch is irrelevant
+            yield rows
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[RecBatch]:
+        """Batches of one epoch, optionally starting at ``start_batch`` (for resume)."""
+        for rows in self.epoch_rows(epoch, start_batch):
             yield make_batch(self.spec, self.split, rows)
 
     def __iter__(self) -> Iterator[RecBatch]:

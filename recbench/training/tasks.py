@@ -16,7 +16,7 @@ Mixture-of-Experts", KDD 2018 (one loss per task, summed with weights).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Union
+from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -46,15 +46,23 @@ def regression_target(batch, task: str) -> torch.Tensor:
     return targets[task]
 
 
-def training_loss(model: nn.Module, output: Output, batch) -> torch.Tensor:
-    """The weighted sum of the task losses plus the model's own regularisation (scalar)."""
+def training_loss(model: nn.Module, output: Output, batch, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The weighted sum of the task losses plus the model's own regularisation (scalar).
+
+    Task losses are means over the batch, or ``sum_i row_scale_i * loss_i`` when ``row_scale``
+    (B,) is given (a rank's part of a global batch: see ``recbench.training.distributed``)."""
     outputs = task_outputs(output)
     weights = getattr(model, "task_weights", None) or {}
-    loss = float(weights.get(CLICK, 1.0)) * nn.functional.binary_cross_entropy_with_logits(outputs[CLICK], batch.labels)
+
+    def reduce(per_row: torch.Tensor) -> torch.Tensor:
+        return per_row.mean() if row_scale is None else (per_row * row_scale).sum()
+
+    bce = nn.functional.binary_cross_entropy_with_logits(outputs[CLICK], batch.labels, reduction="none")
+    loss = float(weights.get(CLICK, 1.0)) * reduce(bce)
     for task, prediction in outputs.items():
         if task != CLICK:
             target = regression_target(batch, task)
-            loss = loss + float(weights.get(task, 1.0)) * nn.functional.mse_loss(prediction, target)
+            loss = loss + float(weights.get(task, 1.0)) * reduce(nn.functional.mse_loss(prediction, target, reduction="none"))
     extra_loss = getattr(model, "extra_loss", None)
     if extra_loss is not None:
         loss = loss + extra_loss()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from recbench.datasets.batching import BatchIterator, RecBatch
 from recbench.datasets.storage import PreparedDataset
 from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
+from recbench.training.distributed import SingleProcess
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.training.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
@@ -138,14 +139,17 @@ class Trainer:
         checkpoint_path: where to save/resume (None: no checkpoints).
         log_stage: callable(stage_index: int, stage_name: str, result: dict) called once per
             finished stage with its full result (the job stores it as artifacts), or None.
+        parallel: the process strategy (``recbench.training.distributed``): which rows of each
+            batch this process reads, how the loss is scaled, how predictions are gathered.
     """
 
     def __init__(self, config: TrainerConfig, model: nn.Module, method, dataset: PreparedDataset,
                  dense_optimizer: DenseOptimizer, embedding_optimizer: EmbeddingOptimizer,
                  log_metrics: Optional[Callable[[Dict[str, float], int], None]] = None,
                  checkpoint_path: Optional[Path] = None,
-                 log_stage: Optional[Callable[[int, str, Dict[str, Any]], None]] = None):
+                 log_stage: Optional[Callable[[int, str, Dict[str, Any]], None]] = None, parallel=None):
         self.config, self.model, self.method, self.dataset = config, model, method, dataset
+        self.parallel = parallel or SingleProcess()
         self._log_stage = log_stage or (lambda index, name, result: None)
         self.dense_optimizer, self.embedding_optimizer = dense_optimizer, embedding_optimizer
         self._log = log_metrics or (lambda metrics, step: None)
@@ -174,7 +178,7 @@ class Trainer:
         model = model or self.model
         was_training = model.training
         model.eval()
-        iterator = BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size)
+        iterator = self.parallel.iterate(BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size))
         labels: List[np.ndarray] = []
         outputs: Dict[str, List[np.ndarray]] = {}
         targets: Dict[str, List[np.ndarray]] = {}
@@ -184,6 +188,7 @@ class Trainer:
                 if task != CLICK:
                     targets.setdefault(task, []).append(regression_target(batch, task).numpy())
             labels.append(batch.labels.numpy())
+        labels, outputs, targets = self.parallel.gather(iterator, labels, outputs, targets)
         model.train(was_training)
         if not labels:
             raise ValueError(f"split {split!r} of {self.dataset.spec.protocol_id} is empty")
@@ -308,6 +313,7 @@ class Trainer:
             self._save(dict(progress), best_state)
         if last_train_best:
             self.model.load_state_dict(last_train_best)
+        self.model = self.parallel.unshard(self.model)  # distributed: gather the tables for the final evaluation
         metrics = self._final_metrics()
         return TrainResult(metrics, self.stage_results, self.history)
 
@@ -331,8 +337,8 @@ class Trainer:
     def _train_stage(self, stage: Stage, context: TrainContext, progress: Dict[str, Any],
                      best_state: Optional[Dict[str, torch.Tensor]]):
         cfg = self.config
-        iterator = BatchIterator(self.dataset.spec, self.split("train"), cfg.batch_size, shuffle=True,
-                                 seed=cfg.seed * 1000 + context.stage_index)
+        iterator = self.parallel.iterate(BatchIterator(self.dataset.spec, self.split("train"), cfg.batch_size,
+                                                       shuffle=True, seed=cfg.seed * 1000 + context.stage_index))
         steps_per_epoch = len(iterator)
         max_epochs = stage.max_epochs if stage.max_epochs is not None else cfg.max_epochs
         max_steps = stage.max_steps or cfg.max_steps or int(math.ceil(max_epochs * steps_per_epoch))
@@ -347,7 +353,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 loss = self._step(batch)
                 self.train_seconds += time.perf_counter() - t0
-                self.trained_samples += batch.labels.shape[0]
+                self.trained_samples += self.parallel.samples(batch)
                 progress["stage_step"] += 1
                 progress["global_step"] += 1
                 progress["batch"] += 1
@@ -399,13 +405,13 @@ class Trainer:
     def _step(self, batch: RecBatch) -> float:
         self.model.train()
         output = self.model(batch.dense_features, batch.sparse_features)
-        loss = training_loss(self.model, output, batch) + self.model.embedding.extra_loss()
+        loss = training_loss(self.model, output, batch, self.parallel.row_scale(batch)) + self.model.embedding.extra_loss()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()  # fused tables are updated here, inside FBGEMM's backward
         for opt in self.optimizers.values():
             opt.step()
-        value = float(loss.detach())
+        value = self.parallel.reduce_value(loss)
         if not math.isfinite(value):
             raise TrainingDiverged(f"loss is {value} at a training step of method {self.method.name!r}")
         return value

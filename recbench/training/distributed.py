@@ -1,0 +1,404 @@
+"""Multi-process training: TorchRec model parallelism for tables, data parallelism for the rest.
+
+``torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`` runs one
+process per rank. The trainer loop is unchanged; it talks to a *parallel strategy*:
+
+* ``SingleProcess`` (the default): whole batches, mean loss, nothing to gather.
+* ``ProcessGroupParallel``: every rank walks the same seeded global batch order and reads only
+  its contiguous part of each batch (``RankIterator``); the model is wrapped by TorchRec's
+  ``DistributedModelParallel`` (``wrap``), whose planner shards every
+  ``FusedEmbeddingBagCollection`` a table-backed method holds (``FusedTables.collection``) and
+  whose data-parallel wrapper replicates everything else with DDP (dense MLPs and the modules of
+  custom-lookup methods). Evaluation gathers every rank's predictions, so AUC and log loss are the
+  exact global ones; after training the sharded tables are gathered into an unsharded copy of the
+  model (``unshard``) on which the usual final evaluation runs (deployable form, memory report,
+  latency).
+
+Exactness: the loss of rank r is ``sum_i w_i * bce_i * W / n`` over its rows (n rows in the
+global batch, W ranks). DDP averages dense gradients over ranks and TorchRec divides the pooled
+embedding gradients by W in its all-to-all backward (``comm_ops.GRADIENT_DIVISION``), so every
+parameter gets the gradient of the global mean loss: the same update as one process with the
+same global batch, up to float summation order.
+
+Sharding types (checked against TorchRec 1.8): ``FusedEmbeddingBagCollectionSharder`` offers
+data_parallel, table_wise, column_wise and table_column_wise on CPU (row_wise and
+table_row_wise on CUDA only). data_parallel is not offered here: it replicates the table with a
+dense kernel whose whole-table gradient DDP all-reduces (DESIGN.md section 6 forbids dense table
+gradients), and on CPU TorchRec 1.8 builds that DDP with ``device_ids=[cpu]``, which torch
+rejects. Sparse (row-sparse gradient) parameters of custom-lookup methods are kept out of DDP,
+whose bucket views cannot hold sparse tensors, and are all-reduced by a gradient hook instead.
+
+Limits: methods with several stages (a module rebuilt between stages) are rejected; the final
+evaluation gathers the tables on every rank, so the model must fit one host once trained;
+distributed runs do not write resumable checkpoints (a killed distributed run restarts).
+
+References: TorchRec ``DistributedModelParallel``, ``EmbeddingShardingPlanner``; PyTorch
+``DistributedDataParallel``; DESIGN.md sections 4 and 6.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
+
+log = logging.getLogger(__name__)
+
+#: sharding types offered per compute device (TorchRec 1.8's fused sharder, data_parallel excluded)
+SHARDING_TYPES = {
+    "cpu": ("table_wise", "column_wise", "table_column_wise"),
+    "cuda": ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"),
+}
+_NOT_OFFERED = {
+    "data_parallel": "it replicates the table with a dense kernel whose whole-table gradient is all-reduced "
+                     "(dense table gradients are not allowed), and TorchRec 1.8 cannot build it on CPU",
+    "row_wise": "TorchRec 1.8 offers it on CUDA only",
+    "table_row_wise": "TorchRec 1.8 offers it on CUDA only",
+}
+
+
+class DistributedSetupError(RuntimeError):
+    """A distributed run that cannot start: the message says what is missing or not allowed."""
+
+
+def check_sharding_types(names: Optional[Sequence[str]], device_type: str = "cpu") -> Tuple[str, ...]:
+    """The sharding types the planner may choose from (None: every type offered on the device)."""
+    allowed = SHARDING_TYPES["cuda" if device_type == "cuda" else "cpu"]
+    if names is None:
+        return allowed
+    chosen = tuple(str(n) for n in names)
+    if not chosen:
+        raise DistributedSetupError("trainer.sharding_types is empty; allowed: " + ", ".join(allowed))
+    for name in chosen:
+        if name not in allowed:
+            why = f" ({_NOT_OFFERED[name]})" if name in _NOT_OFFERED and name not in allowed else ""
+            raise DistributedSetupError(
+                f"trainer.sharding_types: {name!r} is not available on {device_type}{why}; "
+                f"allowed: {', '.join(allowed)}")
+    return chosen
+
+
+@dataclass
+class LocalBatch(RecBatch):
+    """A rank's part of a global batch.
+
+    Attributes:
+        weights: (B_local,) 1 for real rows, 0 for the one padding row a rank gets when the global
+            batch has fewer rows than there are ranks (every rank must join each collective).
+        global_size: rows in the whole global batch (n).
+    """
+
+    weights: torch.Tensor = None
+    global_size: int = 0
+
+
+class SingleProcess:
+    """One process: the trainer's defaults (whole batches, mean loss)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def iterate(self, iterator: BatchIterator):
+        return iterator
+
+    def row_scale(self, batch: RecBatch) -> Optional[torch.Tensor]:
+        """Per-row loss factors (B,), or None for the plain batch mean."""
+        return None
+
+    def reduce_value(self, loss: torch.Tensor) -> float:
+        return float(loss.detach())
+
+    def samples(self, batch: RecBatch) -> int:
+        return int(batch.labels.shape[0])
+
+    def gather(self, iterator, labels: List[np.ndarray], outputs: Dict[str, List[np.ndarray]],
+               targets: Dict[str, List[np.ndarray]]):
+        """Per-batch prediction arrays of this process -> those of the whole split."""
+        return labels, outputs, targets
+
+    def unshard(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def wrap(self, model: nn.Module, build: Callable[[], nn.Module], method, sharding_types=None) -> nn.Module:
+        return model
+
+    def first(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def broadcast(self, value: Any) -> Any:
+        return value
+
+
+class RankIterator:
+    """The rank's contiguous part of every batch of ``base`` (same order on every rank).
+
+    ``len()`` and ``epoch(epoch, start_batch)`` mirror ``BatchIterator``; each yielded
+    ``LocalBatch`` holds rows ``np.array_split(batch_rows, W)[rank]``.
+    """
+
+    def __init__(self, base: BatchIterator, rank: int, world_size: int):
+        self.base, self.rank, self.world_size = base, int(rank), int(world_size)
+        self.keep_masks: List[np.ndarray] = []  # per yielded batch: which local rows are real
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[LocalBatch]:
+        self.keep_masks = []
+        for rows in self.base.epoch_rows(epoch, start_batch):
+            part = np.array_split(rows, self.world_size)[self.rank]
+            weights = torch.ones(len(part))
+            if len(part) == 0:  # fewer rows than ranks: one zero-weight row keeps the collectives aligned
+                part, weights = rows[:1], torch.zeros(1)
+            self.keep_masks.append(weights.numpy() > 0)
+            batch = make_batch(self.base.spec, self.base.split, part)
+            yield LocalBatch(dense_features=batch.dense_features, sparse_features=batch.sparse_features,
+                             labels=batch.labels, targets=batch.targets, weights=weights, global_size=len(rows))
+
+    def __iter__(self) -> Iterator[LocalBatch]:
+        return self.epoch(0)
+
+
+class ShardedModel(nn.Module):
+    """The trainer's view of a ``DistributedModelParallel`` model.
+
+    forward(dense (B, num_dense), sparse KJT) -> logits (B,) through DMP (sharded lookups +
+    DDP); ``embedding``, ``state_dict`` and ``load_state_dict`` are the wrapped model's (sharded
+    tables appear as ``ShardedTensor``s holding this rank's shards).
+    """
+
+    def __init__(self, dmp: nn.Module, model: nn.Module):
+        super().__init__()
+        self.dmp = dmp
+        object.__setattr__(self, "inner", model)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "embedding":
+            raise DistributedSetupError("a distributed run cannot replace the embedding module while training "
+                                        "(multi-stage methods and module-swapping hooks need one process)")
+        super().__setattr__(name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # embedding, extra_loss, task_weights, ...: the wrapped model's
+            return getattr(self.inner, name)
+
+    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        return self.dmp(dense, sparse)
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.inner.load_state_dict(state_dict, strict=strict)
+
+
+class ProcessGroupParallel(SingleProcess):
+    """Strategy of one rank in an initialised default process group."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        self.device = device or torch.device("cpu")
+        self._build: Optional[Callable[[], nn.Module]] = None
+
+    # ---------------------------------------------------------------- data
+    def iterate(self, iterator: BatchIterator) -> RankIterator:
+        return RankIterator(iterator, self.rank, self.world_size)
+
+    def row_scale(self, batch: LocalBatch) -> torch.Tensor:
+        return batch.weights * (self.world_size / batch.global_size)
+
+    def reduce_value(self, loss: torch.Tensor) -> float:
+        total = loss.detach().clone().reshape(1).double()
+        dist.all_reduce(total)
+        return float(total) / self.world_size
+
+    def samples(self, batch: LocalBatch) -> int:
+        return int(batch.global_size)
+
+    def gather(self, iterator: "RankIterator", labels, outputs, targets):
+        """Every rank's real rows, batch by batch in rank order: the split's rows in their order."""
+        keep = iterator.keep_masks
+        local = ([x[m] for x, m in zip(labels, keep)],
+                 {k: [x[m] for x, m in zip(v, keep)] for k, v in outputs.items()},
+                 {k: [x[m] for x, m in zip(v, keep)] for k, v in targets.items()})
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, local)
+
+        def join(parts_per_rank: List[List[np.ndarray]]) -> List[np.ndarray]:
+            return [np.concatenate([parts[b] for parts in parts_per_rank]) for b in range(len(parts_per_rank[0]))]
+
+        return (join([r[0] for r in everyone]),
+                {k: join([r[1][k] for r in everyone]) for k in outputs},
+                {k: join([r[2][k] for r in everyone]) for k in targets})
+
+    def first(self, fn: Callable[[], Any]) -> Any:
+        """Rank 0 runs ``fn`` (e.g. building a dataset cache) before the others."""
+        if self.is_main:
+            value = fn()
+            dist.barrier()
+            return value
+        dist.barrier()
+        return fn()
+
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    # --------------------------------------------------------------- model
+    def wrap(self, model: nn.Module, build: Callable[[], nn.Module], method, sharding_types=None) -> ShardedModel:
+        """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest.
+
+        ``build`` makes a fresh unsharded model of the same shape (used by ``unshard``)."""
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+
+        stages = list(method.stages())
+        if len(stages) != 1:
+            raise DistributedSetupError(
+                f"method {method.name!r} has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
+                "trainer.distributed=true supports single-stage methods (the module is sharded once)")
+        self._build = build
+        types = check_sharding_types(sharding_types, self.device.type)
+        sharder = _fused_sharder(types)
+        topology = TopologyFactory.create_topology(
+            TrainerConfig(world_size=self.world_size,
+                          local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))),
+            kernel_config=KernelConfig(compute_device=self.device.type))
+        planner = EmbeddingShardingPlanner(topology=topology)
+        plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
+        sparse = _sparse_parameters(model)
+        dmp = DistributedModelParallel(model, device=self.device, plan=plan, sharders=[sharder],
+                                       data_parallel_wrapper=_DataParallel(sparse))
+        _all_reduce_sparse_gradients(sparse, self.world_size)
+        if self.is_main:
+            log.info("sharding plan over %d ranks:\n%s", self.world_size, plan or "(no tables to shard)")
+        return ShardedModel(dmp, model)
+
+    def unshard(self, model: nn.Module) -> nn.Module:
+        """An unsharded copy of a ``ShardedModel`` on every rank (tables gathered from their shards)."""
+        if not isinstance(model, ShardedModel):
+            return model
+        state = {key: _full_tensor(value) for key, value in model.state_dict().items()}
+        with torch.random.fork_rng():
+            fresh = self._build()
+        fresh.load_state_dict(state)
+        return fresh.to(self.device)
+
+
+def _fused_sharder(types: Sequence[str]):
+    from torchrec.distributed.fused_embeddingbag import FusedEmbeddingBagCollectionSharder
+
+    class Sharder(FusedEmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> List[str]:
+            return [t for t in super().sharding_types(compute_device_type) if t in types]
+
+    return Sharder()
+
+
+def _sparse_parameters(model: nn.Module) -> List[nn.Parameter]:
+    embedding = getattr(model, "embedding", None)
+    if embedding is None or not hasattr(embedding, "param_groups"):
+        return []
+    return [p for group in embedding.param_groups() if group.kind == "sparse" for p in group.params]
+
+
+class _DataParallel:
+    """DMP's data-parallel wrapper: DDP over every unsharded parameter except row-sparse ones."""
+
+    def __init__(self, sparse: Sequence[nn.Parameter]):
+        self.sparse_ids = {id(p) for p in sparse}
+
+    def wrap(self, dmp, env, device) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+
+        module = dmp._dmp_wrapped_module
+        ignore = set(DistributedModelParallel._sharded_parameter_names(module))
+        ignore |= {name for name, p in module.named_parameters() if id(p) in self.sparse_ids}
+        if not (set(dict(module.named_parameters())) - ignore):
+            return
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
+        dmp._dmp_wrapped_module = DistributedDataParallel(
+            module, device_ids=None if device.type == "cpu" else [device], process_group=env.process_group,
+            broadcast_buffers=False, static_graph=True, gradient_as_bucket_view=False)
+
+
+def _all_reduce_sparse_gradients(params: Sequence[nn.Parameter], world_size: int) -> None:
+    """Average row-sparse gradients over ranks as soon as each is accumulated (same order on every
+    rank: every rank runs the same backward graph). Ranks start from identical values (same seed)."""
+    for param in params:
+        def hook(p: torch.Tensor) -> None:
+            grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
+            work = dist.all_reduce(grad, async_op=True)
+            work.wait()
+            p.grad = work.result()[0] / world_size if grad.is_sparse else grad / world_size
+        param.register_post_accumulate_grad_hook(hook)
+
+
+def _full_tensor(value: Any) -> Any:
+    """A ShardedTensor -> the whole tensor on every rank (each element owned by exactly one rank)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not isinstance(value, ShardedTensor):
+        return value
+    full = torch.zeros(value.size(), dtype=value.dtype)
+    for shard in value.local_shards():
+        index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+        full[index] = shard.tensor.detach().to("cpu", full.dtype)
+    dist.all_reduce(full)
+    return full
+
+
+_ACTIVE: SingleProcess = SingleProcess()
+
+
+def current() -> SingleProcess:
+    """The strategy of this process (``SingleProcess`` outside a distributed session)."""
+    return _ACTIVE
+
+
+@contextlib.contextmanager
+def session(enabled: bool, timeout_minutes: float = 30.0) -> Iterator[SingleProcess]:
+    """Join the torchrun process group for the duration of one run (``enabled``), else no-op.
+
+    On success every rank frees its model, meets at a barrier and destroys the group (an exit-time
+    abort was seen when the group was destroyed while another rank still held sharded modules);
+    on failure the group is destroyed without a barrier and torchrun stops the other ranks."""
+    global _ACTIVE
+    if not enabled:
+        yield _ACTIVE
+        return
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing and not dist.is_initialized():
+        raise DistributedSetupError(
+            f"trainer.distributed=true needs a launcher that sets {', '.join(missing)}: run "
+            "`torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`")
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))
+    _ACTIVE = ProcessGroupParallel()
+    ok = False
+    try:
+        yield _ACTIVE
+        ok = True
+    finally:
+        _ACTIVE = SingleProcess()
+        gc.collect()
+        if owned:
+            if ok:
+                dist.barrier()
+            dist.destroy_process_group()
