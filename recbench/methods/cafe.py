@@ -94,7 +94,8 @@ class CafeEmbedding(FusedIdMapEmbedding):
             starts.append(starts[-1] + m)
         self.register_buffer("level_start", torch.tensor(starts), persistent=False)
         self.register_buffer("level_rows", torch.tensor(self.hash_rows), persistent=False)
-        self.sketch = HotSketch(int(hparams["buckets"]), SLOTS_PER_BUCKET, seed=int(hparams["hash_seed"]) + 1)
+        self.sketch = HotSketch(int(hparams["buckets"]), SLOTS_PER_BUCKET, seed=int(hparams["hash_seed"]) + 1,
+                                replacement=hparams["sketch_replacement"])
         self.register_buffer("medium_threshold", torch.full((1,), float("inf")))
         self.register_buffer("row_owner", torch.full((self.hot_rows,), -1, dtype=torch.int32))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
@@ -252,17 +253,21 @@ class CafeEmbedding(FusedIdMapEmbedding):
 
 class Cafe(CompressionMethod):
     """Hyperparameters: ``rows`` (auto), ``hot_fraction``, ``sketch_slots_per_hot``, ``hash_levels``,
-    ``medium_fraction``, ``decay``, ``migrate_every``, ``write_back``, ``hash_seed``."""
+    ``medium_fraction``, ``decay``, ``migrate_every``, ``write_back``, ``hash_seed``, ``sketch_replacement``."""
 
     name = "cafe"
     table_backed = True
 
     def __init__(self, name: Optional[str] = None, rows: Any = "auto", hot_fraction: float = 0.5,
                  sketch_slots_per_hot: float = 2.0, hash_levels: int = 1, medium_fraction: float = 0.1,
-                 decay: float = 0.98, migrate_every: int = 1, write_back: bool = True, hash_seed: int = 0):
+                 decay: float = 0.98, migrate_every: int = 1, write_back: bool = True, hash_seed: int = 0,
+                 sketch_replacement: str = "decay"):
         super().__init__(name, rows=rows, hot_fraction=hot_fraction, sketch_slots_per_hot=sketch_slots_per_hot,
                          hash_levels=hash_levels, medium_fraction=medium_fraction, decay=decay,
-                         migrate_every=migrate_every, write_back=write_back, hash_seed=hash_seed)
+                         migrate_every=migrate_every, write_back=write_back, hash_seed=hash_seed,
+                         sketch_replacement=sketch_replacement)
+        if sketch_replacement not in HotSketch.REPLACEMENTS:
+            raise ValueError(f"cafe: sketch_replacement={sketch_replacement!r}; allowed: {', '.join(HotSketch.REPLACEMENTS)}")
         if rows != "auto" and not (isinstance(rows, int) and rows >= 2):
             raise ValueError(f"cafe: rows must be 'auto' or an integer >= 2, got {rows!r}")
         if not 0.0 < float(hot_fraction) < 1.0:
@@ -281,7 +286,7 @@ class Cafe(CompressionMethod):
         self.settings = {"hot_fraction": float(hot_fraction), "sketch_slots_per_hot": float(sketch_slots_per_hot),
                          "hash_levels": int(hash_levels), "medium_fraction": float(medium_fraction),
                          "decay": float(decay), "migrate_every": int(migrate_every), "write_back": bool(write_back),
-                         "hash_seed": int(hash_seed)}
+                         "hash_seed": int(hash_seed), "sketch_replacement": sketch_replacement}
 
     def _hparams(self, compressed: Sequence[str], rows: int, hot: Optional[int] = None) -> Dict[str, Any]:
         s = self.settings

@@ -9,9 +9,13 @@ key, -1 when empty), its importance score (fp32) and, when the id is hot, the ro
 exclusive table it owns (int32, -1 otherwise): the sketch *is* the exclusive table's id map, so
 no per-id structure exists. An id hashes to one bucket (universal hash, ``hashing_fns``).
 Insert (id, s): if the id has a slot, its score grows by s; else it takes an empty slot with
-score s; else it replaces the bucket's lowest-scored slot and inherits that score plus s
-(Space-Saving within the bucket, so a heavy id's score never underestimates its true sum).
-The replaced id leaves the sketch (and, if hot, its exclusive row). Scores decay by a factor per
+score s; else the bucket's lowest-scored slot is contested. ``replacement: decay`` (default; the
+exponential-weakening rule of the Python ``Sketch`` in the authors' repository, HeavyKeeper-style,
+base 1.08): with probability 1.08^-score_min that score shrinks by s, and the newcomer takes the
+slot (with what is left of s) only when it reaches 0, so a stream of cold ids cannot push out a
+heavy one. ``replacement: space_saving``: the newcomer always takes the slot and inherits
+score_min + s (Space-Saving within the bucket). A replaced id leaves the sketch (and, if hot,
+its exclusive row). Scores decay by a factor per
 step, so the sketch follows drifting hot sets. ``hot_plan(H)`` returns which slots should gain or
 lose an exclusive row so that exactly the (at most) H highest-scored ids are hot: the paper's
 score threshold, adjusted to the capacity (the reference's ``adjust_thres``).
@@ -43,8 +47,15 @@ class HotSketch(nn.Module):
         seed: seed of the bucket hash.
     """
 
-    def __init__(self, buckets: int, slots: int = 4, seed: int = 0):
+    REPLACEMENTS = ("decay", "space_saving")
+
+    def __init__(self, buckets: int, slots: int = 4, seed: int = 0, replacement: str = "decay",
+                 decay_base: float = 1.08):
         super().__init__()
+        if replacement not in self.REPLACEMENTS:
+            raise ValueError(f"HotSketch replacement={replacement!r}; allowed: {', '.join(self.REPLACEMENTS)}")
+        self.replacement, self.decay_base = replacement, float(decay_base)
+        self.generator = torch.Generator().manual_seed(int(seed) + 7919)
         if buckets < 1 or slots < 1:
             raise ValueError(f"HotSketch needs >= 1 bucket and slot, got buckets={buckets}, slots={slots}")
         self.num_buckets, self.num_slots = int(buckets), int(slots)
@@ -108,13 +119,23 @@ class HotSketch(nn.Module):
             old = slot_scores.gather(1, slot.unsqueeze(1)).squeeze(1)
             replaced = ~has_hit & ~has_empty
             old_rows = self.rows[b, slot]
-            gone = replaced & (old_rows >= 0)
+            new_score, take = old + v, torch.ones_like(has_hit)
+            if self.replacement == "decay":
+                # exponential weakening: the lowest slot's score shrinks by v with probability
+                # decay_base^-score; the newcomer takes the slot only once that score is used up
+                shrink = torch.rand(k.numel(), generator=self.generator) < self.decay_base ** (-old.double())
+                left = old - v
+                evict = replaced & shrink & (left <= 0)
+                take = has_hit | has_empty | evict
+                new_score = torch.where(has_hit | has_empty, old + v,
+                                        torch.where(evict, -left, torch.where(replaced & shrink, left, old)))
+            gone = replaced & take & (old_rows >= 0)
             if gone.any():
                 lost_keys.append(self.keys[b[gone], slot[gone]].long())
                 lost_rows.append(old_rows[gone].long())
-            self.scores[b, slot] = torch.where(has_empty & ~has_hit, v, old + v)
-            self.keys[b, slot] = k.to(torch.int32)
-            self.rows[b, slot] = torch.where(has_hit, old_rows, torch.full_like(old_rows, -1))
+            self.scores[b, slot] = new_score
+            self.keys[b, slot] = torch.where(take, k.to(torch.int32), self.keys[b, slot])
+            self.rows[b, slot] = torch.where(has_hit | ~take, old_rows, torch.full_like(old_rows, -1))
         cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)  # noqa: E731
         return cat(lost_keys), cat(lost_rows)
 
