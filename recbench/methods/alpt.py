@@ -1,0 +1,37 @@
+"""``alpt``: Adaptive Low-Precision Training — integer rows with learned step sizes.
+
+References: Li, Guo, Hou, Zhang, Tang, Tang, Zhang & Li, "Adaptive Low-Precision Training for
+Embeddings in Click-Through Rate Prediction", AAAI 2023 (arXiv:2212.05735); the step-size
+gradient of Esser et al., "Learned Step Size Quantization" (LSQ), ICLR 2020.
+
+Mechanism: as ``lpt`` (integer rows only, de-quantized for the lookup, optimizer step on the
+touched rows inside the backward, stochastic rounding on write), but the step size Delta (one per
+row, as in the paper, or one per field) is learned: its gradient is LSQ's straight-through
+estimate at the updated rows, scaled by 1 / sqrt(N Q_P), and a separate parameter group steps it
+with ``scale_learning_rate``; the updated rows are then rounded with the new Delta
+(``on_step_end`` hook) — the paper's alternating update of weights and step sizes. Step sizes
+start at LSQ's 2 mean|w| / sqrt(Q_P) of the initial draw. See ``recbench.methods.low_precision``.
+Budget: bytes = packed integer rows (D * b / 8 per row, INT4 two and INT2 four values per byte)
++ fp32 step sizes (4 bytes per row or per field) (+ kept fields in fp32); per-field precision from
+``levels`` (default 16, 8, 4, 2) as in ``lpt``. With D = 16 and per-row steps the reachable
+ratios are about [0.125, 0.5625]; per-field steps reach [0.0625, 0.5].
+Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+from recbench.methods.low_precision import LowPrecisionMethod
+
+
+class ALPT(LowPrecisionMethod):
+    """Hyperparameters: ``bits`` (auto | 16 | 8 | 4 | 2), ``levels``, ``granularity`` (row | field),
+    ``scale_learning_rate`` (the step sizes' own learning rate)."""
+
+    name = "alpt"
+    learnable = True
+    allowed_levels = (16, 8, 4, 2)
+
+    def __init__(self, name: Optional[str] = None, bits: Any = "auto", levels: Sequence[int] = (16, 8, 4, 2),
+                 granularity: str = "row", scale_learning_rate: float = 2e-5):
+        super().__init__(name, bits, levels, granularity=granularity, scale_learning_rate=scale_learning_rate)

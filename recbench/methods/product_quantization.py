@@ -1,0 +1,431 @@
+"""Differentiable product quantization of embedding rows, shared by ``dpq`` and ``mgqe``.
+
+References: Chen, Li & Sun, "Differentiable Product Quantization for End-to-End Embedding
+Compression", ICML 2020 (DPQ); Kang, Cheng, Chen, Yi, Lin, Hong & Chi, "Learning Multi-granular
+Quantized Embeddings for Large-Vocab Categorical Features in Recommender Systems", WWW 2020 (MGQE).
+
+Mechanism (training form). Every compressed row keeps a full query vector q (the paper's query
+embedding, fp32, sparse gradients) split into P parts of d = D / P values. Each part j has K
+key codewords and K value codewords (one codebook for all compressed fields, or one per field).
+The logits of part j are <q_j, key_jk> (``assignment: softmax``) or -||q_j - key_jk||^2
+(``assignment: vq``), optionally batch-normalised without affine parameters (the paper's BN on
+the logits); the code is c_j = argmax_k logit_jk. softmax: the output part is
+sum_k onehot(c_j)_k value_jk in the forward, with the gradient of softmax(logit_j / tau)
+(straight-through, DPQ-SX). vq: keys are the values; the output part is
+q_j + sg(key_jc - q_j) (straight-through) and ``extra_loss`` adds the VQ-VAE terms
+mean ||sg(q_j) - key_jc||^2 + beta mean ||q_j - sg(key_jc)||^2 (DPQ-VQ). MGQE restricts the rows
+outside a field's top ``head_fraction`` by training frequency (``TableSpec.counts``) to the first
+K_tail < K codewords (their logits beyond K_tail are masked).
+
+Deployable form (``to_inference``): the codes of every row, computed once in hard mode from the
+final query table (evaluation in the training form uses the same all-row codes, so both forms
+agree exactly), bit-packed at the smallest width ceil(log2 K) (``bit_packing``), plus the value
+codebooks; MGQE stores head and tail codes in two streams at their two widths and a head bitmap
+with one int32 rank per 64 rows to find a row's slot. The query table and keys are dropped.
+
+Budget: inference bytes = packed codes + value codebooks (books x K x D x 4) (+ MGQE's bitmap and
+ranks) (+ kept fields in fp32). ``parts`` (a divisor of D) and ``codewords`` are solved: for
+every allowed P the largest K <= ``max_codewords`` (and <= the number of rows) within the target,
+then the landing pair with the most code bits per row P log2 K. Training bytes add the query table and its Adagrad state, the keys, Adam's
+moments of the codebooks and the batch-norm statistics.
+
+Shapes: KJT (F keys, N values) -> U unique rows -> queries (U, P, d) -> logits (U, P, K)
+-> codes (U, P) -> per id (N, D) -> KeyedTensor (B, F * D).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recbench.methods import bit_packing
+from recbench.methods.base import CompressionMethod, InfeasibleBudget
+from recbench.methods.budget import kept_bytes, largest_integer_within, split_tables, target_bytes
+from recbench.methods.per_id import PerIdEmbedding
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+
+ASSIGNMENTS = ("softmax", "vq")
+CODEBOOKS = ("shared", "per_field")
+MAX_CODEWORDS = 1 << bit_packing.MAX_BITS
+RANK_BLOCK = 64  # rows per int32 rank entry of MGQE's head bitmap
+INT32_BYTES, INT64_BYTES = 4, 8
+_CHUNK_ROWS = 65536
+
+
+def head_rows(counts: Optional[np.ndarray], fraction: float, name: str) -> np.ndarray:
+    """Indices of the ceil(fraction * n) most frequent rows of a field (ties: lower id first)."""
+    if counts is None:
+        raise ValueError(f"mgqe: table {name!r} has no training counts (TableSpec.counts); the head/tail split needs them")
+    count = int(math.ceil(fraction * len(counts)))
+    order = np.lexsort((np.arange(len(counts)), -np.asarray(counts, dtype=np.int64)))
+    return np.sort(order[:count])
+
+
+def group_map_bytes(rows: int) -> int:
+    """MGQE's head bitmap (1 bit per row) + one int32 rank per RANK_BLOCK rows."""
+    return bit_packing.packed_bytes(rows, 1) + -(-rows // RANK_BLOCK) * INT32_BYTES
+
+
+class HeadIndex(nn.Module):
+    """Which rows are head rows and each row's slot in its group (rank/select on a bitmap).
+
+    Buffers: ``bitmap`` (ceil(R / 8),) uint8, ``ranks`` (ceil(R / 64),) int32 = head rows before
+    each block of 64 rows. ``slots(rows)`` -> (is_head (U,) bool, slot (U,) int64): the index among
+    head rows for head rows, among tail rows for tail rows.
+    """
+
+    def __init__(self, is_head: torch.Tensor):
+        super().__init__()
+        rows = is_head.numel()
+        self.register_buffer("bitmap", bit_packing.pack_bits(is_head.to(torch.int64), 1))
+        blocks = -(-rows // RANK_BLOCK)
+        padded = torch.zeros(blocks * RANK_BLOCK, dtype=torch.int64)
+        padded[:rows] = is_head.to(torch.int64)
+        per_block = padded.view(blocks, RANK_BLOCK).sum(1)
+        self.register_buffer("ranks", (torch.cumsum(per_block, 0) - per_block).to(torch.int32))
+
+    def slots(self, rows: torch.Tensor):
+        block_start = (rows // RANK_BLOCK) * RANK_BLOCK
+        within = torch.arange(RANK_BLOCK, dtype=torch.int64)
+        bits = bit_packing.read_bits(self.bitmap, 1, (block_start.unsqueeze(1) + within).clamp(max=self.bitmap.numel() * 8 - 1))
+        before = (bits * (within < (rows - block_start).unsqueeze(1))).sum(1)
+        head_before = self.ranks[rows // RANK_BLOCK].to(torch.int64) + before
+        is_head = bit_packing.read_bits(self.bitmap, 1, rows).bool()
+        return is_head, torch.where(is_head, head_before, rows - head_before)
+
+
+class CodeLookup(PerIdEmbedding):
+    """The deployable form: packed codes + value codebooks (+ MGQE's head index).
+
+    forward: KJT -> KeyedTensor (B, F * D); per id: codes (P,) -> concat_j values[book, j, c_j].
+    """
+
+    breakdown_name = "codes_and_codebooks"
+
+    def __init__(self, source: "ProductQuantizedEmbedding", codes: torch.Tensor):
+        super().__init__(source.tables, source.dim, source.kept_names)
+        if source.kept_table is not None:
+            with torch.no_grad():
+                self.kept_table.copy_(source.kept_table)
+        self.parts, self.codewords, self.tail_codewords = source.parts, source.codewords, source.tail_codewords
+        for name in ("compressed_index", "row_start", "row_end", "book_of_field"):
+            self.register_buffer(name, getattr(source, name).clone(), persistent=False)
+        book_values = source.values if source.values is not None else source.keys
+        self.register_buffer("codebooks", book_values.detach().clone())
+        if source.is_head is None:
+            self.head_index = None
+            self.register_buffer("codes", bit_packing.pack_bits(codes.reshape(-1), bit_packing.bits_for(self.codewords)))
+        else:
+            self.head_index = HeadIndex(source.is_head)
+            self.register_buffer("codes", bit_packing.pack_bits(codes[source.is_head].reshape(-1),
+                                                                bit_packing.bits_for(self.codewords)))
+            self.register_buffer("tail_codes", bit_packing.pack_bits(codes[~source.is_head].reshape(-1),
+                                                                     bit_packing.bits_for(self.tail_codewords)))
+
+    def read_codes(self, rows: torch.Tensor) -> torch.Tensor:
+        """(U,) global compressed rows -> (U, P) codes."""
+        parts = torch.arange(self.parts, dtype=torch.int64)
+        if self.head_index is None:
+            return bit_packing.read_bits(self.codes, bit_packing.bits_for(self.codewords), rows.unsqueeze(1) * self.parts + parts)
+        is_head, slot = self.head_index.slots(rows)
+        out = torch.empty(rows.numel(), self.parts, dtype=torch.int64)
+        for members, stream, count in ((is_head, self.codes, self.codewords), (~is_head, self.tail_codes, self.tail_codewords)):
+            index = members.nonzero().flatten()
+            if index.numel():
+                out[index] = bit_packing.read_bits(stream, bit_packing.bits_for(count), slot[index].unsqueeze(1) * self.parts + parts)
+        return out
+
+    def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.row_start[self.compressed_index[fields]] + ids
+        books = self.book_of_field[fields]
+        codes = self.read_codes(rows)
+        parts = torch.arange(self.parts)
+        return self.codebooks[books.unsqueeze(1), parts, codes].reshape(-1, self.dim)
+
+
+class ProductQuantizedEmbedding(PerIdEmbedding):
+    """DPQ / MGQE training form. forward: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
+
+    Args:
+        tables, dim, kept: as ``PerIdEmbedding``.
+        parts: P (divides D). codewords: K. tail_codewords: K_tail (== K for DPQ).
+        head: field name -> head row ids (MGQE) or None (DPQ: every row uses K codewords).
+        assignment: "softmax" (DPQ-SX) or "vq" (DPQ-VQ). codebooks: "shared" or "per_field".
+        normalize_logits: batch-normalise the logits (no affine parameters).
+        temperature: tau of the softmax relaxation. commitment: beta of DPQ-VQ.
+    """
+
+    breakdown_name = "codes_and_codebooks"
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str], parts: int, codewords: int,
+                 tail_codewords: int, head: Optional[Mapping[str, np.ndarray]], assignment: str, codebooks: str,
+                 normalize_logits: bool, temperature: float, commitment: float):
+        super().__init__(tables, dim, kept)
+        if dim % parts:
+            raise ValueError(f"product quantization: parts={parts} must divide the embedding dim {dim}")
+        self.parts, self.codewords, self.tail_codewords = int(parts), int(codewords), int(tail_codewords)
+        self.assignment, self.temperature, self.commitment = assignment, float(temperature), float(commitment)
+        compressed = [t for t in self.tables if t.name not in set(self.kept_names)]
+        sizes = torch.tensor([t.num_embeddings for t in compressed], dtype=torch.int64)
+        index = torch.full((len(self.tables),), -1, dtype=torch.int64)
+        for i, t in enumerate(compressed):
+            index[self.field_index[t.name]] = i
+        self.register_buffer("compressed_index", index, persistent=False)
+        self.register_buffer("row_start", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        self.register_buffer("row_end", torch.cumsum(sizes, 0), persistent=False)
+        books = len(compressed) if codebooks == "per_field" else 1
+        self.register_buffer("book_of_field", index.clamp(min=0) if codebooks == "per_field" else torch.zeros_like(index),
+                             persistent=False)
+        self.num_rows = int(sizes.sum())
+        is_head = None
+        if head is not None:
+            is_head = torch.zeros(self.num_rows, dtype=torch.bool)
+            for i, t in enumerate(compressed):
+                is_head[int(self.row_start[i]) + torch.as_tensor(head[t.name], dtype=torch.int64)] = True
+        self.register_buffer("is_head", is_head, persistent=False)
+        self.query = nn.Parameter(torch.empty(self.num_rows, dim))
+        part_dim = dim // self.parts
+        with torch.no_grad():
+            for i, t in enumerate(compressed):
+                bound = 1.0 / t.num_embeddings ** 0.5
+                start = int(self.row_start[i])
+                self.query[start:start + t.num_embeddings].uniform_(-bound, bound)
+        self.keys = nn.Parameter(self._data_init(books, compressed).view(books, self.parts, self.codewords, part_dim))
+        self.values = (nn.Parameter(self._data_init(books, compressed).view(books, self.parts, self.codewords, part_dim))
+                       if assignment == "softmax" else None)
+        self.norm = nn.BatchNorm1d(self.codewords, affine=False) if normalize_logits else None
+        self._extra = None
+        self._codes = None  # all-row hard codes, cached while not training
+
+    @torch.no_grad()
+    def _data_init(self, books: int, compressed: Sequence[TableSpec]) -> torch.Tensor:
+        """Codewords drawn from the initial query rows of the book's fields (+ tiny noise)."""
+        out = []
+        for b in range(books):
+            start, end = (0, self.num_rows) if books == 1 else (int(self.row_start[b]), int(self.row_end[b]))
+            picks = torch.randint(start, end, (self.codewords,))
+            rows = self.query[picks]
+            out.append(rows + 1e-3 * rows.abs().mean() * torch.randn_like(rows))
+        stacked = torch.stack(out)  # (books, K, D)
+        return stacked.view(books, self.codewords, self.parts, -1).transpose(1, 2).contiguous()
+
+    # ----- assignment -----
+    def logits(self, queries: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+        """(U, P, d) queries of rows in ``books`` (U,) -> (U, P, K) logits (normalised, masked later)."""
+        out = queries.new_empty(queries.shape[0], self.parts, self.codewords)
+        for book in torch.unique(books).tolist():
+            members = (books == book).nonzero().flatten()
+            keys, q = self.keys[book], queries[members]
+            if self.assignment == "softmax":
+                out[members] = torch.einsum("upd,pkd->upk", q, keys)
+            else:
+                out[members] = -((q * q).sum(-1, keepdim=True) - 2 * torch.einsum("upd,pkd->upk", q, keys)
+                                 + (keys * keys).sum(-1).unsqueeze(0))
+        if self.norm is not None:
+            flat = out.reshape(-1, self.codewords)
+            use_batch = self.norm.training and flat.shape[0] > 1
+            flat = F.batch_norm(flat, self.norm.running_mean, self.norm.running_var, training=use_batch,
+                                momentum=self.norm.momentum, eps=self.norm.eps)
+            if use_batch:
+                self.norm.num_batches_tracked.add_(1)
+            out = flat.view_as(out)
+        return out
+
+    def mask_tail(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """MGQE: tail rows may use only the first K_tail codewords."""
+        if self.is_head is None or self.tail_codewords >= self.codewords:
+            return logits
+        banned = (~self.is_head[rows]).view(-1, 1, 1) & (torch.arange(self.codewords) >= self.tail_codewords)
+        return logits.masked_fill(banned, float("-inf"))
+
+    def book_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        fields = torch.searchsorted(self.row_end, rows, right=True)
+        return fields if self.keys.shape[0] > 1 else torch.zeros_like(rows)
+
+    @torch.no_grad()
+    def all_codes(self) -> torch.Tensor:
+        """(R, P) hard codes of every compressed row (eval-mode normalisation), in chunks."""
+        was_training = self.training
+        self.eval()
+        chunks = []
+        for start in range(0, self.num_rows, _CHUNK_ROWS):
+            rows = torch.arange(start, min(start + _CHUNK_ROWS, self.num_rows))
+            queries = self.query[rows].view(len(rows), self.parts, -1)
+            chunks.append(self.mask_tail(self.logits(queries, self.book_rows(rows)), rows).argmax(-1))
+        self.train(was_training)
+        return torch.cat(chunks) if chunks else torch.zeros(0, self.parts, dtype=torch.int64)
+
+    def codeword_values(self) -> torch.Tensor:
+        return self.values if self.values is not None else self.keys
+
+    def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows_of_ids = self.row_start[self.compressed_index[fields]] + ids
+        part = torch.arange(self.parts)
+        if not self.training:  # hard mode: the codes of the deployable form
+            if self._codes is None:
+                self._codes = self.all_codes()
+            books = self.book_rows(rows_of_ids)
+            return self.codeword_values()[books.unsqueeze(1), part, self._codes[rows_of_ids]].reshape(-1, self.dim)
+        self._codes = None
+        rows, inverse = torch.unique(rows_of_ids, return_inverse=True)
+        books = self.book_rows(rows)
+        queries = F.embedding(rows, self.query, sparse=True).view(len(rows), self.parts, -1)
+        logits = self.mask_tail(self.logits(queries, books), rows)
+        codes = logits.argmax(-1)
+        if self.assignment == "softmax":
+            soft = torch.softmax(logits / self.temperature, dim=-1)
+            hard = F.one_hot(codes, self.codewords).to(soft.dtype)
+            weights = hard + soft - soft.detach()
+            out = torch.empty_like(queries)
+            for book in torch.unique(books).tolist():
+                members = (books == book).nonzero().flatten()
+                out[members] = torch.einsum("upk,pkd->upd", weights[members], self.values[book])
+        else:
+            chosen = self.keys[books.unsqueeze(1), part, codes]
+            self._extra = (F.mse_loss(chosen, queries.detach())
+                           + self.commitment * F.mse_loss(queries, chosen.detach()))
+            out = queries + (chosen - queries).detach()
+        return out.reshape(len(rows), self.dim)[inverse]
+
+    def extra_loss(self) -> torch.Tensor:
+        extra, self._extra = self._extra, None
+        return extra if extra is not None else torch.zeros(())
+
+    def sparse_parameters(self) -> List[nn.Parameter]:
+        return [self.query] + super().sparse_parameters()
+
+    def train(self, mode: bool = True):
+        self._codes = None
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._codes = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def to_inference(self) -> nn.Module:
+        return CodeLookup(self, self.all_codes()).eval()
+
+
+# ----------------------------------------------------------------------------- budget
+class ProductQuantizationMethod(CompressionMethod):
+    """Shared solver, closed-form memory and build of ``dpq`` and ``mgqe``."""
+
+    table_backed = False
+    multi_granular = False
+
+    def __init__(self, name: Optional[str], parts: Any, codewords: Any, max_codewords: int, assignment: str,
+                 codebooks: str, normalize_logits: bool, temperature: float, commitment: float, **hyperparameters: Any):
+        super().__init__(name, parts=parts, codewords=codewords, max_codewords=max_codewords, assignment=assignment,
+                         codebooks=codebooks, normalize_logits=normalize_logits, temperature=temperature,
+                         commitment=commitment, **hyperparameters)
+        if not isinstance(max_codewords, int) or not 2 <= max_codewords <= MAX_CODEWORDS:
+            raise ValueError(f"method {self.name!r}: max_codewords must be an integer in [2, {MAX_CODEWORDS}], got {max_codewords!r}")
+        self.max_codewords = int(max_codewords)
+        if assignment not in ASSIGNMENTS:
+            raise ValueError(f"method {self.name!r}: assignment={assignment!r}; allowed: {', '.join(ASSIGNMENTS)}")
+        if codebooks not in CODEBOOKS:
+            raise ValueError(f"method {self.name!r}: codebooks={codebooks!r}; allowed: {', '.join(CODEBOOKS)}")
+        for key, value in (("parts", parts), ("codewords", codewords)):
+            if value != "auto" and (not isinstance(value, int) or value < (1 if key == "parts" else 2)):
+                raise ValueError(f"method {self.name!r}: {key} must be 'auto' or an integer >= {1 if key == 'parts' else 2}, got {value!r}")
+        if isinstance(codewords, int) and codewords > MAX_CODEWORDS:
+            raise ValueError(f"method {self.name!r}: codewords must be <= {MAX_CODEWORDS} (16-bit codes), got {codewords}")
+        if not float(temperature) > 0 or float(commitment) < 0:
+            raise ValueError(f"method {self.name!r}: temperature must be > 0 and commitment >= 0")
+        self.parts, self.codewords = parts, codewords
+        self.assignment, self.codebooks = assignment, codebooks
+        self.normalize_logits, self.temperature, self.commitment = bool(normalize_logits), float(temperature), float(commitment)
+
+    # subclasses: the tail codebook size for K head codewords and the head rows per field
+    def tail_codewords(self, codewords: int) -> int:
+        return codewords
+
+    def heads(self, compressed: Sequence[TableSpec]) -> Optional[Dict[str, np.ndarray]]:
+        return None
+
+    def _books(self, compressed: Sequence[TableSpec]) -> int:
+        return len(compressed) if self.codebooks == "per_field" else 1
+
+    def _inference_bytes(self, compressed, head_count: int, dim: int, parts: int, codewords: int, fixed: int) -> int:
+        rows = sum(t.num_embeddings for t in compressed)
+        books = self._books(compressed) * codewords * dim * FP32_BYTES
+        if not self.multi_granular:
+            return bit_packing.packed_bytes(rows * parts, bit_packing.bits_for(codewords)) + books + fixed
+        tail = self.tail_codewords(codewords)
+        return (bit_packing.packed_bytes(head_count * parts, bit_packing.bits_for(codewords))
+                + bit_packing.packed_bytes((rows - head_count) * parts, bit_packing.bits_for(tail))
+                + group_map_bytes(rows) + books + fixed)
+
+    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+        compressed, kept = split_tables(tables, budget)
+        if not compressed:
+            raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0, "every field is below min_rows_to_compress")
+        heads = self.heads(compressed)
+        head_count = sum(len(h) for h in heads.values()) if heads is not None else 0
+        fixed, limit = kept_bytes(kept, dim), target_bytes(tables, dim, budget)
+        full = full_embedding_bytes(tables, dim)
+        divisors = [p for p in range(1, dim + 1) if dim % p == 0]
+        part_options = divisors if self.parts == "auto" else [int(self.parts)]
+        if any(dim % p for p in part_options):
+            raise ValueError(f"method {self.name!r}: parts={self.parts} must divide the embedding dim {dim}")
+        rows = sum(t.num_embeddings for t in compressed)
+        k_high = min(self.max_codewords, max(2, rows)) if self.codewords == "auto" else int(self.codewords)
+        k_low = 2 if self.codewords == "auto" else int(self.codewords)
+
+        def bytes_at(parts: int, codewords: int) -> int:
+            return self._inference_bytes(compressed, head_count, dim, parts, codewords, fixed)
+
+        best, closest = None, None
+        for parts in part_options:
+            k = largest_integer_within(lambda c: bytes_at(parts, c), k_low, k_high, limit)
+            if k < k_low:
+                continue
+            achieved = bytes_at(parts, k)
+            closest = max(closest or 0, achieved)
+            if achieved >= (1 - budget.tolerance) * limit:
+                score = (parts * math.log2(k), k)
+                if best is None or score > best[0]:
+                    best = (score, parts, k)
+        if best is None:
+            lowest = min(bytes_at(p, k_low) for p in part_options)
+            highest = max(bytes_at(p, k_high) for p in part_options)
+            reason = (f"the closest solution has ratio {closest / full:.4g}" if closest
+                      else f"even P={min(part_options)}, K={k_low} needs ratio {lowest / full:.4g}")
+            raise InfeasibleBudget(self.name, budget.compression_ratio, lowest / full, highest / full, reason)
+        _, parts, codewords = best
+        return {"parts": parts, "codewords": codewords, "tail_codewords": self.tail_codewords(codewords),
+                "kept": [t.name for t in kept], "head_rows": head_count}
+
+    def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
+               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
+        kept_names = set(hparams["kept"])
+        compressed = [t for t in tables if t.name not in kept_names]
+        fixed = kept_bytes([t for t in tables if t.name in kept_names], dim)
+        parts, codewords = int(hparams["parts"]), int(hparams["codewords"])
+        inference = self._inference_bytes(compressed, int(hparams["head_rows"]), dim, parts, codewords, fixed)
+        rows = sum(t.num_embeddings for t in compressed)
+        query = rows * dim * FP32_BYTES
+        codebook = self._books(compressed) * codewords * dim * FP32_BYTES
+        codebooks = codebook * (2 if self.assignment == "softmax" else 1)
+        statistics = (2 * codewords * FP32_BYTES + INT64_BYTES) if self.normalize_logits else 0
+        return MemoryReport(
+            inference_bytes=inference,
+            # query + kept: parameter + Adagrad state (sparse); codebooks: parameter + Adam's two moments
+            training_bytes=2 * (query + fixed) + 3 * codebooks + statistics,
+            parameters=(query + fixed + codebooks) // FP32_BYTES,
+            full_bytes=full_embedding_bytes(tables, dim),
+            breakdown={"codes_and_codebooks": inference - fixed, "kept": fixed},
+        )
+
+    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> ProductQuantizedEmbedding:
+        hp = self.solve(tables, dim, budget)
+        compressed = [t for t in tables if t.name not in set(hp["kept"])]
+        return ProductQuantizedEmbedding(tables, dim, hp["kept"], hp["parts"], hp["codewords"], hp["tail_codewords"],
+                                         self.heads(compressed), self.assignment, self.codebooks,
+                                         self.normalize_logits, self.temperature, self.commitment)
