@@ -23,9 +23,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.methods.base import InfeasibleBudget
-from recbench.tracking.base import FAILED, FINISHED, flatten, owner_tags
+from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker, flatten, owner_tags
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training.inference_cost import inference_cost
+from recbench.training import distributed
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, settings_hash
@@ -109,7 +110,7 @@ def protocol_tag(dataset_protocol_id: str, resolved: Dict[str, Any]) -> str:
         training["gate"] = resolved["gate"]
     trimmed = json.loads(json.dumps(training, default=str))
     for key in ("trainer.progress", "trainer.num_threads", "trainer.resume", "trainer.checkpoint_every_steps",
-                "trainer.log_every_steps"):
+                "trainer.log_every_steps", "trainer.distributed", "trainer.sharding_types"):
         _drop(trimmed, key)
     return f"{dataset_protocol_id}/{settings_hash(trimmed, 8)}"
 
@@ -137,15 +138,18 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     overrides and the command that reproduces the job) are added to the run's tags."""
     configure_threads(cfg)
     settings_of(cfg)
+    parallel = distributed.current()  # one process, or this rank of a torchrun job (trainer.distributed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(resolved)
     protocol = instantiate_without(cfg.dataset)
-    prepared = protocol.prepare(Path(cfg.paths.data_root))
+    prepared = parallel.first(lambda: protocol.prepare(Path(cfg.paths.data_root)))  # rank 0 builds the cache
     spec = prepared.spec
     experiment = spec.protocol_id
     tracker = tracker if tracker is not None else instantiate_without(cfg.tracking, drop=("skip_finished",))
+    if not parallel.is_main:  # rank 0 records the run
+        tracker = InMemoryTracker()
     if cfg.tracking.get("skip_finished", False):
-        done = tracker.find_finished(experiment, chash)
+        done = parallel.broadcast(tracker.find_finished(experiment, chash) if parallel.is_main else None)
         if done:
             log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
             return JobResult("skipped", {}, done, "already finished with the same resolved config")
@@ -171,10 +175,12 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     }
     run_name = f"{method_name}@{ratio:g}/{model_label(cfg)}/{spec.name}/s{cfg.seed}"
     tags.update(owner_tags())  # host/pid: a run left RUNNING by a killed process is recognisable
+    tags["world_size"] = str(parallel.world_size)
     run_id = tracker.start_run(experiment, run_name, tags, flatten(resolved), resume_run_id=resume_id)
     if resume_id:
         tracker.set_tags({**owner_tags(), "status": "running", "resumed": "true"})
-    run_id_file.write_text(str(run_id))
+    if parallel.is_main:
+        run_id_file.write_text(str(run_id))
     try:
         result = _train_and_evaluate(cfg, prepared, tracker, checkpoint_path, resolved)
     except InfeasibleBudget as exc:
@@ -224,7 +230,7 @@ def settings_of(cfg: DictConfig):
         embedding_optimizer = EmbeddingOptimizer(**OmegaConf.to_container(cfg.optimizer.embedding, resolve=True))
         dense_optimizer = DenseOptimizer(**OmegaConf.to_container(cfg.optimizer.dense, resolve=True))
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        for key in ("resume", "num_threads"):
+        for key in ("resume", "num_threads", "distributed", "sharding_types"):
             trainer_kwargs.pop(key, None)
         trainer_config = TrainerConfig(seed=int(cfg.seed), **trainer_kwargs)
     except TypeError as exc:  # an unknown key in a config group
@@ -257,10 +263,14 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     injected = {"gate": instantiate_without(cfg.gate, drop=(), _partial_=True)} if cfg.get("gate") is not None else {}
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables),
                                 **injected)
+    parallel = distributed.current()
+    model = parallel.wrap(model, method, cfg.trainer.get("sharding_types"))  # DMP + DDP when distributed
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
-                      checkpoint_path=checkpoint_path, log_stage=lambda *stage: _log_stage(tracker, *stage))
+                      checkpoint_path=checkpoint_path if parallel.world_size == 1 else None,
+                      log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel)
     result = trainer.fit()
+    model = trainer.model  # after a distributed run: the unsharded model the final evaluation used
     metrics = dict(result.metrics)
     measured = model.embedding.memory_report()
     metrics["emb/closed_form_matches"] = float(measured.inference_bytes == closed_form.inference_bytes)

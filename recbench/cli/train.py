@@ -24,6 +24,7 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from recbench.cli.job import format_result, run_job
+    from recbench.training import distributed
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
@@ -31,7 +32,10 @@ def main(cfg: DictConfig) -> float:
     tags = {"overrides": " ".join(overrides), "command": shlex.join(["recbench", *overrides])}
     outcome = Path(hydra_cfg.runtime.output_dir) / "outcome.json"
     try:
-        result = run_job(cfg, extra_tags=tags)
+        with distributed.session(bool(cfg.trainer.get("distributed", False))) as parallel:
+            result = run_job(cfg, extra_tags=tags)
+        if not parallel.is_main:  # rank 0 reports the run
+            return float(result.metrics.get("val/auc", float("nan")))
     except Exception as exc:
         logging.getLogger("recbench").error("job failed: %s: %s", type(exc).__name__, exc)
         _write_outcome(outcome, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000],
@@ -52,8 +56,9 @@ def _is_user_error(exc: BaseException) -> bool:
     """Bad data or impossible settings: a one-line message, not a traceback."""
     from recbench.cli.job import ConfigError
     from recbench.datasets.base import DatasetError
+    from recbench.training.distributed import DistributedSetupError
 
-    return isinstance(exc, (ConfigError, DatasetError, FileNotFoundError))
+    return isinstance(exc, (ConfigError, DatasetError, DistributedSetupError, FileNotFoundError))
 
 
 def _write_outcome(path: Path, outcome: dict) -> None:

@@ -28,9 +28,11 @@ gradients), and on CPU TorchRec 1.8 builds that DDP with ``device_ids=[cpu]``, w
 rejects. Sparse (row-sparse gradient) parameters of custom-lookup methods are kept out of DDP,
 whose bucket views cannot hold sparse tensors, and are all-reduced by a gradient hook instead.
 
-Limits: methods with several stages (a module rebuilt between stages) are rejected; the final
-evaluation gathers the tables on every rank, so the model must fit one host once trained;
-distributed runs do not write resumable checkpoints (a killed distributed run restarts).
+Limits: CPU processes with gloo only (the project pins FBGEMM's CPU build; the CUDA/NCCL path
+is not wired: tables are built on CPU and batches stay on CPU); methods with several stages (a
+module rebuilt between stages) are rejected; every rank builds the whole model before sharding
+and the final evaluation gathers the tables on every rank, so the model must fit one host;
+distributed runs write no resumable checkpoint (a killed distributed run restarts from scratch).
 
 References: TorchRec ``DistributedModelParallel``, ``EmbeddingShardingPlanner``; PyTorch
 ``DistributedDataParallel``; DESIGN.md sections 4 and 6.
@@ -54,11 +56,8 @@ from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
 
 log = logging.getLogger(__name__)
 
-#: sharding types offered per compute device (TorchRec 1.8's fused sharder, data_parallel excluded)
-SHARDING_TYPES = {
-    "cpu": ("table_wise", "column_wise", "table_column_wise"),
-    "cuda": ("table_wise", "column_wise", "table_column_wise", "row_wise", "table_row_wise"),
-}
+#: sharding types the planner may choose on CPU (TorchRec 1.8's fused sharder, data_parallel excluded)
+SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
 _NOT_OFFERED = {
     "data_parallel": "it replicates the table with a dense kernel whose whole-table gradient is all-reduced "
                      "(dense table gradients are not allowed), and TorchRec 1.8 cannot build it on CPU",
@@ -71,9 +70,9 @@ class DistributedSetupError(RuntimeError):
     """A distributed run that cannot start: the message says what is missing or not allowed."""
 
 
-def check_sharding_types(names: Optional[Sequence[str]], device_type: str = "cpu") -> Tuple[str, ...]:
-    """The sharding types the planner may choose from (None: every type offered on the device)."""
-    allowed = SHARDING_TYPES["cuda" if device_type == "cuda" else "cpu"]
+def check_sharding_types(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The sharding types the planner may choose from (None: every type offered on CPU)."""
+    allowed = SHARDING_TYPES
     if names is None:
         return allowed
     chosen = tuple(str(n) for n in names)
@@ -81,9 +80,9 @@ def check_sharding_types(names: Optional[Sequence[str]], device_type: str = "cpu
         raise DistributedSetupError("trainer.sharding_types is empty; allowed: " + ", ".join(allowed))
     for name in chosen:
         if name not in allowed:
-            why = f" ({_NOT_OFFERED[name]})" if name in _NOT_OFFERED and name not in allowed else ""
+            why = f" ({_NOT_OFFERED[name]})" if name in _NOT_OFFERED else ""
             raise DistributedSetupError(
-                f"trainer.sharding_types: {name!r} is not available on {device_type}{why}; "
+                f"trainer.sharding_types: {name!r} is not available{why}; "
                 f"allowed: {', '.join(allowed)}")
     return chosen
 
@@ -128,7 +127,7 @@ class SingleProcess:
     def unshard(self, model: nn.Module) -> nn.Module:
         return model
 
-    def wrap(self, model: nn.Module, build: Callable[[], nn.Module], method, sharding_types=None) -> nn.Module:
+    def wrap(self, model: nn.Module, method, sharding_types=None) -> nn.Module:
         return model
 
     def first(self, fn: Callable[[], Any]) -> Any:
@@ -206,11 +205,11 @@ class ShardedModel(nn.Module):
 class ProcessGroupParallel(SingleProcess):
     """Strategy of one rank in an initialised default process group."""
 
-    def __init__(self, device: Optional[torch.device] = None):
+    def __init__(self):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
-        self.device = device or torch.device("cpu")
-        self._build: Optional[Callable[[], nn.Module]] = None
+        self.device = torch.device("cpu")
+        self._collections: Dict[str, Tuple[list, type, dict]] = {}  # path -> how to rebuild it unsharded
 
     # ---------------------------------------------------------------- data
     def iterate(self, iterator: BatchIterator) -> RankIterator:
@@ -258,10 +257,8 @@ class ProcessGroupParallel(SingleProcess):
         return box[0]
 
     # --------------------------------------------------------------- model
-    def wrap(self, model: nn.Module, build: Callable[[], nn.Module], method, sharding_types=None) -> ShardedModel:
-        """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest.
-
-        ``build`` makes a fresh unsharded model of the same shape (used by ``unshard``)."""
+    def wrap(self, model: nn.Module, method, sharding_types=None) -> ShardedModel:
+        """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest."""
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
@@ -271,8 +268,11 @@ class ProcessGroupParallel(SingleProcess):
             raise DistributedSetupError(
                 f"method {method.name!r} has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
                 "trainer.distributed=true supports single-stage methods (the module is sharded once)")
-        self._build = build
-        types = check_sharding_types(sharding_types, self.device.type)
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
+        self._collections = {path: (m.embedding_bag_configs(), m.optimizer_type(), m.optimizer_kwargs())
+                             for path, m in model.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
+        types = check_sharding_types(sharding_types)
         sharder = _fused_sharder(types)
         topology = TopologyFactory.create_topology(
             TrainerConfig(world_size=self.world_size,
@@ -280,23 +280,39 @@ class ProcessGroupParallel(SingleProcess):
             kernel_config=KernelConfig(compute_device=self.device.type))
         planner = EmbeddingShardingPlanner(topology=topology)
         plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
+        initial = {path: {k: v.detach().clone() for k, v in model.get_submodule(path).state_dict().items()}
+                   for path in self._collections}
         sparse = _sparse_parameters(model)
         dmp = DistributedModelParallel(model, device=self.device, plan=plan, sharders=[sharder],
                                        data_parallel_wrapper=_DataParallel(sparse))
+        for path, state in initial.items():  # the sharded kernels start from FBGEMM's own init otherwise
+            _load_shards(model.get_submodule(path), state)
         _all_reduce_sparse_gradients(sparse, self.world_size)
         if self.is_main:
             log.info("sharding plan over %d ranks:\n%s", self.world_size, plan or "(no tables to shard)")
         return ShardedModel(dmp, model)
 
     def unshard(self, model: nn.Module) -> nn.Module:
-        """An unsharded copy of a ``ShardedModel`` on every rank (tables gathered from their shards)."""
+        """The wrapped model with every sharded collection replaced, in place, by an unsharded
+        ``FusedEmbeddingBagCollection`` holding the whole tables (gathered from their shards on
+        every rank); DMP and DDP are dropped. The tables' optimizer state is not carried over
+        (training is over; the new collection allocates its own, so memory reports stay exact)."""
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+
         if not isinstance(model, ShardedModel):
             return model
-        state = {key: _full_tensor(value) for key, value in model.state_dict().items()}
-        with torch.random.fork_rng():
-            fresh = self._build()
-        fresh.load_state_dict(state)
-        return fresh.to(self.device)
+        inner = model.inner
+        for path, (configs, optimizer_type, optimizer_kwargs) in self._collections.items():
+            sharded = inner.get_submodule(path)
+            state = {key: _full_tensor(value) for key, value in sharded.state_dict().items()}
+            plain = FusedEmbeddingBagCollection(tables=configs, optimizer_type=optimizer_type,
+                                                optimizer_kwargs=optimizer_kwargs, device=self.device)
+            with torch.no_grad():
+                for config in configs:
+                    plain.embedding_bags[config.name].weight.copy_(state[f"embedding_bags.{config.name}.weight"])
+            parent, _, attr = path.rpartition(".")
+            setattr(inner.get_submodule(parent) if parent else inner, attr, plain)
+        return inner
 
 
 def _fused_sharder(types: Sequence[str]):
@@ -347,6 +363,21 @@ def _all_reduce_sparse_gradients(params: Sequence[nn.Parameter], world_size: int
             work.wait()
             p.grad = work.result()[0] / world_size if grad.is_sparse else grad / world_size
         param.register_post_accumulate_grad_hook(hook)
+
+
+def _load_shards(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> None:
+    """Copy whole tensors into this rank's shards of a sharded module's state."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    with torch.no_grad():
+        for key, value in sharded.state_dict().items():
+            if isinstance(value, ShardedTensor):
+                for shard in value.local_shards():
+                    index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
+                                                                  shard.metadata.shard_sizes))
+                    shard.tensor.copy_(full_state[key][index])
+            else:
+                value.copy_(full_state[key])
 
 
 def _full_tensor(value: Any) -> Any:
