@@ -108,10 +108,12 @@ class MixtureOfExpertsArch(nn.Module):
     def mix(self, x: torch.Tensor, weights: torch.Tensor, conditional: bool) -> torch.Tensor:
         """x (B, W), weights (T, B, E) -> the weighted expert outputs (T, B, H).
 
-        ``conditional``: compute expert e only on the rows where some task's weight is non-zero."""
-        if not conditional:
+        ``conditional``: compute expert e only on the rows where some task's weight is non-zero (when
+        every pair is selected, as with a dense gate, that is the batched dense computation)."""
+        selected = (weights > 0).any(dim=0) if conditional else None  # (B, E)
+        if selected is None or bool(selected.all()):
             return torch.einsum("tbe,ebh->tbh", weights, self.experts.dense(x))
-        rows, experts = (weights > 0).any(dim=0).nonzero(as_tuple=True)  # the (sample, expert) pairs to compute
+        rows, experts = selected.nonzero(as_tuple=True)  # the (sample, expert) pairs to compute
         order = torch.argsort(experts, stable=True)
         rows, experts = rows[order], experts[order]
         counts = torch.bincount(experts, minlength=self.experts.num_experts).tolist()
