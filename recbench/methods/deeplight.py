@@ -79,7 +79,8 @@ class ScheduleHook(Hook):
         self.reached = False
 
     def on_stage_start(self, context: Any) -> None:
-        self.reached = False
+        if context.stage.name == "prune":
+            self.reached = False
 
     def on_step_end(self, context: Any) -> Optional[bool]:
         if context.stage.name != "prune":

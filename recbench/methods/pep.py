@@ -8,8 +8,9 @@ Mechanism (paper Eq. 4-6): the embedding actually used is the soft-thresholded w
 granularity is ``global`` (one scalar), ``dimension`` (D), ``field`` (one per compressed field) or
 ``field_dimension`` (F_c, D). ``s`` starts at ``threshold_init`` (the paper's -15: g(s) ~ 3e-7) and
 is trained jointly with the table by the task loss plus ``threshold_weight_decay`` * ||s||^2 / 2
-(the reference code's Adam L2 on every parameter, which is what pulls s towards 0 and raises the
-threshold); the thresholds are their own parameter group (Adam, ``threshold_learning_rate``).
+and ``embedding_weight_decay`` * ||batch entries||^2 / 2 (the reference code's L2 on every
+parameter: it pulls s towards 0, raising the threshold, and keeps the entries small); the
+thresholds are their own parameter group (Adam, ``threshold_learning_rate``).
 Stage ``search`` ends as soon as the sparsity of ``w_hat`` reaches the target (a hook checks it
 every ``sparsity_check_interval`` steps and requests the stage end). Then ``rebuild`` freezes the
 mask — the ``nnz`` entries with the largest margin ``|w| - g(s)``, i.e. every surviving entry plus
@@ -49,6 +50,8 @@ class PEPEmbedding(PrunedEmbedding):
         self.granularity = hparams["granularity"]
         self.threshold_learning_rate = float(hparams["threshold_learning_rate"])
         self.threshold_weight_decay = float(hparams["threshold_weight_decay"])
+        self.embedding_weight_decay = float(hparams["embedding_weight_decay"])
+        self._batch_values: Optional[torch.Tensor] = None  # the last training batch's gathered rows
         fields = len(self.tables) - len(self.kept_names)
         self.threshold = nn.Parameter(torch.full(threshold_shape(self.granularity, fields, dim),
                                                  float(hparams["threshold_init"])))
@@ -65,6 +68,8 @@ class PEPEmbedding(PrunedEmbedding):
         return g[fields_of_rows] if g.shape[0] > 1 else g.expand(fields_of_rows.numel(), -1)
 
     def effective(self, rows, fields, values):
+        if self.training:
+            self._batch_values = values
         if bool(self.retraining):
             return values * self.mask[rows]
         return torch.sign(values) * torch.relu(values.abs() - self.gate(self.compressed_position[fields]))
@@ -102,9 +107,16 @@ class PEPEmbedding(PrunedEmbedding):
         self.retraining.fill_(True)
 
     def extra_loss(self) -> torch.Tensor:
-        if bool(self.retraining) or self.threshold_weight_decay == 0:
-            return torch.zeros(())
-        return 0.5 * self.threshold_weight_decay * (self.threshold ** 2).sum()
+        """Search: L2 on s and on the batch's table entries (the reference code's weight decay)."""
+        loss = torch.zeros(())
+        if bool(self.retraining):
+            return loss
+        if self.threshold_weight_decay:
+            loss = loss + 0.5 * self.threshold_weight_decay * (self.threshold ** 2).sum()
+        if self.embedding_weight_decay and self._batch_values is not None:
+            loss = loss + 0.5 * self.embedding_weight_decay * (self._batch_values ** 2).sum()
+            self._batch_values = None
+        return loss
 
     def param_groups(self) -> List[ParamGroup]:
         groups = [g for g in super().param_groups() if g.name != "decoder"]
@@ -119,7 +131,8 @@ class SparsityHook(Hook):
         self.reached = False
 
     def on_stage_start(self, context: Any) -> None:
-        self.reached = False
+        if context.stage.name == "search":
+            self.reached = False
 
     def on_step_end(self, context: Any) -> Optional[bool]:
         module = context.embedding
@@ -137,7 +150,7 @@ class SparsityHook(Hook):
         module = context.embedding
         return {**pruning_stage_result(module, self.reached), "sparsity": module.sparsity(),
                 "target_sparsity": module.target_sparsity(),
-                "threshold_mean": float(torch.sigmoid(module.threshold).mean())}
+                "threshold_mean": float(torch.sigmoid(module.threshold.detach()).mean())}
 
 
 class PEP(PruningMethod):
@@ -148,11 +161,12 @@ class PEP(PruningMethod):
 
     def __init__(self, name: Optional[str] = None, nnz: Any = "auto", granularity: str = "field_dimension",
                  threshold_init: float = -15.0, threshold_learning_rate: float = 0.01,
-                 threshold_weight_decay: float = 1e-5, sparsity_check_interval: int = 10,
+                 threshold_weight_decay: float = 1e-2, embedding_weight_decay: float = 1e-3,
+                 sparsity_check_interval: int = 10,
                  search_max_epochs: Optional[float] = None):
         super().__init__(name, nnz=nnz, granularity=granularity, threshold_init=threshold_init,
                          threshold_learning_rate=threshold_learning_rate,
-                         threshold_weight_decay=threshold_weight_decay,
+                         threshold_weight_decay=threshold_weight_decay, embedding_weight_decay=embedding_weight_decay,
                          sparsity_check_interval=sparsity_check_interval, search_max_epochs=search_max_epochs)
         from recbench.methods.budget import check_auto
 
@@ -162,19 +176,22 @@ class PEP(PruningMethod):
                              f"{', '.join(GRANULARITIES)}")
         if not threshold_learning_rate > 0:
             raise ValueError(f"method 'pep': threshold_learning_rate must be > 0, got {threshold_learning_rate}")
-        if threshold_weight_decay < 0:
-            raise ValueError(f"method 'pep': threshold_weight_decay must be >= 0, got {threshold_weight_decay}")
+        for key, value in (("threshold_weight_decay", threshold_weight_decay), ("embedding_weight_decay", embedding_weight_decay)):
+            if value < 0:
+                raise ValueError(f"method 'pep': {key} must be >= 0, got {value}")
         if int(sparsity_check_interval) < 1:
             raise ValueError(f"method 'pep': sparsity_check_interval must be >= 1, got {sparsity_check_interval}")
         self.granularity, self.threshold_init = granularity, float(threshold_init)
         self.threshold_learning_rate, self.threshold_weight_decay = float(threshold_learning_rate), float(threshold_weight_decay)
+        self.embedding_weight_decay = float(embedding_weight_decay)
         self.sparsity_check_interval = int(sparsity_check_interval)
         self.search_max_epochs = None if search_max_epochs is None else float(search_max_epochs)
 
     def method_hparams(self) -> Dict[str, Any]:
         return {"granularity": self.granularity, "threshold_init": self.threshold_init,
                 "threshold_learning_rate": self.threshold_learning_rate,
-                "threshold_weight_decay": self.threshold_weight_decay}
+                "threshold_weight_decay": self.threshold_weight_decay,
+                "embedding_weight_decay": self.embedding_weight_decay}
 
     def dense_parameters(self, rows: int, dim: int, num_compressed_fields: int) -> int:
         shape = threshold_shape(self.granularity, num_compressed_fields, dim)
