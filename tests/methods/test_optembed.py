@@ -8,6 +8,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods import row_subset
+from recbench.methods.base import Hook
 from recbench.methods.evolutionary import evolutionary_search
 from recbench.methods.optembed import LongTailStep, OptEmbed, OptEmbedRetrain, OptEmbedSupernet
 from recbench.models.dlrm import DLRM
@@ -149,3 +150,46 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="top_k"):
         OptEmbed(top_k=0)
     assert isinstance(OptEmbed().build(tables(), DIM, Budget(0.1)), OptEmbedSupernet)
+
+
+class _Kill(OptEmbed):
+    """OptEmbed whose retrain stage is killed at step ``at`` (None: never)."""
+
+    def __init__(self, at=None, **kwargs):
+        super().__init__(**kwargs)
+        self.at, self.searches = at, 0
+
+    def run_search(self, context):
+        self.searches += 1
+        return super().run_search(context)
+
+    def hooks(self):
+        kill = self.at
+
+        class Kill(Hook):
+            def on_step_end(self, ctx):
+                if ctx.stage.name == "retrain" and ctx.stage_step == kill:
+                    raise KeyboardInterrupt("simulated kill")
+
+        return super().hooks() + [Kill()]
+
+
+def _fit(dataset, method, path=None):
+    spec = dataset.spec
+    torch.manual_seed(0)
+    model = DLRM(method.build(spec.tables, DIM, Budget(0.3)), spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
+    config = TrainerConfig(max_epochs=1, batch_size=64, progress=False, latency_repeats=1)
+    return Trainer(config, model, method, dataset, DenseOptimizer(), EmbeddingOptimizer(), checkpoint_path=path).fit()
+
+
+def test_killed_in_retrain_resumes_after_the_search(toy_dataset, tmp_path):
+    small = dict(mutation_num=2, crossover_num=2, search_iterations=2, top_k=2, supernet_max_epochs=1)
+    reference = _fit(toy_dataset, _Kill(**small))
+    path = tmp_path / "checkpoint.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _fit(toy_dataset, _Kill(at=5, **small), path)
+    resumed_method = _Kill(**small)
+    resumed = _fit(toy_dataset, resumed_method, path)
+    assert resumed_method.searches == 0  # supernet and search were not run again
+    assert torch.equal(resumed.stage_results[1]["keep"], reference.stage_results[1]["keep"])
+    assert resumed.metrics["test/auc"] == pytest.approx(reference.metrics["test/auc"], abs=1e-6)
