@@ -32,7 +32,8 @@ the thresholds keep come first), as many as the budget affords at the dims in us
 the thresholds kept beyond the budget and tops the budget up with the best pruned rows. The stage
 results report both ``learned_rows`` (kept by the thresholds) and ``final_rows``. The closed form
 is the structure at the cap (every field at ``dim_cap``); searched dims below the cap buy more rows,
-so the achieved bytes stay within one row of the budget.
+so the achieved bytes stay within one row of the budget unless every row is already kept (then the
+search's AUC-best dims leave part of the budget unused; the achieved ratio is measured and logged).
 
 Shapes: KJT (F keys, B bags) -> per-id (N, D) -> pooled (B, F, D) x dim masks -> KeyedTensor (B, F * D).
 """
