@@ -23,13 +23,13 @@ EMB = EmbeddingOptimizer(learning_rate=0.1)
 TABLES = [TableSpec("a", 500), TableSpec("b", 120), TableSpec("bag", 60, pooling="sum", multi_hot=True)]
 
 
-def kjt(rng, batch=64):
+def kjt(rng, tables=TABLES, batch=64):
     values, lengths = [], []
-    for t in TABLES:
+    for t in tables:
         n = rng.integers(0, 4, batch) if t.multi_hot else np.ones(batch, dtype=np.int64)
         lengths.append(n)
         values.append(rng.integers(0, t.num_embeddings, int(n.sum())))
-    return KeyedJaggedTensor(keys=[t.name for t in TABLES], values=torch.from_numpy(np.concatenate(values)),
+    return KeyedJaggedTensor(keys=[t.name for t in tables], values=torch.from_numpy(np.concatenate(values)),
                              lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
 
 
@@ -169,20 +169,10 @@ def test_deeplight_prunes_on_schedule_and_ends_at_target(toy_dataset):
     assert int(module.mask.sum()) == module.nnz  # the finetune stage runs at exactly nnz
     assert int(((module.weight != 0) & ~module.mask).sum()) == 0
     rng = np.random.default_rng(0)
-    features = kjt_for(toy_dataset, rng)
+    features = kjt(rng, toy_dataset.spec.tables)
     module.eval()
     with torch.no_grad():
         assert torch.equal(module(features).values(), module.to_inference()(features).values())
-
-
-def kjt_for(dataset, rng, batch=32):
-    values, lengths = [], []
-    for t in dataset.spec.tables:
-        n = rng.integers(0, 3, batch) if t.multi_hot else np.ones(batch, dtype=np.int64)
-        lengths.append(n)
-        values.append(rng.integers(0, t.num_embeddings, int(n.sum())))
-    return KeyedJaggedTensor(keys=[t.name for t in dataset.spec.tables], values=torch.from_numpy(np.concatenate(values)),
-                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
 
 
 # ---------------------------------------------------------------- DSL
@@ -242,7 +232,7 @@ def test_dsl_density_is_constant_at_every_step_and_the_mask_moves(toy_dataset):
     assert moved[0] > moved[-1]  # the cosine-annealed fraction shrinks to zero
     budget_bytes = Budget(compression_ratio=0.1).target_bytes(toy_dataset.spec.tables, DIM)
     assert module.memory_report().inference_bytes <= budget_bytes
-    features = kjt_for(toy_dataset, np.random.default_rng(1))
+    features = kjt(np.random.default_rng(1), toy_dataset.spec.tables)
     module.eval()
     with torch.no_grad():
         assert torch.equal(module(features).values(), module.to_inference()(features).values())
