@@ -1,165 +1,154 @@
-"""Training-step time of every registered method relative to ``full``, measured side by side.
+"""Training-step time of recbench's ``full`` against a plain PyTorch reference, and of each method against ``full``.
 
-One process builds every method of ``conf/method/*.yaml`` at the same budget on a Criteo-like
-table set (26 fields, the Criteo Kaggle cardinality profile scaled by ``--scale``, Zipf(1.1) id
-frequencies, dim 16) inside the same model (DLRM Criteo Kaggle MLPs by default), then times
-optimizer steps on the same pre-built batches. Methods are interleaved round by round (each
-round runs ``--steps`` steps of every method) so machine noise hits all of them alike; the
-figure per method is the median step time over rounds and its ratio to ``full``'s median.
-A method infeasible at ``--ratio`` is measured at the nearest feasible ratio of
-{0.75, 0.5, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05, 0.01} (closest first) and flagged.
+One process builds, on the same Criteo-like table set (26 fields, the Criteo Kaggle cardinality
+profile x ``--scale``, Zipf(1.1) ids, dim 16) inside the same DLRM (Criteo Kaggle MLPs,
+bottom 512-256-64-16, top 512-256-1, Adam on the MLPs):
 
-    python benchmarks/train_step.py                     # ratio 0.1, batch 4096
-    recbench-bench train_step --ratio 0.01 --model dcn
+- the reference: one ``nn.EmbeddingBag`` per field with dense gradients, updated by
+  ``torch.optim.Adagrad`` (the way most research code trains embeddings; the same learning rate
+  and eps as recbench's embedding optimizer);
+- recbench's ``full`` (FBGEMM fused tables, row-wise Adagrad inside backward) and every other
+  method asked for (``--methods``; default the table-backed ones with a target), built at
+  ``--ratio`` (a method infeasible there is built at the nearest feasible ratio and flagged).
 
-Results: ``benchmarks/results/train_step.json`` (+ a Markdown table on stdout).
+All models step on the same pre-built batches of ``--batch-size``; rounds interleave the models
+(each round runs ``--steps`` steps of each), the figure per model is its median step time over
+rounds. Figures: reference step time / ``full`` step time (target >= 1.8), and each method's step
+time / ``full``'s (hashing, unified, mixed_dim <= 1.15; qr <= 1.3).
 
-References: DESIGN.md section 6 (ratios measured side by side, never a bare time).
+    python benchmarks/train_step.py                      # scale 0.1 (3.4M rows), batch 4096
+    python benchmarks/train_step.py --methods all        # every conf/method/*.yaml (dhe takes ~25x full)
+    recbench-bench train_step --scale 0.01 --model dcn
+
+References: DESIGN.md section 6; recbench.bench.harness.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
+import math
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recbench.bench import harness
+from recbench.bench.workloads import EmbeddingBagReference, criteo_batches, criteo_like_tables, dlrm, train_step
 from recbench.cli.job import instantiate_without
 from recbench.cli.train import CONFIG_DIR
-from recbench.datasets.criteo import KAGGLE_CARDINALITIES
 from recbench.methods.base import InfeasibleBudget
-from recbench.models.dcn import DCNv2
-from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer, build_optimizers
-from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from recbench.types import Budget, EmbeddingOptimizer
 
-RESULTS = Path(__file__).resolve().parent / "results"
 FALLBACK_RATIOS = (0.75, 0.5, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05, 0.01)
+TARGETS = {"hashing": "<= 1.15", "unified": "<= 1.15", "mixed_dim": "<= 1.15", "qr": "<= 1.3"}
+DEFAULT_METHODS = ("full", "hashing", "unified", "mixed_dim", "qr", "ptq")
+REFERENCE = "embeddingbag_dense"
+DIM = 16
 
 
-def criteo_like_tables(scale: float, seed: int = 0) -> List[TableSpec]:
-    rng = np.random.default_rng(seed)
-    tables = []
-    for i, n in enumerate(KAGGLE_CARDINALITIES):
-        rows = max(4, int(n * scale)) + 1
-        counts = (1e6 / np.arange(1, rows + 1) ** 1.1).astype(np.int64)
-        tables.append(TableSpec(f"C{i + 1}", rows, rng.permutation(counts)))
-    return tables
+def registered_methods() -> List[str]:
+    return sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 
 
-def zipf_batches(tables: List[TableSpec], batch: int, count: int, seed: int = 0):
-    """Pre-built (dense (B, 13), KJT, labels (B,)) batches with Zipf-distributed ids."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(count):
-        values = []
-        for t in tables:
-            ranks = np.minimum(rng.zipf(1.1, batch) - 1, t.num_embeddings - 1)
-            values.append(ranks)
-        kjt = KeyedJaggedTensor(keys=[t.name for t in tables], values=torch.from_numpy(np.concatenate(values)),
-                                lengths=torch.ones(batch * len(tables), dtype=torch.int32))
-        out.append((torch.randn(batch, 13), kjt, torch.from_numpy((rng.random(batch) < 0.26).astype(np.float32))))
-    return out
+def method_object(name: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"method={name}"])
+    return instantiate_without(cfg.method, drop=())
 
 
-def methods() -> Dict[str, object]:
-    found = {}
-    for path in sorted((Path(CONFIG_DIR) / "method").glob("*.yaml")):
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=[f"method={path.stem}"])
-        found[path.stem] = instantiate_without(cfg.method, drop=())
-    return found
-
-
-def build(name, method, tables, ratio, model_name, dim):
-    import math
-
+def build_method(name, tables, ratio, model_name):
+    """(model, optimizers, ratio built at) of a method at ``ratio`` or the nearest feasible one."""
+    method = method_object(name)
     candidates = sorted(set(FALLBACK_RATIOS) | {ratio, 1.0}, key=lambda x: abs(math.log(x / ratio)))
     for r in candidates:
         try:
-            method.solve(tables, dim, Budget(compression_ratio=r))
+            method.solve(tables, DIM, Budget(compression_ratio=r))
         except InfeasibleBudget:
             continue
         torch.manual_seed(0)
         optimizer = EmbeddingOptimizer()
-        embedding = method.build(tables, dim, Budget(compression_ratio=r), optimizer)
-        cls = DLRM if model_name == "dlrm" else DCNv2
-        model = cls(embedding, 13, len(tables), dim, [512, 256, 64, dim], [512, 256, 1])
-        optimizers = build_optimizers(model, embedding, DenseOptimizer(), optimizer)
-        return model, optimizers, r
-    raise RuntimeError(f"{name}: no feasible ratio")
+        embedding = method.build(tables, DIM, Budget(compression_ratio=r), optimizer)
+        model = dlrm(embedding, len(tables), DIM, model_name)
+        return model, build_optimizers(model, embedding, DenseOptimizer(), optimizer), r
+    raise RuntimeError(f"{name}: no feasible ratio among {candidates}")
 
 
-def step(model, optimizers, batch, loss_fn):
-    dense, kjt, labels = batch
-    loss = loss_fn(model(dense, kjt), labels) + model.embedding.extra_loss()
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
-    loss.backward()
-    for opt in optimizers.values():
-        opt.step()
+def build_reference(tables, model_name):
+    torch.manual_seed(0)
+    embedding = EmbeddingBagReference(tables, DIM)
+    model = dlrm(embedding, len(tables), DIM, model_name)
+    spec = EmbeddingOptimizer()
+    table_params = {id(p) for p in embedding.parameters()}
+    dense = [p for p in model.parameters() if id(p) not in table_params]
+    return model, {"dense": torch.optim.Adam(dense, lr=DenseOptimizer().learning_rate),
+                   "embedding": torch.optim.Adagrad(embedding.parameters(), lr=spec.learning_rate, eps=spec.eps)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="benchmarks/train_step.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ratio", type=float, default=0.1)
-    parser.add_argument("--scale", type=float, default=0.01, help="x Criteo Kaggle cardinalities")
+    parser.add_argument("--scale", type=float, default=0.1, help="x Criteo Kaggle cardinalities")
     parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
     parser.add_argument("--model", choices=("dlrm", "dcn"), default="dlrm")
-    parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--methods", nargs="*", default=None, help=f"default: {' '.join(DEFAULT_METHODS)}; 'all'")
+    harness.add_common_arguments(parser, rounds=5, warmup=2)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dim = 16
+    if args.quick:
+        args.scale, args.batch_size, args.steps, args.rounds, args.warmup = 0.001, 256, 1, 2, 1
+        args.methods = args.methods or ["full", "hashing"]
+    clock = harness.setup(args)
+    names = registered_methods() if args.methods == ["all"] else list(args.methods or DEFAULT_METHODS)
+    unknown = sorted(set(names) - set(registered_methods()))
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; allowed: {', '.join(registered_methods())} or all")
+    if "full" not in names:
+        names.insert(0, "full")
+
+    result = harness.BenchResult.start("train_step", argv, args)
     tables = criteo_like_tables(args.scale)
-    batches = zipf_batches(tables, args.batch_size, args.steps)
+    batches = criteo_batches(tables, args.batch_size, args.steps)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    built = {}
-    for name, method in methods().items():
-        if args.methods and name not in args.methods:
-            continue
-        model, optimizers, ratio = build(name, method, tables, args.ratio, args.model, dim)
-        for b in batches[: args.warmup]:
-            step(model, optimizers, b, loss_fn)
-        built[name] = (model, optimizers, ratio)
-    times: Dict[str, List[float]] = {name: [] for name in built}
-    for _ in range(args.rounds):
-        for name, (model, optimizers, _) in built.items():
-            t0 = time.perf_counter()
-            for b in batches:
-                step(model, optimizers, b, loss_fn)
-            times[name].append((time.perf_counter() - t0) / len(batches))
-    reference = statistics.median(times["full"]) if "full" in times else float("nan")
+    models: Dict[str, tuple] = {REFERENCE: build_reference(tables, args.model)}
+    built_ratio: Dict[str, float] = {REFERENCE: 1.0}
+    for name in names:
+        model, optimizers, ratio = build_method(name, tables, args.ratio, args.model)
+        models[name], built_ratio[name] = (model, optimizers), ratio
+
+    def workload(model, optimizers):
+        def run():
+            for batch in batches:
+                train_step(model, optimizers, batch, loss_fn)
+        return run
+
+    seconds = harness.interleaved({n: workload(*m) for n, m in models.items()}, args.rounds, args.warmup, clock=clock)
+    per_step = {n: [s / len(batches) for s in samples] for n, samples in seconds.items()}
+    result.settings.update({
+        "total_rows": sum(t.num_embeddings for t in tables), "dim": DIM,
+        "torch_threads": torch.get_num_threads()})
+    full = harness.Side("full (FBGEMM fused, row-wise Adagrad)", per_step["full"], "s/step")
+    result.add(harness.Figure(
+        "full_vs_embeddingbag", "step time of nn.EmbeddingBag tables with dense gradients + torch.optim.Adagrad "
+        "divided by recbench full's (same DLRM, same batches): the speed-up of fused tables.",
+        full, harness.Side("nn.EmbeddingBag dense + Adagrad", per_step[REFERENCE], "s/step"),
+        ratio_of="reference/candidate", target=">= 1.8"))
     rows = []
-    for name, samples in times.items():
-        median = statistics.median(samples)
-        rows.append({"method": name, "ratio_built": built[name][2], "requested_ratio": args.ratio,
-                     "median_step_ms": median * 1000, "step_time_vs_full": median / reference,
-                     "samples_per_s": args.batch_size / median, "rounds_ms": [s * 1000 for s in samples]})
-    result = {"benchmark": "train_step", "command": "python benchmarks/train_step.py " + " ".join(argv or sys.argv[1:]),
-              "model": args.model, "batch_size": args.batch_size, "scale": args.scale,
-              "total_rows": sum(t.num_embeddings for t in tables), "threads": torch.get_num_threads(),
-              "machine": platform.platform(), "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "train_step.json").write_text(json.dumps(result, indent=2))
-    print(f"| method | built at ratio | median step (ms) | step time vs full | samples/s |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        flag = "" if r["ratio_built"] == args.ratio or r["method"] == "full" else " (nearest feasible)"
-        print(f"| {r['method']} | {r['ratio_built']:g}{flag} | {r['median_step_ms']:.1f} | "
-              f"{r['step_time_vs_full']:.2f}x | {r['samples_per_s']:,.0f} |")
+    for name in models:
+        flag = "" if name in ("full", REFERENCE) or built_ratio[name] == args.ratio else " (nearest feasible)"
+        rows.append({"model": name, "built at ratio": f"{built_ratio[name]:g}{flag}",
+                     "median step (ms)": harness.median(per_step[name]) * 1000,
+                     "vs full": harness.median(per_step[name]) / harness.median(per_step["full"]),
+                     "samples/s": args.batch_size / harness.median(per_step[name])})
+        if name in ("full", REFERENCE):
+            continue
+        result.add(harness.Figure(
+            f"{name}_vs_full", f"{name} (built at ratio {built_ratio[name]:g}{flag}) step time relative to full's.",
+            harness.Side(name, per_step[name], "s/step"), full, ratio_of="candidate/reference",
+            target=TARGETS.get(name)))
+    result.tables["step time per model"] = rows
+    result.finish(args)
     return 0
 
 

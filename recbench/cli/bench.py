@@ -1,10 +1,14 @@
 """``recbench-bench``: run the performance harness in ``benchmarks/``.
 
-Each ``benchmarks/<name>.py`` with a ``main(argv) -> int`` is a benchmark; it writes
-``benchmarks/results/<name>.json``. ``recbench-bench`` runs them all (or the ones named):
+Each ``benchmarks/<name>.py`` with a ``main(argv) -> int`` is a benchmark; it measures a
+candidate against its reference side by side (``recbench.bench.harness``) and writes
+``benchmarks/results/<name>.json`` and ``.md``. ``recbench-bench`` runs them all (or the ones
+named), then regenerates the summary table of ``benchmarks/README.md`` from every result file:
 
-    recbench-bench                 # every benchmark
-    recbench-bench preprocessing   # one
+    recbench-bench                       # every benchmark (make bench)
+    recbench-bench preprocessing         # one
+    recbench-bench --quick               # every benchmark at toy sizes, results in a temp folder
+    recbench-bench lookup --scale 0.05   # options after the names go to the benchmarks
 
 References: DESIGN.md section 6 (ratios measured side by side).
 """
@@ -13,9 +17,13 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+import time
+import traceback
 from pathlib import Path
 
-BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+from recbench.bench import harness
+
+BENCH_DIR = harness.BENCH_DIR
 
 
 def available():
@@ -33,12 +41,23 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     status = 0
+    started = time.perf_counter()
     for name in names:
         spec = importlib.util.spec_from_file_location(f"recbench_benchmarks.{name}", BENCH_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         print(f"== benchmark: {name}", flush=True)
-        status |= int(module.main(rest) or 0)
+        begin = time.perf_counter()
+        try:
+            code = int(module.main(rest) or 0)
+        except Exception:  # one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            code = 1
+        print(f"== benchmark {name}: exit {code}, {time.perf_counter() - begin:.0f} s", flush=True)
+        status |= code
+    if "--quick" not in rest and "--output-dir" not in rest and harness.update_readme():
+        print(f"updated the results table of {harness.README}")
+    print(f"== {len(names)} benchmark(s) in {time.perf_counter() - started:.0f} s; load: {harness.uptime()}")
     return status
 
 

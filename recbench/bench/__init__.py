@@ -1,0 +1,1 @@
+"""Performance harness shared by the scripts in ``benchmarks/`` (see ``harness.py``)."""
