@@ -4,7 +4,8 @@ A sequence of N values of ``bits`` bits each (1 <= bits <= 16) is stored as one 
 bit stream of ceil(N * bits / 8) bytes (``torch.uint8``): value i occupies bits
 [i * bits, (i + 1) * bits) of the stream — no per-value or per-row padding, so the bytes held are
 exactly the information bits rounded up once. Reads are vectorised random access: a value spans
-at most 3 bytes (shift <= 7, bits <= 16), so it is assembled from a 3-byte window.
+at most 3 bytes (shift <= 7, bits <= 16), so it is assembled from a 3-byte window (widths 1, 2,
+4, 8 and 16 take a direct path).
 
 Quantized embedding rows of D values at b bits are row-aligned when D * b is a multiple of 8;
 ``write_rows`` then replaces whole rows in place (what low-precision training does every step).
@@ -47,6 +48,15 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     values = values.reshape(-1).to(torch.int64)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 1 << bits):
         raise ValueError(f"pack_bits: values must lie in [0, {1 << bits}), got [{int(values.min())}, {int(values.max())}]")
+    if bits == 8:
+        return values.to(torch.uint8)
+    if bits == 16:
+        return torch.where(values >= 1 << 15, values - (1 << 16), values).to(torch.int16).view(torch.uint8)
+    if 8 % bits == 0:  # several whole values per byte
+        per_byte = 8 // bits
+        pad = (-values.numel()) % per_byte
+        grouped = torch.cat([values, values.new_zeros(pad)]).view(-1, per_byte)
+        return (grouped << (bits * torch.arange(per_byte))).sum(1).to(torch.uint8)
     out = torch.zeros(packed_bytes(values.numel(), bits), dtype=torch.uint8)
     shifts = torch.arange(bits, dtype=torch.int64)
     weights = (1 << torch.arange(8, dtype=torch.int64))
@@ -68,6 +78,11 @@ def read_bits(stream: torch.Tensor, bits: int, positions: torch.Tensor) -> torch
     bits = check_bits(bits)
     if bits == 8:
         return stream[positions].to(torch.int64)
+    if bits == 16:
+        return stream.view(torch.int16)[positions].to(torch.int64) & 0xFFFF
+    if 8 % bits == 0:  # a value never crosses a byte
+        offset = positions.to(torch.int64) * bits
+        return (stream[offset >> 3].to(torch.int64) >> (offset & 7)) & ((1 << bits) - 1)
     offset = positions.to(torch.int64) * bits
     byte, shift = offset >> 3, offset & 7
     last = stream.numel() - 1
