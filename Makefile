@@ -8,7 +8,7 @@ STAMP := $(VENV)/.install-stamp
 export RECBENCH_DATA_ROOT ?= datasets
 PORT ?= 5000
 
-.PHONY: setup data demo test test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
+.PHONY: setup setup-cluster data demo test test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
 
 ## setup: create .venv if missing and install the pinned CPU stack (no CUDA wheels), then self-check
 setup: $(STAMP)
@@ -18,6 +18,10 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m recbench.install_check
 	@touch $(STAMP)
+
+## setup-cluster: the optional cluster launchers (Ray, submitit/SLURM) on top of the CPU stack (not in CI)
+setup-cluster: setup
+	$(PY) -m pip install --quiet --no-deps -r requirements/cluster.lock
 
 ## data: fetch MovieLens-100K offline (from the recbole 1.2.1 wheel, checksum-verified)
 data: setup
