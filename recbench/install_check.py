@@ -13,6 +13,19 @@ FORBIDDEN_PREFIXES = ("nvidia-", "triton")
 FORBIDDEN_EXACT = ("fbgemm-gpu", "fbgemm_gpu")
 
 
+def software_versions() -> str:
+    """One line naming Python and the pinned stack as installed, e.g. for run tags and reports."""
+    import platform
+
+    found = []
+    for name in EXPECTED:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} absent")
+    return ", ".join([f"python {platform.python_version()}", *found])
+
+
 def problems() -> list:
     found = []
     installed = {}

@@ -22,6 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from recbench.install_check import software_versions
 from recbench.methods.base import InfeasibleBudget
 from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker, flatten, owner_tags
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
@@ -76,7 +77,7 @@ def group_hash(resolved: Dict[str, Any]) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, timeout=5,
                              cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -170,7 +171,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     tags = {
         "method": method_name, "model": model_name, "dataset": spec.name, "protocol": protocol_tag(spec.protocol_id, resolved),
         "dataset_protocol_id": spec.protocol_id, "compression_ratio": f"{ratio:g}", "seed": str(cfg.seed),
-        "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "config_hash": chash,
+        "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "software": software_versions(), "config_hash": chash,
         "group_hash": group_hash(resolved), "status": "running", **gate_tags(cfg), **(extra_tags or {}),
     }
     run_name = f"{method_name}@{ratio:g}/{model_label(cfg)}/{spec.name}/s{cfg.seed}"

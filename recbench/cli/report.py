@@ -15,11 +15,24 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from recbench.reporting.report import build_reports
 from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
 from recbench.tracking.mlflow_tracker import resolve_tracking_uri
+
+
+def provenance(records) -> str:
+    """Which code, software and sweeps produced the runs (the run tags), for the report header."""
+    def listed(key: str, unknown: str = "not recorded") -> str:
+        values = Counter(r.get(key) or unknown for r in records)
+        return "; ".join(f"`{v}` ({n} runs)" for v, n in values.most_common())
+
+    return "\n".join([f"- code (git commit of the runs): {listed('git_commit')}",
+                      f"- software: {listed('software', 'not recorded (runs before tagging)')}",
+                      f"- sweeps: {listed('sweep_id')}",
+                      "- each row links to its MLflow runs; each run's `command` tag reproduces it"])
 
 
 def main(argv=None) -> int:
@@ -52,7 +65,7 @@ def main(argv=None) -> int:
     if args.export:
         save_records(records, args.export)
     generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "
-                 f"from {source} ({len(records)} runs).")
+                 f"from {source} ({len(records)} runs).\n\n{provenance(records)}")
     for report in build_reports(records, args.out, args.ui_url, generated, figures=not args.no_figures):
         print(f"\n== {report.dataset} ==\n{report.markdown}")
         print(f"\nwritten: {', '.join(str(p) for p in report.files)}")

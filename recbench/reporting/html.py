@@ -87,7 +87,15 @@ def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: 
 
 def render(title: str, sections: List[Dict[str, object]], rows: Sequence[Row], ui_url: str, generated: str) -> str:
     """``sections``: one per protocol, {"protocol": id, "figures": {name: png bytes}}."""
-    body = [f"<h1>{esc(title)}</h1>", f'<p class="note">{esc(generated)}</p>']
+    paragraphs = [p.strip() for p in generated.split("\n\n") if p.strip()]
+    body = [f"<h1>{esc(title)}</h1>"]
+    for paragraph in paragraphs:  # plain text, or a "- item" list (provenance)
+        lines = paragraph.splitlines()
+        if all(line.startswith("- ") for line in lines):
+            items = "".join(f"<li>{esc(line[2:])}</li>" for line in lines)
+            body.append(f'<ul class="note">{items}</ul>')
+        else:
+            body.append(f'<p class="note">{esc(paragraph)}</p>')
     for section in sections:
         protocol = str(section["protocol"])
         body.append(f'<h2 id="{esc(protocol)}">Protocol <code>{esc(protocol)}</code></h2>')

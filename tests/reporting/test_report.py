@@ -29,6 +29,10 @@ def test_report_from_json_writes_every_output(tmp_path):
     assert "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 seed=0,1,2" in page
     rows = list(csv.DictReader(open(folder / "leaderboard.csv")))
     assert {r["method"] for r in rows} == {"full", "hashing", "qr", "robe", "dhe"}
+    # provenance: the runs' code, software and sweeps, in the Markdown and as an HTML list
+    markdown = (folder / "leaderboard.md").read_text()
+    assert "- code (git commit of the runs):" in markdown and "- software:" in markdown and "- sweeps:" in markdown
+    assert '<ul class="note"><li>code (git commit of the runs):' in page
 
 
 def test_report_numbers_equal_what_mlflow_holds(tmp_path):
