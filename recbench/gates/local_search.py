@@ -65,6 +65,8 @@ class PermutationLocalSearch(nn.Module):
     def __init__(self, num_experts: int, num_permutations: int, steps: int = 1000, entropy_reg: float = 1e-4,
                  noise: float = 0.0, tau_initial: float = 1e-3, tau_final: float = 1e-7):
         super().__init__()
+        if num_permutations < 1:
+            raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
         if steps < 1:
             raise ValueError(f"gate.local_search_steps must be >= 1, got {steps}")
         if not (tau_initial > 0 and tau_final > 0):
@@ -110,12 +112,12 @@ class PermutationLocalSearch(nn.Module):
             matrix = sinkhorn(logits / tau, iterations)
             self.relaxed.copy_(matrix.detach())
             loss = self.entropy_reg * entropy(matrix).sum(dim=-1).mean()
-        else:
-            matrix = self.permutation().to(components.dtype)
+        else:  # a hard permutation is a gather: expert f takes the weight of its source e (P[e, f] = 1)
+            source = self.permutation().argmax(dim=1).to(components.device)  # (P, E)
+            index = source.unsqueeze(0).expand(components.shape[0], components.shape[1], -1)
+            return torch.gather(components, 2, index), loss
         if matrix.shape[0] == 1:
             return torch.matmul(components, matrix[0]), loss
-        if matrix.shape[0] != components.shape[1]:
-            raise ValueError(f"{matrix.shape[0]} permutations for {components.shape[1]} gate components")
         return torch.einsum("bce,cef->bcf", components, matrix), loss
 
     def extra_repr(self) -> str:

@@ -113,3 +113,9 @@ def test_shared_permutation_and_schedule():
     permuted, loss = search(comps)
     assert permuted.shape == comps.shape and float(loss) == 0.0
     torch.testing.assert_close(permuted.sum((1, 2)), torch.ones(6))
+    hard = search.permutation()[0]  # inference applies it as a gather: the same as the matrix product
+    torch.testing.assert_close(permuted, comps @ hard)
+    per_component = PermutationLocalSearch(4, 3, steps=1).eval()
+    with torch.no_grad():
+        per_component.relaxed.copy_(torch.stack([torch.eye(4)[list(p)] for p in ([1, 0, 3, 2], [3, 2, 1, 0], [0, 1, 2, 3])]))
+    torch.testing.assert_close(per_component(comps)[0], torch.einsum("bce,cef->bcf", comps, per_component.relaxed))
