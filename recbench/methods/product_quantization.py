@@ -278,13 +278,14 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         logits = self.mask_tail(self.logits(queries, books), rows)
         codes = logits.argmax(-1)
         if self.assignment == "softmax":
+            # forward: the hard codeword; backward: values get the one-hot gradient, logits the
+            # softmax's (straight-through onehot + p - sg(p), without building the one-hot)
             soft = torch.softmax(logits / self.temperature, dim=-1)
-            hard = F.one_hot(codes, self.codewords).to(soft.dtype)
-            weights = hard + soft - soft.detach()
-            out = torch.empty_like(queries)
+            relaxed = soft - soft.detach()  # zero-valued
+            out = self.values[books.unsqueeze(1), part, codes]
             for book in torch.unique(books).tolist():
                 members = (books == book).nonzero().flatten()
-                out[members] = torch.einsum("upk,pkd->upd", weights[members], self.values[book])
+                out = out.index_add(0, members, torch.einsum("upk,pkd->upd", relaxed[members], self.values[book].detach()))
         else:
             chosen = self.keys[books.unsqueeze(1), part, codes]
             self._extra = (F.mse_loss(chosen, queries.detach())
