@@ -74,6 +74,8 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"trainer.batch_size must be >= 1, got {self.batch_size}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"trainer.eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if not (self.max_epochs > 0 or (self.max_steps or 0) > 0):
             raise ValueError("trainer.max_epochs or trainer.max_steps must be > 0")
         if self.evals_per_epoch < 1:
