@@ -26,7 +26,7 @@ class DPQ(ProductQuantizationMethod):
 
     name = "dpq"
 
-    def __init__(self, name: Optional[str] = None, parts: Any = "auto", codewords: Any = "auto", max_codewords: int = 1024,
+    def __init__(self, name: Optional[str] = None, parts: Any = "auto", codewords: Any = "auto", max_codewords: int = 256,
                  assignment: str = "softmax", codebooks: str = "shared", normalize_logits: bool = True,
                  temperature: float = 1.0, commitment: float = 0.25):
         super().__init__(name, parts, codewords, max_codewords, assignment, codebooks, normalize_logits, temperature, commitment)

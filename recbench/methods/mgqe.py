@@ -34,7 +34,7 @@ class MGQE(ProductQuantizationMethod):
     multi_granular = True
 
     def __init__(self, name: Optional[str] = None, parts: Any = "auto", codewords: Any = "auto",
-                 tail_codewords: Any = "auto", max_codewords: int = 1024, head_fraction: float = 0.1, assignment: str = "vq",
+                 tail_codewords: Any = "auto", max_codewords: int = 256, head_fraction: float = 0.1, assignment: str = "vq",
                  codebooks: str = "shared", normalize_logits: bool = True, temperature: float = 1.0,
                  commitment: float = 0.25):
         super().__init__(name, parts, codewords, max_codewords, assignment, codebooks, normalize_logits, temperature, commitment,

@@ -25,7 +25,7 @@ with one int32 rank per 64 rows to find a row's slot. The query table and keys a
 
 Budget: inference bytes = packed codes + value codebooks (books x K x D x 4) (+ MGQE's bitmap and
 ranks) (+ kept fields in fp32). ``parts`` (a divisor of D) and ``codewords`` are solved: for
-every allowed P the largest K <= ``max_codewords`` (and <= the number of rows) within the target,
+every allowed P the largest K <= ``max_codewords`` (default 256) (and <= the number of rows) within the target,
 then the landing pair with the most code bits per row P log2 K. Training bytes add the query table and its Adagrad state, the keys, Adam's
 moments of the codebooks and the batch-norm statistics.
 
@@ -217,15 +217,18 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
     # ----- assignment -----
     def logits(self, queries: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
         """(U, P, d) queries of rows in ``books`` (U,) -> (U, P, K) logits (normalised, masked later)."""
-        out = queries.new_empty(queries.shape[0], self.parts, self.codewords)
-        for book in torch.unique(books).tolist():
-            members = (books == book).nonzero().flatten()
-            keys, q = self.keys[book], queries[members]
-            if self.assignment == "softmax":
-                out[members] = torch.einsum("upd,pkd->upk", q, keys)
+        out = None
+        for book, members in self._book_members(books):
+            keys = self.keys[book]
+            q = queries if members is None else queries[members]
+            part = torch.einsum("upd,pkd->upk", q, keys)
+            if self.assignment == "vq":
+                part = 2 * part - (q * q).sum(-1, keepdim=True) - (keys * keys).sum(-1).unsqueeze(0)
+            if members is None:
+                out = part
             else:
-                out[members] = -((q * q).sum(-1, keepdim=True) - 2 * torch.einsum("upd,pkd->upk", q, keys)
-                                 + (keys * keys).sum(-1).unsqueeze(0))
+                out = queries.new_empty(queries.shape[0], self.parts, self.codewords) if out is None else out
+                out = out.index_copy(0, members, part)
         if self.norm is not None:
             flat = out.reshape(-1, self.codewords)
             use_batch = self.norm.training and flat.shape[0] > 1
@@ -235,6 +238,14 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
                 self.norm.num_batches_tracked.add_(1)
             out = flat.view_as(out)
         return out
+
+    @staticmethod
+    def _book_members(books: torch.Tensor):
+        """(book, row positions or None for all rows) per codebook used by ``books`` (U,)."""
+        present = torch.unique(books).tolist()
+        if len(present) == 1:
+            return [(present[0], None)]
+        return [(book, (books == book).nonzero().flatten()) for book in present]
 
     def mask_tail(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """MGQE: tail rows may use only the first K_tail codewords."""
@@ -280,12 +291,15 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         if self.assignment == "softmax":
             # forward: the hard codeword; backward: values get the one-hot gradient, logits the
             # softmax's (straight-through onehot + p - sg(p), without building the one-hot)
-            soft = torch.softmax(logits / self.temperature, dim=-1)
+            soft = torch.softmax(logits if self.temperature == 1.0 else logits / self.temperature, dim=-1)
             relaxed = soft - soft.detach()  # zero-valued
             out = self.values[books.unsqueeze(1), part, codes]
-            for book in torch.unique(books).tolist():
-                members = (books == book).nonzero().flatten()
-                out = out.index_add(0, members, torch.einsum("upk,pkd->upd", relaxed[members], self.values[book].detach()))
+            for book, members in self._book_members(books):
+                values = self.values[book].detach()
+                if members is None:
+                    out = out + torch.einsum("upk,pkd->upd", relaxed, values)
+                else:
+                    out = out.index_add(0, members, torch.einsum("upk,pkd->upd", relaxed[members], values))
         else:
             chosen = self.keys[books.unsqueeze(1), part, codes]
             self._extra = (F.mse_loss(chosen, queries.detach())
