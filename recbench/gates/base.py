@@ -162,8 +162,9 @@ class Gate(nn.Module):
 
     @property
     def sparse_training(self) -> bool:
-        """Training-form weights are k-sparse with no gradient through zeros (a soft permutation breaks that)."""
-        return self.sparse_in_training and self.local_search is None
+        """The next training-form weights are k-sparse with no gradient through zeros (a soft
+        permutation, during the local-search window, breaks that; the frozen hard one does not)."""
+        return self.sparse_in_training and (self.local_search is None or not self.local_search.learning)
 
     def components(self, x: torch.Tensor, features, hard: bool) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, C, E) non-negative components of total mass 1 per sample, and the regularisation (scalar)."""

@@ -124,10 +124,11 @@ class MixtureOfExpertsArch(nn.Module):
         return x.new_zeros(weights.shape[0], x.shape[0], self.experts.out_features).index_add(1, rows, scaled)
 
     def forward(self, x: torch.Tensor, features=None) -> Dict[str, torch.Tensor]:
+        conditional = not self.training or self.sparse_training  # decided before the gates advance their steps
         outputs = [gate(x, features) for gate in self.gates.values()]
         self._extra_loss = sum((o.loss for o in outputs), torch.zeros((), device=x.device))
         weights = torch.stack([o.weights for o in outputs])  # (T, B, E)
-        mixed = self.mix(x, weights, conditional=not self.training or self.sparse_training)
+        mixed = self.mix(x, weights, conditional=conditional)
         return {task: head(mixed[i]).squeeze(-1) for i, (task, head) in enumerate(self.heads.items())}
 
     def extra_loss(self) -> torch.Tensor:

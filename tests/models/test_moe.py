@@ -76,6 +76,13 @@ def test_sparse_training_path_has_the_dense_gradients():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     comet = MixtureOfExpertsArch(10, gate_factory("comet"), 6, [8], ["click"])
     assert not comet.sparse_training  # soft routing in training: all experts computed
+    searched = MixtureOfExpertsArch(10, gate_factory("topk", "gate.local_search=true", "gate.local_search_steps=2"),
+                                    6, [8], ["click"]).train()
+    flags = []
+    for _ in range(3):
+        flags.append(searched.sparse_training)
+        searched(x)
+    assert flags == [False, False, True]  # dense while the permutation is soft, sparse once it is frozen
 
 
 def test_expert_bank_matches_independent_linear_towers():
