@@ -105,9 +105,19 @@ def expand(params: Sequence[str], search_overrides: Sequence[str] = ()) -> List[
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if override.startswith("hydra."):
+        return False
+    return OverridesParser.create().parse_override(override).is_sweep_override()
+
+
 def build_plan(preset: str, overrides: Sequence[str], sweep_id: Optional[str] = None) -> Plan:
     overrides = list(overrides)
-    cfg = _compose([f"sweep={preset}", *overrides], hydra=True)
+    # a sweep override (method=a,b / glob(...) / range(...)) replaces the preset's axis; only the
+    # plain ones may take part in composing the preset itself
+    cfg = _compose([f"sweep={preset}", *(o for o in overrides if not _is_sweep(o))], hydra=True)
     params = OrderedDict((str(k), str(v)) for k, v in (cfg.hydra.sweeper.params or {}).items())
     meta = cfg.get("sweep_preset") or {}
     base = [f"{k}={v}" for k, v in params.items()]
@@ -116,7 +126,8 @@ def build_plan(preset: str, overrides: Sequence[str], sweep_id: Optional[str] = 
     if hasattr(references, "items"):  # one reference point given as a mapping
         references = [references]
     for i, ref in enumerate(references):
-        grids.append(Grid(f"reference-{i}", [*overrides, *(f"{k}={v}" for k, v in ref.items())]))
+        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ref]  # the reference point wins
+        grids.append(Grid(f"reference-{i}", [*kept, *(f"{k}={v}" for k, v in ref.items())]))
     seen = set()
     search = _search_path_overrides(overrides)
     for grid in grids:
@@ -280,7 +291,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     plan = build_plan(args.preset, args.overrides, args.sweep_id)
     if not args.no_check:
         check_plan(plan)
-    jobs = args.jobs or int((_compose([f"sweep={args.preset}", *args.overrides]).get("sweep_preset") or {})
+    jobs = args.jobs or int((_compose([f"sweep={args.preset}", *(o for o in args.overrides if not _is_sweep(o))]).get("sweep_preset") or {})
                             .get("jobs", 1))
     print(summary(plan), flush=True)
     if args.dry_run:

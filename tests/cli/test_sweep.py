@@ -189,3 +189,12 @@ def test_options_may_follow_the_preset_and_its_overrides(capsys):
     assert main(["smoke", "--dry-run", "trainer.num_threads=1", "--no-check"]) == 0
     out = capsys.readouterr().out
     assert "sweep smoke" in out and "trainer.num_threads=1" in out
+
+
+def test_a_sweep_override_replaces_the_presets_axis_and_the_reference_point_wins():
+    plan = build_plan("leaderboard_synthetic", ["method=hashing,qr", "seed=0"])
+    main, reference = plan.grids
+    assert len(main.jobs) == 2 * 6 and {o for job in main.jobs for o in job if o.startswith("method=")} == {
+        "method=hashing", "method=qr"}
+    assert [o for o in reference.overrides if o.startswith("method=")] == ["method=full"]
+    assert plan.jobs_total == 13
