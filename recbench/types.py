@@ -94,6 +94,10 @@ class Budget:
     tolerance: float = 0.1
 
     def __post_init__(self) -> None:
+        for key in ("compression_ratio", "tolerance"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"budget.{key} must be a number, got {value!r}")
         if not (0.0 < float(self.compression_ratio) <= 1.0):
             raise ValueError(
                 f"budget.compression_ratio must be in (0, 1], got {self.compression_ratio!r}"

@@ -41,7 +41,7 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="recbench-data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list dataset protocols")
-    for command in ("fetch", "prepare", "info"):
+    for command in ("fetch", "prepare", "info", "verify"):
         p = sub.add_parser(command)
         p.add_argument("dataset")
         p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset.rows=100000")
@@ -68,6 +68,17 @@ def main(argv: List[str] | None = None) -> int:
             print(f"{args.dataset}: raw files in {fetch(data_root)}")
             return 0
         protocol = instantiate_without(cfg.dataset)
+        if args.command == "verify":  # re-hash every cached file against its manifest
+            from recbench.datasets.storage import CacheCorruptError, verify
+
+            directory = protocol.cache_dir(data_root)
+            try:
+                manifest = verify(directory, full=True)
+            except CacheCorruptError as exc:
+                print(f"recbench-data: {exc} (the next run rebuilds it)", file=sys.stderr)
+                return 2
+            print(f"{directory}: {len(manifest.get('files', {}))} files match their checksums")
+            return 0
         if args.command == "prepare":
             prepared = protocol.prepare(data_root, force=args.force)
         else:

@@ -238,8 +238,16 @@ def settings_of(cfg: DictConfig):
         raise ConfigError(f"unknown setting: {exc}") from exc
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if int(cfg.model.embedding_dim) % 4:
-        raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim}: FBGEMM tables need a multiple of 4")
+    if int(cfg.model.embedding_dim) <= 0 or int(cfg.model.embedding_dim) % 4:
+        raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim}: FBGEMM tables need a positive multiple of 4")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
+    try:  # hyperparameters only: cheap, and an unknown or ill-typed method setting fails here
+        instantiate(cfg.method)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"method {cfg.method.get('name')!r}: {type(cause).__name__}: {cause}") from exc
+    distributed.check_settings(bool(cfg.trainer.get("distributed", False)), cfg.trainer.get("sharding_types"))
     return budget, embedding_optimizer, dense_optimizer, trainer_config
 
 

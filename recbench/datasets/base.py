@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, Dict
 
-from recbench.datasets.storage import CacheWriter, PreparedDataset, load_prepared, try_load
+from recbench.datasets.storage import SPLITS, CacheWriter, PreparedDataset, load_prepared, try_load
 from recbench.types import settings_hash
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,23 @@ log = logging.getLogger(__name__)
 
 class DatasetError(ValueError):
     """Bad input data: the message names the file, line and field and what is allowed."""
+
+
+def check_split_sizes(manifest: Dict[str, Any], protocol_id: str) -> None:
+    """Every split needs rows: a source whose lines were all malformed (or too few for the split
+    rule) is an error before anything is cached, not an empty protocol that fails later."""
+    sizes = manifest.get("split_sizes", {})
+    empty = [split for split in SPLITS if int(sizes.get(split, 0)) <= 0]
+    if not empty:
+        return
+    extras = manifest.get("extras", {})
+    detail = ""
+    if extras.get("malformed_lines"):
+        examples = extras.get("malformed_examples") or []
+        detail = f"; {extras['malformed_lines']} malformed line(s) were skipped" + (f", first: {examples[0]}" if examples else "")
+    raise DatasetError(f"{protocol_id}: no rows in split(s) {', '.join(empty)} "
+                       f"(rows per split: {', '.join(f'{k}={sizes.get(k, 0)}' for k in SPLITS)}{detail}); "
+                       "allowed: at least one row in every split")
 
 
 class DatasetProtocol(abc.ABC):
@@ -54,6 +71,7 @@ class DatasetProtocol(abc.ABC):
         log.info("preparing %s into %s", self.protocol_id(), directory)
         with CacheWriter(directory) as writer:
             manifest = self.build(writer)
+            check_split_sizes(manifest, self.protocol_id())
             manifest.setdefault("settings", self.settings())
             manifest["protocol_id"] = self.protocol_id()
             writer.commit(manifest)

@@ -293,15 +293,20 @@ def _fail_rows(path: Path, frame: pd.DataFrame, bad: np.ndarray, column: str, fi
         )
 
 
+#: the largest integer bound a field may have: float64 (the parse below) holds every integer up to
+#: 2**53 exactly, so a larger id or timestamp would be rounded or wrapped silently
+MAX_EXACT_INTEGER = 2**53
+
+
 def _integers(path: Path, frame: pd.DataFrame, column: str, field: str, low: int, high: Optional[int] = None) -> np.ndarray:
-    """Parse a column of decimal integers in [low, high] (a trailing ``.0`` is accepted)."""
+    """Parse a column of decimal integers in [low, high] (a trailing ``.0`` is accepted);
+    ``high=None`` means ``MAX_EXACT_INTEGER``."""
     text = frame[column].str.strip()
     numbers = pd.to_numeric(text.where(text.str.fullmatch(r"[+-]?\d+(\.0*)?"), None), errors="coerce")
     values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(values) | (values < low)
-    if high is not None:
-        bad |= values > high
-    allowed = f"integers >= {low}" if high is None else f"integers in [{low}, {high}]"
+    high = MAX_EXACT_INTEGER if high is None else high
+    bad = np.isnan(values) | (values < low) | (values > high)
+    allowed = f"integers in [{low}, {high}]"
     _fail_rows(path, frame, bad, column, field, allowed)
     return values.astype(np.int64)
 

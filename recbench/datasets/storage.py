@@ -167,10 +167,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def verify(directory: Path) -> Dict[str, Any]:
+def verify(directory: Path, full: bool = False) -> Dict[str, Any]:
     """Load and checksum-verify a protocol directory; raises CacheCorruptError on any mismatch.
 
-    Files whose (size, mtime) match the last successful verification are not re-hashed.
+    Files whose (size, mtime) match the last successful verification are not re-hashed (a
+    change that keeps both, such as bit rot, is found only by ``full=True``: every file re-hashed,
+    ``recbench-data verify``).
     """
     directory = Path(directory)
     manifest_path = directory / MANIFEST
@@ -192,7 +194,7 @@ def verify(directory: Path) -> Dict[str, Any]:
             raise CacheCorruptError(f"{path}: listed in the manifest but missing")
         st = path.stat()
         key = [st.st_size, st.st_mtime_ns]
-        if stamp.get(rel) != key:
+        if full or stamp.get(rel) != key:
             actual = sha256_file(path)
             if actual != expected:
                 raise CacheCorruptError(f"{path}: checksum mismatch (expected {expected[:12]}, got {actual[:12]})")
@@ -272,8 +274,19 @@ def write_split(
     multi: Optional[Mapping[str, tuple]] = None,
     targets: Optional[Mapping[str, np.ndarray]] = None,
 ) -> None:
-    """Write one in-memory split (small protocols; large ones fill ``open_memmap`` arrays)."""
-    writer.save(f"{split}/dense.npy", dense.astype(np.float32, copy=False))
+    """Write one in-memory split (small protocols; large ones fill ``open_memmap`` arrays).
+
+    Dense features must be finite: a NaN or infinity is a protocol bug that would surface much
+    later as a diverged loss or a NaN AUC, so it is a ``DatasetError`` naming split, row, column."""
+    dense = dense.astype(np.float32, copy=False)
+    bad = ~np.isfinite(dense)
+    if bad.any():
+        from recbench.datasets.base import DatasetError  # base imports this module
+
+        row, column = (int(i[0]) for i in np.nonzero(bad))
+        raise DatasetError(f"split {split!r}: dense feature {column} of row {row} is {float(dense[row, column])} "
+                           f"({int(bad.sum())} non-finite value(s)); allowed: finite numbers")
+    writer.save(f"{split}/dense.npy", dense)
     writer.save(f"{split}/sparse.npy", sparse.astype(np.int32, copy=False))
     writer.save(f"{split}/labels.npy", labels.astype(np.float32, copy=False))
     for name, (values, offsets) in (multi or {}).items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import copy
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -78,6 +79,46 @@ class Hook:
         return None
 
 
+class IdOutOfRange(ValueError):
+    """An id outside ``[0, num_embeddings)`` of its field reached an embedding module."""
+
+
+def check_ids(features: KeyedJaggedTensor, tables: Sequence[TableSpec]) -> None:
+    """Raise ``IdOutOfRange`` naming the field, the id and the allowed range when any id of a
+    field in ``tables`` is negative or >= its ``num_embeddings`` (keys of other names are not checked).
+    One vectorised pass over the ids: (nnz,) comparisons against per-id upper bounds."""
+    rows = {t.name: t.num_embeddings for t in tables}
+    keys = features.keys()
+    if not any(k in rows for k in keys):
+        return
+    values = features.values()
+    if values.numel() == 0:
+        return
+    lengths = torch.tensor(features.length_per_key())
+    limits = torch.tensor([rows.get(k, torch.iinfo(torch.int64).max) for k in keys], dtype=torch.int64)
+    bad = (values < 0) | (values >= torch.repeat_interleave(limits, lengths))
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0])
+        key = keys[int(torch.searchsorted(torch.cumsum(lengths, 0), position, right=True))]
+        raise IdOutOfRange(
+            f"field {key!r}: id {int(values[position])} is outside [0, {rows[key]}) ({int(bad.sum())} such id(s) "
+            "in the batch); allowed: row indices of the protocol's vocabulary, where unseen values map to "
+            "the OOV row 0")
+
+
+def _check_ids_hook(tables: Sequence[TableSpec], module: nn.Module, args) -> None:
+    if args and isinstance(args[0], KeyedJaggedTensor):
+        check_ids(args[0], tables)
+
+
+def guard_ids(module: nn.Module, tables: Sequence[TableSpec]) -> nn.Module:
+    """Make every forward of ``module`` (KJT -> ...) reject ids outside its fields' ranges (once)."""
+    if not getattr(module, "_id_guard", False):
+        module.register_forward_pre_hook(functools.partial(_check_ids_hook, list(tables)))
+        module._id_guard = True
+    return module
+
+
 class EmbeddingModule(nn.Module, abc.ABC):
     """Base of every embedding module.
 
@@ -94,6 +135,21 @@ class EmbeddingModule(nn.Module, abc.ABC):
         self.tables = list(tables)
         self.dim = int(dim)
         self.feature_names = [t.name for t in self.tables]
+        # every forward (training and deployable form) rejects ids outside [0, num_embeddings):
+        # FBGEMM would otherwise replace them by row 0 with only a log line, hashing would hash them
+        guard_ids(self, self.tables)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's ``to_inference`` may return any module: its result gets the same id guard."""
+        super().__init_subclass__(**kwargs)
+        if "to_inference" in cls.__dict__:
+            original = cls.__dict__["to_inference"]
+
+            @functools.wraps(original)
+            def to_inference(self) -> nn.Module:
+                return guard_ids(original(self), self.tables)
+
+            cls.to_inference = to_inference
 
     @abc.abstractmethod
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor: ...
@@ -147,6 +203,9 @@ class CompressionMethod(abc.ABC):
                 f"conf/method config names {name!r} but its _target_ is the {self.name!r} method; "
                 "the config file name, `name` and the class must agree"
             )
+        if hyperparameters and type(self).__init__ is CompressionMethod.__init__:
+            raise TypeError(f"method {self.name!r} has no hyperparameters; unknown setting(s): "
+                            f"{', '.join(sorted(hyperparameters))}")
         self.hyperparameters: Dict[str, Any] = dict(hyperparameters)
 
     # ----- budget -----

@@ -394,6 +394,19 @@ def _full_tensor(value: Any) -> Any:
     return full
 
 
+def check_settings(distributed: bool, sharding_types: Optional[Sequence[str]]) -> None:
+    """``trainer.distributed`` / ``trainer.sharding_types`` of a job, checked before anything runs."""
+    if sharding_types is not None:
+        check_sharding_types(sharding_types)
+    if distributed and not dist.is_initialized():
+        raise DistributedSetupError(
+            "trainer.distributed=true but this process is not part of a process group: run "
+            "`torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`")
+    if not distributed and dist.is_initialized() and dist.get_world_size() > 1:
+        raise DistributedSetupError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}: "
+                                    "set trainer.distributed=true (or launch one process)")
+
+
 _ACTIVE: SingleProcess = SingleProcess()
 
 
