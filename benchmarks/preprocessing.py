@@ -1,32 +1,24 @@
-"""Preprocessing throughput and peak memory of the streaming text pipeline, at two file sizes.
+"""Preprocessing: recbench's streaming polars pipeline vs a chunked-pandas reference on the same file.
 
-For each size (default 10**6 and 10**7 lines) the synthetic generator writes a Criteo-format
-file, then the Criteo pipeline prepares it exactly as the ``synthetic`` protocol does (random
-8:1:1 split, the true probability as the row extra ``true_prob``). Each step runs in a fresh
-Python subprocess that reports its own peak resident set size (``ru_maxrss``), so the figures
-are per step and never inherit another step's memory:
+For each size (default 10**6 lines) the synthetic generator writes a Criteo-format file (13
+integer + 26 hex categorical fields, the true click probability as a sidecar), then, alternating
+which goes first, round by round:
 
-- ``generation``: the teacher's calibration plus writing the text file and its
-  true-probability sidecar (``synthetic.generate``);
-- ``checksum``: sha256 and line count of the raw file (what the protocol id needs; cached next
-  to the file afterwards, so a later run skips it);
-- ``preprocessing``: both streaming passes, the ``.npy`` outputs, the manifest checksums and
-  the verified load (``CriteoProtocol.prepare``);
-- ``bayes_metrics``: the exact Bayes-optimal test AUC and log loss the ``synthetic`` protocol
-  adds to its manifest (O(test rows) memory by nature: an exact AUC sorts the whole split).
+- ``polars``: recbench's Criteo pipeline prepares it exactly as the ``synthetic`` protocol does
+  (``CriteoProtocol.prepare``: random 8:1:1 split, vocabularies from train, both streaming passes,
+  the ``.npy`` outputs, their sha256 in the manifest and the verified load);
+- ``pandas``: ``recbench.bench.pandas_preprocessing`` implements the same rules with
+  ``pandas.read_csv`` chunks (same ``chunk_rows``); its arrays are checked identical to recbench's.
 
-Wall time is shared-machine sensitive, so each step also reports its CPU time (user + system,
-all threads) and the 1-minute load average at its end; ``rows_per_cpu_s`` is the figure to
-compare across machines and runs.
+Each step runs in a fresh Python subprocess that reports its wall time, CPU time (user + system,
+all threads), peak resident set size (``ru_maxrss``) and the 1-minute load average. Figures:
+rows per CPU-second ratio (robust on a shared machine) and elapsed rows/s ratio (target >= 3),
+peak RSS ratio (target <= 1: no higher). With several sizes, the peak-RSS growth with file size
+is noted (DESIGN.md section 6: peak memory does not grow with the file size). The data-line
+count and sha256 of the raw file are computed once (``checksum`` step) and cached for both.
 
-The claim checked is DESIGN.md section 6: peak memory does not grow with the file size, i.e.
-``peak_rss_ratio`` (largest size / smallest size) stays near 1 while the rows grow tenfold, and
-the preprocessing step's RSS profile (``peak_rss_mb_by_tenth_of_time``, sampled every 0.2 s) is
-flat from its first chunks to its last.
-Results go to ``benchmarks/results/preprocessing.json``.
-
-    python benchmarks/preprocessing.py                    # 1e6 and 1e7 lines
-    python benchmarks/preprocessing.py --rows 100000 1000000 --chunk-rows 250000
+    python benchmarks/preprocessing.py                        # 10^6 lines, 3 rounds (~4 min on 2 cores)
+    python benchmarks/preprocessing.py --rows 1000000 10000000 --rounds 1
     recbench-bench preprocessing
 
 References: DESIGN.md section 6; recbench.datasets.preprocessing; recbench.datasets.synthetic.
@@ -36,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
@@ -48,9 +38,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List
 
+from recbench.bench import harness
+
 REPO = Path(__file__).resolve().parents[1]
-RESULT = REPO / "benchmarks" / "results" / "preprocessing.json"
-STEPS = ("generation", "checksum", "preprocessing", "bayes_metrics")
+STEPS = ("generation", "checksum", "polars", "pandas")
 
 
 def _peak_rss_mb() -> float:
@@ -113,24 +104,23 @@ def child(step: str, rows: int, work: Path, chunk_rows: int) -> Dict[str, Any]:
 
         text = generated_files(GeneratorConfig(rows=rows), work / "synthetic" / "raw").text
         facts = {"lines": describe_source(text).lines}
-    elif step == "preprocessing":
+    elif step == "polars":
         files = generated_files(GeneratorConfig(rows=rows), work / "synthetic" / "raw")
         protocol = CriteoProtocol(source=files.text, split="random", malformed="fail", chunk_rows=chunk_rows,
                                   name="synthetic", row_extras={"true_prob": str(files.true_prob)})
         with RssSampler() as sampler:
             prepared = protocol.prepare(work, force=True)
-        facts = {"peak_rss_mb_by_tenth_of_time": sampler.peak_by_tenth(),"protocol_id": prepared.spec.protocol_id, "split_sizes": dict(prepared.spec.split_sizes),
-                 "table_rows": sum(t.num_embeddings for t in prepared.spec.tables),
-                 "processed_bytes": sum(p.stat().st_size for p in prepared.directory.rglob("*") if p.is_file()),
-                 "positive_rate": prepared.spec.extras["positive_rate"]["all"]}
+        facts = {"peak_rss_mb_by_tenth_of_time": sampler.peak_by_tenth(), "protocol_id": prepared.spec.protocol_id,
+                 "split_sizes": dict(prepared.spec.split_sizes), "output_dir": str(prepared.directory),
+                 "table_rows": sum(t.num_embeddings for t in prepared.spec.tables)}
     else:
-        from sklearn.metrics import log_loss, roc_auc_score
+        from recbench.bench.pandas_preprocessing import preprocess
 
-        test = next((work / "criteo" / "processed").iterdir()) / "test"
-        labels = np.load(test / "labels.npy")
-        true_prob = np.load(test / "targets" / "true_prob.npy").astype(np.float64)
-        facts = {"test_rows": int(labels.size), "bayes_test_auc": float(roc_auc_score(labels, true_prob)),
-                 "bayes_test_logloss": float(log_loss(labels, true_prob, labels=[0, 1]))}
+        files = generated_files(GeneratorConfig(rows=rows), work / "synthetic" / "raw")
+        with RssSampler() as sampler:
+            sizes = preprocess(files.text, work / "pandas", chunk_rows=chunk_rows,
+                               row_extras={"true_prob": files.true_prob})
+        facts = {"peak_rss_mb_by_tenth_of_time": sampler.peak_by_tenth(), "split_sizes": sizes}
     seconds = time.perf_counter() - start
     cpu = _cpu_seconds() - cpu_start
     return {"seconds": seconds, "rows_per_s": rows / seconds, "cpu_seconds": cpu, "rows_per_cpu_s": rows / cpu,
@@ -146,61 +136,99 @@ def run_step(step: str, rows: int, work: Path, chunk_rows: int) -> Dict[str, Any
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def same_arrays(polars_dir: Path, pandas_dir: Path) -> List[str]:
+    """Relative paths of the .npy outputs that differ (or are missing) between the two implementations."""
+    import numpy as np
+
+    differ = []
+    for path in sorted(pandas_dir.rglob("*.npy")):
+        rel = path.relative_to(pandas_dir)
+        ours = polars_dir / rel
+        if not ours.is_file() or not np.array_equal(np.load(ours, mmap_mode="r"), np.load(path, mmap_mode="r")):
+            differ.append(str(rel))
+    return differ
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/preprocessing.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000], help="file sizes (lines)")
-    parser.add_argument("--chunk-rows", type=int, default=500_000, help="lines per streaming chunk")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000], help="file sizes (lines)")
+    parser.add_argument("--chunk-rows", type=int, default=500_000, help="lines per streaming chunk (both sides)")
     parser.add_argument("--work-dir", type=Path, default=None, help="scratch data root (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the generated and processed files")
-    parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument("--child", choices=STEPS, help=argparse.SUPPRESS)
+    harness.add_common_arguments(parser, rounds=3, warmup=0)
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.rows[0], args.work_dir, args.chunk_rows)))
         return 0
-
-    import numpy
-    import polars
-
-    load_at_start = os.getloadavg()[0]
+    if args.quick:
+        args.rows, args.chunk_rows, args.rounds = [20_000], 5_000, 2
+    result = harness.BenchResult.start("preprocessing", argv, args)
     scratch = args.work_dir or Path(tempfile.mkdtemp(prefix="recbench-bench-preprocessing-"))
     runs = []
     try:
         for rows in args.rows:
             work = scratch / f"rows-{rows}"
-            run = {"rows": rows}
-            for step in STEPS:
-                print(f"rows={rows:,}: {step} ...", flush=True)
+            run: Dict[str, Any] = {"rows": rows}
+            for step in ("generation", "checksum"):
                 run[step] = run_step(step, rows, work, args.chunk_rows)
-                print(f"  {run[step]['seconds']:.1f} s ({run[step]['cpu_seconds']:.1f} CPU s), "
-                      f"{run[step]['rows_per_s']:,.0f} rows/s, peak RSS {run[step]['peak_rss_mb']:.0f} MB, "
-                      f"load {run[step]['load_average_1min']:.1f}", flush=True)
+                _show(rows, step, run[step])
+            samples: Dict[str, List[Dict[str, Any]]] = {"polars": [], "pandas": []}
+            for r in range(args.rounds):  # alternate which side runs first
+                for step in (("polars", "pandas") if r % 2 == 0 else ("pandas", "polars")):
+                    samples[step].append(run_step(step, rows, work, args.chunk_rows))
+                    _show(rows, step, samples[step][-1])
+            polars_dir = Path(samples["polars"][-1]["output_dir"])
+            differ = same_arrays(polars_dir, work / "pandas")
+            run.update(samples)
+            run["arrays_equal"] = not differ
             runs.append(run)
+            side = {k: {m: [s[m] for s in v] for m in ("rows_per_cpu_s", "rows_per_s", "peak_rss_mb")}
+                    for k, v in samples.items()}
+            equal = "identical arrays" if not differ else f"arrays DIFFER: {', '.join(differ)}"
+            comparisons = (
+                ("cpu", "rows_per_cpu_s", "rows/CPU-s", ">= 3",
+                 f"rows per CPU-second (all threads) of recbench's polars pipeline (CriteoProtocol.prepare: both passes, "
+                 f"output checksums, verified load) / the chunked-pandas reference (same rules, same {rows:,}-line "
+                 f"synthetic file, chunks of {args.chunk_rows:,}; {equal})."),
+                ("wall", "rows_per_s", "rows/s", ">= 3", "the same comparison in elapsed rows/s (polars may use both "
+                 "cores; sensitive to other processes' load)."),
+                ("peak_rss", "peak_rss_mb", "MB", "<= 1", "peak resident memory of the polars pipeline / the pandas "
+                 "reference's (each in its own process; target: no higher)."))
+            for suffix, metric, unit, target, description in comparisons:
+                result.add(harness.Figure(f"polars_vs_pandas_{rows:.0e}_{suffix}", description,
+                                          harness.Side("polars pipeline", side["polars"][metric], unit),
+                                          harness.Side("chunked pandas", side["pandas"][metric], unit),
+                                          ratio_of="candidate/reference", target=target))
             if not args.keep:
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         if not args.keep and args.work_dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    small, large = min(runs, key=lambda r: r["rows"]), max(runs, key=lambda r: r["rows"])
-    result = {
-        "benchmark": "preprocessing",
-        "command": " ".join(shlex.quote(a) for a in [Path(sys.executable).name, "benchmarks/preprocessing.py", *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "python": platform.python_version(), "polars": polars.__version__,
-                    "numpy": numpy.__version__},
-        "chunk_rows": args.chunk_rows,
-        "load_average_1min_at_start": load_at_start,
-        "runs": runs,
-        "peak_rss_ratio": {step: large[step]["peak_rss_mb"] / small[step]["peak_rss_mb"]
-                           for step in STEPS},
-        "rows_ratio": large["rows"] / small["rows"],
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({"peak_rss_ratio": result["peak_rss_ratio"], "rows_ratio": result["rows_ratio"]}))
-    print(f"wrote {args.output}")
-    return 0
+    result.tables["steps (medians over rounds)"] = [
+        {"rows": run["rows"], "step": step, "seconds": harness.median([s["seconds"] for s in samples]),
+         "CPU seconds": harness.median([s["cpu_seconds"] for s in samples]),
+         "rows/CPU-s": harness.median([s["rows_per_cpu_s"] for s in samples]),
+         "peak RSS MB": harness.median([s["peak_rss_mb"] for s in samples]), "arrays equal": run["arrays_equal"]}
+        for run in runs for step, samples in ((k, run[k] if k in ("polars", "pandas") else [run[k]])
+                                              for k in ("generation", "checksum", "polars", "pandas"))]
+    if len(runs) > 1:
+        small, large = runs[0], runs[-1]
+        growth = {k: harness.median([s["peak_rss_mb"] for s in large[k]]) / harness.median([s["peak_rss_mb"] for s in small[k]])
+                  for k in ("polars", "pandas")}
+        result.notes.append(f"peak RSS at {large['rows']:,} lines / at {small['rows']:,}: polars {growth['polars']:.2f}x, "
+                            f"pandas {growth['pandas']:.2f}x (rows x{large['rows'] / small['rows']:g}).")
+    result.tables["runs"] = [{"rows": run["rows"], "polars RSS by tenth of run (MB)":
+                              " ".join(f"{x:.0f}" for x in run["polars"][-1].get("peak_rss_mb_by_tenth_of_time", []))}
+                             for run in runs]
+    result.finish(args)
+    return 0 if all(run["arrays_equal"] for run in runs) else 1
+
+
+def _show(rows: int, step: str, facts: Dict[str, Any]) -> None:
+    print(f"rows={rows:,} {step}: {facts['seconds']:.1f} s ({facts['cpu_seconds']:.1f} CPU s), "
+          f"{facts['rows_per_s']:,.0f} rows/s, peak RSS {facts['peak_rss_mb']:.0f} MB, "
+          f"load {facts['load_average_1min']:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class FusedTables(nn.Module):
         self.optimizer_spec = optimizer
         self.feature_order = [f for t in self.physical for f in t.features]
         self.mean_features = [f for t in self.physical if t.pooling == "mean" for f in t.features]
+        self._feature_dims = [t.dim for t in self.physical for _ in t.features]
         kwargs = {"lr": optimizer.learning_rate}
         if optimizer.kind != "sgd":
             kwargs["eps"] = optimizer.eps
@@ -100,7 +101,32 @@ class FusedTables(nn.Module):
         return self.collection.embedding_bags[table_name].weight
 
     def forward(self, features):
+        direct = self._direct_lookup(features)
+        if direct is not None:
+            return direct
+        return self.forward_via_collection(features)
+
+    def forward_via_collection(self, features):
+        """TorchRec's own forward: split the KJT per feature, concatenate, one TBE call per group."""
         return pool_outputs(self.collection(features), features, self.feature_order, self.mean_features)
+
+    def _direct_lookup(self, features):
+        """The one TBE call of a single-group collection, fed the KJT's own values and offsets.
+
+        ``FusedEmbeddingBagCollection.forward`` splits the KJT into per-feature tensors and
+        concatenates them again before its TBE call (measured: ~40% of the lookup's CPU time at
+        B=4096, F=26). When the KJT's keys already are the tables' features in config order, its
+        values and offsets are exactly that concatenation, so the call is made on them directly
+        (same int32 inputs, same kernel, same fused optimizer in backward). Anything else (several
+        TBE groups, weighted bags, another key order, a sharded collection) takes TorchRec's path.
+        """
+        collection = self.collection
+        if (type(collection) is not FusedEmbeddingBagCollection or len(collection._emb_modules) != 1
+                or features.weights_or_none() is not None or features.keys() != self.feature_order):
+            return None
+        values = collection._emb_modules[0](features.values().int(), features.offsets().int(), None)
+        keyed = KeyedTensor(keys=self.feature_order, length_per_key=self._feature_dims, values=values)
+        return pool_outputs(keyed, features, self.feature_order, self.mean_features)
 
     def fused_optimizer(self):
         return self.collection.fused_optimizer()

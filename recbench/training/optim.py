@@ -56,7 +56,10 @@ def build_optimizers(model: nn.Module, embedding, dense: DenseOptimizer,
         dense_groups.insert(0, {"params": rest, "lr": dense.learning_rate, "name": "dense"})
     optimizers: Dict[str, torch.optim.Optimizer] = {}
     if dense_groups:
-        optimizers["dense"] = torch.optim.Adam(dense_groups, lr=dense.learning_rate, weight_decay=dense.weight_decay)
+        # foreach: one multi-tensor kernel per update term instead of a Python loop over parameters
+        # (PyTorch's CPU default); the same arithmetic (benchmarks/hot_paths.py)
+        optimizers["dense"] = torch.optim.Adam(dense_groups, lr=dense.learning_rate, weight_decay=dense.weight_decay,
+                                               foreach=True)
     if sparse_groups:
         optimizers["sparse"] = torch.optim.Adagrad(sparse_groups, lr=sparse.learning_rate, eps=sparse.eps)
     return optimizers

@@ -405,7 +405,8 @@ class Trainer:
         return best_state, result
 
     def _step(self, batch: RecBatch) -> float:
-        self.model.train()
+        if not all(m.training for m in self.model.modules()):  # train() re-sets every module's flag: only when needed
+            self.model.train()
         output = self.model(batch.dense_features, batch.sparse_features)
         loss = training_loss(self.model, output, batch, self.parallel.row_scale(batch)) + self.model.embedding.extra_loss()
         for opt in self.optimizers.values():

@@ -1,0 +1,157 @@
+"""End to end: wall time of the ``smoke`` sweep with 1 and 2 parallel jobs, and the per-job overhead.
+
+Each launch is the real command, ``recbench-sweep smoke --jobs N``, in a fresh temporary
+directory with its own MLflow SQLite store, artifact root, run root and data root (the
+MovieLens-100K raw files are copied in, so the protocol is prepared from scratch by the sweep's
+planner, as on a new machine), the way ``tests/cli/test_sweep.py`` isolates a sweep. The sweep
+runs every registered method at ratio 0.1 plus ``full`` at 1.0, 30 training steps each, and
+records one MLflow run per job. Every job runs on one thread (``--job-threads``): the 2-job sweep
+gives each job cores // 2 = 1 thread, and the 1-job sweep is pinned to the same so the figure
+compares job-level parallelism (a 2-thread job on a machine loaded by other processes measures
+OpenMP barrier stalls: 92 s of training steps instead of 5 s, measured at load 10).
+
+From the store: each job's run time (MLflow run start to end: training, validation, the final
+evaluation on the deployable form, latency and FLOP measurement, metric and artifact logging)
+and its time in training steps (``train/seconds``). Figures:
+
+- ``smoke_jobs2_vs_jobs1``: sweep wall time with 1 job / with 2 parallel jobs (no target: on
+  2 cores shared with other work the gain depends on the load, stated with the figure);
+- ``overhead_fraction``: (sweep wall time - sum of the jobs' run times) / sweep wall time with
+  1 job: process start and imports, Hydra composition of every job, the planner (composing the
+  grid, counting finished runs, preparing the dataset), MLflow store and run setup outside the
+  runs (target <= 0.10).
+
+    python benchmarks/end_to_end.py                     # smoke: every method, jobs 1 and 2
+    python benchmarks/end_to_end.py --methods full hashing --jobs 1 2
+
+References: recbench.cli.sweep; DESIGN.md sections 5 and 6.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from recbench.bench import harness
+
+MOVIELENS_RAW = harness.REPO / "datasets" / "movielens100k" / "raw"
+
+
+def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads: int = 1) -> Dict[str, Any]:
+    """One sweep in a fresh folder; returns its wall time, exit code and per-run facts from MLflow."""
+    root = scratch / f"jobs{jobs}"
+    raw = root / "data" / "movielens100k" / "raw"
+    raw.parent.mkdir(parents=True)
+    shutil.copytree(MOVIELENS_RAW, raw)
+    env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", RECBENCH_ARTIFACT_ROOT=str(root / "art"),
+               RECBENCH_DATA_ROOT=str(root / "data"), RECBENCH_RUN_ROOT=str(root / "runs"), TQDM_DISABLE="1")
+    for name in ("RECBENCH_SWEEP_ID", "RECBENCH_NUM_THREADS", "OMP_NUM_THREADS"):
+        env.pop(name, None)
+    if job_threads:  # a sequential sweep keeps the user's choice; parallel ones get cores // jobs anyway
+        env["RECBENCH_NUM_THREADS"] = str(job_threads)
+    command = [str(Path(sys.executable).parent / "recbench-sweep"), preset, *extra, "--jobs", str(jobs),
+               "--root", str(root / "sweeps"), "--sweep-id", f"bench-jobs{jobs}"]
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (scratch / f"jobs{jobs}.log").write_text(done.stdout + done.stderr)
+    return {"jobs": jobs, "wall_seconds": wall, "exit_code": done.returncode, "runs": runs_of(env["MLFLOW_TRACKING_URI"]),
+            "command": shlex.join(["recbench-sweep", *command[1:]]),
+            "tail": (done.stdout + done.stderr)[-1500:]}
+
+
+def runs_of(uri: str) -> List[Dict[str, Any]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    out = []
+    for run in client.search_runs(experiments, "tags.method != ''", max_results=1000):
+        end = run.info.end_time or run.info.start_time
+        out.append({"method": run.data.tags.get("method"), "status": run.data.tags.get("status"),
+                    "run_seconds": (end - run.info.start_time) / 1000.0,
+                    "train_seconds": run.data.metrics.get("train/seconds", 0.0)})
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/end_to_end.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--methods", nargs="*", default=None, help="restrict the grid (default: the preset's)")
+    parser.add_argument("--job-threads", type=int, default=1,
+                        help="RECBENCH_NUM_THREADS of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
+                             "2 cores; 0: the sweep's default, all cores)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary sweep folders")
+    harness.add_common_arguments(parser, rounds=1, warmup=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.methods = args.methods or ["hashing"]
+    if not (MOVIELENS_RAW / "ml-100k.inter").is_file():
+        print(f"end_to_end: {MOVIELENS_RAW} is missing; run `recbench-data fetch movielens100k` (make data) first",
+              file=sys.stderr)
+        return 2
+    result = harness.BenchResult.start("end_to_end", argv, args)
+    extra = ["method=" + ",".join(args.methods)] if args.methods else []
+    scratch = Path(tempfile.mkdtemp(prefix="recbench-bench-e2e-"))
+    launches: Dict[int, List[Dict[str, Any]]] = {jobs: [] for jobs in args.jobs}
+    try:
+        for r in range(args.rounds):
+            for jobs in (args.jobs if r % 2 == 0 else args.jobs[::-1]):
+                run_dir = scratch / f"round{r}"
+                run_dir.mkdir(exist_ok=True)
+                facts = launch(args.preset, jobs, run_dir, extra, args.job_threads)
+                launches[jobs].append(facts)
+                print(f"{args.preset} --jobs {jobs}: {facts['wall_seconds']:.1f} s, exit {facts['exit_code']}, "
+                      f"{len(facts['runs'])} runs; load {os.getloadavg()[0]:.1f}", flush=True)
+                if facts["exit_code"]:
+                    print(facts["tail"], file=sys.stderr)
+    finally:
+        if not args.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        else:
+            print(f"kept {scratch}")
+    rows = []
+    for jobs, facts_list in launches.items():
+        for facts in facts_list:
+            runs = facts["runs"]
+            in_runs = sum(r["run_seconds"] for r in runs)
+            rows.append({"jobs": jobs, "exit code": facts["exit_code"], "runs": len(runs),
+                         "finished": sum(r["status"] == "finished" for r in runs),
+                         "infeasible": sum(r["status"] == "infeasible" for r in runs),
+                         "wall s": facts["wall_seconds"], "sum of run times s": in_runs,
+                         "sum of train-step times s": sum(r["train_seconds"] for r in runs),
+                         "outside runs s": facts["wall_seconds"] - in_runs,
+                         "outside runs per job s": (facts["wall_seconds"] - in_runs) / max(len(runs), 1)})
+    result.tables["launches"] = rows
+    first = launches[args.jobs[0]][-1]
+    result.tables["runs (first launch)"] = sorted(first["runs"], key=lambda r: -r["run_seconds"])
+    if 1 in launches and 2 in launches:
+        result.add(harness.Figure(
+            "smoke_jobs2_vs_jobs1", f"wall time of `recbench-sweep {args.preset}` with 1 job / with 2 parallel jobs "
+            "(fresh store and data root each).",
+            harness.Side("--jobs 2", [f["wall_seconds"] for f in launches[2]], "s"),
+            harness.Side("--jobs 1", [f["wall_seconds"] for f in launches[1]], "s"), ratio_of="reference/candidate"))
+    if 1 in launches:
+        sequential = launches[1]
+        inside = [sum(r["run_seconds"] for r in f["runs"]) for f in sequential]
+        result.add(harness.Figure(
+            "overhead_fraction", "share of the 1-job sweep's wall time spent outside the jobs' MLflow runs (process "
+            "start, imports, Hydra composition, planning and dataset preparation, run setup).",
+            harness.Side("outside the runs", [f["wall_seconds"] - i for f, i in zip(sequential, inside)], "s"),
+            harness.Side("sweep wall time", [f["wall_seconds"] for f in sequential], "s"),
+            ratio_of="candidate/reference", target="<= 0.1"))
+    result.settings.update({"grid_override": extra, "cores": harness.machine_info().get("usable_cpus")})
+    result.finish(args)
+    return 0 if all(f["exit_code"] == 0 for v in launches.values() for f in v) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
