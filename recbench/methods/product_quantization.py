@@ -54,7 +54,7 @@ CODEBOOKS = ("shared", "per_field")
 MAX_CODEWORDS = 1 << bit_packing.MAX_BITS
 RANK_BLOCK = 64  # rows per int32 rank entry of MGQE's head bitmap
 INT32_BYTES, INT64_BYTES = 4, 8
-_CHUNK_ROWS = 65536
+_CHUNK_LOGITS = 1 << 22  # logits per chunk when coding every row (bounds the temporary memory)
 
 
 def head_rows(counts: Optional[np.ndarray], fraction: float, name: str) -> np.ndarray:
@@ -264,8 +264,9 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         was_training = self.training
         self.eval()
         chunks = []
-        for start in range(0, self.num_rows, _CHUNK_ROWS):
-            rows = torch.arange(start, min(start + _CHUNK_ROWS, self.num_rows))
+        chunk = max(1, _CHUNK_LOGITS // (self.parts * self.codewords))
+        for start in range(0, self.num_rows, chunk):
+            rows = torch.arange(start, min(start + chunk, self.num_rows))
             queries = self.query[rows].view(len(rows), self.parts, -1)
             chunks.append(self.mask_tail(self.logits(queries, self.book_rows(rows)), rows).argmax(-1))
         self.train(was_training)
