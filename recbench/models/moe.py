@@ -137,8 +137,10 @@ class MixtureOfExpertsArch(nn.Module):
     @torch.no_grad()
     def diagnostics(self, x: torch.Tensor, features=None) -> Dict[str, float]:
         """Sums over the batch (divide by B for per-sample means) of the routing at inference:
-        experts computed, each gate's non-zeros and whether its training-form (soft) routing was
-        already <= k-sparse, plus the over-arch's FLOPs (gates, computed experts, heads)."""
+        experts computed, each gate's non-zeros, whether its training-form (soft) routing was
+        already <= k-sparse and how many samples it routes to each expert (its load; a collapsed
+        gate sends every sample to the same experts), plus the over-arch's FLOPs (gates, computed
+        experts, heads)."""
         was_training = self.training
         self.eval()
         try:
@@ -153,6 +155,8 @@ class MixtureOfExpertsArch(nn.Module):
         for task, gate in self.gates.items():
             stats[f"moe/{task}/nonzeros_per_sample"] = float((hard[task] > 0).sum())
             stats[f"moe/{task}/exactly_sparse_fraction"] = float(((soft[task] > 0).sum(-1) <= gate.k).sum())
+            for e, routed in enumerate((hard[task] > 0).sum(0).tolist()):  # load: share of samples per expert
+                stats[f"moe/{task}/load/expert_{e:02d}"] = float(routed)
         return stats
 
 

@@ -116,6 +116,8 @@ def test_moe_models_replace_the_over_arch_and_report_routing(cls):
     assert stats["moe/experts_computed_per_sample"] / 24 <= 4
     assert stats["moe/click/nonzeros_per_sample"] / 24 <= 2 and stats["moe/rating/nonzeros_per_sample"] / 24 <= 2
     assert 0 <= stats["moe/click/exactly_sparse_fraction"] <= 24 and stats["moe/flops_per_sample"] > 0
+    load = [stats[f"moe/click/load/expert_{e:02d}"] for e in range(4)]
+    assert sum(load) == stats["moe/click/nonzeros_per_sample"]
     with pytest.raises(ValueError, match="model.tasks must name 'click'"):
         cls(full_embedding(), 3, 2, 8, [16, 8], [32, 16, 1], gate=gate_factory("softmax"), tasks=["rating"])
     with pytest.raises(ValueError, match="not in model.tasks"):
