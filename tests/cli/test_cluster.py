@@ -2,7 +2,9 @@
 match their plugins' schemas (checked when the optional plugins are installed; submitit is tested
 by composition only: no SLURM here); a sweep on a local Ray instance records every job exactly
 once, also when the Ray worker running a job is killed with SIGKILL mid-training (Ray re-runs
-the task and the job resumes from its checkpoint into the same MLflow run)."""
+the task and the job resumes from its checkpoint into the same MLflow run); the same fault under
+the local joblib launcher loses and duplicates nothing once the sweep is re-launched (the
+whole-sweep kill is tests/cli/test_sweep.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -17,6 +19,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from recbench.cli.train import CONFIG_DIR
+from test_sweep import toy_sweep  # noqa: F401  (fixture: a toy sweep preset and its environment)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,3 +123,51 @@ def test_ray_sweep_records_every_job_once_when_a_worker_is_killed(tmp_path):
     again = next(r for r in runs if r.info.run_id == killed[0])  # the killed job resumed into its own run
     assert again.data.tags["resumed"] == "true" and again.data.tags["pid"] != str(killed[1])
     assert len({r.data.tags["config_hash"] for r in runs}) == 2
+
+
+@pytest.mark.slow  # ~2-3 min on 2 shared cores: a joblib sweep, a worker killed, the sweep re-launched
+def test_joblib_sweep_with_a_killed_worker_relaunched_loses_and_duplicates_nothing(toy_sweep):
+    """SIGKILL of one joblib worker (the process running a job; its pid is in the run's tags) aborts
+    the launch (loky's TerminatedWorkerError); the re-launched sweep skips what finished, resumes the
+    killed job from its checkpoint into its own MLflow run and runs the rest: 6 jobs, 6 runs."""
+    from mlflow.tracking import MlflowClient
+
+    from test_sweep import finished_runs
+
+    command, env, tmp = toy_sweep
+    command = command + ["--jobs", "2", "dataset.rows=20000", "trainer.checkpoint_every_steps=10"]
+    uri = env["MLFLOW_TRACKING_URI"]
+    log = open(tmp / "first.log", "w")
+    first = subprocess.Popen(command, env=env, cwd=tmp, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = None
+    deadline = time.time() + 400
+    try:
+        while killed is None and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+            for run_dir in (tmp / "runs").glob("*"):
+                if (run_dir / "checkpoint.pt").is_file() and (run_dir / "run_id.txt").is_file():
+                    run = MlflowClient(uri).get_run((run_dir / "run_id.txt").read_text().strip())
+                    if run.info.status == "RUNNING" and run.data.tags.get("pid"):
+                        killed = (run.info.run_id, int(run.data.tags["pid"]))
+                        os.kill(killed[1], signal.SIGKILL)  # one worker, not the launcher
+                        break
+        assert killed is not None, (tmp / "first.log").read_text()[-3000:]
+        first.wait(timeout=600)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert "TerminatedWorkerError" in (tmp / "first.log").read_text()
+    done_before = len(finished_runs(uri))
+
+    second = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=900)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-3000:]
+    assert f"before launch: {done_before} already FINISHED (will be skipped), {6 - done_before} to run" in out
+    runs = finished_runs(uri)
+    assert len(runs) == 6 and len({r.data.tags["config_hash"] for r in runs}) == 6
+    again = next(r for r in runs if r.info.run_id == killed[0])
+    assert again.data.tags.get("resumed") == "true"
+    client = MlflowClient(uri)
+    left = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])
+            if r.info.status == "RUNNING"]
+    assert left == []
