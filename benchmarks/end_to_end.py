@@ -67,6 +67,29 @@ def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads:
             "tail": (done.stdout + done.stderr)[-1500:]}
 
 
+PROCESS_COST = """
+import json, time
+start = time.process_time()
+import recbench.cli.job
+imported = time.process_time()
+from recbench.tracking.mlflow_tracker import init_store
+init_store({uri!r})
+print(json.dumps({{"imports_cpu_s": imported - start, "mlflow_store_init_cpu_s": time.process_time() - imported}}))
+"""
+
+
+def process_cost(scratch: Path) -> Dict[str, float]:
+    """CPU seconds every recbench process pays once: imports of a job, and MLflow's store setup on an
+    existing SQLite store (the sweep's planner and each Hydra process pay both)."""
+    uri = f"sqlite:///{scratch}/cost.db"
+    import json
+
+    for _ in range(2):  # the first call creates the store; the second is what later processes pay
+        done = subprocess.run([sys.executable, "-c", PROCESS_COST.format(uri=uri)], capture_output=True, text=True,
+                              check=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def runs_of(uri: str) -> List[Dict[str, Any]]:
     from mlflow.tracking import MlflowClient
 
@@ -103,6 +126,7 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="recbench-bench-e2e-"))
     launches: Dict[int, List[Dict[str, Any]]] = {jobs: [] for jobs in args.jobs}
     try:
+        cost = process_cost(scratch) if not args.quick else {}
         for r in range(args.rounds):
             for jobs in (args.jobs if r % 2 == 0 else args.jobs[::-1]):
                 run_dir = scratch / f"round{r}"
@@ -118,6 +142,13 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
         else:
             print(f"kept {scratch}")
+    if cost:
+        result.tables["fixed cost per process (CPU seconds)"] = [cost]
+        result.notes.append(
+            f"A 1-job sweep starts 3 Python processes that import recbench's job stack and open the MLflow store: "
+            f"the planner, the main grid's Hydra process and the reference grid's. Each pays "
+            f"{cost['imports_cpu_s']:.1f} CPU-s of imports and {cost['mlflow_store_init_cpu_s']:.1f} CPU-s of MLflow "
+            "SQLAlchemy store setup (its schema check) before any job runs.")
     rows = []
     for jobs, facts_list in launches.items():
         for facts in facts_list:
