@@ -11,7 +11,7 @@ which goes first, round by round:
   ``pandas.read_csv`` chunks (same ``chunk_rows``); its arrays are checked identical to recbench's.
 
 Each step runs in a fresh Python subprocess that reports its wall time, CPU time (user + system,
-all threads), peak resident set size (``ru_maxrss``) and the 1-minute load average. Figures:
+all threads), peak resident set size (``VmHWM``) and the 1-minute load average. Figures:
 rows per CPU-second ratio (robust on a shared machine) and elapsed rows/s ratio (target >= 3),
 peak RSS ratio (target <= 1: no higher). With several sizes, the peak-RSS growth with file size
 is noted (DESIGN.md section 6: peak memory does not grow with the file size). The data-line
@@ -45,7 +45,13 @@ STEPS = ("generation", "checksum", "polars", "pandas")
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+    """Peak resident set of this process image (``VmHWM``). Not ``ru_maxrss``: Linux carries that
+    over from the parent across fork + exec, so a child of a large process reports the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024.0
+    except (OSError, StopIteration):  # pragma: no cover - not Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _cpu_seconds() -> float:
