@@ -67,6 +67,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(tmp_path):
     victim.wait()
     assert progress is not None, "the run finished before a mid-epoch checkpoint could be taken"
     assert victim.returncode == -signal.SIGKILL and checkpoint.is_file()
+    print(f"killed at epoch {progress['epoch']}, batch {progress['batch']} (global step {progress['global_step']})")
     _, runs = _runs(tmp_path, "killed")
     assert [r.info.status for r in runs] == ["RUNNING"]  # left open by the kill
 
@@ -78,6 +79,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(tmp_path):
     assert not checkpoint.exists()  # a finished run removes its checkpoint
     reference_client, (ref,) = _runs(tmp_path, "reference")
     for key in ("val/auc", "test/auc", "test/logloss"):
+        print(f"{key}: resumed {runs[0].data.metrics[key]:.7f}, uninterrupted {ref.data.metrics[key]:.7f}")
         assert runs[0].data.metrics[key] == pytest.approx(ref.data.metrics[key], abs=1e-5), key
     losses = [[(m.step, m.value) for m in c.get_metric_history(r.info.run_id, "val/auc")]
               for c, r in ((client, runs[0]), (reference_client, ref))]
