@@ -242,14 +242,23 @@ class ProcessGroupParallel(SingleProcess):
                 {k: join([r[1][k] for r in everyone]) for k in outputs},
                 {k: join([r[2][k] for r in everyone]) for k in targets})
 
-    def first(self, fn: Callable[[], Any]) -> Any:
-        """Rank 0 runs ``fn`` (e.g. building a dataset cache) before the others."""
+    def first(self, fn: Callable[[], Any], wait: timedelta = timedelta(days=1)) -> Any:
+        """Rank 0 runs ``fn`` (e.g. building a dataset cache) while the others wait (up to ``wait``,
+        not the process group's timeout: a first preparation can take hours), then the others run
+        it (reading the cache). A failure on rank 0 is raised on every rank."""
+        error, value = None, None
         if self.is_main:
-            value = fn()
-            dist.barrier()
-            return value
-        dist.barrier()
-        return fn()
+            try:
+                value = fn()
+            except Exception as exc:  # re-raised below, after telling the other ranks
+                error = exc
+        dist.monitored_barrier(timeout=wait, wait_all_ranks=True)
+        failed = self.broadcast(f"{type(error).__name__}: {error}" if error is not None else None)
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise DistributedSetupError(f"rank 0 failed: {failed}")
+        return value if self.is_main else fn()
 
     def broadcast(self, value: Any) -> Any:
         box = [value]
@@ -262,14 +271,13 @@ class ProcessGroupParallel(SingleProcess):
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
         stages = list(method.stages())
         if len(stages) != 1:
             raise DistributedSetupError(
                 f"method {method.name!r} has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
                 "trainer.distributed=true supports single-stage methods (the module is sharded once)")
-        from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
-
         self._collections = {path: (m.embedding_bag_configs(), m.optimizer_type(), m.optimizer_kwargs())
                              for path, m in model.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
         types = check_sharding_types(sharding_types)

@@ -183,3 +183,14 @@ def test_two_gloo_processes_match_one_process(tmp_path, method, extra):
     history = [[(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "train/loss")] for r in (one, two)]
     assert [s for s, _ in history[0]] == [s for s, _ in history[1]] and len(history[0]) >= 4
     np.testing.assert_allclose([v for _, v in history[1]], [v for _, v in history[0]], atol=1e-5)
+
+
+def test_first_runs_on_rank_zero_and_reraises_its_failure(one_rank_group):
+    assert one_rank_group.first(lambda: 7) == 7
+
+    def broken():
+        raise ValueError("no data lines")
+
+    with pytest.raises(ValueError, match="no data lines"):
+        one_rank_group.first(broken)
+    assert one_rank_group.broadcast("after") == "after"  # the group is still usable
