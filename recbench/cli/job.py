@@ -157,7 +157,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
 
     run_dir = Path(cfg.paths.run_root) / chash
     run_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = run_dir / "checkpoint.pt"
+    checkpoint_path = distributed.rank_checkpoint(run_dir / "checkpoint.pt")  # one file per rank when distributed
     run_id_file = run_dir / "run_id.txt"
     resume_id = None
     if cfg.trainer.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
@@ -276,7 +276,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     model = parallel.wrap(model, method, cfg.trainer.get("sharding_types"))  # DMP + DDP when distributed
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
-                      checkpoint_path=checkpoint_path if parallel.world_size == 1 else None,
+                      checkpoint_path=checkpoint_path,
                       log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel)
     result = trainer.fit()
     model = trainer.model  # after a distributed run: the unsharded model the final evaluation used

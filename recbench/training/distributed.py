@@ -32,7 +32,8 @@ Limits: CPU processes with gloo only (the project pins FBGEMM's CPU build; the C
 is not wired: tables are built on CPU and batches stay on CPU); methods with several stages (a
 module rebuilt between stages) are rejected; every rank builds the whole model before sharding
 and the final evaluation gathers the tables on every rank, so the model must fit one host;
-distributed runs write no resumable checkpoint (a killed distributed run restarts from scratch).
+each rank checkpoints its own shards (``checkpoint.rank<r>-of-<W>.pt``); a killed run resumes
+when every rank's checkpoint is of the same step (same world size), else it restarts.
 
 References: TorchRec ``DistributedModelParallel``, ``EmbeddingShardingPlanner``; PyTorch
 ``DistributedDataParallel``; DESIGN.md sections 4 and 6.
@@ -45,6 +46,7 @@ import logging
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -196,10 +198,13 @@ class ShardedModel(nn.Module):
         return self.dmp(dense, sparse)
 
     def state_dict(self, *args, **kwargs):
-        return self.inner.state_dict(*args, **kwargs)
+        """The wrapped model's state with each sharded table as this rank's shards (plain tensors,
+        keys ``<key>.__shard<i>``): what best-state snapshots and per-rank checkpoints hold."""
+        return localize(self.inner.state_dict(*args, **kwargs))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.inner.load_state_dict(state_dict, strict=strict)
+        """Inverse of ``state_dict``: shards are copied in place, the rest loaded normally."""
+        return self.inner.load_state_dict(restore(self.inner.state_dict(), state_dict), strict=strict)
 
 
 class ProcessGroupParallel(SingleProcess):
@@ -295,6 +300,9 @@ class ProcessGroupParallel(SingleProcess):
                                        data_parallel_wrapper=_DataParallel(sparse))
         for path, state in initial.items():  # the sharded kernels start from FBGEMM's own init otherwise
             _load_shards(model.get_submodule(path), state)
+            owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+            sharded = model.get_submodule(path)
+            owner.fused_optimizer = lambda sharded=sharded: LocalShardOptimizer(sharded.fused_optimizer)
         _all_reduce_sparse_gradients(sparse, self.world_size)
         if self.is_main:
             log.info("sharding plan over %d ranks:\n%s", self.world_size, plan or "(no tables to shard)")
@@ -319,7 +327,9 @@ class ProcessGroupParallel(SingleProcess):
                 for config in configs:
                     plain.embedding_bags[config.name].weight.copy_(state[f"embedding_bags.{config.name}.weight"])
             parent, _, attr = path.rpartition(".")
-            setattr(inner.get_submodule(parent) if parent else inner, attr, plain)
+            owner = inner.get_submodule(parent) if parent else inner
+            setattr(owner, attr, plain)
+            owner.__dict__.pop("fused_optimizer", None)  # back to the class's own fused_optimizer()
         return inner
 
 
@@ -388,6 +398,58 @@ def _load_shards(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> Non
                 value.copy_(full_state[key])
 
 
+def localize(state: Dict[str, Any]) -> Dict[str, Any]:
+    """A (nested) state dict with every ShardedTensor replaced by its local shard tensors."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out: Dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, ShardedTensor):
+            for i, shard in enumerate(value.local_shards()):
+                out[f"{key}.__shard{i}"] = shard.tensor
+        elif isinstance(value, dict):
+            out[key] = localize(value)
+        else:
+            out[key] = value
+    return out
+
+
+def restore(live: Dict[str, Any], saved: Dict[str, Any]) -> Dict[str, Any]:
+    """Copy the local shards in ``saved`` (from ``localize``) into ``live``'s ShardedTensors in place;
+    returns ``live`` with the other entries taken from ``saved`` (a state dict ready to load)."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    out: Dict[str, Any] = {}
+    with torch.no_grad():
+        for key, value in live.items():
+            if isinstance(value, ShardedTensor):
+                for i, shard in enumerate(value.local_shards()):
+                    shard.tensor.copy_(saved[f"{key}.__shard{i}"])
+                out[key] = value
+            elif isinstance(value, dict) and isinstance(saved.get(key), dict):
+                out[key] = restore(value, saved[key])
+            else:
+                out[key] = saved[key] if key in saved else value
+    return out
+
+
+class LocalShardOptimizer:
+    """A sharded collection's fused optimizer with ``state_dict``/``load_state_dict`` over this
+    rank's shards (plain tensors: checkpoints load with ``weights_only=True``)."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.optimizer, name)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return localize(self.optimizer.state_dict())
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        restore(self.optimizer.state_dict(), state)  # in place: the live state tensors are the kernels'
+
+
 def _full_tensor(value: Any) -> Any:
     """A ShardedTensor -> the whole tensor on every rank (each element owned by exactly one rank)."""
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -400,6 +462,31 @@ def _full_tensor(value: Any) -> Any:
         full[index] = shard.tensor.detach().to("cpu", full.dtype)
     dist.all_reduce(full)
     return full
+
+
+def rank_checkpoint(path: Path) -> Path:
+    """This rank's checkpoint file next to ``path`` (``path`` itself in one process).
+
+    Ranks save at the same steps, but a kill can land between two ranks' writes: unless every
+    rank holds a checkpoint of the same step, all of them are removed (the run restarts) so that
+    no rank resumes from a different point than the others."""
+    parallel = current()
+    if parallel.world_size == 1:
+        return path
+    mine = path.with_name(f"{path.stem}.rank{parallel.rank}-of-{parallel.world_size}{path.suffix}")
+    step = -1
+    if mine.is_file():
+        try:
+            step = int(torch.load(mine, map_location="cpu", weights_only=True)["progress"]["global_step"])
+        except Exception:  # unreadable: as if missing
+            step = -2
+    steps: List[Any] = [None] * parallel.world_size
+    dist.all_gather_object(steps, step)
+    if len(set(steps)) != 1 or steps[0] < 0:
+        if any(s >= 0 for s in steps) and parallel.is_main:
+            log.warning("rank checkpoints are at different steps %s: restarting the run", steps)
+        mine.unlink(missing_ok=True)
+    return mine
 
 
 def check_settings(distributed: bool, sharding_types: Optional[Sequence[str]]) -> None:

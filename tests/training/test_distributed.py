@@ -194,3 +194,83 @@ def test_first_runs_on_rank_zero_and_reraises_its_failure(one_rank_group):
     with pytest.raises(ValueError, match="no data lines"):
         one_rank_group.first(broken)
     assert one_rank_group.broadcast("after") == "after"  # the group is still usable
+
+
+def _descendants(pid: int):
+    """Every process below ``pid`` (torchrun starts its workers in their own sessions)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.slow  # ~3-4 min on 2 shared cores: three torchrun jobs of 2 processes
+def test_killed_distributed_run_resumes_from_its_rank_checkpoints(tmp_path):
+    """SIGKILL of the whole torchrun job mid-epoch; the same command again resumes every rank from
+    its own checkpoint (local shards, fused optimizer state, RNG, progress) into the same MLflow run
+    and ends where an uninterrupted 2-process run ends."""
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "conf" / "dataset").mkdir(parents=True)
+    (tmp_path / "conf" / "dataset" / "toy.yaml").write_text(TOY_DATASET.replace("rows: 3000", "rows: 20000"))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    command = [torchrun, "--nproc-per-node", "2", "-m", "recbench.cli.train",
+               f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=toy", "model=dlrm", "method=full",
+               "trainer.progress=false", "trainer.num_threads=1", "trainer.latency_repeats=1",
+               "trainer.checkpoint_every_steps=20", "trainer.distributed=true"]
+
+    def env(store):
+        return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+                    MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / store}.db", RECBENCH_ARTIFACT_ROOT=str(tmp_path / "art"),
+                    RECBENCH_DATA_ROOT=str(tmp_path / "data"), RECBENCH_RUN_ROOT=str(tmp_path / f"{store}-runs"),
+                    OMP_NUM_THREADS="1")
+
+    def runs(store):
+        client = MlflowClient(f"sqlite:///{tmp_path / store}.db")
+        return client.search_runs([e.experiment_id for e in client.search_experiments()], "")
+
+    reference = subprocess.run(command, env=env("reference"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    victim = subprocess.Popen(command, env=env("killed"), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    step = None
+    deadline = time.time() + 600
+    while step is None and time.time() < deadline and victim.poll() is None:
+        time.sleep(0.1)
+        files = sorted((tmp_path / "killed-runs").glob("*/checkpoint.rank*-of-2.pt"))
+        if len(files) == 2:
+            try:
+                progress = [torch.load(f, weights_only=True)["progress"] for f in files]
+            except Exception:
+                continue
+            if progress[0]["global_step"] == progress[1]["global_step"] and progress[0]["batch"] > 0:
+                for pid in [victim.pid, *_descendants(victim.pid)]:  # torchrun and both ranks
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                step = progress[0]["global_step"]
+    victim.wait()
+    assert step is not None, "no common mid-epoch checkpoint of both ranks was seen"
+    resumed = subprocess.run(command, env=env("killed"), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    out = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"step {step}" in out or "resumed from" in out
+    (run,), (ref,) = runs("killed"), runs("reference")
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    for key in ("val/auc", "test/auc", "test/logloss"):
+        print(f"{key}: resumed {run.data.metrics[key]:.7f}, uninterrupted {ref.data.metrics[key]:.7f}")
+        assert run.data.metrics[key] == pytest.approx(ref.data.metrics[key], abs=1e-5), key
+    assert not list((tmp_path / "killed-runs").glob("*/checkpoint*.pt"))  # removed once finished
