@@ -37,6 +37,10 @@ log = logging.getLogger("recbench")
 #: resolved-config keys that do not change a run's numbers (excluded from its config hash)
 NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "trainer.num_threads",
                     "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps", "hydra")
+#: keys added after runs were recorded, whose default leaves the numbers unchanged: they enter the
+#: config hash only when set to something else, so adding an option never orphans finished runs
+#: (a re-launched sweep still recognises them, and the report keeps them in one row)
+OPTIONAL_KEYS = {"trainer.distributed": (None, False), "trainer.sharding_types": (None,)}
 #: degenerate-run rule (DESIGN.md section 4)
 DEGENERATE_AUC_MARGIN = 0.01
 
@@ -63,10 +67,21 @@ def _drop(mapping: Dict[str, Any], dotted: str) -> None:
             del mapping[head]
 
 
+def _lookup(mapping: Dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(mapping, dict) or part not in mapping:
+            return None
+        mapping = mapping[part]
+    return mapping
+
+
 def config_hash(resolved: Dict[str, Any], ignore: tuple = ()) -> str:
     trimmed = json.loads(json.dumps(resolved, default=str))
     for key in NON_NUMERIC_KEYS + tuple(ignore):
         _drop(trimmed, key)
+    for key, defaults in OPTIONAL_KEYS.items():
+        if _lookup(trimmed, key) in defaults:
+            _drop(trimmed, key)
     return settings_hash(trimmed, length=16)
 
 

@@ -81,6 +81,18 @@ def test_config_hash_ignores_tracking_and_paths(tmp_path):
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
 
+def test_an_option_added_later_at_its_default_keeps_the_hash_of_runs_recorded_before_it(tmp_path):
+    import copy
+
+    current = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
+    before = copy.deepcopy(current)
+    for key in ("distributed", "sharding_types"):
+        before["trainer"].pop(key, None)  # a run recorded before these options existed
+    assert config_hash(current) == config_hash(before)
+    current["trainer"]["distributed"] = True
+    assert config_hash(current) != config_hash(before)
+
+
 def test_mlflow_run_contents_and_skip_finished(tmp_path):
     from mlflow.tracking import MlflowClient
 
