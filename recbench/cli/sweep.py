@@ -73,7 +73,17 @@ def presets() -> List[str]:
 
 
 def default_sweep_id(preset: str, overrides: Sequence[str]) -> str:
-    return f"{preset}-{settings_hash({'preset': preset, 'overrides': sorted(overrides)}, 8)}"
+    """<preset>-<hash of the preset and the overrides that can change numbers>: launcher, thread,
+    progress, tracking and path overrides (``job.NON_NUMERIC_KEYS``) leave the sweep id alone, so
+    re-launching on another launcher or thread count continues the same sweep."""
+    from recbench.cli.job import NON_NUMERIC_KEYS
+
+    def numeric(override: str) -> bool:
+        key = override.split("=", 1)[0].lstrip("+~")
+        return not any(key == k or key.startswith(k + ".") or key.startswith(k + "/") for k in NON_NUMERIC_KEYS)
+
+    kept = sorted(o for o in overrides if numeric(o))
+    return f"{preset}-{settings_hash({'preset': preset, 'overrides': kept}, 8)}"
 
 
 def _compose(overrides: Sequence[str], hydra: bool = False):

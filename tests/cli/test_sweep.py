@@ -102,6 +102,9 @@ def test_leaderboard_presets_cover_every_registered_method():
     smoke = build_plan("smoke", [])
     assert smoke.jobs_total == len(METHODS)  # every method once (+ full as the reference)
     assert default_sweep_id("demo", ["seed=1"]) == default_sweep_id("demo", ["seed=1"]) != default_sweep_id("demo", [])
+    # launcher, threads and progress do not change the numbers: the same sweep continues
+    assert default_sweep_id("demo", ["seed=1", "hydra/launcher=ray", "trainer.num_threads=1",
+                                     "trainer.progress=false", "tracking.tracking_uri=x"]) == default_sweep_id("demo", ["seed=1"])
 
 
 def test_thread_count_per_parallel_job():
