@@ -219,7 +219,7 @@ class BenchResult:
     @classmethod
     def start(cls, name: str, argv: Optional[Sequence[str]], args: argparse.Namespace) -> "BenchResult":
         """A result whose settings start as the parsed options (after ``--quick`` adjusted them)."""
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings = {k: (portable_path(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         return cls(name, command_line(name, argv), settings=settings)
 
     def add(self, figure: Figure) -> Figure:
@@ -414,6 +414,14 @@ def output_dir(args: argparse.Namespace) -> Path:
     if args.output_dir is not None:
         return Path(args.output_dir)
     return Path(tempfile.gettempdir()) / "recbench-bench-quick" if args.quick else RESULTS_DIR
+
+
+def portable_path(path: Path) -> str:
+    """A path as recorded in results: relative to the repository when inside it (no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
 
 
 def command_line(script: str, argv: Optional[Sequence[str]]) -> str:

@@ -53,8 +53,9 @@ def main(argv=None) -> int:
         if args.dataset:
             records = [r for r in records if r.get("dataset") == args.dataset]
     else:
-        source = resolve_tracking_uri(args.tracking_uri, Path.cwd())
-        records = load_mlflow_runs(source, args.dataset)
+        store = resolve_tracking_uri(args.tracking_uri, Path.cwd())
+        records = load_mlflow_runs(store, args.dataset)
+        source = args.tracking_uri  # as the user gave it: no machine paths in committed reports
     if args.sweep_id:
         records = [r for r in records if r.get("sweep_id") == args.sweep_id]
     if not records:
