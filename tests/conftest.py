@@ -7,10 +7,25 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("RECBENCH_NUM_THREADS", "2")
+# FBGEMM checks every index in tests (production relies on check_ids alone; tables.skip_bounds_check)
+os.environ.setdefault("RECBENCH_FBGEMM_BOUNDS_CHECK", "fatal")
 
 from toy_protocol import ToyProtocol  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that runs a job in-process sets torch's thread count (``trainer.num_threads``); put it
+    back so later tests of tiny tensors do not inherit it (two spinning OpenMP threads on a loaded
+    2-core machine made a 0.2 s gate test take 45 s)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 from recbench.methods import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
-from recbench.methods.tables import closed_form_table_bytes, physical_tables
+from recbench.methods.tables import closed_form_table_bytes, physical_tables, skip_bounds_check
 from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 LEVELS = (32, 16, 8, 4, 2)
@@ -97,6 +97,7 @@ class QuantizedTables(nn.Module):
             embedding_specs=[(t.name, t.num_embeddings, dim, _sparse_type(bits[t.name]), EmbeddingLocation.HOST)
                              for t in tables],
             device="cpu", pooling_mode=PoolingMode.SUM, output_dtype=_sparse_type(32))
+        skip_bounds_check(self.tbe)  # ids are checked by the embedding module's guard (base.check_ids)
         self.tbe.initialize_weights()  # allocates the row storage (FBGEMM defers it)
         if weights is not None:
             with torch.no_grad():

@@ -10,6 +10,7 @@ References: TorchRec ``FusedEmbeddingBagCollection``; FBGEMM ``SplitTableBatched
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence
 
@@ -55,6 +56,31 @@ class PhysicalTable:
         )
 
 
+#: environment variable naming FBGEMM's per-index bounds check for recbench's tables
+#: (``none``, the default, or ``fatal``/``warning``/``ignore``); the test suite sets ``fatal``
+BOUNDS_CHECK_VARIABLE = "RECBENCH_FBGEMM_BOUNDS_CHECK"
+
+
+def skip_bounds_check(tbe: nn.Module) -> nn.Module:
+    """Turn off FBGEMM's per-index bounds check of a TBE kernel (``bounds_check_indices``), unless
+    ``RECBENCH_FBGEMM_BOUNDS_CHECK`` names a mode.
+
+    Every embedding module's forward already rejects out-of-range ids with a specific
+    ``IdOutOfRange`` (``base.check_ids``, a per-field min/max), and id rewrites (hashing, QR, ...)
+    land in range by construction, so the kernel's own check (FBGEMM's default ``WARNING`` mode,
+    which clamps bad ids to row 0) repeats work: measured ~30% of the fp32 forward lookup at
+    B=4096, F=26 (benchmarks/lookup.py). The test suite runs with ``fatal`` so that a method whose
+    rewrite left the table's range fails loudly there instead of reading out of bounds.
+    """
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    mode = os.environ.get(BOUNDS_CHECK_VARIABLE, "none").strip().upper()
+    if mode not in BoundsCheckMode.__members__:
+        raise ValueError(f"{BOUNDS_CHECK_VARIABLE}={mode.lower()!r}; allowed: none, fatal, warning, ignore")
+    tbe.bounds_check_mode_int = BoundsCheckMode[mode].value
+    return tbe
+
+
 def check_fbgemm_dim(dim: int, where: str) -> None:
     if dim % 4 != 0 or dim <= 0:
         raise ValueError(f"{where}: FBGEMM tables need an embedding dim that is a positive multiple of 4, got {dim}")
@@ -85,6 +111,8 @@ class FusedTables(nn.Module):
             optimizer_kwargs=kwargs,
             device=torch.device("cpu"),
         )
+        for lookup in self.collection._emb_modules:  # TorchRec's wrapper around one FBGEMM TBE
+            skip_bounds_check(lookup._emb_module)
         if seed_init:
             self.reset_parameters()
 
@@ -117,14 +145,14 @@ class FusedTables(nn.Module):
         concatenates them again before its TBE call (measured: ~40% of the lookup's CPU time at
         B=4096, F=26). When the KJT's keys already are the tables' features in config order, its
         values and offsets are exactly that concatenation, so the call is made on them directly
-        (same int32 inputs, same kernel, same fused optimizer in backward). Anything else (several
-        TBE groups, weighted bags, another key order, a sharded collection) takes TorchRec's path.
+        (the int64 ids as they are, no conversion copy; same kernel, same fused optimizer in
+        backward). Anything else (several TBE groups, weighted bags, another key order, a sharded collection) takes TorchRec's path.
         """
         collection = self.collection
         if (type(collection) is not FusedEmbeddingBagCollection or len(collection._emb_modules) != 1
                 or features.weights_or_none() is not None or features.keys() != self.feature_order):
             return None
-        values = collection._emb_modules[0](features.values().int(), features.offsets().int(), None)
+        values = collection._emb_modules[0](features.values(), features.offsets(), None)
         keyed = KeyedTensor(keys=self.feature_order, length_per_key=self._feature_dims, values=values)
         return pool_outputs(keyed, features, self.feature_order, self.mean_features)
 

@@ -47,3 +47,24 @@ def test_check_ids_counts_every_bad_id_and_ignores_other_keys():
     ok = KeyedJaggedTensor(keys=["a", "other"], values=torch.tensor([9, 10**9]),
                            lengths=torch.tensor([1, 1], dtype=torch.int32))
     check_ids(ok, tables)  # keys that are not fields of the module are not checked
+
+
+def test_fbgemm_bounds_check_is_off_in_production_and_named_by_the_environment(monkeypatch):
+    """Production tables skip FBGEMM's per-index check (``check_ids`` guards every module); the
+    test suite turns it back on (``fatal``) so an id rewrite that leaves its table fails here."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
+
+    from recbench.methods.full import FullEmbedding
+    from recbench.methods.tables import BOUNDS_CHECK_VARIABLE
+    from recbench.types import EmbeddingOptimizer
+
+    def modes():
+        module = FullEmbedding([TableSpec("a", 10), TableSpec("b", 4)], 4, EmbeddingOptimizer())
+        return {lookup._emb_module.bounds_check_mode_int for lookup in module.fused.collection._emb_modules}
+
+    assert modes() == {BoundsCheckMode.FATAL.value}  # tests/conftest.py
+    monkeypatch.delenv(BOUNDS_CHECK_VARIABLE)
+    assert modes() == {BoundsCheckMode.NONE.value}
+    monkeypatch.setenv(BOUNDS_CHECK_VARIABLE, "sometimes")
+    with pytest.raises(ValueError, match=r"RECBENCH_FBGEMM_BOUNDS_CHECK='sometimes'; allowed: none, fatal"):
+        modes()
