@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import logging
 import os
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -97,10 +99,12 @@ class LocalBatch(RecBatch):
         weights: (B_local,) 1 for real rows, 0 for the one padding row a rank gets when the global
             batch has fewer rows than there are ranks (every rank must join each collective).
         global_size: rows in the whole global batch (n).
+        start: index of this part's first row in the global batch (its padding row is row 0).
     """
 
     weights: torch.Tensor = None
     global_size: int = 0
+    start: int = 0
 
 
 class SingleProcess:
@@ -114,6 +118,10 @@ class SingleProcess:
     def row_scale(self, batch: RecBatch) -> Optional[torch.Tensor]:
         """Per-row loss factors (B,), or None for the plain batch mean."""
         return None
+
+    def placement(self, batch: RecBatch):
+        """Context of a training forward: where ``batch`` sits in the global batch (``row_random``)."""
+        return contextlib.nullcontext()
 
     def reduce_value(self, loss: torch.Tensor) -> float:
         return float(loss.detach())
@@ -131,6 +139,14 @@ class SingleProcess:
 
     def wrap(self, model: nn.Module, method, sharding_types=None) -> nn.Module:
         return model
+
+    def rebuild(self, model: nn.Module, fn: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """``model`` with its embedding module replaced by ``fn(model.embedding)`` (between stages)."""
+        model.embedding = fn(model.embedding)
+        return model
+
+    def check_replicas(self, model: nn.Module, result: Dict[str, Any], where: str) -> None:
+        """Raise ``RankDivergence`` unless every rank holds the same ``result`` and replicated state."""
 
     def first(self, fn: Callable[[], Any]) -> Any:
         return fn()
@@ -156,14 +172,16 @@ class RankIterator:
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[LocalBatch]:
         self.keep_masks = []
         for rows in self.base.epoch_rows(epoch, start_batch):
-            part = np.array_split(rows, self.world_size)[self.rank]
+            parts = np.array_split(rows, self.world_size)
+            part, start = parts[self.rank], sum(len(p) for p in parts[:self.rank])
             weights = torch.ones(len(part))
             if len(part) == 0:  # fewer rows than ranks: one zero-weight row keeps the collectives aligned
-                part, weights = rows[:1], torch.zeros(1)
+                part, weights, start = rows[:1], torch.zeros(1), 0
             self.keep_masks.append(weights.numpy() > 0)
             batch = make_batch(self.base.spec, self.base.split, part)
             yield LocalBatch(dense_features=batch.dense_features, sparse_features=batch.sparse_features,
-                             labels=batch.labels, targets=batch.targets, weights=weights, global_size=len(rows))
+                             labels=batch.labels, targets=batch.targets, weights=weights, global_size=len(rows),
+                             start=start)
 
     def __iter__(self) -> Iterator[LocalBatch]:
         return self.epoch(0)
@@ -184,8 +202,10 @@ class ShardedModel(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "embedding":
-            raise DistributedSetupError("a distributed run cannot replace the embedding module while training "
-                                        "(multi-stage methods and module-swapping hooks need one process)")
+            raise DistributedSetupError(
+                "a distributed run replaces the embedding module only between stages, through the method's "
+                "rebuild (the trainer calls ProcessGroupParallel.rebuild, which re-wraps the model); a hook that "
+                "swaps the module inside a stage needs one process")
         super().__setattr__(name, value)
 
     def __getattr__(self, name: str) -> Any:
@@ -214,7 +234,9 @@ class ProcessGroupParallel(SingleProcess):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         self.device = torch.device("cpu")
-        self._collections: Dict[str, Tuple[list, type, dict]] = {}  # path -> how to rebuild it unsharded
+        self._collections: List[Tuple[nn.Module, Tuple[list, type, dict]]] = []  # sharded -> its unsharded config
+        self._hooks: List[Any] = []  # handles of the sparse-gradient hooks of the current wrap
+        self._sharding_types: Optional[Sequence[str]] = None
 
     # ---------------------------------------------------------------- data
     def iterate(self, iterator: BatchIterator) -> RankIterator:
@@ -222,6 +244,11 @@ class ProcessGroupParallel(SingleProcess):
 
     def row_scale(self, batch: LocalBatch) -> torch.Tensor:
         return batch.weights * (self.world_size / batch.global_size)
+
+    def placement(self, batch: LocalBatch):
+        from recbench.methods import row_random
+
+        return row_random.placement(batch.start, batch.global_size)
 
     def reduce_value(self, loss: torch.Tensor) -> float:
         total = loss.detach().clone().reshape(1).double()
@@ -272,19 +299,20 @@ class ProcessGroupParallel(SingleProcess):
 
     # --------------------------------------------------------------- model
     def wrap(self, model: nn.Module, method, sharding_types=None) -> ShardedModel:
-        """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest."""
+        """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest.
+
+        Collections already sharded (a model re-wrapped by ``rebuild``) are kept as they are, with
+        their shards and fused optimizer state; only plain ``FusedEmbeddingBagCollection``s are
+        planned and sharded."""
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
         from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
-        stages = list(method.stages())
-        if len(stages) != 1:
-            raise DistributedSetupError(
-                f"method {method.name!r} has {len(stages)} stages ({', '.join(s.name for s in stages)}); "
-                "trainer.distributed=true supports single-stage methods (the module is sharded once)")
-        self._collections = {path: (m.embedding_bag_configs(), m.optimizer_type(), m.optimizer_kwargs())
-                             for path, m in model.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
+        self._sharding_types = sharding_types
+        plain = {path: m for path, m in model.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
+        configs = {path: (m.embedding_bag_configs(), m.optimizer_type(), m.optimizer_kwargs())
+                   for path, m in plain.items()}
         types = check_sharding_types(sharding_types)
         sharder = _fused_sharder(types)
         topology = TopologyFactory.create_topology(
@@ -293,33 +321,81 @@ class ProcessGroupParallel(SingleProcess):
             kernel_config=KernelConfig(compute_device=self.device.type))
         planner = EmbeddingShardingPlanner(topology=topology)
         plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-        initial = {path: {k: v.detach().clone() for k, v in model.get_submodule(path).state_dict().items()}
-                   for path in self._collections}
+        initial = {path: {k: v.detach().clone() for k, v in m.state_dict().items()} for path, m in plain.items()}
         sparse = _sparse_parameters(model)
         dmp = DistributedModelParallel(model, device=self.device, plan=plan, sharders=[sharder],
                                        data_parallel_wrapper=_DataParallel(sparse))
         for path, state in initial.items():  # the sharded kernels start from FBGEMM's own init otherwise
-            _load_shards(model.get_submodule(path), state)
-            owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
             sharded = model.get_submodule(path)
+            _load_shards(sharded, state)
+            self._collections.append((sharded, configs[path]))
+            owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
             owner.fused_optimizer = lambda sharded=sharded: LocalShardOptimizer(sharded.fused_optimizer)
-        _all_reduce_sparse_gradients(sparse, self.world_size)
-        if self.is_main:
-            log.info("sharding plan over %d ranks:\n%s", self.world_size, plan or "(no tables to shard)")
+        self._hooks = _all_reduce_sparse_gradients(sparse, self.world_size)
+        if self.is_main and plain:
+            log.info("sharding plan over %d ranks:\n%s", self.world_size, plan)
+        elif self.is_main:
+            log.info("sharding plan over %d ranks: (no %stables to shard)", self.world_size,
+                     "new " if self._collections else "")
         return ShardedModel(dmp, model)
+
+    def rebuild(self, model: nn.Module, fn: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """Between stages: drop DMP/DDP and the sparse-gradient hooks (``_release``), replace the
+        inner model's embedding by ``fn(embedding)`` and wrap again (a new plan for new tables, a
+        new DDP over the new set of replicated parameters, hooks on the new sparse parameters).
+
+        Tables are not gathered: a collection that survives the rebuild stays sharded, with its
+        shards and fused optimizer state (one process keeps that state across stages too), and
+        ``fn`` sees it as TorchRec's ``ShardedFusedEmbeddingBagCollection``. Every rank applies
+        ``fn`` to identical replicated state (checked by ``check_replicas`` before each rebuild), so
+        every rank builds the same module."""
+        if not isinstance(model, ShardedModel):
+            return super().rebuild(model, fn)
+        inner = self._release(model)
+        inner.embedding = fn(inner.embedding)
+        return self.wrap(inner, None, self._sharding_types)
+
+    def _release(self, model: ShardedModel) -> nn.Module:
+        """The inner model of ``model`` without DMP, DDP and the sparse-gradient hooks.
+
+        A DDP reducer keeps its autograd hooks until it is destroyed: a live one next to a new
+        DDP would all-reduce (and average) the same gradients twice, so its disappearance is
+        checked (weak reference) and a leftover reference is an error."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        inner, dmp = model.inner, model.dmp
+        ddp = dmp._dmp_wrapped_module
+        alive = weakref.ref(ddp) if isinstance(ddp, DistributedDataParallel) else None
+        object.__setattr__(model, "inner", None)
+        dmp._modules.pop("_dmp_wrapped_module", None)
+        del ddp, dmp, model
+        gc.collect()
+        if alive is not None and alive() is not None:
+            raise DistributedSetupError(
+                "the previous DistributedDataParallel wrapper is still referenced after a stage: its gradient "
+                "hooks would average every replicated gradient a second time")
+        inner.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+        return inner
 
     def unshard(self, model: nn.Module) -> nn.Module:
         """The wrapped model with every sharded collection replaced, in place, by an unsharded
         ``FusedEmbeddingBagCollection`` holding the whole tables (gathered from their shards on
-        every rank); DMP and DDP are dropped. The tables' optimizer state is not carried over
-        (training is over; the new collection allocates its own, so memory reports stay exact)."""
+        every rank); DMP, DDP and the gradient hooks are dropped. The tables' optimizer state is
+        not carried over (training is over; the new collection allocates its own, so memory
+        reports stay exact)."""
         from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
         if not isinstance(model, ShardedModel):
             return model
-        inner = model.inner
-        for path, (configs, optimizer_type, optimizer_kwargs) in self._collections.items():
-            sharded = inner.get_submodule(path)
+        inner = self._release(model)
+        where = {id(m): path for path, m in inner.named_modules()}
+        for sharded, (configs, optimizer_type, optimizer_kwargs) in self._collections:
+            path = where.get(id(sharded))
+            if path is None:  # dropped by a rebuild
+                continue
             state = {key: _full_tensor(value) for key, value in sharded.state_dict().items()}
             plain = FusedEmbeddingBagCollection(tables=configs, optimizer_type=optimizer_type,
                                                 optimizer_kwargs=optimizer_kwargs, device=self.device)
@@ -330,7 +406,58 @@ class ProcessGroupParallel(SingleProcess):
             owner = inner.get_submodule(parent) if parent else inner
             setattr(owner, attr, plain)
             owner.__dict__.pop("fused_optimizer", None)  # back to the class's own fused_optimizer()
+        self._collections = []
         return inner
+
+    def check_replicas(self, model: nn.Module, result: Dict[str, Any], where: str) -> None:
+        """Every rank must end a stage with the same result and the same replicated state (every
+        parameter and buffer except this rank's table shards): hooks, ``on_stage_end`` and search
+        stages run on every rank, and the next stage's module is built from them. Fingerprints
+        (SHA-256 of every entry) are compared; a difference raises ``RankDivergence`` naming the
+        entries that differ, instead of training on silently different replicas."""
+        state = {f"state/{k}": v for k, v in model.state_dict().items() if ".__shard" not in k}
+        mine = {**{f"result/{k}": _fingerprint(v) for k, v in result.items()},
+                **{k: _fingerprint(v) for k, v in state.items()}}
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        differ = sorted(k for k in set().union(*everyone) if len({str(r.get(k)) for r in everyone}) > 1)
+        if differ:
+            shown = ", ".join(differ[:8]) + (f" (+{len(differ) - 8} more)" if len(differ) > 8 else "")
+            raise RankDivergence(f"{where}: the {self.world_size} ranks disagree on {shown}; every rank must compute "
+                                 "the same stage result and replicated state (a hook or search stage that reads "
+                                 "only this rank's part of a batch cannot run distributed as it is)")
+
+
+class RankDivergence(RuntimeError):
+    """Ranks of a distributed run hold different replicas of what must be identical."""
+
+
+def _fingerprint(value: Any) -> str:
+    """SHA-256 of a (nested) stage-result value or tensor, bit-exact for floats."""
+    digest = hashlib.sha256()
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(v, np.ndarray):
+            digest.update(f"A{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
+        elif isinstance(v, dict):
+            for key in sorted(v, key=str):
+                digest.update(f"K{key!r}".encode())
+                feed(v[key])
+        elif isinstance(v, (list, tuple)):
+            digest.update(f"L{len(v)}".encode())
+            for item in v:
+                feed(item)
+        elif isinstance(v, float):
+            digest.update(b"F" + np.float64(v).tobytes())
+        else:
+            digest.update(f"V{type(v).__name__}{v!r}".encode())
+
+    feed(value)
+    return digest.hexdigest()
 
 
 def _fused_sharder(types: Sequence[str]):
@@ -371,16 +498,20 @@ class _DataParallel:
             broadcast_buffers=False, static_graph=True, gradient_as_bucket_view=False)
 
 
-def _all_reduce_sparse_gradients(params: Sequence[nn.Parameter], world_size: int) -> None:
+def _all_reduce_sparse_gradients(params: Sequence[nn.Parameter], world_size: int) -> List[Any]:
     """Average row-sparse gradients over ranks as soon as each is accumulated (same order on every
-    rank: every rank runs the same backward graph). Ranks start from identical values (same seed)."""
+    rank: every rank runs the same backward graph). Ranks start from identical values (same seed).
+    Returns the hooks' handles (removed when the model is released, so that a parameter that
+    survives a rebuild is never averaged twice)."""
+    handles = []
     for param in params:
         def hook(p: torch.Tensor) -> None:
             grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
             work = dist.all_reduce(grad, async_op=True)
             work.wait()
             p.grad = work.result()[0] / world_size if grad.is_sparse else grad / world_size
-        param.register_post_accumulate_grad_hook(hook)
+        handles.append(param.register_post_accumulate_grad_hook(hook))
+    return handles
 
 
 def _load_shards(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> None:

@@ -252,7 +252,7 @@ class Trainer:
         self.stage_results = list(payload["stage_results"])
         # the module of stage k is rebuild(..rebuild(built, r_0).., r_{k-1}); the last stage is never rebuilt
         for i in range(min(progress["stage_index"], len(self.stages) - 1, len(self.stage_results))):
-            self.model.embedding = self.method.rebuild(self.model.embedding, self.stage_results[i])
+            self._rebuild(self.stage_results[i])
         self.model.load_state_dict(payload["model"])
         self._make_optimizers()
         self._load_optimizer_states(payload["optimizers"])
@@ -303,11 +303,13 @@ class Trainer:
                 last_train_best = best_state
             for hook in self.hooks:  # stage artifacts (masks, thresholds, ...) the next stage needs
                 result.update(hook.on_stage_end(context) or {})
-            result = checkpointable({**result, "seconds": time.perf_counter() - self._stage_clock})
+            result = checkpointable(result)
+            self.parallel.check_replicas(self.model, result, f"stage {index} ({stage.name})")
+            result["seconds"] = time.perf_counter() - self._stage_clock
             self.stage_results[index:] = [result]
             self._finish_stage(index, stage, result, context.global_step)
             if index + 1 < len(self.stages):  # the next stage's module; the checkpoint below holds it
-                self.model.embedding = self.method.rebuild(self.model.embedding, result)
+                self._rebuild(result)
                 self._make_optimizers()
                 best_state = last_train_best = None  # states of the previous module's structure
             progress.update({"stage_index": index + 1, "stage_step": 0, "epoch": 0, "batch": 0,
@@ -318,6 +320,11 @@ class Trainer:
         self.model = self.parallel.unshard(self.model)  # distributed: gather the tables for the final evaluation
         metrics = self._final_metrics()
         return TrainResult(metrics, self.stage_results, self.history)
+
+    def _rebuild(self, result: Dict[str, Any]) -> None:
+        """The next stage's module, ``method.rebuild(embedding, result)``, through the process strategy
+        (distributed: the model is released from DMP/DDP, rebuilt and wrapped again)."""
+        self.model = self.parallel.rebuild(self.model, lambda embedding: self.method.rebuild(embedding, result))
 
     def _finish_stage(self, index: int, stage: Stage, result: Dict[str, Any], step: int) -> None:
         """Log a finished stage: its scalars as ``stage/<name>/<key>`` metrics, all of it via ``log_stage``."""
@@ -407,7 +414,8 @@ class Trainer:
     def _step(self, batch: RecBatch) -> float:
         if not all(m.training for m in self.model.modules()):  # train() re-sets every module's flag: only when needed
             self.model.train()
-        output = self.model(batch.dense_features, batch.sparse_features)
+        with self.parallel.placement(batch):  # per-sample random draws: this rank's rows of the global draw
+            output = self.model(batch.dense_features, batch.sparse_features)
         loss = training_loss(self.model, output, batch, self.parallel.row_scale(batch)) + self.model.embedding.extra_loss()
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)

@@ -8,7 +8,6 @@ log loss, <= 1e-5 on every logged training loss (measured: ~1e-7, float summatio
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from recbench.training import distributed
 from recbench.training.distributed import (DistributedSetupError, RankIterator, check_sharding_types,
                                            ProcessGroupParallel)
 from recbench.training.tasks import training_loss
-from recbench.types import Budget, EmbeddingOptimizer, Stage
+from recbench.types import Budget, EmbeddingOptimizer
 
 REPO = Path(__file__).resolve().parents[2]
 EMB = EmbeddingOptimizer(learning_rate=0.1)
@@ -91,22 +90,6 @@ def test_distributed_without_a_launcher_is_a_clear_error(monkeypatch):
     assert distributed.current().world_size == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def one_rank_group(monkeypatch):
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    with distributed.session(True) as parallel:
-        yield parallel
-
-
 def test_wrap_trains_through_dmp_and_unshard_restores_plain_tables(toy_dataset, one_rank_group):
     from torchrec.distributed.fused_embeddingbag import ShardedFusedEmbeddingBagCollection
     from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
@@ -130,15 +113,6 @@ def test_wrap_trains_through_dmp_and_unshard_restores_plain_tables(toy_dataset, 
         assert sharded.metrics[key] == pytest.approx(single.metrics[key], abs=1e-5), key
     assert isinstance(model.embedding.fused.collection, FusedEmbeddingBagCollection)  # unsharded in place
     assert sharded.metrics["emb/bytes_training"] == single.metrics["emb/bytes_training"]
-
-
-def test_multi_stage_methods_are_rejected(toy_dataset, one_rank_group):
-    class TwoStage(Full):
-        def stages(self):
-            return [Stage("warmup", max_steps=2), Stage("final", max_steps=2)]
-
-    with pytest.raises(DistributedSetupError, match="2 stages"):
-        one_rank_group.wrap(_model(toy_dataset), TwoStage())
 
 
 TOY_DATASET = """_target_: toy_protocol.ToyProtocol

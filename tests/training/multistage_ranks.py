@@ -1,0 +1,119 @@
+"""One rank of the multi-stage distributed checks (``test_distributed_stages.py``), and the shared
+scenario definitions the single-process references use.
+
+Run as ``RANK=r WORLD_SIZE=W MASTER_ADDR=.. MASTER_PORT=.. python multistage_ranks.py DATA_ROOT OUT
+SCENARIO...``: joins the gloo group, trains each scenario through ``ProcessGroupParallel`` (wrap,
+rebuild between stages, unshard) and saves, per scenario, the final metrics, the stage results,
+the validation history, the number of sparse-gradient all-reduces per training step and the error
+raised (if any) to ``OUT`` (``torch.save``).
+"""
+from __future__ import annotations
+
+import socket
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+
+from recbench.methods.autosrh import AutoSrh
+from recbench.methods.base import Hook
+from recbench.methods.full import Full
+from recbench.methods.optembed import OptEmbed
+from recbench.models.dlrm import DLRM
+from recbench.training.optim import DenseOptimizer
+from recbench.training.trainer import Trainer, TrainerConfig
+from recbench.types import Budget, EmbeddingOptimizer, Stage
+
+EMB = EmbeddingOptimizer(learning_rate=0.1)
+CONFIG = TrainerConfig(max_steps=8, batch_size=64, eval_batch_size=128, evals_per_epoch=4, progress=False,
+                       latency_repeats=1, latency_batch_size=64)
+
+
+class TwoStageFull(Full):
+    """A table-backed method with two stages (tables kept across the rebuild, the dense part re-initialised)."""
+
+    def stages(self):
+        return [Stage("warmup", max_steps=6), Stage("final", max_steps=6, reinit=True)]
+
+
+class RankReport(Hook):
+    """A faulty hook: reports the process's rank as a stage result (must be caught, not logged)."""
+
+    def on_stage_end(self, context: Any) -> Optional[Dict[str, Any]]:
+        import torch.distributed as dist
+
+        return {"rank": dist.get_rank() if dist.is_initialized() else 0}
+
+
+class Diverging(TwoStageFull):
+    def hooks(self):
+        return [RankReport()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def method_of(scenario: str):
+    return {"autosrh": lambda: AutoSrh(),
+            "optembed": lambda: OptEmbed(search_iterations=2, mutation_num=3, crossover_num=3, top_k=3),
+            "two_stage_full": TwoStageFull,
+            "diverging": Diverging}[scenario]()
+
+
+def model_of(method, dataset, seed: int = 0):
+    torch.manual_seed(seed)
+    budget = Budget() if isinstance(method, Full) else Budget(compression_ratio=0.5)
+    embedding = method.build(dataset.spec.tables, 8, budget, EMB)
+    return DLRM(embedding, dataset.spec.num_dense, len(dataset.spec.tables), 8, [16, 8], [16, 1])
+
+
+def train(scenario: str, dataset, parallel=None):
+    """(Trainer, TrainResult) of ``scenario``, wrapped by ``parallel`` when given."""
+    method = method_of(scenario)
+    model = model_of(method, dataset)
+    if parallel is not None:
+        model = parallel.wrap(model, method)
+    trainer = Trainer(CONFIG, model, method, dataset, DenseOptimizer(), EMB, parallel=parallel)
+    return trainer, trainer.fit()
+
+
+def main(data_root: str, out: str, *scenarios: str) -> None:
+    import torch.distributed as dist
+    from toy_protocol import ToyProtocol
+
+    from recbench.training import distributed
+
+    torch.set_num_threads(1)
+    dataset = ToyProtocol().prepare(Path(data_root))
+    reports: Dict[str, Dict[str, Any]] = {}
+    with distributed.session(True) as parallel:
+        calls = {"sparse": 0}
+        all_reduce = dist.all_reduce
+
+        def counting(tensor, *args, **kwargs):  # the sparse-gradient hooks' all-reduces
+            calls["sparse"] += int(tensor.is_sparse)
+            return all_reduce(tensor, *args, **kwargs)
+
+        distributed.dist.all_reduce = counting
+        for scenario in scenarios:
+            calls["sparse"] = 0
+            report: Dict[str, Any] = {"error": None}
+            try:
+                trainer, result = train(scenario, dataset, parallel)
+                report.update(metrics=result.metrics, stage_results=result.stage_results, history=result.history,
+                              sparse_all_reduces=calls["sparse"])
+            except Exception as exc:  # reported to the test
+                report["error"] = f"{type(exc).__name__}: {exc}"
+                report["traceback"] = traceback.format_exc()
+            reports[scenario] = report
+        distributed.dist.all_reduce = all_reduce
+    torch.save(reports, out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
