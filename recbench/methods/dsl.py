@@ -17,7 +17,9 @@ restricted to the rows the batch touched, which are the only rows where it is no
 regrow candidates are the inactive entries of the current batch's rows (all others have a zero
 gradient); when fewer than k of them have a non-zero gradient, k shrinks to that number. The mask
 is re-applied to the touched rows after every optimizer step, so the count of non-zero weights
-never exceeds ``nnz``.
+never exceeds ``nnz``. In a distributed run every rank regrows from the gradients of the whole
+global batch (each rank's rows joined by the trainer's ``parallel.concat_ranks``), so every
+rank keeps the same mask.
 
 Budget: ``nnz`` is the largest number of kept entries whose cheapest sparse storage (values +
 indices, ``sparse_storage``) fits the target; the deployable form is that sparse table.
@@ -27,7 +29,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 import math
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,11 +67,15 @@ class DSLEmbedding(PrunedEmbedding):
         self._gradient = (rows, grad.detach())
 
     @torch.no_grad()
-    def prune_and_regrow(self, fraction: float) -> int:
-        """One update: returns k, the number of entries pruned and regrown (0 without a gradient)."""
+    def prune_and_regrow(self, fraction: float,
+                         gather: Optional[Callable[[Sequence[torch.Tensor]], List[torch.Tensor]]] = None) -> int:
+        """One update: returns k, the number of entries pruned and regrown (0 without a gradient).
+
+        ``gather`` (distributed: the trainer's ``parallel.concat_ranks``) joins every rank's
+        (rows, gradient) of the last batch, so that every rank regrows from the whole batch."""
         if self._gradient is None:
             return 0
-        rows, grad = self._gradient
+        rows, grad = gather(self._gradient) if gather is not None else self._gradient
         touched, inverse = torch.unique(rows, return_inverse=True)
         scores = grad.new_zeros(touched.numel(), self.dim).index_add_(0, inverse, grad).abs()
         inactive = ~self.mask[touched]
@@ -108,7 +114,7 @@ class PruneRegrowHook(Hook):
         end = max(1, int(round(m.anneal_epochs * steps_per_epoch)))
         fraction = prune_fraction(step, end, m.initial_prune_fraction)
         if fraction > 0:
-            moved = module.prune_and_regrow(fraction)
+            moved = module.prune_and_regrow(fraction, context.trainer.parallel.concat_ranks)
             self.updates += 1
             self.moved += moved
         return None

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import row_random, row_subset
+from recbench.methods import batch_part, row_subset
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup
 from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.evolutionary import evolutionary_search
@@ -151,8 +151,8 @@ class OptEmbedSupernet(_Stacked):
             return out
         batch, fields = features.stride(), len(self.tables)
         compressed = self.compressed_position >= 0
-        # one process's draws for these samples, also when a rank holds part of the batch (row_random)
-        sampled = row_random.per_row(lambda n: torch.randint(1, self.dim + 1, (n, int(compressed.sum()))), batch)
+        # one process's draws for these samples, also when a rank holds part of the batch (batch_part)
+        sampled = batch_part.per_row(lambda n: torch.randint(1, self.dim + 1, (n, int(compressed.sum()))), batch)
         mask = torch.ones(batch, fields, self.dim)
         mask[:, compressed] = (torch.arange(self.dim) < sampled.unsqueeze(-1)).float()
         return self.keyed_output((out.values().view(batch, fields, self.dim) * mask).view(batch, -1))

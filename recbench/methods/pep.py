@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from recbench.methods import batch_part
 from recbench.methods.base import Hook, ParamGroup
 from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
 from recbench.types import FP32_BYTES, Stage, TableSpec
@@ -114,7 +115,8 @@ class PEPEmbedding(PrunedEmbedding):
         if self.threshold_weight_decay:
             loss = loss + 0.5 * self.threshold_weight_decay * (self.threshold ** 2).sum()
         if self.embedding_weight_decay and self._batch_values is not None:
-            loss = loss + 0.5 * self.embedding_weight_decay * (self._batch_values ** 2).sum()
+            # a sum over the batch: distributed, this rank's rows weighted so that ranks add up to it
+            loss = loss + 0.5 * self.embedding_weight_decay * (self._batch_values ** 2).sum() * batch_part.batch_sum_scale()
             self._batch_values = None
         return loss
 

@@ -120,7 +120,8 @@ class SingleProcess:
         return None
 
     def placement(self, batch: RecBatch):
-        """Context of a training forward: where ``batch`` sits in the global batch (``row_random``)."""
+        """Context of a training forward and its regulariser: where ``batch`` sits in the global batch
+        (``recbench.methods.batch_part``)."""
         return contextlib.nullcontext()
 
     def reduce_value(self, loss: torch.Tensor) -> float:
@@ -150,6 +151,11 @@ class SingleProcess:
 
     def first(self, fn: Callable[[], Any]) -> Any:
         return fn()
+
+    def concat_ranks(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Each tensor concatenated (dim 0) over the ranks in rank order: the whole batch's rows of
+        per-row values a hook needs (e.g. DSL's lookup gradients); unchanged in one process."""
+        return list(tensors)
 
     def broadcast(self, value: Any) -> Any:
         return value
@@ -246,9 +252,9 @@ class ProcessGroupParallel(SingleProcess):
         return batch.weights * (self.world_size / batch.global_size)
 
     def placement(self, batch: LocalBatch):
-        from recbench.methods import row_random
+        from recbench.methods import batch_part
 
-        return row_random.placement(batch.start, batch.global_size)
+        return batch_part.placement(batch.start, batch.global_size, self.world_size)
 
     def reduce_value(self, loss: torch.Tensor) -> float:
         total = loss.detach().clone().reshape(1).double()
@@ -273,6 +279,11 @@ class ProcessGroupParallel(SingleProcess):
         return (join([r[0] for r in everyone]),
                 {k: join([r[1][k] for r in everyone]) for k in outputs},
                 {k: join([r[2][k] for r in everyone]) for k in targets})
+
+    def concat_ranks(self, tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        everyone: List[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, [t.detach().cpu() for t in tensors])
+        return [torch.cat([parts[i] for parts in everyone]) for i in range(len(tensors))]
 
     def first(self, fn: Callable[[], Any], wait: timedelta = timedelta(days=1)) -> Any:
         """Rank 0 runs ``fn`` (e.g. building a dataset cache) while the others wait (up to ``wait``,

@@ -414,9 +414,10 @@ class Trainer:
     def _step(self, batch: RecBatch) -> float:
         if not all(m.training for m in self.model.modules()):  # train() re-sets every module's flag: only when needed
             self.model.train()
-        with self.parallel.placement(batch):  # per-sample random draws: this rank's rows of the global draw
+        with self.parallel.placement(batch):  # distributed: per-sample draws and batch sums equal one process's
             output = self.model(batch.dense_features, batch.sparse_features)
-        loss = training_loss(self.model, output, batch, self.parallel.row_scale(batch)) + self.model.embedding.extra_loss()
+            extra = self.model.embedding.extra_loss()
+        loss = training_loss(self.model, output, batch, self.parallel.row_scale(batch)) + extra
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         loss.backward()  # fused tables are updated here, inside FBGEMM's backward

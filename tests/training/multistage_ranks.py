@@ -18,9 +18,11 @@ from typing import Any, Dict, Optional
 import torch
 
 from recbench.methods.autosrh import AutoSrh
+from recbench.methods.dsl import DSL
 from recbench.methods.base import Hook
 from recbench.methods.full import Full
 from recbench.methods.optembed import OptEmbed
+from recbench.methods.pep import PEP
 from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
@@ -61,6 +63,8 @@ def free_port() -> int:
 def method_of(scenario: str):
     return {"autosrh": lambda: AutoSrh(),
             "optembed": lambda: OptEmbed(search_iterations=2, mutation_num=3, crossover_num=3, top_k=3),
+            "pep": lambda: PEP(sparsity_check_interval=2),  # its search loss sums over the batch's lookups
+            "dsl": lambda: DSL(update_interval=2),  # single stage; regrows from the whole batch's gradients
             "two_stage_full": TwoStageFull,
             "diverging": Diverging}[scenario]()
 

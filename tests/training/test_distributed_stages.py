@@ -2,9 +2,11 @@
 releases DMP/DDP and the sparse-gradient hooks, applies the method's ``rebuild`` and wraps again.
 
 Two gloo processes (``multistage_ranks.py``, one subprocess per rank) train AutoSrh (custom lookup,
-the rebuild keeps the module), OptEmbed (custom lookup, a search stage scoring validation AUC,
-the rebuild returns a new module) and a two-stage table-backed method (sharded tables survive the
-rebuild with their fused optimizer state) and are compared with one process: the same tolerance
+the rebuild keeps the module), OptEmbed (custom lookup, per-sample random dims, a search stage
+scoring validation AUC, the rebuild returns a new module), PEP (a regulariser summed over the
+batch's lookups), DSL (one stage; its hook regrows from the batch's gradients) and a two-stage
+table-backed method (sharded tables survive the rebuild with their fused optimizer state) and
+are compared with one process: the same tolerance
 as ``test_distributed.py`` (|delta| <= 1e-4 on AUC and log loss, <= 1e-5 on logged losses). Every
 rank must end with identical stage results; a hook whose result differs between ranks must raise
 ``RankDivergence`` on every rank; each sparse parameter's gradient is all-reduced once per step.
@@ -27,7 +29,7 @@ from recbench.training import distributed
 from recbench.training.distributed import _fingerprint, _sparse_parameters
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("autosrh", "optembed", "two_stage_full", "diverging")
+SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "diverging")
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +54,13 @@ def _data_root(dataset) -> Path:
     return Path(dataset.directory).parents[2]  # <root>/toy/processed/<protocol id>
 
 
-@pytest.mark.parametrize("scenario", ["autosrh", "optembed", "two_stage_full"])
+@pytest.mark.parametrize("scenario", ["autosrh", "optembed", "pep", "dsl", "two_stage_full"])
 def test_two_ranks_match_one_process_through_every_stage(two_ranks, toy_dataset, scenario):
     reports = [r[scenario] for r in two_ranks]
     for report in reports:
         assert report["error"] is None, report.get("traceback")
     _, single = multistage_ranks.train(scenario, toy_dataset)
-    assert len(reports[0]["stage_results"]) == len(single.stage_results) >= 2
+    assert len(reports[0]["stage_results"]) == len(single.stage_results) >= (1 if scenario == "dsl" else 2)
     for key in ("val/auc", "test/auc", "test/logloss", "val/auc_training_form"):
         print(f"{scenario} {key}: 2 ranks {reports[0]['metrics'][key]:.7f}, 1 process {single.metrics[key]:.7f}")
         assert reports[0]["metrics"][key] == pytest.approx(single.metrics[key], abs=1e-4), key
