@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import polars as pl
@@ -40,6 +40,7 @@ import polars as pl
 from recbench.datasets.base import DatasetError, DatasetProtocol
 from recbench.datasets.preprocessing import (
     FieldCheck,
+    MISSING_KEY,
     LineFormat,
     PipelineConfig,
     SourceFile,
@@ -82,23 +83,31 @@ class AvazuFormat(LineFormat):
     def sparse_fields(self):
         return HOUR_FIELDS + self.categorical
 
+    @property
+    def categorical_columns(self):
+        return ("hour",) + self.categorical
+
+    def sparse_sources(self):
+        return tuple((name, "hour") for name in HOUR_FIELDS) + super().sparse_sources()
+
     @staticmethod
     def _hour_parts():
-        hour = pl.col("hour")
+        hour = pl.col("hour").cast(pl.String)
         return hour.str.slice(0, 6).str.to_date("%y%m%d", strict=False), hour.str.slice(6, 2).str.to_integer(strict=False)
 
-    def checks(self) -> List[FieldCheck]:
+    def checks(self, dense_parsed: bool = False) -> List[FieldCheck]:
         date, hh = self._hour_parts()
-        shape_ok = pl.col("hour").str.contains("^[0-9]{8}$").fill_null(False)
+        shape_ok = pl.col("hour").cast(pl.String).str.contains("^[0-9]{8}$").fill_null(False)
         bad = ~shape_ok | date.is_null() | (hh > 23).fill_null(True)
-        return super().checks() + [FieldCheck("hour", bad, "YYMMDDHH: 8 digits, a valid date and an hour 00-23")]
+        return super().checks(dense_parsed) + [FieldCheck("hour", bad, "YYMMDDHH: 8 digits, a valid date and an hour 00-23")]
 
-    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> Iterator[np.ndarray]:
+    def category_keys(self, field: str, values: pl.Series) -> np.ndarray:
+        if field not in HOUR_FIELDS:
+            return super().category_keys(field, values)
         date, hh = self._hour_parts()
-        parts = frame.select(hh.cast(pl.UInt64).alias("hour_of_day"), date.dt.weekday().cast(pl.UInt64).alias("weekday"))
-        for name in HOUR_FIELDS:
-            yield parts.get_column(name).to_numpy()
-        yield from super().sparse_keys(frame, plain)
+        part = (hh if field == "hour_of_day" else date.dt.weekday()).cast(pl.UInt64, strict=False)
+        # a value failing the hour check never reaches a row: any key will do
+        return values.to_frame("hour").select(part.fill_null(MISSING_KEY)).to_series().to_numpy()
 
     def rules(self) -> Dict[str, Any]:
         rules = super().rules()

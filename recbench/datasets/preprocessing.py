@@ -232,8 +232,10 @@ class LineFormat:
         categorical: string columns keyed as categorical fields, in table order.
         header: the first line of every file is the header ``separator.join(columns)``.
 
-    Subclasses add derived fields (Avazu's hour) by overriding ``sparse_fields``, ``checks``
-    and ``sparse_keys``.
+    Categorical columns are read as polars ``Categorical``; a sparse field is keyed from the
+    distinct values of its column (``category_keys``), once per distinct value. Subclasses add
+    derived fields (Avazu's hour) by overriding ``sparse_fields``, ``categorical_columns``,
+    ``sparse_sources``, ``checks`` and ``category_keys``.
     """
 
     def __init__(self, name: str, columns: Sequence[str], separator: str, label: str,
@@ -254,10 +256,21 @@ class LineFormat:
     def header_line(self) -> str:
         return self.separator.join(self.columns)
 
-    def checks(self) -> List[FieldCheck]:
+    @property
+    def categorical_columns(self) -> Tuple[str, ...]:
+        """Columns read as polars ``Categorical`` (every column a sparse field derives from)."""
+        return self.categorical
+
+    def sparse_sources(self) -> Tuple[Tuple[str, str], ...]:
+        """``(sparse field, categorical column it derives from)`` in table order."""
+        return tuple((name, name) for name in self.categorical)
+
+    def checks(self, dense_parsed: bool = False) -> List[FieldCheck]:
+        """Per-field checks of a parsed frame. ``dense_parsed``: the CSV reader already parsed the
+        dense columns as Int64 (see ``parse_chunk``), which proves their check."""
         label = pl.col(self.label)
         out = [FieldCheck(self.label, ~label.is_in(["0", "1"]).fill_null(False), "0 or 1")]
-        for name in self.dense:
+        for name in () if dense_parsed else self.dense:
             col = pl.col(name)
             out.append(FieldCheck(name, col.is_not_null() & col.cast(pl.Int64, strict=False).is_null(),
                                   f"an integer in {INT64_RANGE}, or empty for missing"))
@@ -275,9 +288,12 @@ class LineFormat:
                  .cast(pl.Float32) for c in self.dense]
         return frame.select(exprs).to_numpy().astype(np.float32, copy=False).reshape(frame.height, len(self.dense))
 
-    def sparse_keys(self, frame: pl.DataFrame, plain: bool = False) -> Iterator[np.ndarray]:
-        """One (N,) uint64 key array per sparse field, in order (``MISSING_KEY`` = missing)."""
-        return iter_string_keys(frame, self.categorical, plain)
+    def category_keys(self, field: str, values: pl.Series) -> np.ndarray:
+        """(K,) uint64 keys of ``field`` for K distinct non-null String values of its column.
+
+        Values that no valid row can hold (they failed a check) may get any key; they never
+        reach an array (their train count is 0)."""
+        return next(iter_string_keys(values.to_frame("value"), ["value"]))
 
     def rules(self) -> Dict[str, Any]:
         return {
@@ -498,17 +514,20 @@ class ParsedChunk:
 
     Attributes:
         rows: (N,) int64 line offsets (0-based, within the chunk) of the valid rows.
-        frame: polars frame of the valid rows, one String column per raw column.
+        frame: polars frame of the valid rows: the label a String column, dense columns Int64
+            (null = missing), categorical columns ``Categorical`` (with the caller's categories)
+            or String, other columns String.
         malformed: the first ``MAX_EXAMPLES`` malformed lines of the chunk, in line order.
         malformed_count: number of malformed lines in the chunk.
-        plain: no byte of the chunk is ``A``-``F`` or ``+`` (fast categorical keys).
+        raw: the frame of every well-formed line before the field checks (its categorical
+            columns hold every value the CSV reader saw; see ``TextPipeline``).
     """
 
     rows: np.ndarray
     frame: pl.DataFrame
     malformed: List[Malformed]
     malformed_count: int
-    plain: bool = False
+    raw: Optional[pl.DataFrame] = None
 
 
 def _shown(value: Optional[str]) -> str:
@@ -517,33 +536,47 @@ def _shown(value: Optional[str]) -> str:
     return repr(value if len(value) <= 60 else value[:57] + "...")
 
 
-def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
-    """Validate every line of ``chunk`` and parse the valid ones (no per-line Python)."""
+def _read_lines(text: bytes, fmt: LineFormat, dtypes: Mapping[str, pl.DataType]) -> pl.DataFrame:
+    schema = {c: dtypes.get(c, pl.String) for c in fmt.columns}
+    return pl.read_csv(text, has_header=False, separator=fmt.separator, new_columns=list(fmt.columns),
+                       schema=schema, quote_char=None)
+
+
+def parse_chunk(chunk: LineChunk, fmt: LineFormat,
+                categories: Optional[Mapping[str, pl.DataType]] = None) -> ParsedChunk:
+    """Validate every line of ``chunk`` and parse the valid ones (no per-line Python).
+
+    ``categories``: polars ``Categorical`` dtypes of (some of) ``fmt.categorical_columns``;
+    other categorical columns are read as String.
+
+    Dense columns are parsed as Int64 by the CSV reader itself when that is provably the same
+    rule: the reader accepts exactly the values ``str.cast(pl.Int64)`` accepts (optional sign,
+    decimal digits, within int64; checked by ``tests/datasets/test_criteo.py``) except that it
+    also skips a leading space and a carriage return, so this fast path is taken only when the
+    chunk has no space and no carriage return other than line endings; a value it rejects makes
+    the whole chunk fall back to String columns and the per-field check, which names the line.
+    """
     data = np.frombuffer(chunk.data, dtype=np.uint8)
     ends = chunk.ends
     n = len(ends)
     starts = np.empty(n, dtype=np.int64)
     starts[:1] = 0
     starts[1:] = ends[:-1] + 1
-    content_end = ends - ((ends > starts) & (data[ends - 1] == _CR))
-    # per block of lines (small temporaries): separators per line, non-ASCII bytes, and whether
-    # any byte is A-F or '+' (see ``iter_string_keys``)
+    trailing_cr = (ends > starts) & (data[ends - 1] == _CR)
+    content_end = ends - trailing_cr
+    # separators per line, counted per block of lines (small, cache-resident temporaries)
     separators = np.empty(n, dtype=np.int64)
     sep = ord(fmt.separator)
-    non_ascii, plain = False, True
-    step = 1 << 16
+    step = 1 << 12
+    counter = np.int32 if n == 0 or int((ends - starts).max()) < 2**31 else np.int64  # no overflow
     for i in range(0, n, step):
         j = min(i + step, n)
         begin, end = int(starts[i]), int(ends[j - 1]) + 1
-        block = data[begin:end]
-        positions = np.flatnonzero(block == sep)
-        separators[i:j] = np.diff(np.searchsorted(positions, np.append(starts[i:j] - begin, end - begin)))
-        non_ascii = non_ascii or bool(block.max() >= 0x80)
-        plain = plain and not (((block - np.uint8(65)) < 6).any() or (block == 43).any())
+        separators[i:j] = np.add.reduceat(data[begin:end] == sep, starts[i:j] - begin, dtype=counter)
     problem = np.zeros(n, dtype=np.int8)  # 0 ok, 1 UTF-8, 2 empty, 3 field count
     problem[separators != len(fmt.columns) - 1] = 3
     problem[content_end == starts] = 2
-    bad_bytes = invalid_utf8_positions(data) if non_ascii else np.zeros(0, np.int64)
+    bad_bytes = np.zeros(0, np.int64) if chunk.data.isascii() else invalid_utf8_positions(data)
     first_bad_byte: Dict[int, int] = {}
     if bad_bytes.size:
         bad_lines, first = np.unique(np.searchsorted(ends, bad_bytes), return_index=True)
@@ -565,23 +598,34 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
             what = "empty line" if kind == 2 else f"line has {int(separators[offset]) + 1} fields"
             found.append((offset, Malformed(path, line, "line", what, expected)))
     good = np.flatnonzero(problem == 0)
+    dtypes: Dict[str, pl.DataType] = dict(categories or {})
+    dense_parsed = False
     if good.size == 0:
-        frame = pl.DataFrame(schema={c: pl.String for c in fmt.columns})
+        frame = pl.DataFrame(schema={c: dtypes.get(c, pl.String) for c in fmt.columns})
     else:
         if structural.size:
             keep = np.repeat(problem == 0, ends - starts + 1)
             text = data[keep].tobytes()
         else:
             text = chunk.data
-        frame = pl.read_csv(text, has_header=False, separator=fmt.separator, new_columns=list(fmt.columns),
-                            schema={c: pl.String for c in fmt.columns}, quote_char=None)
+        frame = None
+        if fmt.dense and b" " not in text and text.count(b"\r") == int(trailing_cr[good].sum()):
+            try:
+                frame = _read_lines(text, fmt, {**dtypes, **{c: pl.Int64 for c in fmt.dense}})
+                dense_parsed = True
+            except pl.exceptions.PolarsError:  # a value that is not an int64: the checks below name it
+                frame = None
+        if frame is None:
+            frame = _read_lines(text, fmt, dtypes)
+        del text
         if frame.height != good.size:  # a line polars split differently from the byte scan: never guess
             raise DatasetError(
                 f"{chunk.source.path}:{chunk.first_line}-{chunk.first_line + n - 1}: the CSV reader found "
                 f"{frame.height} rows in {good.size} well-formed lines; allowed: one record per line, no "
                 "embedded line breaks")
+    raw = frame
     count = int(structural.size)
-    checks = fmt.checks()
+    checks = fmt.checks(dense_parsed=dense_parsed)
     if frame.height and checks:
         flags = frame.select([c.bad.fill_null(False).alias(f"_bad{k}") for k, c in enumerate(checks)]).to_numpy()
         row_bad = flags.any(axis=1)
@@ -590,14 +634,16 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
             count += int(bad_rows.size)
             for r in bad_rows[:MAX_EXAMPLES].tolist():
                 check = checks[int(np.argmax(flags[r]))]
-                value = frame.get_column(check.field)[r]
+                value = frame.get_column(check.field).cast(pl.String)[r]
                 offset = int(good[r])
                 found.append((offset, Malformed(path, chunk.first_line + offset, check.field,
                                                 f"field {check.field!r} is {_shown(value)}", check.allowed)))
             frame = frame.filter(pl.Series(~row_bad))
             good = good[~row_bad]
+    if fmt.dense and not dense_parsed:
+        frame = frame.with_columns([pl.col(c).cast(pl.Int64) for c in fmt.dense])  # all valid by now
     found.sort(key=lambda item: item[0])
-    return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count, plain)
+    return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count, raw)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -754,7 +800,11 @@ class Vocabulary:
 
     @classmethod
     def from_counter(cls, counter: FrequencyCounter, min_count: int) -> "Vocabulary":
-        keys, counts, missing = counter.result()
+        return cls.from_counts(*counter.result(), min_count)
+
+    @classmethod
+    def from_counts(cls, keys: np.ndarray, counts: np.ndarray, missing: int, min_count: int) -> "Vocabulary":
+        """From sorted unique ``keys`` with their train ``counts`` and the train missing-value count."""
         keep = counts >= min_count
         kept_keys, kept_counts = keys[keep], counts[keep]
         order = np.lexsort((kept_keys, -kept_counts))  # descending count, then ascending key
@@ -783,22 +833,31 @@ class Vocabulary:
 
 
 class NpyStreamWriter:
-    """Writes a C-order ``.npy`` file of known shape by appending row blocks (no memory map)."""
+    """Writes a C-order ``.npy`` file by appending row blocks (no memory map).
 
-    def __init__(self, path: Path, dtype: Any, shape: Sequence[int]):
-        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), tuple(int(s) for s in shape)
+    ``shape[0]`` may be None (rows unknown in advance): the header is rewritten with the rows
+    written on ``close`` (numpy pads the header so that the first axis can grow in place, so the
+    file is byte-identical to one written with the final shape from the start)."""
+
+    def __init__(self, path: Path, dtype: Any, shape: Sequence[Optional[int]]):
+        self.path, self.dtype = Path(path), np.dtype(dtype)
+        self.shape = tuple(None if s is None else int(s) for s in shape)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._handle = open(self.path, "wb")
+        self._header_bytes = self._write_header(self.shape[0] or 0)
+        self.rows = 0
+
+    def _write_header(self, rows: int) -> int:
         np.lib.format.write_array_header_1_0(
             self._handle, {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                           "shape": self.shape})
-        self.rows = 0
+                           "shape": (rows, *self.shape[1:])})
+        return self._handle.tell()
 
     def append(self, block: np.ndarray) -> None:
         block = np.ascontiguousarray(block, dtype=self.dtype)
         if block.shape[1:] != self.shape[1:]:
             raise ValueError(f"{self.path}: block shape {block.shape} does not fit {self.shape}")
-        self._handle.write(block.tobytes())
+        self._handle.write(block.data)
         self.rows += block.shape[0]
 
     def abort(self) -> None:
@@ -806,8 +865,13 @@ class NpyStreamWriter:
         self._handle.close()
 
     def close(self) -> None:
+        if self.shape[0] is None:
+            self._handle.seek(0)
+            if self._write_header(self.rows) != self._header_bytes:  # pragma: no cover - numpy pads for growth
+                self._handle.close()
+                raise RuntimeError(f"{self.path}: the .npy header of {self.rows} rows does not fit in place")
         self._handle.close()
-        if self.rows != self.shape[0]:
+        if self.shape[0] is not None and self.rows != self.shape[0]:
             raise RuntimeError(f"{self.path}: wrote {self.rows} rows, expected {self.shape[0]}")
 
 
@@ -895,17 +959,129 @@ class RowExtra:
             del values
 
 
+class CategoryCodes:
+    """Categorical columns read as polars ``Categorical``: codes per row, keys per distinct value.
+
+    Every categorical column gets its own polars ``Categories`` (a random name, kept alive for
+    this object's life), so a value has the same code in every chunk. Codes are stored as
+    ``physical + 1`` (uint32, 0 = missing). Each sparse field's key (``fmt.category_keys``,
+    hash cap applied) is computed once per distinct value, when its code first appears, and
+    train occurrences are counted per code, so no per-row key is ever computed.
+    """
+
+    def __init__(self, fmt: LineFormat, hash_cap: Optional[int]):
+        self.fmt, self.hash_cap = fmt, hash_cap
+        self.columns = tuple(fmt.categorical_columns)
+        self.dtypes = {c: pl.Categorical(pl.Categories.random("recbench-preprocessing")) for c in self.columns}
+        self._keepalive = [pl.Series(c, [], dtype=d) for c, d in self.dtypes.items()]  # the mapping lives while referenced
+        self.sources = tuple(fmt.sparse_sources())  # (field, column)
+        self.known = {c: 0 for c in self.columns}  # codes 1..known have keys
+        self.keys: Dict[str, List[np.ndarray]] = {f: [] for f, _ in self.sources}
+        self.train_counts = {c: np.zeros(1, dtype=np.int64) for c in self.columns}  # [0] = missing
+
+    def codes(self, frame: pl.DataFrame) -> Dict[str, np.ndarray]:
+        """(N,) uint32 code of every row per categorical column (0 = missing)."""
+        one = pl.lit(1, dtype=pl.UInt32)
+        out = frame.select([(pl.col(c).to_physical() + one).fill_null(0).alias(c) for c in self.columns])
+        return {c: out.get_column(c).to_numpy() for c in self.columns}
+
+    def learn(self, frame: pl.DataFrame, codes: Mapping[str, np.ndarray]) -> None:
+        """Key the codes first seen in ``frame`` (every row the CSV reader produced, valid or not)."""
+        for column in self.columns:
+            column_codes, known = codes[column], self.known[column]
+            top = int(column_codes.max(initial=0))
+            if top <= known:
+                continue
+            if top >= np.iinfo(np.uint32).max:
+                raise DatasetError(f"column {column!r} has more than {np.iinfo(np.uint32).max - 1} distinct values")
+            new = np.flatnonzero(column_codes > known)
+            where = np.full(top - known, -1, dtype=np.int64)
+            where[column_codes[new] - known - 1] = new  # any row holding each new code
+            if (where < 0).any():  # pragma: no cover - polars assigns codes densely to the values it reads
+                raise RuntimeError(f"column {column!r}: categorical codes {known + 1}..{top} are not all in the chunk")
+            values = frame.get_column(column).gather(where).cast(pl.String)
+            for field_name, source in self.sources:
+                if source == column:
+                    keys = self.fmt.category_keys(field_name, values).astype(np.uint64, copy=False)
+                    self.keys[field_name].append(cap_keys(keys, self.hash_cap))
+            self.known[column] = top
+
+    def count(self, codes: Mapping[str, np.ndarray], train: np.ndarray) -> None:
+        """Add the train rows' codes to the counts."""
+        every = bool(train.all())
+        for column in self.columns:
+            counts = np.bincount(codes[column] if every else codes[column][train])
+            total = self.train_counts[column]
+            if counts.size > total.size:
+                grown = np.zeros(max(counts.size, 2 * total.size), dtype=np.int64)
+                grown[:total.size] = total
+                self.train_counts[column] = total = grown
+            total[:counts.size] += counts
+
+    def vocabulary(self, field_name: str, min_count: int) -> Tuple["Vocabulary", np.ndarray]:
+        """The field's vocabulary and its (codes + 1,) int32 code -> row table (code 0 -> row 0)."""
+        column = dict(self.sources)[field_name]
+        known = self.known[column]
+        keys = np.concatenate(self.keys[field_name]) if self.keys[field_name] else np.zeros(0, dtype=np.uint64)
+        counts = np.zeros(known + 1, dtype=np.int64)
+        tracked = self.train_counts[column][: known + 1]
+        counts[: tracked.size] = tracked
+        missing, counts = int(counts[0]), counts[1:]
+        keyless = keys == MISSING_KEY  # a value without a key counts as missing, as a missing value does
+        missing += int(counts[keyless].sum())
+        present = (counts > 0) & ~keyless
+        vocab = Vocabulary.from_counts(*_sum_by_key(keys[present], counts[present]), missing, min_count)
+        table = np.zeros(known + 1, dtype=np.int32)
+        table[1:] = vocab.lookup(keys)
+        return vocab, table
+
+    def close(self) -> None:
+        """Release the polars categories (their values are no longer needed)."""
+        self._keepalive.clear()
+
+
+class _CodeSpool:
+    """Raw (N, F) uint32 category codes of one split, written in file order and read back in blocks."""
+
+    def __init__(self, path: Path, width: int):
+        self.path, self.width, self.rows = path, width, 0
+        self._handle = open(path, "wb")
+
+    def append(self, block: np.ndarray) -> None:
+        self._handle.write(np.ascontiguousarray(block, dtype=np.uint32).data)
+        self.rows += block.shape[0]
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        self._handle.close()
+        with open(self.path, "rb") as handle:
+            while True:
+                block = np.fromfile(handle, dtype=np.uint32, count=rows * self.width)
+                if block.size == 0:
+                    break
+                yield block.reshape(-1, self.width)
+
+    def close(self) -> None:
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
-class _ScanResult:
+class _StreamResult:
     sizes: np.ndarray
     positives: np.ndarray
-    vocabularies: List[Vocabulary]
     malformed_count: int
     malformed_examples: List[str]
 
 
 class TextPipeline:
-    """Runs ``PipelineConfig`` over ``sources`` and writes the protocol through a ``CacheWriter``."""
+    """Runs ``PipelineConfig`` over ``sources`` and writes the protocol through a ``CacheWriter``.
+
+    One read of the sources: every chunk is validated and parsed once (categorical columns as
+    polars ``Categorical``); labels, dense features and row extras go straight to their split's
+    ``.npy`` files, the categorical codes to a per-split spool, and train occurrences are counted
+    per code. The vocabularies then give a code -> row table per field, and a second, cheap pass
+    over the spools (4 bytes per field and row, no text) writes ``sparse.npy``.
+    """
 
     def __init__(self, config: PipelineConfig, sources: Sequence[SourceFile],
                  row_extras: Sequence[RowExtra] = (), description: str = "preprocessing"):
@@ -938,96 +1114,119 @@ class TextPipeline:
                     bar.update(len(chunk))
                 index += lines
 
-    def _parsed(self, desc: str) -> Iterator[Tuple[LineChunk, ParsedChunk, np.ndarray]]:
-        for chunk in self._chunks(desc):
-            parsed = parse_chunk(chunk, self.config.fmt)
-            yield chunk, parsed, self.assigner(chunk.first_index + parsed.rows)
+    # -- the read: validation, split sizes, labels/dense/extras, codes, train counts -----------
 
-    def _sparse_keys(self, frame: pl.DataFrame, plain: bool) -> Iterator[np.ndarray]:
-        return (cap_keys(k, self.config.hash_cap) for k in self.config.fmt.sparse_keys(frame, plain))
-
-    # -- pass 1: validation, split sizes, train vocabularies -----------------------------------
-
-    def scan(self) -> _ScanResult:
-        fields = self.config.fmt.sparse_fields
-        counters = [FrequencyCounter() for _ in fields]
+    def stream(self, writer: CacheWriter, categories: CategoryCodes) -> Tuple[_StreamResult, List[_CodeSpool]]:
+        fmt = self.config.fmt
+        sources = categories.sources
         sizes, positives = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
         malformed_count, examples = 0, []
-        for _, parsed, split in self._parsed(f"{self.description} 1/2 (vocabulary)"):
-            if parsed.malformed_count:
-                if self.config.malformed == "fail":
-                    raise DatasetError(f"{parsed.malformed[0].message()} (malformed=fail; set malformed=skip "
-                                       "to skip malformed lines, which are then counted in the manifest)")
-                malformed_count += parsed.malformed_count
-                examples.extend(m.message() for m in parsed.malformed[: MAX_EXAMPLES - len(examples)])
-            labels = self.config.fmt.labels(parsed.frame)
-            sizes += np.bincount(split, minlength=3)
-            positives += np.bincount(split, weights=labels, minlength=3).astype(np.int64)
-            train = split == TRAIN
-            if train.any():
-                for counter, keys in zip(counters, self._sparse_keys(parsed.frame, parsed.plain)):
-                    counter.add(keys if train.all() else keys[train])
-        if malformed_count:
-            log.warning("%s: %d malformed lines skipped; first ones:\n  %s", self.description, malformed_count,
-                        "\n  ".join(examples))
-        vocabularies = [Vocabulary.from_counter(c, int(self.config.min_count)) for c in counters]
-        return _ScanResult(sizes, positives, vocabularies, malformed_count, examples)
-
-    # -- pass 2: arrays ------------------------------------------------------------------------
-
-    def write(self, writer: CacheWriter, scan: _ScanResult) -> None:
-        fmt = self.config.fmt
-        num_dense, num_sparse = len(fmt.dense), len(fmt.sparse_fields)
         outputs: List[Dict[str, NpyStreamWriter]] = []
-        for code, split in enumerate(SPLITS):
-            n = int(scan.sizes[code])
-            streams = {
-                "dense": NpyStreamWriter(writer.path(f"{split}/dense.npy"), np.float32, (n, num_dense)),
-                "sparse": NpyStreamWriter(writer.path(f"{split}/sparse.npy"), np.int32, (n, num_sparse)),
-                "labels": NpyStreamWriter(writer.path(f"{split}/labels.npy"), np.float32, (n,)),
-            }
+        spools: List[_CodeSpool] = []
+        for split in SPLITS:
+            streams = {"dense": NpyStreamWriter(writer.path(f"{split}/dense.npy"), np.float32, (None, len(fmt.dense))),
+                       "labels": NpyStreamWriter(writer.path(f"{split}/labels.npy"), np.float32, (None,))}
             for extra in self.row_extras:
                 streams[f"targets/{extra.name}"] = NpyStreamWriter(
-                    writer.path(f"{split}/targets/{extra.name}.npy"), np.float32, (n,))
+                    writer.path(f"{split}/targets/{extra.name}.npy"), np.float32, (None,))
             outputs.append(streams)
+            spools.append(_CodeSpool(writer.path(f"{split}/.sparse-codes"), len(sources)))
         try:
-            for chunk, parsed, split in self._parsed(f"{self.description} 2/2 (arrays)"):
-                if parsed.frame.height == 0:
+            for chunk in self._chunks(f"{self.description} 1/2 (lines)"):
+                parsed = parse_chunk(chunk, fmt, categories.dtypes)
+                if parsed.malformed_count:
+                    if self.config.malformed == "fail":
+                        raise DatasetError(f"{parsed.malformed[0].message()} (malformed=fail; set malformed=skip "
+                                           "to skip malformed lines, which are then counted in the manifest)")
+                    malformed_count += parsed.malformed_count
+                    examples.extend(m.message() for m in parsed.malformed[: MAX_EXAMPLES - len(examples)])
+                frame = parsed.frame
+                codes = categories.codes(frame)
+                if parsed.raw is not None and parsed.raw is not frame:  # rows failed a check: their values have codes too
+                    categories.learn(parsed.raw, categories.codes(parsed.raw))
+                else:
+                    categories.learn(frame, codes)
+                if frame.height == 0:
                     continue
-                columns = {"labels": fmt.labels(parsed.frame), "dense": fmt.dense_values(parsed.frame),
-                           "sparse": np.empty((parsed.frame.height, num_sparse), dtype=np.int32)}
-                keys = self._sparse_keys(parsed.frame, parsed.plain)
-                for f, (vocab, field_keys) in enumerate(zip(scan.vocabularies, keys)):
-                    columns["sparse"][:, f] = vocab.lookup(field_keys)
+                split = self.assigner(chunk.first_index + parsed.rows)
+                labels = fmt.labels(frame)
+                sizes += np.bincount(split, minlength=3)
+                positives += np.bincount(split, weights=labels, minlength=3).astype(np.int64)
+                categories.count(codes, split == TRAIN)
+                columns = {"labels": labels, "dense": fmt.dense_values(frame)}
                 for extra in self.row_extras:
                     values = extra.read(chunk.first_index, chunk.first_index + len(chunk))
                     columns[f"targets/{extra.name}"] = values[parsed.rows]
+                sparse = np.empty((frame.height, len(sources)), dtype=np.uint32)
+                for f, (_, column) in enumerate(sources):
+                    sparse[:, f] = codes[column]
+                del frame, codes, parsed
                 for code, streams in enumerate(outputs):
                     rows = np.flatnonzero(split == code)
-                    if rows.size:
-                        for key, stream in streams.items():
-                            stream.append(columns[key][rows])
+                    if rows.size == split.size:
+                        rows = slice(None)
+                    elif not rows.size:
+                        continue
+                    for key, stream in streams.items():
+                        stream.append(columns[key][rows])
+                    spools[code].append(sparse[rows])
         except BaseException:
             for streams in outputs:
                 for stream in streams.values():
                     stream.abort()
+            for spool in spools:
+                spool.close()
             raise
         for streams in outputs:
             for stream in streams.values():
                 stream.close()
+        if malformed_count:
+            log.warning("%s: %d malformed lines skipped; first ones:\n  %s", self.description, malformed_count,
+                        "\n  ".join(examples))
+        return _StreamResult(sizes, positives, malformed_count, examples), spools
+
+    # -- codes -> rows -------------------------------------------------------------------------
+
+    def write_sparse(self, writer: CacheWriter, spools: Sequence[_CodeSpool], tables: Sequence[np.ndarray]) -> None:
+        """``<split>/sparse.npy`` (N, F) int32 rows from the spooled codes and each field's code -> row table."""
+        flat = np.concatenate([np.zeros(0, dtype=np.int32), *tables])
+        if flat.size >= 2**32:  # pragma: no cover - 4 billion distinct values
+            raise DatasetError(f"{flat.size} distinct categorical values in all; allowed: fewer than 2**32")
+        offsets = np.cumsum([0] + [t.size for t in tables[:-1]]).astype(np.uint32)
+        try:
+            for split, spool in zip(SPLITS, spools):
+                out = NpyStreamWriter(writer.path(f"{split}/sparse.npy"), np.int32, (spool.rows, len(tables)))
+                try:
+                    for codes in tqdm(spool.blocks(int(self.config.chunk_rows)), desc=f"{self.description} 2/2 (ids)",
+                                      total=-(-spool.rows // int(self.config.chunk_rows)), disable=None):
+                        codes += offsets  # one gather through the concatenated tables (uint32 indices: fast path)
+                        out.append(flat[codes])
+                except BaseException:
+                    out.abort()
+                    raise
+                out.close()
+                spool.close()
+        finally:
+            for spool in spools:
+                spool.close()
 
     # -- everything ----------------------------------------------------------------------------
 
     def build(self, writer: CacheWriter, name: str, protocol_id: str,
               extras: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-        """Both passes plus counts; returns the manifest dict (without ``files``)."""
-        scan = self.scan()
-        fields = self.config.fmt.sparse_fields
-        tables = []
-        for field_name, vocab in zip(fields, scan.vocabularies):
-            writer.save(f"counts/{field_name}.npy", vocab.counts)
-            tables.append(TableSpec(field_name, vocab.num_embeddings, vocab.counts))
-        self.write(writer, scan)
+        """Every array plus counts; returns the manifest dict (without ``files``)."""
+        categories = CategoryCodes(self.config.fmt, self.config.hash_cap)
+        try:
+            scan, spools = self.stream(writer, categories)
+            tables, code_tables = [], []
+            for field_name, _ in categories.sources:
+                vocab, code_table = categories.vocabulary(field_name, int(self.config.min_count))
+                writer.save(f"counts/{field_name}.npy", vocab.counts)
+                tables.append(TableSpec(field_name, vocab.num_embeddings, vocab.counts))
+                code_tables.append(code_table)
+        finally:
+            categories.close()
+        self.write_sparse(writer, spools, code_tables)
         split_sizes = {s: int(scan.sizes[k]) for k, s in enumerate(SPLITS)}
         facts: Dict[str, Any] = {
             "sources": [{"path": str(s.path), **s.describe()} for s in self.sources],
