@@ -92,12 +92,12 @@ class AvazuFormat(LineFormat):
 
     @staticmethod
     def _hour_parts():
-        hour = pl.col("hour").cast(pl.String)
+        hour = pl.col("hour")
         return hour.str.slice(0, 6).str.to_date("%y%m%d", strict=False), hour.str.slice(6, 2).str.to_integer(strict=False)
 
     def checks(self, dense_parsed: bool = False) -> List[FieldCheck]:
         date, hh = self._hour_parts()
-        shape_ok = pl.col("hour").cast(pl.String).str.contains("^[0-9]{8}$").fill_null(False)
+        shape_ok = pl.col("hour").str.contains("^[0-9]{8}$").fill_null(False)
         bad = ~shape_ok | date.is_null() | (hh > 23).fill_null(True)
         return super().checks(dense_parsed) + [FieldCheck("hour", bad, "YYMMDDHH: 8 digits, a valid date and an hour 00-23")]
 
@@ -105,8 +105,7 @@ class AvazuFormat(LineFormat):
         if field not in HOUR_FIELDS:
             return super().category_keys(field, values)
         date, hh = self._hour_parts()
-        part = (hh if field == "hour_of_day" else date.dt.weekday()).cast(pl.UInt64, strict=False)
-        # a value failing the hour check never reaches a row: any key will do
+        part = (hh if field == "hour_of_day" else date.dt.weekday()).cast(pl.UInt64)  # values passed the hour check
         return values.to_frame("hour").select(part.fill_null(MISSING_KEY)).to_series().to_numpy()
 
     def rules(self) -> Dict[str, Any]:

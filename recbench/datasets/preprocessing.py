@@ -284,15 +284,15 @@ class LineFormat:
         """(N, num_dense) float32: ``log(max(x, 0) + 1)``, missing -> 0."""
         if not self.dense:
             return np.zeros((frame.height, 0), dtype=np.float32)
-        exprs = [pl.col(c).cast(pl.Int64).clip(lower_bound=0).fill_null(0).cast(pl.Float64).log1p()
-                 .cast(pl.Float32) for c in self.dense]
-        return frame.select(exprs).to_numpy().astype(np.float32, copy=False).reshape(frame.height, len(self.dense))
+        values = frame.select([pl.col(c).cast(pl.Int64).clip(lower_bound=0).fill_null(0) for c in self.dense])
+        out = np.empty((frame.height, len(self.dense)), dtype=np.float32)
+        for j, column in enumerate(values.get_columns()):  # log1p in float64, rounded to float32
+            np.log1p(column.to_numpy(), out=out[:, j], dtype=np.float64)
+        return out
 
     def category_keys(self, field: str, values: pl.Series) -> np.ndarray:
-        """(K,) uint64 keys of ``field`` for K distinct non-null String values of its column.
-
-        Values that no valid row can hold (they failed a check) may get any key; they never
-        reach an array (their train count is 0)."""
+        """(K,) uint64 keys of ``field`` for K distinct non-null String values of its column
+        (values of valid rows only: they passed ``checks``). ``MISSING_KEY`` counts as missing."""
         return next(iter_string_keys(values.to_frame("value"), ["value"]))
 
     def rules(self) -> Dict[str, Any]:
@@ -411,44 +411,50 @@ def iter_line_chunks(source: SourceFile, chunk_rows: int, first_index: int,
                 shown = first[:200].decode("utf-8", "replace")
                 raise DatasetError(f"{source.path}:1: header is {shown!r}; allowed: exactly {header!r}")
             line = 2
-        blocks: List[bytes] = []
-        newlines: List[np.ndarray] = []
-        size = pending_lines = 0
-        eof = False
-        while not eof:
-            block = handle.read(_READ_BYTES)
-            if not block:
-                eof = True
-                if blocks and not blocks[-1].endswith(b"\n"):
-                    block = b"\n"
-            if block:
-                found = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == _NEWLINE)
-                blocks.append(block)
-                newlines.append(found + size)
-                size += len(block)
-                pending_lines += len(found)
-            if pending_lines < chunk_rows and not eof:
+        # read blocks (memoryviews: cutting them copies nothing) until chunk_rows lines are pending,
+        # then join exactly one chunk's lines into one bytes object (the only copy)
+        blocks: List[memoryview] = []
+        newlines: List[np.ndarray] = []  # newline positions in each block's original read, minus ``base``
+        base: List[int] = []  # bytes cut from the front of each block
+        pending, last, eof = 0, b"\n", False
+        while True:
+            if not eof and pending < chunk_rows:
+                block = handle.read(_READ_BYTES)
+                if not block:
+                    eof = True
+                    block = b"" if last == b"\n" else b"\n"  # a final line without a newline gets one
+                if block:
+                    found = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == _NEWLINE)
+                    blocks.append(memoryview(block))
+                    newlines.append(found)
+                    base.append(0)
+                    pending += found.size
+                    last = block[-1:]
                 continue
-            if not blocks:
+            if pending == 0:
                 break
-            data = blocks[0] if len(blocks) == 1 else b"".join(blocks)
-            ends = np.concatenate(newlines)
-            blocks, newlines = [], []
-            done = 0
-            while len(ends) - done >= chunk_rows or (eof and done < len(ends)):
-                stop = min(done + chunk_rows, len(ends))
-                begin = 0 if done == 0 else int(ends[done - 1]) + 1
-                end = int(ends[stop - 1]) + 1
-                piece = data if (begin == 0 and end == len(data)) else data[begin:end]
-                yield LineChunk(source, line, index, piece, ends[done:stop] - begin)
-                line += stop - done
-                index += stop - done
-                done = stop
-            rest_begin = 0 if done == 0 else int(ends[done - 1]) + 1
-            if rest_begin < len(data):
-                blocks, newlines = [data[rest_begin:]], [ends[done:] - rest_begin]
-            size = len(data) - rest_begin
-            pending_lines = len(ends) - done
+            take = min(chunk_rows, pending)
+            k, need = 0, take
+            while newlines[k].size < need:
+                need -= newlines[k].size
+                k += 1
+            cut = int(newlines[k][need - 1]) - base[k] + 1
+            pieces = blocks[:k] + [blocks[k][:cut]]
+            offsets = np.cumsum([0] + [len(b) for b in pieces[:-1]])
+            ends = np.concatenate([newlines[i] + (offsets[i] - base[i]) for i in range(k)]
+                                  + [newlines[k][:need] + (offsets[k] - base[k])])
+            data = b"".join(pieces)
+            del pieces  # the blocks' bytes are freed as soon as the chunk is consumed
+            if cut < len(blocks[k]):
+                blocks = [blocks[k][cut:]] + blocks[k + 1:]
+                newlines = [newlines[k][need:]] + newlines[k + 1:]
+                base = [base[k] + cut] + base[k + 1:]
+            else:
+                blocks, newlines, base = blocks[k + 1:], newlines[k + 1:], base[k + 1:]
+            pending -= take
+            yield LineChunk(source, line, index, data, ends)
+            line += take
+            index += take
     if line - 1 != source.lines:
         raise DatasetError(
             f"{source.path}: read {line - 1} lines but the file had {source.lines} when its checksum was "
@@ -519,15 +525,12 @@ class ParsedChunk:
             or String, other columns String.
         malformed: the first ``MAX_EXAMPLES`` malformed lines of the chunk, in line order.
         malformed_count: number of malformed lines in the chunk.
-        raw: the frame of every well-formed line before the field checks (its categorical
-            columns hold every value the CSV reader saw; see ``TextPipeline``).
     """
 
     rows: np.ndarray
     frame: pl.DataFrame
     malformed: List[Malformed]
     malformed_count: int
-    raw: Optional[pl.DataFrame] = None
 
 
 def _shown(value: Optional[str]) -> str:
@@ -547,7 +550,9 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
     """Validate every line of ``chunk`` and parse the valid ones (no per-line Python).
 
     ``categories``: polars ``Categorical`` dtypes of (some of) ``fmt.categorical_columns``;
-    other categorical columns are read as String.
+    other categorical columns stay String. The columns are read as String and cast once the
+    field checks have dropped the malformed rows (cheaper than the CSV reader's own categorical
+    builder, and only valid rows' values enter the categories).
 
     Dense columns are parsed as Int64 by the CSV reader itself when that is provably the same
     rule: the reader accepts exactly the values ``str.cast(pl.Int64)`` accepts (optional sign,
@@ -598,10 +603,10 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
             what = "empty line" if kind == 2 else f"line has {int(separators[offset]) + 1} fields"
             found.append((offset, Malformed(path, line, "line", what, expected)))
     good = np.flatnonzero(problem == 0)
-    dtypes: Dict[str, pl.DataType] = dict(categories or {})
+    dtypes: Dict[str, pl.DataType] = {}
     dense_parsed = False
     if good.size == 0:
-        frame = pl.DataFrame(schema={c: dtypes.get(c, pl.String) for c in fmt.columns})
+        frame = pl.DataFrame(schema={c: pl.String for c in fmt.columns})
     else:
         if structural.size:
             keep = np.repeat(problem == 0, ends - starts + 1)
@@ -609,7 +614,8 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
         else:
             text = chunk.data
         frame = None
-        if fmt.dense and b" " not in text and text.count(b"\r") == int(trailing_cr[good].sum()):
+        only_trailing_cr = b"\r" not in text or text.count(b"\r") == int(trailing_cr[good].sum())
+        if fmt.dense and b" " not in text and only_trailing_cr:
             try:
                 frame = _read_lines(text, fmt, {**dtypes, **{c: pl.Int64 for c in fmt.dense}})
                 dense_parsed = True
@@ -623,7 +629,6 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
                 f"{chunk.source.path}:{chunk.first_line}-{chunk.first_line + n - 1}: the CSV reader found "
                 f"{frame.height} rows in {good.size} well-formed lines; allowed: one record per line, no "
                 "embedded line breaks")
-    raw = frame
     count = int(structural.size)
     checks = fmt.checks(dense_parsed=dense_parsed)
     if frame.height and checks:
@@ -634,16 +639,18 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
             count += int(bad_rows.size)
             for r in bad_rows[:MAX_EXAMPLES].tolist():
                 check = checks[int(np.argmax(flags[r]))]
-                value = frame.get_column(check.field).cast(pl.String)[r]
+                value = frame.get_column(check.field)[r]
                 offset = int(good[r])
                 found.append((offset, Malformed(path, chunk.first_line + offset, check.field,
                                                 f"field {check.field!r} is {_shown(value)}", check.allowed)))
             frame = frame.filter(pl.Series(~row_bad))
             good = good[~row_bad]
-    if fmt.dense and not dense_parsed:
-        frame = frame.with_columns([pl.col(c).cast(pl.Int64) for c in fmt.dense])  # all valid by now
+    casts = [pl.col(c).cast(pl.Int64) for c in fmt.dense if not dense_parsed]  # all valid by now
+    casts += [pl.col(c).cast(dtype) for c, dtype in (categories or {}).items()]
+    if casts:
+        frame = frame.with_columns(casts)
     found.sort(key=lambda item: item[0])
-    return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count, raw)
+    return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -986,7 +993,7 @@ class CategoryCodes:
         return {c: out.get_column(c).to_numpy() for c in self.columns}
 
     def learn(self, frame: pl.DataFrame, codes: Mapping[str, np.ndarray]) -> None:
-        """Key the codes first seen in ``frame`` (every row the CSV reader produced, valid or not)."""
+        """Key the codes first seen in ``frame`` (the frame whose values were cast to the categories)."""
         for column in self.columns:
             column_codes, known = codes[column], self.known[column]
             top = int(column_codes.max(initial=0))
@@ -1141,13 +1148,10 @@ class TextPipeline:
                     malformed_count += parsed.malformed_count
                     examples.extend(m.message() for m in parsed.malformed[: MAX_EXAMPLES - len(examples)])
                 frame = parsed.frame
-                codes = categories.codes(frame)
-                if parsed.raw is not None and parsed.raw is not frame:  # rows failed a check: their values have codes too
-                    categories.learn(parsed.raw, categories.codes(parsed.raw))
-                else:
-                    categories.learn(frame, codes)
                 if frame.height == 0:
                     continue
+                codes = categories.codes(frame)
+                categories.learn(frame, codes)
                 split = self.assigner(chunk.first_index + parsed.rows)
                 labels = fmt.labels(frame)
                 sizes += np.bincount(split, minlength=3)

@@ -13,7 +13,9 @@ Layout of ``<data_root>/<name>/processed/<protocol_id>/``::
 
 A cache directory is built under a temporary name and renamed into place only when complete,
 so a crash, a full disk or a permission error never leaves a directory that looks valid.
-Checksums are verified on load (and re-verified whenever a file's size or mtime changes).
+Checksums are verified on load (and re-verified whenever a file's size or mtime changes); the
+build stamps the (size, mtime) of the files it has just hashed, so its own first load does not
+hash them a second time.
 
 References: DESIGN.md sections 2, 3 ("Tables and datasets") and 8.
 """
@@ -131,12 +133,18 @@ class CacheWriter:
         files = sorted(p for p in self.tmp_dir.rglob("*") if p.is_file())
         manifest = dict(manifest)
         manifest["format_version"] = FORMAT_VERSION
-        manifest["files"] = {str(p.relative_to(self.tmp_dir)): sha256_file(p) for p in files}
+        manifest["files"], stamp = {}, {}
+        for p in files:
+            rel, st = str(p.relative_to(self.tmp_dir)), p.stat()
+            manifest["files"][rel] = sha256_file(p)
+            stamp[rel] = [st.st_size, st.st_mtime_ns]
         manifest_path = self.tmp_dir / MANIFEST
         with open(manifest_path, "w") as handle:
             json.dump(manifest, handle, indent=2, sort_keys=True, default=_json_default)
             handle.flush()
             os.fsync(handle.fileno())
+        # the files were just hashed from disk: the first load need not hash them again (``verify``)
+        (self.tmp_dir / VERIFIED_STAMP).write_text(json.dumps(stamp))
         if self.final_dir.exists():  # a stale or corrupt cache being rebuilt
             shutil.rmtree(self.final_dir)
         os.replace(self.tmp_dir, self.final_dir)
