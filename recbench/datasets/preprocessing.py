@@ -555,11 +555,12 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
     builder, and only valid rows' values enter the categories).
 
     Dense columns are parsed as Int64 by the CSV reader itself when that is provably the same
-    rule: the reader accepts exactly the values ``str.cast(pl.Int64)`` accepts (optional sign,
-    decimal digits, within int64; checked by ``tests/datasets/test_criteo.py``) except that it
-    also skips a leading space and a carriage return, so this fast path is taken only when the
-    chunk has no space and no carriage return other than line endings; a value it rejects makes
-    the whole chunk fall back to String columns and the per-field check, which names the line.
+    rule: the reader accepts exactly the values the String path accepts (the field read as
+    String, then ``str.cast(pl.Int64)``: optional sign, decimal digits, within int64; checked by
+    ``tests/datasets/test_text_pipeline.py``) except that it also skips a leading space, so this
+    fast path is taken only when the chunk has no space (and, conservatively, no carriage return
+    other than line endings); a value it rejects makes the whole chunk fall back to String
+    columns and the per-field check, which names the line.
     """
     data = np.frombuffer(chunk.data, dtype=np.uint8)
     ends = chunk.ends
