@@ -1,4 +1,9 @@
-"""End to end: wall time of the ``smoke`` sweep with 1 and 2 parallel jobs, and the per-job overhead.
+"""End to end: wall time of two sweeps with 1 and 2 parallel jobs, and the per-job overhead.
+
+Grids: ``smoke`` (every registered method at ratio 0.1, 30 training steps: the worst case for
+overhead, jobs of 1-4 s of work) and ``leaderboard`` (a slice of ``leaderboard_movielens100k``:
+``--leaderboard-methods`` at ratio 0.1, seed 0, plus the ``full`` reference: jobs exactly as the
+leaderboard runs them, tens of seconds each).
 
 Each launch is the real command, ``recbench-sweep smoke --jobs N``, in a fresh temporary
 directory with its own MLflow SQLite store, artifact root, run root and data root (the
@@ -14,15 +19,21 @@ From the store: each job's run time (MLflow run start to end: training, validati
 evaluation on the deployable form, latency and FLOP measurement, metric and artifact logging)
 and its time in training steps (``train/seconds``). Figures:
 
-- ``smoke_jobs2_vs_jobs1``: sweep wall time with 1 job / with 2 parallel jobs (no target: on
+- ``<grid>_jobs2_vs_jobs1``: sweep wall time with 1 job / with 2 parallel jobs (no target: on
   2 cores shared with other work the gain depends on the load, stated with the figure);
-- ``overhead_fraction``: (sweep wall time - sum of the jobs' run times) / sweep wall time with
-  1 job: process start and imports, Hydra composition of every job, the planner (composing the
-  grid, counting finished runs, preparing the dataset), MLflow store and run setup outside the
-  runs (target <= 0.10).
+- ``<grid>_overhead_fraction``: (sweep wall time - sum of the jobs' run times) / sweep wall time
+  with 1 job: process start and imports, Hydra composition of every job, the planner (composing
+  the grid, counting finished runs, preparing the dataset from its raw files), MLflow store
+  creation and run setup outside the runs (target <= 0.10; one-time costs of a fresh folder
+  included, so this is an upper bound for a sweep on a prepared machine);
+- ``<grid>_per_job_overhead_fraction``: what each further job adds: the gaps between one run's
+  end and the next run's start in the same process (tag ``pid``; composing the next job, its
+  setup before the run and teardown after it) / (those gaps + the run times they follow), with
+  1 job (target <= 0.10). The rest of the time outside the runs is paid once per launch (process
+  starts and imports, store creation, planning, dataset preparation) and is listed per launch.
 
-    python benchmarks/end_to_end.py                     # smoke: every method, jobs 1 and 2
-    python benchmarks/end_to_end.py --methods full hashing --jobs 1 2
+    python benchmarks/end_to_end.py                     # both grids, jobs 1 and 2
+    python benchmarks/end_to_end.py --grids smoke --methods full hashing --jobs 1 2
 
 References: recbench.cli.sweep; DESIGN.md sections 5 and 6.
 """
@@ -37,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from recbench.bench import harness
 
@@ -100,15 +111,34 @@ def runs_of(uri: str) -> List[Dict[str, Any]]:
         end = run.info.end_time or run.info.start_time
         out.append({"method": run.data.tags.get("method"), "status": run.data.tags.get("status"),
                     "run_seconds": (end - run.info.start_time) / 1000.0,
-                    "train_seconds": run.data.metrics.get("train/seconds", 0.0)})
+                    "train_seconds": run.data.metrics.get("train/seconds", 0.0),
+                    "pid": run.data.tags.get("pid"), "start": run.info.start_time / 1000.0, "end": end / 1000.0})
     return out
+
+
+def between_runs(runs: List[Dict[str, Any]]) -> Tuple[List[float], float]:
+    """Per-job overhead of a launch: the gaps between one run's end and the next run's start in the
+    same process (tag ``pid``: Hydra composing the next job, the job's setup before its MLflow run,
+    teardown after it), and the run time of the runs those gaps follow."""
+    gaps, followed = [], 0.0
+    by_process: Dict[Any, List[Dict[str, Any]]] = {}
+    for run in runs:
+        by_process.setdefault(run["pid"], []).append(run)
+    for group in by_process.values():
+        group.sort(key=lambda r: r["start"])
+        for before, after in zip(group, group[1:]):
+            gaps.append(max(after["start"] - before["end"], 0.0))
+            followed += before["run_seconds"]
+    return gaps, followed
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="benchmarks/end_to_end.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="smoke")
+    parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--methods", nargs="*", default=None, help="restrict the grid (default: the preset's)")
+    parser.add_argument("--methods", nargs="*", default=None, help="restrict the smoke grid (default: every method)")
+    parser.add_argument("--leaderboard-methods", nargs="+", default=["hashing", "qr", "dpq"],
+                        help="methods of the leaderboard slice (ratio 0.1, seed 0; full is added as the reference)")
     parser.add_argument("--job-threads", type=int, default=1,
                         help="RECBENCH_NUM_THREADS of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
                              "2 cores; 0: the sweep's default, all cores)")
@@ -117,26 +147,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.methods = args.methods or ["hashing"]
+        args.grids = ["smoke"]
     if not (MOVIELENS_RAW / "ml-100k.inter").is_file():
         print(f"end_to_end: {MOVIELENS_RAW} is missing; run `recbench-data fetch movielens100k` (make data) first",
               file=sys.stderr)
         return 2
     result = harness.BenchResult.start("end_to_end", argv, args)
-    extra = ["method=" + ",".join(args.methods)] if args.methods else []
     scratch = Path(tempfile.mkdtemp(prefix="recbench-bench-e2e-"))
-    launches: Dict[int, List[Dict[str, Any]]] = {jobs: [] for jobs in args.jobs}
+    status = 0
     try:
         cost = process_cost(scratch) if not args.quick else {}
-        for r in range(args.rounds):
-            for jobs in (args.jobs if r % 2 == 0 else args.jobs[::-1]):
-                run_dir = scratch / f"round{r}"
-                run_dir.mkdir(exist_ok=True)
-                facts = launch(args.preset, jobs, run_dir, extra, args.job_threads)
-                launches[jobs].append(facts)
-                print(f"{args.preset} --jobs {jobs}: {facts['wall_seconds']:.1f} s, exit {facts['exit_code']}, "
-                      f"{len(facts['runs'])} runs; load {os.getloadavg()[0]:.1f}", flush=True)
-                if facts["exit_code"]:
-                    print(facts["tail"], file=sys.stderr)
+        for grid in args.grids:
+            preset, extra = GRIDS[grid](args)
+            launches = measure(preset, extra, args, scratch / grid)
+            report(result, grid, preset, launches, args.jobs)
+            status |= any(f["exit_code"] for v in launches.values() for f in v)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -149,39 +174,82 @@ def main(argv=None) -> int:
             f"the planner, the main grid's Hydra process and the reference grid's. Each pays "
             f"{cost['imports_cpu_s']:.1f} CPU-s of imports and {cost['mlflow_store_init_cpu_s']:.1f} CPU-s of MLflow "
             "SQLAlchemy store setup (its schema check) before any job runs.")
+    result.settings.update({"grids": {g: " ".join([GRIDS[g](args)[0], *GRIDS[g](args)[1]]) for g in args.grids},
+                            "cores": harness.machine_info().get("usable_cpus")})
+    result.finish(args)
+    return 1 if status else 0
+
+
+GRIDS = {
+    "smoke": lambda args: ("smoke", ["method=" + ",".join(args.methods)] if args.methods else []),
+    "leaderboard": lambda args: ("leaderboard_movielens100k", ["method=" + ",".join(args.leaderboard_methods),
+                                                               "budget.compression_ratio=0.1", "seed=0"]),
+}
+
+
+def measure(preset: str, extra: List[str], args, scratch: Path) -> Dict[int, List[Dict[str, Any]]]:
+    """Every launch of one grid: ``args.rounds`` rounds over ``args.jobs`` (order alternating)."""
+    launches: Dict[int, List[Dict[str, Any]]] = {jobs: [] for jobs in args.jobs}
+    for r in range(args.rounds):
+        for jobs in (args.jobs if r % 2 == 0 else args.jobs[::-1]):
+            run_dir = scratch / f"round{r}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            facts = launch(preset, jobs, run_dir, extra, args.job_threads)
+            launches[jobs].append(facts)
+            print(f"{preset} --jobs {jobs}: {facts['wall_seconds']:.1f} s, exit {facts['exit_code']}, "
+                  f"{len(facts['runs'])} runs; load {os.getloadavg()[0]:.1f}", flush=True)
+            if facts["exit_code"]:
+                print(facts["tail"], file=sys.stderr)
+    return launches
+
+
+def report(result, grid: str, preset: str, launches: Dict[int, List[Dict[str, Any]]], jobs_list: List[int]) -> None:
+    """Tables and figures of one grid (``<grid>_jobs2_vs_jobs1``, ``<grid>_overhead_fraction``)."""
     rows = []
     for jobs, facts_list in launches.items():
         for facts in facts_list:
             runs = facts["runs"]
             in_runs = sum(r["run_seconds"] for r in runs)
+            gaps, _ = between_runs(runs)
             rows.append({"jobs": jobs, "exit code": facts["exit_code"], "runs": len(runs),
                          "finished": sum(r["status"] == "finished" for r in runs),
                          "infeasible": sum(r["status"] == "infeasible" for r in runs),
                          "wall s": facts["wall_seconds"], "sum of run times s": in_runs,
+                         "mean run s": in_runs / max(len(runs), 1),
                          "sum of train-step times s": sum(r["train_seconds"] for r in runs),
                          "outside runs s": facts["wall_seconds"] - in_runs,
-                         "outside runs per job s": (facts["wall_seconds"] - in_runs) / max(len(runs), 1)})
-    result.tables["launches"] = rows
-    first = launches[args.jobs[0]][-1]
-    result.tables["runs (first launch)"] = sorted(first["runs"], key=lambda r: -r["run_seconds"])
+                         "outside runs per job s": (facts["wall_seconds"] - in_runs) / max(len(runs), 1),
+                         "between runs (same process), median s": harness.median(gaps) if gaps else None,
+                         "once per launch s": facts["wall_seconds"] - in_runs - sum(gaps)})
+    result.tables[f"{grid}: launches (`{launches[jobs_list[0]][-1]['command']}`)"] = rows
+    first = launches[jobs_list[0]][-1]
+    result.tables[f"{grid}: runs (first launch)"] = sorted(first["runs"], key=lambda r: -r["run_seconds"])
     if 1 in launches and 2 in launches:
         result.add(harness.Figure(
-            "smoke_jobs2_vs_jobs1", f"wall time of `recbench-sweep {args.preset}` with 1 job / with 2 parallel jobs "
-            "(fresh store and data root each).",
+            f"{grid}_jobs2_vs_jobs1", f"wall time of `recbench-sweep {preset}` ({grid} grid) with 1 job / with 2 "
+            "parallel jobs (fresh store and data root each).",
             harness.Side("--jobs 2", [f["wall_seconds"] for f in launches[2]], "s"),
             harness.Side("--jobs 1", [f["wall_seconds"] for f in launches[1]], "s"), ratio_of="reference/candidate"))
     if 1 in launches:
         sequential = launches[1]
         inside = [sum(r["run_seconds"] for r in f["runs"]) for f in sequential]
         result.add(harness.Figure(
-            "overhead_fraction", "share of the 1-job sweep's wall time spent outside the jobs' MLflow runs (process "
-            "start, imports, Hydra composition, planning and dataset preparation, run setup).",
+            f"{grid}_overhead_fraction", f"share of the 1-job `{preset}` ({grid} grid) sweep's wall time spent outside "
+            "the jobs' MLflow runs (process start, imports, Hydra composition, planning and dataset preparation, "
+            "store creation, run setup).",
             harness.Side("outside the runs", [f["wall_seconds"] - i for f, i in zip(sequential, inside)], "s"),
             harness.Side("sweep wall time", [f["wall_seconds"] for f in sequential], "s"),
             ratio_of="candidate/reference", target="<= 0.1"))
-    result.settings.update({"grid_override": extra, "cores": harness.machine_info().get("usable_cpus")})
-    result.finish(args)
-    return 0 if all(f["exit_code"] == 0 for v in launches.values() for f in v) else 1
+        per_job = [between_runs(f["runs"]) for f in sequential]
+        if all(gaps for gaps, _ in per_job):
+            result.add(harness.Figure(
+                f"{grid}_per_job_overhead_fraction", f"per-job overhead of the 1-job `{preset}` ({grid} grid) sweep: "
+                "time between one job's MLflow run and the next one's in the same process (composing the next job, "
+                "its setup and teardown) as a share of that time plus the job's run time. Launch costs paid once "
+                "(process start, imports, store creation, planning, dataset preparation) are listed per launch.",
+                harness.Side("between runs", [sum(g) for g, _ in per_job], "s"),
+                harness.Side("between runs + runs", [sum(g) + r for g, r in per_job], "s"),
+                ratio_of="candidate/reference", target="<= 0.1"))
 
 
 if __name__ == "__main__":
