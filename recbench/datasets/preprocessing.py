@@ -4,12 +4,15 @@ One pipeline serves every text-file protocol. It reads the source files in chunk
 ``chunk_rows`` lines, so peak memory depends on the chunk size and on the number of distinct
 categorical values (the vocabularies, which are inherent), never on the file size.
 
-Pipeline (two streaming passes over the sources)::
+Pipeline (one streaming read of the sources, then one pass over compact codes)::
 
     sources --(chunk of lines)--> validate (numpy + polars, vectorised) --> split assignment
-        pass 1: count categorical keys of TRAIN rows   --> vocabularies, counts/<field>.npy
-        pass 2: map keys to rows, transform dense      --> <split>/{dense,sparse,labels}.npy,
-                                                           <split>/targets/<row extra>.npy
+        read: labels, dense transform, row extras       --> <split>/{dense,labels}.npy,
+                                                            <split>/targets/<row extra>.npy
+              categorical values -> polars Categorical codes (stable across chunks), spooled
+              per split; TRAIN occurrences counted per code; each distinct value keyed once
+        then: keys + train counts -> vocabularies       --> counts/<field>.npy
+              spooled codes -> rows (one gather)        --> <split>/sparse.npy
 
 Rules (every one is part of the protocol id through ``PipelineConfig.rules()``):
 
@@ -65,6 +68,7 @@ References:
 """
 from __future__ import annotations
 
+import functools
 import glob
 import gzip
 import json
@@ -286,8 +290,16 @@ class LineFormat:
             return np.zeros((frame.height, 0), dtype=np.float32)
         values = frame.select([pl.col(c).cast(pl.Int64).clip(lower_bound=0).fill_null(0) for c in self.dense])
         out = np.empty((frame.height, len(self.dense)), dtype=np.float32)
-        for j, column in enumerate(values.get_columns()):  # log1p in float64, rounded to float32
-            np.log1p(column.to_numpy(), out=out[:, j], dtype=np.float64)
+        table = _log1p_table()
+        for j, column in enumerate(values.get_columns()):
+            x = column.to_numpy()
+            small = x < table.size
+            if small.all():
+                out[:, j] = table[x]
+            else:
+                out[:, j] = table[np.where(small, x, 0)]
+                big = np.flatnonzero(~small)
+                out[big, j] = log1p_float32(x[big])
         return out
 
     def category_keys(self, field: str, values: pl.Series) -> np.ndarray:
@@ -304,6 +316,18 @@ class LineFormat:
             "categorical_key": "lowercase hex (1-15 digits): int(v, 16) + (16**len - 16) / 15; "
                                "else FNV-1a-64 of the UTF-8 bytes | 2**63; empty -> missing (OOV)",
         }
+
+
+def log1p_float32(values: np.ndarray) -> np.ndarray:
+    """float32 ``log(x + 1)`` of int64 ``values`` >= 0: polars' Float64 ``log1p`` rounded to Float32."""
+    return pl.Series(values).cast(pl.Float64).log1p().cast(pl.Float32).to_numpy()
+
+
+@functools.lru_cache(maxsize=1)
+def _log1p_table() -> np.ndarray:
+    """``log1p_float32`` of 0 .. 2**16 - 1: dense values (counts) are mostly small, and a gather from
+    this table gives exactly what computing each value gives."""
+    return log1p_float32(np.arange(1 << 16, dtype=np.int64))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -146,3 +146,13 @@ def test_a_build_stamps_what_it_hashed_and_a_later_change_is_still_caught(tmp_pa
     target.write_bytes(target.read_bytes()[:-4])  # a new size: re-hashed, rejected
     with pytest.raises(storage.CacheCorruptError, match="val/sparse.npy: checksum mismatch"):
         storage.verify(prepared.directory)
+
+
+def test_dense_transform_table_equals_the_direct_computation():
+    values = [0, 1, 7, 65535, 65536, 10**6, 2**53 + 1, 2**62, 2**63 - 1, -5, None]
+    frame = pl.DataFrame({c: pl.Series(values if c == "I1" else values[::-1], dtype=pl.Int64) for c in CRITEO_FORMAT.dense})
+    direct = frame.select([pl.col(c).clip(lower_bound=0).fill_null(0).cast(pl.Float64).log1p().cast(pl.Float32)
+                           for c in CRITEO_FORMAT.dense]).to_numpy()
+    got = CRITEO_FORMAT.dense_values(frame)
+    assert got.dtype == np.float32 and np.array_equal(got, direct)
+    assert got[0, 0] == 0 and got[-2, 0] == 0 and got[-1, 0] == 0  # log(0 + 1); negative clamped; missing
