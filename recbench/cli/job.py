@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,6 +268,9 @@ def settings_of(cfg: DictConfig):
 
 
 def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
+    # the run's cost, robust to machine load: CPU seconds of this process (every thread) and wall
+    # seconds from building the method to the final metrics (a resumed run: this process's part)
+    cpu_start, wall_start = time.process_time(), time.perf_counter()
     spec = prepared.spec
     method = instantiate(cfg.method)
     reason = method.compatible_with(cfg.model.get("name", ""))
@@ -305,6 +309,8 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
             metrics[f"bayes/{key[len('bayes_'):]}"] = float(value)
     if "bayes/test_auc" in metrics:
         metrics["test/auc_gap_to_bayes"] = metrics["bayes/test_auc"] - metrics["test/auc"]
+    metrics["run/cpu_seconds"] = time.process_time() - cpu_start
+    metrics["run/wall_seconds"] = time.perf_counter() - wall_start
     tracker.log_metrics(metrics, step=result.history[-1]["step"] if result.history else 0)
     reason = ""
     auc = metrics["test/auc"]

@@ -44,6 +44,9 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
         assert key in run.metrics, key
     assert run.latest("emb/compression_ratio") == 1.0
     assert run.latest("emb/closed_form_matches") == 1.0
+    # the run's cost: CPU and wall seconds of training + evaluation (sweep_cost reads them)
+    assert 0 < run.latest("run/cpu_seconds") and 0 < run.latest("run/wall_seconds")
+    assert run.latest("run/wall_seconds") >= run.latest("train/seconds")
     assert run.tags["method"] == "full" and run.tags["seed"] == "3" and run.tags["model"] == "dcn"
     assert run.tags["dataset_protocol_id"].startswith("toy-") and run.tags["status"] == "finished"
     assert run.params["trainer.batch_size"] == 64  # flattened resolved config
