@@ -476,7 +476,10 @@ def iter_line_chunks(source: SourceFile, chunk_rows: int, first_index: int,
             else:
                 blocks, newlines, base = blocks[k + 1:], newlines[k + 1:], base[k + 1:]
             pending -= take
-            yield LineChunk(source, line, index, data, ends)
+            chunk = LineChunk(source, line, index, data, ends)
+            del data, ends  # the consumer may drop the chunk's bytes once parsed
+            yield chunk
+            del chunk
             line += take
             index += take
     if line - 1 != source.lines:
@@ -1166,6 +1169,7 @@ class TextPipeline:
         try:
             for chunk in self._chunks(f"{self.description} 1/2 (lines)"):
                 parsed = parse_chunk(chunk, fmt, categories.dtypes)
+                chunk.data = b""  # the text is parsed: free it before the arrays are built
                 if parsed.malformed_count:
                     if self.config.malformed == "fail":
                         raise DatasetError(f"{parsed.malformed[0].message()} (malformed=fail; set malformed=skip "
