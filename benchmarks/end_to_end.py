@@ -74,7 +74,7 @@ def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads:
     wall = time.perf_counter() - start
     (scratch / f"jobs{jobs}.log").write_text(done.stdout + done.stderr)
     return {"jobs": jobs, "wall_seconds": wall, "exit_code": done.returncode, "runs": runs_of(env["MLFLOW_TRACKING_URI"]),
-            "command": shlex.join(["recbench-sweep", *command[1:]]),
+            "command": shlex.join(["recbench-sweep", *command[1:]]).replace(str(scratch), "<scratch>"),
             "tail": (done.stdout + done.stderr)[-1500:]}
 
 
