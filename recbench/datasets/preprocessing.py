@@ -97,7 +97,7 @@ MISSING_KEY = np.uint64(2**63 - 1)  # hex keys are < 2**60, FNV keys >= 2**63
 MAX_EXAMPLES = 20  # malformed lines listed in the manifest and the log
 CHECKSUM_CACHE = ".recbench-checksums.json"
 _NEWLINE, _CR = 10, 13
-_READ_BYTES = 1 << 23
+_READ_BYTES = 1 << 20  # newline scan of a read stays in cache
 _HEX_PATTERN = r"^[0-9a-f]{1,15}$"
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
