@@ -547,9 +547,8 @@ class ParsedChunk:
 
     Attributes:
         rows: (N,) int64 line offsets (0-based, within the chunk) of the valid rows.
-        frame: polars frame of the valid rows: the label a String column, dense columns Int64
-            (null = missing), categorical columns ``Categorical`` (with the caller's categories)
-            or String, other columns String.
+        frame: polars frame of the valid rows: dense columns Int64 (null = missing), the others
+            String (null = empty).
         malformed: the first ``MAX_EXAMPLES`` malformed lines of the chunk, in line order.
         malformed_count: number of malformed lines in the chunk.
     """
@@ -572,14 +571,9 @@ def _read_lines(text: bytes, fmt: LineFormat, dtypes: Mapping[str, pl.DataType])
                        schema=schema, quote_char=None)
 
 
-def parse_chunk(chunk: LineChunk, fmt: LineFormat,
-                categories: Optional[Mapping[str, pl.DataType]] = None) -> ParsedChunk:
+def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
     """Validate every line of ``chunk`` and parse the valid ones (no per-line Python).
 
-    ``categories``: polars ``Categorical`` dtypes of (some of) ``fmt.categorical_columns``;
-    other categorical columns stay String. The columns are read as String and cast once the
-    field checks have dropped the malformed rows (cheaper than the CSV reader's own categorical
-    builder, and only valid rows' values enter the categories).
 
     Dense columns are parsed as Int64 by the CSV reader itself when that is provably the same
     rule: the reader accepts exactly the values the String path accepts (the field read as
@@ -673,10 +667,8 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat,
                                                 f"field {check.field!r} is {_shown(value)}", check.allowed)))
             frame = frame.filter(pl.Series(~row_bad))
             good = good[~row_bad]
-    casts = [pl.col(c).cast(pl.Int64) for c in fmt.dense if not dense_parsed]  # all valid by now
-    casts += [pl.col(c).cast(dtype) for c, dtype in (categories or {}).items()]
-    if casts:
-        frame = frame.with_columns(casts)
+    if fmt.dense and not dense_parsed:
+        frame = frame.with_columns([pl.col(c).cast(pl.Int64) for c in fmt.dense])  # all valid by now
     found.sort(key=lambda item: item[0])
     return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count)
 
@@ -1015,13 +1007,16 @@ class CategoryCodes:
         self.train_counts = {c: np.zeros(1, dtype=np.int64) for c in self.columns}  # [0] = missing
 
     def codes(self, frame: pl.DataFrame) -> Dict[str, np.ndarray]:
-        """(N,) uint32 code of every row per categorical column (0 = missing)."""
+        """(N,) uint32 code of every row per categorical column (0 = missing) of a frame of valid
+        rows (String columns): their values enter the categories here, after the field checks
+        (cheaper than the CSV reader's own categorical builder, and no malformed row's value)."""
         one = pl.lit(1, dtype=pl.UInt32)
-        out = frame.select([(pl.col(c).to_physical() + one).fill_null(0).alias(c) for c in self.columns])
+        out = frame.select([(pl.col(c).cast(self.dtypes[c]).to_physical() + one).fill_null(0).alias(c)
+                            for c in self.columns])
         return {c: out.get_column(c).to_numpy() for c in self.columns}
 
     def learn(self, frame: pl.DataFrame, codes: Mapping[str, np.ndarray]) -> None:
-        """Key the codes first seen in ``frame`` (the frame whose values were cast to the categories)."""
+        """Key the codes first seen in ``frame`` (the frame ``codes`` was computed from)."""
         for column in self.columns:
             column_codes, known = codes[column], self.known[column]
             top = int(column_codes.max(initial=0))
@@ -1168,7 +1163,7 @@ class TextPipeline:
             spools.append(_CodeSpool(writer.path(f"{split}/.sparse-codes"), len(sources)))
         try:
             for chunk in self._chunks(f"{self.description} 1/2 (lines)"):
-                parsed = parse_chunk(chunk, fmt, categories.dtypes)
+                parsed = parse_chunk(chunk, fmt)
                 chunk.data = b""  # the text is parsed: free it before the arrays are built
                 if parsed.malformed_count:
                     if self.config.malformed == "fail":
