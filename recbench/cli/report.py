@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="recbench-report", description="leaderboards from MLflow runs")
     parser.add_argument("--dataset", default=None, help="dataset name (default: every dataset in the store)")
     parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
+    parser.add_argument("--exclude-sweep-id", action="append", default=[], metavar="SWEEP_ID",
+                        help="leave out runs of this sweep (repeatable; e.g. re-runs made to measure cost)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
     parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
@@ -58,6 +60,8 @@ def main(argv=None) -> int:
         source = args.tracking_uri  # as the user gave it: no machine paths in committed reports
     if args.sweep_id:
         records = [r for r in records if r.get("sweep_id") == args.sweep_id]
+    if args.exclude_sweep_id:
+        records = [r for r in records if r.get("sweep_id") not in set(args.exclude_sweep_id)]
     if not records:
         print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''}"
               f"{' in sweep ' + args.sweep_id if args.sweep_id else ''} in {args.records or args.tracking_uri}",

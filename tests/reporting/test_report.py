@@ -91,3 +91,17 @@ def test_no_runs_is_a_clear_error(tmp_path, capsys):
     save_records([], tmp_path / "none.json")
     assert report_main(["--records", str(tmp_path / "none.json"), "--out", str(tmp_path / "r")]) == 1
     assert "no recbench runs" in capsys.readouterr().err
+
+
+def test_sweeps_can_be_selected_or_left_out(tmp_path):
+    records = fixture_records()
+    for i, record in enumerate(records):
+        record["sweep_id"] = "main" if i % 2 else "rerun"
+    save_records(records, tmp_path / "runs.json")
+    exported = {}
+    for flag in ("--sweep-id", "--exclude-sweep-id"):
+        out = tmp_path / flag
+        assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(out), "--no-figures",
+                            flag, "rerun", "--export", str(tmp_path / f"kept{flag}.json")]) == 0
+        exported[flag] = {r["sweep_id"] for r in json.loads((tmp_path / f"kept{flag}.json").read_text())}
+    assert exported == {"--sweep-id": {"rerun"}, "--exclude-sweep-id": {"main"}}
