@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grids", nargs="+", default=list(GRIDS), choices=list(GRIDS))
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--methods", nargs="*", default=None, help="restrict the smoke grid (default: every method)")
-    parser.add_argument("--leaderboard-methods", nargs="+", default=["hashing", "qr", "dpq"],
+    parser.add_argument("--leaderboard-methods", nargs="+", default=["hashing", "qr"],
                         help="methods of the leaderboard slice (ratio 0.1, seed 0; full is added as the reference)")
     parser.add_argument("--job-threads", type=int, default=1,
                         help="RECBENCH_NUM_THREADS of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
