@@ -2,7 +2,7 @@
 
 It is what a careful engineer would write with pandas alone: ``pandas.read_csv`` in chunks of
 ``chunk_rows`` lines (C parser, categorical columns as strings, dense columns as float64), two
-passes like recbench's pipeline:
+passes over the file (recbench's pipeline reads it once):
 
 1. train-split value counts per categorical column (``value_counts`` per chunk, summed);
    the vocabulary of each field is its counted strings ordered by descending count, ties by

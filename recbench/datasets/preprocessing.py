@@ -775,38 +775,6 @@ def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> Tuple[np.ndarray, np.nd
     return keys[first], np.add.reduceat(counts, first).astype(np.int64)
 
 
-class FrequencyCounter:
-    """Streaming key counts of one field (memory ~ distinct keys, merged with amortised doubling)."""
-
-    def __init__(self) -> None:
-        self.keys = np.zeros(0, dtype=np.uint64)
-        self.counts = np.zeros(0, dtype=np.int64)
-        self.missing = 0
-        self._pending: List[Tuple[np.ndarray, np.ndarray]] = []
-        self._pending_size = 0
-
-    def add(self, keys: np.ndarray) -> None:
-        present = keys[keys != MISSING_KEY]
-        self.missing += int(keys.size - present.size)
-        unique, counts = np.unique(present, return_counts=True)
-        self._pending.append((unique, counts.astype(np.int64)))
-        self._pending_size += unique.size
-        if self._pending_size > max(self.keys.size, 1 << 16):  # amortised: merge cost ~ pending size
-            self._merge()
-
-    def _merge(self) -> None:
-        if self._pending:
-            keys = np.concatenate([self.keys] + [k for k, _ in self._pending])
-            counts = np.concatenate([self.counts] + [c for _, c in self._pending])
-            self.keys, self.counts = _sum_by_key(keys, counts)
-            self._pending, self._pending_size = [], 0
-
-    def result(self) -> Tuple[np.ndarray, np.ndarray, int]:
-        """(sorted keys, counts, missing count)."""
-        self._merge()
-        return self.keys, self.counts, self.missing
-
-
 @dataclass
 class Vocabulary:
     """Key -> row mapping of one field; row 0 is OOV.
@@ -824,10 +792,6 @@ class Vocabulary:
     @property
     def num_embeddings(self) -> int:
         return int(self.counts.size)
-
-    @classmethod
-    def from_counter(cls, counter: FrequencyCounter, min_count: int) -> "Vocabulary":
-        return cls.from_counts(*counter.result(), min_count)
 
     @classmethod
     def from_counts(cls, keys: np.ndarray, counts: np.ndarray, missing: int, min_count: int) -> "Vocabulary":
