@@ -28,9 +28,29 @@ gradients), and on CPU TorchRec 1.8 builds that DDP with ``device_ids=[cpu]``, w
 rejects. Sparse (row-sparse gradient) parameters of custom-lookup methods are kept out of DDP,
 whose bucket views cannot hold sparse tensors, and are all-reduced by a gradient hook instead.
 
+Stages. Between two stages the trainer calls ``rebuild(model, fn)``: ``_release`` removes the
+sparse-gradient hooks (their handles) and DMP's DDP (its reducer's autograd hooks go with it; that
+it is really gone is checked, since a surviving reducer would all-reduce the same gradients a
+second time), ``fn`` (the method's ``rebuild``) replaces the inner model's embedding, and ``wrap``
+runs again: a new plan for any new table, a new DDP over the new set of replicated parameters and
+hooks on the new sparse ones; the trainer then builds its optimizers as one process does. Tables
+are not gathered for this: a sharded collection that survives the rebuild keeps its shards and its
+fused optimizer state (as in one process, where the fused state also carries over), and ``fn``
+sees it as TorchRec's ``ShardedFusedEmbeddingBagCollection``. Hooks, ``on_stage_end`` and search
+stages run on every rank on identical replicas (same seed; a search stage's validation AUC is the
+gathered global one); ``check_replicas`` compares every finished stage's result and every
+replicated parameter and buffer across ranks (SHA-256 fingerprints) and raises ``RankDivergence``
+naming what differs. What a module computes from "the batch" is kept equal to one process by
+``recbench.methods.batch_part`` (per-sample random draws: this rank's rows of the global draw;
+sums over the batch's lookups in ``extra_loss``: weighted by W) and ``concat_ranks`` (per-row
+values a hook needs from the whole batch, e.g. DSL's regrow gradients). A resumed run replays the
+rebuild chain through the same ``rebuild`` before loading each rank's checkpoint.
+
 Limits: CPU processes with gloo only (the project pins FBGEMM's CPU build; the CUDA/NCCL path
-is not wired: tables are built on CPU and batches stay on CPU); methods with several stages (a
-module rebuilt between stages) are rejected; every rank builds the whole model before sharding
+is not wired: tables are built on CPU and batches stay on CPU); a hook may not swap the
+embedding module inside a stage (``ShardedModel`` refuses it; the method's ``rebuild`` between
+stages may), and a ``rebuild`` that reads or rewrites the weights of a table-backed method's
+tables would see them sharded (no method does); every rank builds the whole model before sharding
 and the final evaluation gathers the tables on every rank, so the model must fit one host;
 each rank checkpoints its own shards (``checkpoint.rank<r>-of-<W>.pt``); a killed run resumes
 when every rank's checkpoint is of the same step (same world size), else it restarts.

@@ -14,6 +14,9 @@ written then holds the rebuilt module's state, the next stage index and every st
 resumed run replays the ``rebuild`` chain on the freshly built module (``rebuild`` must derive the
 module's structure from the result alone), loads the state and continues: finished stages never
 run again. Checkpoints inside a train stage (``checkpoint_every_steps``) resume mid-stage.
+Rebuilds go through the process strategy (``parallel.rebuild``: distributed, the model is
+released from DMP/DDP, rebuilt and wrapped again), and a finished stage's result and replicated
+state are checked to be the same on every rank (``parallel.check_replicas``).
 
 Protocol (DESIGN.md section 4): exact AUC over the whole split; validation ``evals_per_epoch``
 times per epoch; early stopping on validation AUC; the test split is evaluated once, on the best

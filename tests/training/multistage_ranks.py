@@ -9,6 +9,7 @@ raised (if any) to ``OUT`` (``torch.save``).
 """
 from __future__ import annotations
 
+import dataclasses
 import socket
 import sys
 import traceback
@@ -76,14 +77,49 @@ def model_of(method, dataset, seed: int = 0):
     return DLRM(embedding, dataset.spec.num_dense, len(dataset.spec.tables), 8, [16, 8], [16, 1])
 
 
-def train(scenario: str, dataset, parallel=None):
-    """(Trainer, TrainResult) of ``scenario``, wrapped by ``parallel`` when given."""
+class Crash(Hook):
+    """Raises at step ``step`` of stage ``stage`` (a process killed there)."""
+
+    def __init__(self, stage: str, step: int):
+        self.stage, self.step = stage, step
+
+    def on_step_end(self, context: Any) -> None:
+        if context.stage.name == self.stage and context.stage_step == self.step:
+            raise KeyboardInterrupt(f"simulated crash at step {self.step} of stage {self.stage!r}")
+
+
+def train(scenario: str, dataset, parallel=None, checkpoint: Optional[Path] = None, crash: Optional[Crash] = None):
+    """(Trainer, TrainResult) of ``scenario``, wrapped by ``parallel`` when given; with ``checkpoint``
+    it saves every 2 steps there (and resumes from it); ``crash`` is an extra hook."""
     method = method_of(scenario)
+    if crash is not None:
+        hooks = method.hooks()
+        method.hooks = lambda: [*hooks, crash]
     model = model_of(method, dataset)
     if parallel is not None:
         model = parallel.wrap(model, method)
-    trainer = Trainer(CONFIG, model, method, dataset, DenseOptimizer(), EMB, parallel=parallel)
+    config = dataclasses.replace(CONFIG, checkpoint_every_steps=2) if checkpoint else CONFIG
+    trainer = Trainer(config, model, method, dataset, DenseOptimizer(), EMB, parallel=parallel,
+                      checkpoint_path=checkpoint)
     return trainer, trainer.fit()
+
+
+def killed_and_resumed(scenario: str, dataset, parallel, directory: Path):
+    """``scenario`` stopped at step 5 of its last stage, then a fresh model resumed from this rank's
+    checkpoint (step 4 of that stage: the rebuild chain is replayed through the strategy)."""
+    from recbench.training.distributed import rank_checkpoint
+
+    checkpoint = rank_checkpoint(directory / f"{scenario}.checkpoint.pt")
+    last = method_of(scenario).stages()[-1].name
+    try:
+        train(scenario, dataset, parallel, checkpoint, Crash(last, 5))
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the crash hook did not fire")
+    progress = torch.load(checkpoint, weights_only=True)["progress"]
+    trainer, result = train(scenario, dataset, parallel, rank_checkpoint(directory / f"{scenario}.checkpoint.pt"))
+    return progress, result
 
 
 def main(data_root: str, out: str, *scenarios: str) -> None:
@@ -108,13 +144,18 @@ def main(data_root: str, out: str, *scenarios: str) -> None:
             calls["sparse"] = 0
             report: Dict[str, Any] = {"error": None}
             try:
-                trainer, result = train(scenario, dataset, parallel)
+                if scenario.startswith("resumed_"):
+                    progress, result = killed_and_resumed(scenario[len("resumed_"):], dataset, parallel, Path(out).parent)
+                    report["resumed_from"] = progress
+                else:
+                    _, result = train(scenario, dataset, parallel)
                 report.update(metrics=result.metrics, stage_results=result.stage_results, history=result.history,
                               sparse_all_reduces=calls["sparse"])
             except Exception as exc:  # reported to the test
                 report["error"] = f"{type(exc).__name__}: {exc}"
                 report["traceback"] = traceback.format_exc()
             reports[scenario] = report
+            print(f"rank {parallel.rank} {scenario}: {report['error'] or 'ok'}", flush=True)
         distributed.dist.all_reduce = all_reduce
     torch.save(reports, out)
 

@@ -29,7 +29,7 @@ from recbench.training import distributed
 from recbench.training.distributed import _fingerprint, _sparse_parameters
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "diverging")
+SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "resumed_optembed", "diverging")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +82,20 @@ def test_two_ranks_match_one_process_through_every_stage(two_ranks, toy_dataset,
     for a, b in zip(*(r["stage_results"] for r in reports)):  # every rank: bit-identical stage results
         assert _fingerprint({k: v for k, v in a.items() if k != "seconds"}) == \
             _fingerprint({k: v for k, v in b.items() if k != "seconds"})
+
+
+def test_a_run_stopped_in_its_last_stage_resumes_through_the_rebuild_chain(two_ranks):
+    """OptEmbed stopped at step 5 of ``retrain``: every rank replays supernet -> search -> retrain
+    module (rebuild through the strategy), loads its own checkpoint and ends where the
+    uninterrupted 2-rank run ends."""
+    for report in two_ranks:
+        resumed, uninterrupted = report["resumed_optembed"], report["optembed"]
+        assert resumed["error"] is None, resumed.get("traceback")
+        assert resumed["resumed_from"]["stage_index"] == 2 and resumed["resumed_from"]["stage_step"] == 4
+        for key in ("val/auc", "test/auc", "test/logloss"):
+            assert resumed["metrics"][key] == pytest.approx(uninterrupted["metrics"][key], abs=1e-6), key
+        assert [h["step"] for h in resumed["history"]] == [h["step"] for h in uninterrupted["history"]]
+        assert _fingerprint(resumed["stage_results"][1]["keep"]) == _fingerprint(uninterrupted["stage_results"][1]["keep"])
 
 
 def test_sparse_gradients_are_averaged_once_per_step_after_a_rebuild(two_ranks, toy_dataset):
