@@ -381,6 +381,9 @@ class Trainer:
                 at_end = progress["stage_step"] >= max_steps
                 if progress["stage_step"] % eval_every == 0 or at_end or context.stop_requested:
                     metrics = self.evaluate("val")
+                    # distributed: replicas that drift apart stop the run at the first evaluation, not at the stage end
+                    self.parallel.check_replicas(self.model, {}, f"stage {context.stage_index} ({stage.name}), "
+                                                                 f"step {progress['global_step']}")
                     progress["evals"] += 1
                     record = {"val/auc": metrics["auc"], "val/logloss": metrics["logloss"],
                               "train/loss": loss, "epoch": progress["epoch"] + progress["batch"] / steps_per_epoch,
