@@ -102,17 +102,16 @@ def process_cost(scratch: Path) -> Dict[str, float]:
 
 
 def runs_of(uri: str) -> List[Dict[str, Any]]:
-    from mlflow.tracking import MlflowClient
+    """The launch's runs as read by ``recbench-report`` (``load_mlflow_runs``), reduced to timings."""
+    from recbench.reporting.runs import load_mlflow_runs
 
-    client = MlflowClient(uri)
-    experiments = [e.experiment_id for e in client.search_experiments()]
     out = []
-    for run in client.search_runs(experiments, "tags.method != ''", max_results=1000):
-        end = run.info.end_time or run.info.start_time
-        out.append({"method": run.data.tags.get("method"), "status": run.data.tags.get("status"),
-                    "run_seconds": (end - run.info.start_time) / 1000.0,
-                    "train_seconds": run.data.metrics.get("train/seconds", 0.0),
-                    "pid": run.data.tags.get("pid"), "start": run.info.start_time / 1000.0, "end": end / 1000.0})
+    for record in load_mlflow_runs(uri):
+        start = record["start_time"] / 1000.0
+        end = (record["end_time"] or record["start_time"]) / 1000.0
+        out.append({"method": record["method"], "status": record["status"], "run_seconds": end - start,
+                    "train_seconds": record["metrics"].get("train/seconds", 0.0), "pid": record["pid"],
+                    "start": start, "end": end})
     return out
 
 

@@ -31,7 +31,7 @@ import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from recbench.bench import harness
 
@@ -56,7 +56,8 @@ def finished(records: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [r for r in records if r.get("status") == "finished" and run_seconds(r) is not None]
 
 
-def reference_runs(records: Sequence[Dict[str, Any]], sweep: List[Dict[str, Any]]) -> (List[Dict[str, Any]], str):
+def reference_runs(records: Sequence[Dict[str, Any]],
+                   sweep: List[Dict[str, Any]]) -> Tuple[List[Dict[str, Any]], str]:
     """``full``'s finished runs in the sweep, else of the sweep's protocol(s) in any sweep."""
     own = [r for r in sweep if r.get("method") == "full"]
     if own:

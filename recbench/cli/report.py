@@ -61,7 +61,8 @@ def main(argv=None) -> int:
     if args.sweep_id:
         records = [r for r in records if r.get("sweep_id") == args.sweep_id]
     if args.exclude_sweep_id:
-        records = [r for r in records if r.get("sweep_id") not in set(args.exclude_sweep_id)]
+        excluded = set(args.exclude_sweep_id)
+        records = [r for r in records if r.get("sweep_id") not in excluded]
     if not records:
         print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''}"
               f"{' in sweep ' + args.sweep_id if args.sweep_id else ''} in {args.records or args.tracking_uri}",
