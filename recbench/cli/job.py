@@ -76,13 +76,27 @@ def _lookup(mapping: Dict[str, Any], dotted: str) -> Any:
     return mapping
 
 
+def method_revision(resolved: Dict[str, Any]) -> int:
+    """The ``revision`` of the config's method class (1 when it has none or the config has no method)."""
+    target = _lookup(resolved, "method._target_")
+    if not target:
+        return 1
+    from hydra.utils import get_class
+    return int(getattr(get_class(str(target)), "revision", 1))
+
+
 def config_hash(resolved: Dict[str, Any], ignore: tuple = ()) -> str:
+    """Hash of the settings that change a run's numbers, including the method's code revision
+    when it is above 1 (``CompressionMethod.revision``): runs of an older revision are not "finished"."""
     trimmed = json.loads(json.dumps(resolved, default=str))
     for key in NON_NUMERIC_KEYS + tuple(ignore):
         _drop(trimmed, key)
     for key, defaults in OPTIONAL_KEYS.items():
         if _lookup(trimmed, key) in defaults:
             _drop(trimmed, key)
+    revision = method_revision(resolved)
+    if revision > 1:
+        trimmed["method_revision"] = revision
     return settings_hash(trimmed, length=16)
 
 
@@ -188,7 +202,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
         "method": method_name, "model": model_name, "dataset": spec.name, "protocol": protocol_tag(spec.protocol_id, resolved),
         "dataset_protocol_id": spec.protocol_id, "compression_ratio": f"{ratio:g}", "seed": str(cfg.seed),
         "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "software": software_versions(), "config_hash": chash,
-        "group_hash": group_hash(resolved), "status": "running", **gate_tags(cfg), **(extra_tags or {}),
+        "group_hash": group_hash(resolved), "method_revision": str(method_revision(resolved)), "status": "running", **gate_tags(cfg), **(extra_tags or {}),
     }
     run_name = f"{method_name}@{ratio:g}/{model_label(cfg)}/{spec.name}/s{cfg.seed}"
     tags.update(owner_tags())  # host/pid: a run left RUNNING by a killed process is recognisable

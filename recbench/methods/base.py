@@ -206,6 +206,11 @@ class CompressionMethod(abc.ABC):
     name: str = "method"
     #: True when ``build`` looks up plain TorchRec/FBGEMM tables (fused lookups, shardable).
     table_backed: bool = True
+    #: Bumped when a fix changes the numbers a configuration produces. A revision above 1 enters
+    #: the run's config hash (``recbench.cli.job.config_hash``), so a re-launched sweep re-runs the
+    #: runs an older revision finished instead of skipping them; revision 1 leaves hashes as they were.
+    #: Each bump is listed in the method's card ("Revisions").
+    revision: int = 1
 
     def __init__(self, name: Optional[str] = None, **hyperparameters: Any):
         if name is not None and name != self.name:

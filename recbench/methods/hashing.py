@@ -9,7 +9,8 @@ rewritten and looked up in fused FBGEMM tables (fused optimizer, shardable), so 
 pools the hashed rows of its ids.
 Budget (``allocation``): ``cap`` (default) m_f = min(n_f, M) with the largest integer M whose bytes
 fit — only fields larger than M are hashed, as DLRM's ``--max-ind-range`` does on Criteo;
-``proportional`` m_f = min(n_f, ceil(r * n_f)) (at least 1) with r bisected. Either way
+``proportional`` m_f = min(n_f, ceil(r * n_f)) (at least 1) with r bisected. A field whose m_f
+equals n_f is looked up by its ids unchanged (no hash, no collision). Either way
 sum_f m_f * D * 4 (+ kept fields in full) lands in [1 - tolerance, 1] x target.
 Fields below ``budget.min_rows_to_compress`` keep their full table. Infeasible when one row per
 compressed field already exceeds the budget.
@@ -54,7 +55,9 @@ class HashingEmbedding(FusedIdMapEmbedding):
         self.register_buffer("b", b, persistent=False)
         self.register_buffer("buckets", torch.tensor([int(rows.get(t.name, t.num_embeddings)) for t in self.tables]),
                              persistent=False)
-        self.register_buffer("hashed", torch.tensor([t.name in rows for t in self.tables]), persistent=False)
+        # only tables the allocation shrank are hashed; a table left at one row per id keeps its ids
+        self.register_buffer("hashed", torch.tensor([int(rows.get(t.name, t.num_embeddings)) < t.num_embeddings
+                                                     for t in self.tables]), persistent=False)
         self.fused = FusedTables(physical_tables(self.tables, dim, rows), optimizer)
 
     def rows_of(self, features: KeyedJaggedTensor) -> torch.Tensor:
@@ -70,6 +73,9 @@ class HashingEmbedding(FusedIdMapEmbedding):
 
 class Hashing(CompressionMethod):
     name = "hashing"
+    #: 2: fields the allocation leaves at m_f = n_f are no longer hashed into n_f buckets (where
+    #: ~63% of their ids shared a row); see methods/hashing.md, "Revisions".
+    revision = 2
 
     ALLOCATIONS = ("cap", "proportional")
 

@@ -96,6 +96,22 @@ def test_an_option_added_later_at_its_default_keeps_the_hash_of_runs_recorded_be
     assert config_hash(current) != config_hash(before)
 
 
+def test_a_method_revision_above_one_enters_the_config_hash(tmp_path, monkeypatch):
+    """Runs finished by an older revision of a method are not "finished" for its current revision;
+    revision 1 (every method until a fix changes its numbers) leaves hashes as they were."""
+    from recbench.cli.job import method_revision
+    from recbench.methods.full import Full
+
+    resolved = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
+    assert method_revision(resolved) == Full.revision == 1
+    before = config_hash(resolved)
+    stripped = {k: v for k, v in resolved.items() if k != "method"}
+    assert method_revision(stripped) == 1
+    monkeypatch.setattr(Full, "revision", 2)
+    assert method_revision(resolved) == 2
+    assert config_hash(resolved) != before
+
+
 def test_mlflow_run_contents_and_skip_finished(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -106,6 +122,7 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     run = client.get_run(first.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "full" and run.data.tags["mlflow.runName"].startswith("full@1/")
+    assert run.data.tags["method_revision"] == "1"
     assert set(run.data.metrics) >= {"val/auc", "test/auc", "emb/compression_ratio", "train/samples_per_s"}
     assert run.data.params["trainer.batch_size"] == "64"
     history = client.get_metric_history(first.run_id, "val/auc")

@@ -41,6 +41,23 @@ def test_cap_allocation_hashes_only_fields_larger_than_the_cap():
     assert over.compression_ratio > 0.2  # the cap is the largest that fits
 
 
+@pytest.mark.parametrize("allocation,ratio", [("cap", 0.5), ("proportional", 0.995)])
+def test_a_field_the_allocation_leaves_whole_keeps_its_ids(allocation, ratio):
+    """Revision 2: a compressed field with m_f = n_f is looked up by its ids (hashing it into n_f
+    buckets would make ~63% of its ids share a row); only shrunk fields are hashed."""
+    tables = [TableSpec("big", 5000), TableSpec("mid", 60)]
+    module = Hashing(allocation=allocation).build(tables, 8, Budget(compression_ratio=ratio, min_rows_to_compress=1),
+                                                   EmbeddingOptimizer(kind="sgd"))
+    assert int(module.buckets[1]) == 60 and int(module.buckets[0]) < 5000
+    ids = [torch.arange(5000), torch.arange(5000) % 60]
+    keys = KeyedJaggedTensor(keys=["big", "mid"], values=torch.cat(ids), lengths=torch.ones(10000, dtype=torch.int32))
+    rows = module.rows_of(keys)
+    assert torch.equal(rows[5000:], ids[1])  # one row per id, no collision
+    a, b = H.draw(0, (2,))
+    assert torch.equal(rows[:5000], H.universal(ids[0], a[0], b[0], int(module.buckets[0])))
+    assert Hashing.revision == 2
+
+
 def test_unknown_allocation_is_rejected():
     with pytest.raises(ValueError, match="allowed: cap, proportional"):
         Hashing(allocation="greedy")
