@@ -12,7 +12,7 @@ from typing import Dict, List, Sequence
 
 from recbench.reporting.leaderboard import (
     AUC, BYTES, LATENCY, LOGLOSS, RATIO, RULES, SPEED, Row, bayes_ceiling, budgets, command, fmt, fmt_bytes,
-    fmt_delta, fmt_rank, recommend, reference, run_url,
+    fmt_delta, fmt_rank, marked, recommend, reference, run_url,
 )
 
 CSS = """
@@ -75,13 +75,17 @@ def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: 
                        f'<td class="l">{_links(r, ui_url)}</td><td class="l">{cmd}</td></tr>')
             continue
         out.append(
-            f'<tr class="{cls}"><td>{fmt_rank(r)}</td><td class="l">{esc(r.label)}</td><td>{r.seeds}</td>'
+            f'<tr class="{cls}"><td>{fmt_rank(r)}</td><td class="l" title="{esc("; ".join(r.notes))}">{esc(marked(r))}</td><td>{r.seeds}</td>'
             f'<td>{fmt(r.auc, r.std.get(AUC))}</td><td>{fmt_delta(r.delta_auc)}</td>'
             f'<td>{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))}</td><td>{fmt_bytes(r.mean.get(BYTES))}</td>'
             f'<td>{r.mean.get(RATIO, math.nan):.4g}</td><td>{r.mean.get(SPEED, math.nan):,.0f}</td>'
             f'<td>{r.mean.get(LATENCY, math.nan):.2f}</td><td>{"●" if r.pareto else ""}</td>'
             f'<td class="l">{_links(r, ui_url)}</td><td class="l">{cmd}</td></tr>')
     out.append("</tbody></table>")
+    noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
+    if noted:
+        items = "".join(f"<li>† {esc(r.label)}: {esc('; '.join(r.notes))}.</li>" for r in noted)
+        out.append(f'<ul class="note">{items}</ul>')
     return "\n".join(out)
 
 

@@ -17,12 +17,16 @@ Rules (stated in every report):
 - Delta AUC is against the ``full`` reference (ratio 1.0) of the same protocol.
 - Pareto front (AUC up, inference bytes down): rows that no other row beats on both, i.e. no
   row has bytes <= and AUC >= with one of them strict.
+- Caveats (``†``): a row whose runs logged ``stage/<name>/target_reached = 0`` (a search or
+  pruning stage that ended at its epoch cap before reaching its target) carries a note saying so
+  and in how many of its seeds; its numbers are reported as measured.
 
 References: DESIGN.md sections 4 (seeds, mean +- std) and 5 (tags, metric keys).
 """
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -36,7 +40,8 @@ REFERENCE_METHOD = "full"
 TIE_STDS = 2.0
 RULES = (f"mean ± std over seeds (sample std); methods within {TIE_STDS:g} std (the larger of the two) of each "
          f"other in test AUC share a rank (`=`); Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
-         "no other row has fewer or equal inference bytes and higher or equal AUC.")
+         "no other row has fewer or equal inference bytes and higher or equal AUC; † a caveat noted under "
+         "the table (e.g. a search stage that ended at its epoch cap before reaching its target).")
 
 
 @dataclass
@@ -61,6 +66,7 @@ class Row:
     tied: bool = False  # shares its rank with another row of its budget
     pareto: bool = False
     delta_auc: float = float("nan")
+    notes: List[str] = field(default_factory=list)  # caveats of the measured numbers (``stage_notes``)
 
     @property
     def auc(self) -> float:
@@ -97,6 +103,26 @@ def dedupe_seeds(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return [latest[s] for s in sorted(latest, key=lambda s: (len(s), s))]
 
 
+_TARGET_REACHED = re.compile(r"^stage/(?P<stage>.+)/target_reached$")
+
+
+def stage_notes(runs: Sequence[Dict[str, Any]]) -> List[str]:
+    """Caveats of a row's finished runs: every stage that logged ``target_reached = 0`` in some seed."""
+    missed: Dict[str, int] = defaultdict(int)
+    for run in runs:
+        for key, value in run.get("metrics", {}).items():
+            match = _TARGET_REACHED.match(key)
+            if match and float(value) == 0.0:
+                missed[match["stage"]] += 1
+    return [f"stage `{stage}` ended at its epoch cap before reaching its target in {count} of {len(runs)} seed(s)"
+            for stage, count in sorted(missed.items())]
+
+
+def marked(row: "Row") -> str:
+    """The row's label, with ``†`` when it carries notes."""
+    return f"{row.label} †" if row.notes else row.label
+
+
 def _is_finished(record: Dict[str, Any]) -> bool:
     return record.get("status") == "finished" and record.get("run_status", "FINISHED") == "FINISHED"
 
@@ -124,6 +150,7 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
             row.experiment_ids = [str(r.get("experiment_id", "")) for r in finished]
             row.overrides = next((r.get("overrides", "") for r in finished if r.get("overrides")), "")
             row.git_commits = sorted({r.get("git_commit", "") for r in finished if r.get("git_commit")})
+            row.notes = stage_notes(finished)
         else:
             statuses = {r.get("status") or r.get("run_status", "").lower() for r in runs}
             status = "infeasible" if "infeasible" in statuses else "failed"
@@ -317,10 +344,14 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
                            f"| {links} | `{command(r)}` |")
                 continue
             out.append(
-                f"| {fmt_rank(r)} | {r.label} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
+                f"| {fmt_rank(r)} | {marked(r)} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
                 f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt_bytes(r.mean.get(BYTES))} | "
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
                 f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | `{command(r)}` |")
+        noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
+        if noted:
+            out.append("")
+            out.extend(f"† {r.label}: {'; '.join(r.notes)}." for r in noted)
     out.append(f"\nRules: {RULES}")
     return "\n".join(out)
 
@@ -337,6 +368,7 @@ def csv_rows(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> List
             "protocol": r.protocol, "dataset": r.dataset, "method": r.label, "ratio": r.ratio, "status": r.status,
             "seeds": r.seeds, "rank": r.rank if r.finished else "", "tied": int(r.tied), "pareto": int(r.pareto),
             "delta_auc_vs_full": "" if math.isnan(r.delta_auc) else r.delta_auc, "reason": r.reason,
+            "notes": "; ".join(r.notes),
         }
         for key in COLUMNS:
             item[f"{key}_mean"] = r.mean.get(key, "")

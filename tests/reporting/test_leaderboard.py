@@ -81,3 +81,24 @@ def test_single_seed_has_no_std_and_no_tie():
     rows = aggregate([record("hashing", 0.1, 0, 0.78, 100.0), record("qr", 0.1, 0, 0.78 - 1e-6, 100.0)])
     assert all(math.isnan(r.std["test/auc"]) for r in rows)
     assert sorted(r.rank for r in rows) == [1, 2]
+
+
+def test_a_stage_that_missed_its_target_is_noted_in_markdown_csv_and_html():
+    """``stage/<name>/target_reached = 0`` in some seeds: the row is marked † with the count; the
+    numbers are unchanged; rows without the metric (or with 1) carry no note."""
+    runs = [record("pep", 0.1, seed, 0.61, 100.0, **{"stage/search/target_reached": float(seed == 2)})
+            for seed in range(3)]
+    runs += [record("deeplight", 0.1, seed, 0.70, 100.0, **{"stage/prune/target_reached": 1.0}) for seed in range(3)]
+    runs += [record("full", 1.0, 0, 0.80, 1000.0)]
+    rows = aggregate(runs)
+    pep = next(r for r in rows if r.method == "pep")
+    assert pep.notes == ["stage `search` ended at its epoch cap before reaching its target in 2 of 3 seed(s)"]
+    assert pep.auc == pytest.approx(0.61)
+    assert all(not r.notes for r in rows if r.method != "pep")
+    text = markdown(rows)
+    assert "| pep † | 3 |" in text and "† pep: stage `search` ended at its epoch cap" in text
+    assert "deeplight †" not in text
+    assert next(c for c in csv_rows(rows) if c["method"] == "pep")["notes"] == pep.notes[0]
+    from recbench.reporting.html import leaderboard_table
+    html = leaderboard_table(rows, PROTOCOL, 0.1, "http://127.0.0.1:5000")
+    assert "pep †" in html and "<li>† pep: stage `search`" in html
