@@ -37,7 +37,8 @@ log = logging.getLogger("recbench")
 
 #: resolved-config keys that do not change a run's numbers (excluded from its config hash)
 NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "trainer.num_threads",
-                    "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps", "hydra")
+                    "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps",
+                    "trainer.search_cache_mb", "hydra")
 #: keys added after runs were recorded, whose default leaves the numbers unchanged: they enter the
 #: config hash only when set to something else, so adding an option never orphans finished runs
 #: (a re-launched sweep still recognises them, and the report keeps them in one row)

@@ -191,6 +191,18 @@ class EmbeddingModule(nn.Module, abc.ABC):
         clone = copy.deepcopy(self)
         return clone.eval()
 
+    def precompute(self, features: KeyedJaggedTensor) -> Any:
+        """Lookup state of ``features`` that stays valid while no parameter or buffer changes and only
+        the module's search state does (e.g. OptEmbed's candidate dims): search stages evaluate the
+        validation split many times (``recbench.training.search_cache``) and compute this once per
+        batch. ``forward_precomputed(precompute(f))`` must equal the eval-mode ``forward(f)``.
+        Default: the features themselves (nothing is saved)."""
+        return features
+
+    def forward_precomputed(self, state: Any) -> KeyedTensor:
+        """The eval-mode output (B, F * D) for ``precompute``'s state."""
+        return self(state)
+
     def keyed_output(self, values: torch.Tensor) -> KeyedTensor:
         """Wrap (B, F * D) values as a KeyedTensor over this module's fields."""
         return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.feature_names), values=values)

@@ -40,6 +40,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> pooled (B, F, D) x dim masks ->
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -48,10 +49,10 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods import batch_part, row_subset
-from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup
+from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup, check_ids
 from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.evolutionary import evolutionary_search
-from recbench.methods.per_id import PerIdEmbedding
+from recbench.methods.per_id import BagPooling, PerIdEmbedding, value_fields
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec, full_embedding_bytes
 
 INT64_BYTES = 8
@@ -87,6 +88,17 @@ class _Stacked(PerIdEmbedding):
         self.register_buffer("compressed_position", position, persistent=False)
         self.register_buffer("row_field", row_subset.stacked_row_fields(sizes), persistent=False)
         self.compressed_sizes, self.num_rows = sizes, int(sum(sizes))
+
+
+@dataclass
+class SearchLookup:
+    """``OptEmbedSupernet.precompute``'s state of one batch: values (N, D) at the full dim, their
+    stacked rows (N,) (R for kept fields), the bag structure (None: values already in (B, F) order)."""
+
+    values: torch.Tensor
+    rows: torch.Tensor
+    pooling: Optional[BagPooling]
+    batch: int
 
 
 class OptEmbedInference(_Stacked):
@@ -125,6 +137,7 @@ class OptEmbedSupernet(_Stacked):
         self.weight = nn.Parameter(self.initial_rows())
         self.candidate: Optional[Tuple[int, ...]] = None  # per-field dims under evaluation (search)
         self._keep_cache: Optional[Tuple[Any, torch.Tensor]] = None
+        self._ranking: Optional[Tuple[Any, torch.Tensor, Any]] = None  # (state, row_scores, rank_rows)
 
     def initial_rows(self) -> torch.Tensor:
         """(R, D) the initial table, regenerated from ``init_seed`` (DLRM init per field)."""
@@ -144,6 +157,35 @@ class OptEmbedSupernet(_Stacked):
         dims = self.dims()[position]
         present = (torch.arange(self.dim).unsqueeze(0) < dims.unsqueeze(1)) & self.deployed_keep()[rows].unsqueeze(1)
         return values * present
+
+    # ----- search-stage evaluation (recbench.training.search_cache) -----
+    @torch.no_grad()
+    def precompute(self, features: KeyedJaggedTensor) -> "SearchLookup":
+        """What no candidate changes: every value's row at the full dim D (kept fields' rows as they
+        are), its stacked row (R for a kept field's value) and the bag structure. Memory: N * (4 D + 8)
+        bytes for N values (single-hot batches: no bag structure, values stored in output order)."""
+        check_ids(features, self.tables)
+        fields = value_fields(features, self.field_index)
+        ids = features.values().long()
+        values = self.per_id(fields, ids, encode=lambda f, i: self.weight[self.row_offset[f] + i])
+        rows = torch.where(self.compressed_position[fields] >= 0, self.row_offset[fields] + ids, self.num_rows)
+        pooling = BagPooling(features, self.field_index, self.is_mean)
+        order = pooling.value_order()
+        if order is not None:  # one value per bag: pooling is this permutation, done once here
+            return SearchLookup(values[order], rows[order], None, features.stride())
+        return SearchLookup(values, rows, pooling, features.stride())
+
+    @torch.no_grad()
+    def forward_precomputed(self, state: "SearchLookup") -> KeyedTensor:
+        """The eval forward of the batch ``state`` was made from, at the current candidate: each value
+        masked to its field's dim prefix and to the rows kept at those dims, then pooled."""
+        if self.training:
+            raise RuntimeError("OptEmbedSupernet.forward_precomputed is the eval forward; call eval() first")
+        row_dims = torch.cat([torch.where(self.deployed_keep(), self.dims()[self.row_field], 0),
+                              torch.tensor([self.dim])])  # (R + 1,): 0 for a pruned row, D for kept fields
+        per_id = state.values * (torch.arange(self.dim).unsqueeze(0) < row_dims[state.rows].unsqueeze(1))
+        out = per_id.view(state.batch, -1) if state.pooling is None else state.pooling(per_id)
+        return self.keyed_output(out)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         out = super().forward(features)
@@ -172,10 +214,15 @@ class OptEmbedSupernet(_Stacked):
     @torch.no_grad()
     def deployed_keep(self) -> torch.Tensor:
         """(R,) bool rows kept within the budget at the current dims (cached per state and dims)."""
-        key = (self.weight._version, self.thresholds._version, id(self.weight), tuple(self.dims().tolist()))
+        state = (self.weight._version, self.thresholds._version, id(self.weight), id(self.thresholds))
+        key = (state, tuple(self.dims().tolist()))
         if self._keep_cache is None or self._keep_cache[0] != key:
-            keep = row_subset.fit_rows(self.row_scores(), self.dims()[self.row_field], self.row_budget,
-                                       len(self.compressed_sizes))
+            if self._ranking is None or self._ranking[0] != state:  # the ranking changes with the state only
+                scores = self.row_scores()
+                self._ranking = (state, scores, row_subset.rank_rows(scores))
+            _, scores, ranking = self._ranking
+            keep = row_subset.fit_rows(scores, self.dims()[self.row_field], self.row_budget, len(self.compressed_sizes),
+                                       ranking=ranking)
             self._keep_cache = (key, keep)
         return self._keep_cache[1]
 
@@ -336,25 +383,27 @@ class OptEmbed(CompressionMethod):
     def run_search(self, context: Any) -> Dict[str, Any]:
         """Stage 2: evolutionary search of per-field dims on validation AUC (no gradients)."""
         module: OptEmbedSupernet = context.embedding
+        # no parameter changes during the search: batches, dense arch outputs and full-dim lookups once
+        with context.search_evaluation("val") as evaluation:
 
-        def score(candidate):
-            module.candidate = candidate
-            return context.evaluate("val")["auc"]
+            def score(candidate):
+                module.candidate = candidate
+                return evaluation.evaluate()["auc"]
 
-        try:
-            found = evolutionary_search(score, len(module.compressed_sizes), module.dim_cap, **self.search)
-            module.candidate = found.best
-            keep, dims = module.deployed_keep().clone(), module.dims()
-            table = row_subset.RowSubsetTable(module.weight, keep, module.row_field, dims)
-        finally:
-            module.candidate = None
+            try:
+                found = evolutionary_search(score, len(module.compressed_sizes), module.dim_cap, **self.search)
+                module.candidate = found.best
+                keep, dims = module.deployed_keep().clone(), module.dims()
+                table = row_subset.RowSubsetTable(module.weight, keep, module.row_field, dims)
+            finally:
+                module.candidate = None
         learned = module.row_scores() > 0
         return {"dims": dims, "keep": keep, "dim_cap": module.dim_cap, "best_val_auc": found.best_score,
                 "first_iteration_best_val_auc": found.trajectory[0], "candidates_scored": len(found.scores),
                 "learned_rows": int(learned.sum()), "final_rows": int(keep.sum()),
                 "rows_topped_up": int((keep & ~learned).sum()), "rows_trimmed": int((learned & ~keep).sum()),
                 "row_bytes": table.stored_bytes(), "row_budget_bytes": module.row_budget,
-                "mean_dim": float(dims.float().mean())}
+                "mean_dim": float(dims.float().mean()), "evaluation_cached": evaluation.cached}
 
     def rebuild(self, module: nn.Module, stage_result: Mapping[str, Any]) -> nn.Module:
         if "keep" not in stage_result or not isinstance(module, OptEmbedSupernet):

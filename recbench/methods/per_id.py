@@ -20,7 +20,7 @@ References: DESIGN.md section 3 ("Compression method", "Budget and memory").
 from __future__ import annotations
 
 import abc
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,22 +51,51 @@ def with_values(features: KeyedJaggedTensor, values: torch.Tensor) -> KeyedJagge
                              stride=features.stride())
 
 
+class BagPooling:
+    """The bag structure of ``features`` (which values pool into which output column block),
+    computed once and applied to any per-id vectors of those values.
+
+    ``BagPooling(features, index, mean)(per_id (N, D)) -> (B, F * D)`` in the module's field order;
+    ``mean`` (F,) bool marks mean-pooled fields (divided by the bag size; empty bags stay 0).
+    Search stages keep one per validation batch (``PerIdEmbedding.precompute``) instead of
+    re-deriving it from the KJT at every evaluation.
+    """
+
+    def __init__(self, features: KeyedJaggedTensor, index: Mapping[str, int], mean: torch.Tensor):
+        self.batch = features.stride()
+        positions = field_positions(features, index)
+        lengths = features.lengths().long()
+        self.num_bags, self.num_fields = lengths.numel(), len(positions)
+        self.bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        self.divisor = torch.where(mean[positions].repeat_interleave(self.batch), lengths.clamp(min=1), 1)
+        order = torch.empty_like(positions)
+        order[positions] = torch.arange(len(positions))
+        self.order = order
+
+    def __call__(self, per_id: torch.Tensor) -> torch.Tensor:
+        dim = per_id.shape[1]
+        pooled = per_id.new_zeros(self.num_bags, dim).index_add(0, self.bag_of_value, per_id)
+        pooled = (pooled / self.divisor.unsqueeze(1).to(pooled.dtype)).view(self.num_fields, self.batch, dim)
+        return pooled[self.order].permute(1, 0, 2).reshape(self.batch, self.num_fields * dim)
+
+    def value_order(self) -> Optional[torch.Tensor]:
+        """(N,) the values in output order (B, F) when every bag holds exactly one value (pooling is
+        then that permutation: a sum of one value, divided by 1), else None."""
+        if self.bag_of_value.numel() != self.num_bags or not torch.equal(self.bag_of_value, torch.arange(self.num_bags)):
+            return None
+        return (self.order.unsqueeze(0) * self.batch + torch.arange(self.batch).unsqueeze(1)).reshape(-1)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.bag_of_value, self.divisor, self.order]
+
+
 def pool_bags(per_id: torch.Tensor, features: KeyedJaggedTensor, index: Mapping[str, int],
               mean: torch.Tensor) -> torch.Tensor:
-    """Pool per-id vectors (N, D) into (B, F * D) in the module's field order.
+    """Pool per-id vectors (N, D) into (B, F * D) in the module's field order (``BagPooling``).
 
     ``mean`` (F,) bool marks mean-pooled fields (divided by the bag size; empty bags stay 0).
     """
-    batch, dim = features.stride(), per_id.shape[1]
-    positions = field_positions(features, index)
-    lengths = features.lengths().long()
-    bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-    pooled = per_id.new_zeros(lengths.numel(), dim).index_add(0, bag_of_value, per_id)
-    divisor = torch.where(mean[positions].repeat_interleave(batch), lengths.clamp(min=1), 1)
-    pooled = (pooled / divisor.unsqueeze(1).to(pooled.dtype)).view(len(positions), batch, dim)
-    order = torch.empty_like(positions)
-    order[positions] = torch.arange(len(positions))
-    return pooled[order].permute(1, 0, 2).reshape(batch, len(positions) * dim)
+    return BagPooling(features, index, mean)(per_id)
 
 
 def tensor_bytes(tensors) -> int:
@@ -111,16 +140,18 @@ class PerIdEmbedding(EmbeddingModule):
     def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """(N,) field indices of compressed fields, (N,) ids -> (N, D) per-id embeddings."""
 
-    def per_id(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def per_id(self, fields: torch.Tensor, ids: torch.Tensor, encode=None) -> torch.Tensor:
+        """(N,) fields and ids -> (N, D): kept fields' rows, ``encode`` (default ``self.encode``) for the rest."""
+        encode = encode or self.encode
         if self.kept_table is None:
-            return self.encode(fields, ids)
+            return encode(fields, ids)
         kept = self.is_kept[fields]
         out = ids.new_zeros((ids.numel(), self.dim), dtype=torch.float32)
         k_idx, c_idx = kept.nonzero().flatten(), (~kept).nonzero().flatten()
         rows = self.kept_offset[fields[k_idx]] + ids[k_idx]
         out = out.index_put((k_idx,), F.embedding(rows, self.kept_table, sparse=True))
         if c_idx.numel():
-            out = out.index_put((c_idx,), self.encode(fields[c_idx], ids[c_idx]))
+            out = out.index_put((c_idx,), encode(fields[c_idx], ids[c_idx]))
         return out
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:

@@ -24,7 +24,8 @@ References: DESIGN.md section 3 ("remap tables ... count against the budget");
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+import functools
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -51,23 +52,33 @@ def subset_bytes(rows: int, kept: int, values: int, fields: int) -> int:
     return index_layout(rows, kept)[1] + values * FP32_BYTES + 3 * fields * INT64_BYTES
 
 
+@functools.lru_cache(maxsize=4)
 def index_bytes_by_count(rows: int) -> np.ndarray:
-    """(R + 1,) index bytes for K = 0..R kept rows (non-decreasing in K)."""
+    """(R + 1,) index bytes for K = 0..R kept rows (non-decreasing in K); read-only (cached)."""
     kept = np.arange(rows + 1, dtype=np.int64)
     widths = np.select([kept < 2 ** 8, kept < 2 ** 16, kept < 2 ** 32], [1, 2, 4], 8)
     out = np.minimum(rows * widths, kept * index_width(max(rows - 1, 0)))
     out[-1] = 0  # every row kept: no index
+    out.flags.writeable = False
     return out
 
 
-def fit_rows(scores: torch.Tensor, row_dims: torch.Tensor, budget_bytes: int, fields: int) -> torch.Tensor:
+def rank_rows(scores: torch.Tensor) -> np.ndarray:
+    """(R,) int64 row indices by descending ``scores``, ties: lower index first (``fit_rows``'s ranking)."""
+    return np.argsort(-scores.detach().double().numpy(), kind="stable")
+
+
+def fit_rows(scores: torch.Tensor, row_dims: torch.Tensor, budget_bytes: int, fields: int,
+             ranking: Optional[np.ndarray] = None) -> torch.Tensor:
     """(R,) bool: the highest-``scores`` rows (ties: lower index first), as many as fit.
 
     ``row_dims`` (R,) is each row's stored dim; the kept set is the longest prefix of the ranking
     whose ``subset_bytes`` is at most ``budget_bytes`` (every row is kept when all fit).
+    ``ranking``: ``rank_rows(scores)`` when the caller already holds it (OptEmbed's search fits
+    rows for many dims at one state: the argsort over R rows is done once).
     """
     rows = scores.numel()
-    order = np.argsort(-scores.detach().double().numpy(), kind="stable")
+    order = rank_rows(scores) if ranking is None else ranking
     values = np.concatenate([[0], np.cumsum(row_dims.numpy()[order])])
     total = index_bytes_by_count(rows) + values * FP32_BYTES + 3 * fields * INT64_BYTES
     fitting = np.flatnonzero(total <= budget_bytes)

@@ -1,11 +1,13 @@
 """Pieces shared by the models: the dense arch (or its stand-in when a protocol has no dense
-features) and reshaping the injected embedding module's KeyedTensor into (B, F, D).
+features), reshaping the injected embedding module's KeyedTensor into (B, F, D), and the forward
+split at the embedding that search stages evaluate repeatedly (``EmbeddingModel``).
 
 References: TorchRec ``torchrec.models.dlrm`` (DenseArch, OverArch).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -50,3 +52,70 @@ def stack_fields(keyed, num_fields: int, dim: int) -> torch.Tensor:
             "every method must output the model's embedding_dim per field"
         )
     return values.view(values.shape[0], num_fields, dim)
+
+
+@dataclass
+class ForwardMemo:
+    """What ``EmbeddingModel.forward(dense, sparse)`` computes before it reads the embedding
+    module's output, for one batch: the dense arch output (B, D), the embedding module's
+    ``precompute(sparse)`` (the KJT itself for a module without one) and the KJT when the head
+    reads the ids (MoE hash gates), else None."""
+
+    dense: torch.Tensor
+    embedding: Any
+    sparse: Optional[Any] = None
+
+
+def precompute_lookup(embedding: nn.Module, sparse) -> Any:
+    """``embedding.precompute(sparse)`` (a module's lookup state that its search candidates do not
+    change), or the KJT itself for a module without one."""
+    precompute = getattr(embedding, "precompute", None)
+    return precompute(sparse) if precompute is not None else sparse
+
+
+def forward_precomputed(embedding: nn.Module, state: Any):
+    """The embedding's KeyedTensor from ``precompute_lookup``'s state."""
+    run = getattr(embedding, "forward_precomputed", None)
+    return run(state) if run is not None else embedding(state)
+
+
+class EmbeddingModel(nn.Module):
+    """A model over an injected embedding module, written as
+
+        forward(dense, sparse) = head(interact(dense_input(dense), embedding(sparse)), sparse)
+
+    ``dense_input`` never reads the embedding module, so it is the part of the forward that does
+    not change when only the embedding module's behaviour changes (a search stage's candidate,
+    e.g. OptEmbed's per-field dims, with every parameter frozen). ``memo`` computes that part
+    once per batch and ``forward_memo`` the rest: ``forward_memo(memo(dense, sparse))`` is
+    ``forward(dense, sparse)``, the same operations on the same inputs (bitwise equal outputs).
+    Subclasses define ``interact`` (and ``head`` when the over-arch is not ``self.over``).
+    """
+
+    #: the head reads the ids (MoE hash routing), so a memo keeps the KJT
+    head_reads_sparse = False
+
+    def interact(self, dense_out: torch.Tensor, embedded) -> torch.Tensor:
+        """(B, D) dense output and the embedding's KeyedTensor (B, F * D) -> the representation (B, W)."""
+        raise NotImplementedError
+
+    def head(self, representation: torch.Tensor, sparse):
+        """The representation (B, W) -> logits (B,) (or {task: (B,)})."""
+        return self.over(representation).squeeze(-1)
+
+    def representation(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+        """The interaction output (B, W) that the over-arch (or MoE experts) consume."""
+        return self.interact(self.dense_input(dense), self.embedding(sparse))
+
+    def forward(self, dense: torch.Tensor, sparse):
+        return self.head(self.representation(dense, sparse), sparse)
+
+    # ----- repeated evaluation with frozen parameters (search stages) -----
+    def memo(self, dense: torch.Tensor, sparse) -> ForwardMemo:
+        """The candidate-independent part of ``forward(dense, sparse)`` (see the class docstring)."""
+        return ForwardMemo(self.dense_input(dense), precompute_lookup(self.embedding, sparse),
+                           sparse if self.head_reads_sparse else None)
+
+    def forward_memo(self, memo: ForwardMemo):
+        """``forward`` of the batch ``memo`` was made from, with the embedding module as it is now."""
+        return self.head(self.interact(memo.dense, forward_precomputed(self.embedding, memo.embedding)), memo.sparse)

@@ -17,10 +17,10 @@ from torch import nn
 from torchrec.models.dlrm import InteractionDCNArch, OverArch
 from torchrec.modules.crossnet import LowRankCrossNet
 
-from recbench.models.common import DenseInput, stack_fields
+from recbench.models.common import DenseInput, EmbeddingModel, stack_fields
 
 
-class DCNv2(nn.Module):
+class DCNv2(EmbeddingModel):
     """Args as DLRM plus ``cross_layers`` (default 3) and ``cross_rank`` (default 64)."""
 
     name = "dcn"
@@ -40,10 +40,5 @@ class DCNv2(nn.Module):
         )
         self.over = OverArch(in_features=width, layer_sizes=list(top_mlp))
 
-    def representation(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        dense_out = self.dense_input(dense)
-        emb = stack_fields(self.embedding(sparse), self.num_sparse, self.embedding_dim)
-        return self.interaction(dense_out, emb)
-
-    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        return self.over(self.representation(dense, sparse)).squeeze(-1)
+    def interact(self, dense_out: torch.Tensor, embedded) -> torch.Tensor:
+        return self.interaction(dense_out, stack_fields(embedded, self.num_sparse, self.embedding_dim))

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 from torchrec.models.dlrm import InteractionArch, OverArch, choose
 
-from recbench.models.common import DenseInput, stack_fields
+from recbench.models.common import DenseInput, EmbeddingModel, stack_fields
 
 
-class DLRM(nn.Module):
+class DLRM(EmbeddingModel):
     """DLRM over any embedding module with TorchRec's EBC interface.
 
     Args:
@@ -44,11 +44,6 @@ class DLRM(nn.Module):
         over_in = embedding_dim + choose(num_sparse, 2) + num_sparse
         self.over = OverArch(in_features=over_in, layer_sizes=list(top_mlp))
 
-    def representation(self, dense: torch.Tensor, sparse) -> torch.Tensor:
+    def interact(self, dense_out: torch.Tensor, embedded) -> torch.Tensor:
         """The interaction output (B, D + C(F+1, 2)) that the over-arch (or MoE experts) consume."""
-        dense_out = self.dense_input(dense)
-        emb = stack_fields(self.embedding(sparse), self.num_sparse, self.embedding_dim)
-        return self.interaction(dense_out, emb)
-
-    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        return self.over(self.representation(dense, sparse)).squeeze(-1)
+        return self.interaction(dense_out, stack_fields(embedded, self.num_sparse, self.embedding_dim))

@@ -188,8 +188,11 @@ class MoEModelMixin:
     def task_weights(self) -> Dict[str, float]:
         return self.moe.task_weights
 
-    def forward(self, dense: torch.Tensor, sparse) -> Dict[str, torch.Tensor]:
-        return self.moe(self.representation(dense, sparse), sparse)
+    #: hash gates route on the ids (``EmbeddingModel.memo`` keeps the KJT for them)
+    head_reads_sparse = True
+
+    def head(self, representation: torch.Tensor, sparse) -> Dict[str, torch.Tensor]:
+        return self.moe(representation, sparse)
 
     def extra_loss(self) -> torch.Tensor:
         return self.moe.extra_loss()

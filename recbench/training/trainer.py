@@ -32,7 +32,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from recbench.training.checkpoint import checkpointable, load_checkpoint, save_c
 from recbench.training.distributed import SingleProcess
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
+from recbench.training.search_cache import MB, SearchEvaluation
 from recbench.training.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
                                      training_loss)
 from recbench.types import EmbeddingOptimizer, Stage
@@ -73,6 +74,8 @@ class TrainerConfig:
     latency_repeats: int = 10
     seed: int = 0
     progress: bool = True
+    #: memory cap (MB) of a search stage's stored validation batches and memos (0: never cached)
+    search_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -85,6 +88,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
         if self.patience < 1:
             raise ValueError(f"trainer.patience must be >= 1, got {self.patience}")
+        if not self.search_cache_mb >= 0:
+            raise ValueError(f"trainer.search_cache_mb must be >= 0, got {self.search_cache_mb}")
 
 
 @dataclass
@@ -118,6 +123,10 @@ class TrainContext:
 
     def evaluate(self, split: str = "val") -> Dict[str, float]:
         return self.trainer.evaluate(split)
+
+    def search_evaluation(self, split: str = "val") -> SearchEvaluation:
+        """Repeated evaluation of ``split`` with frozen parameters (``Trainer.search_evaluation``)."""
+        return self.trainer.search_evaluation(split)
 
 
 @dataclass
@@ -181,14 +190,23 @@ class Trainer:
     def predict_tasks(self, split: str, model: Optional[nn.Module] = None):
         """Click labels (N,), every task's outputs {task: (N,)} and the regression targets {task: (N,)}."""
         model = model or self.model
+        iterator = self.parallel.iterate(BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size))
+        forwards = ((model(batch.dense_features, batch.sparse_features), batch) for batch in iterator)
+        return self.predictions(model, iterator, forwards, split)
+
+    @torch.no_grad()
+    def predictions(self, model: nn.Module, iterator, forwards: Iterable[Tuple[Any, Any]], split: str):
+        """``predict_tasks``'s arrays from ``forwards``, a lazy sequence of (the model's output, the
+        batch's labels and targets) over ``iterator``'s batches, run with ``model`` in eval mode;
+        distributed, gathered over the ranks (``parallel.gather``). Search stages feed it the
+        outputs of stored memos (``recbench.training.search_cache``)."""
         was_training = model.training
         model.eval()
-        iterator = self.parallel.iterate(BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size))
         labels: List[np.ndarray] = []
         outputs: Dict[str, List[np.ndarray]] = {}
         targets: Dict[str, List[np.ndarray]] = {}
-        for batch in iterator:
-            for task, values in task_outputs(model(batch.dense_features, batch.sparse_features)).items():
+        for output, batch in forwards:
+            for task, values in task_outputs(output).items():
                 outputs.setdefault(task, []).append(values.float().numpy())
                 if task != CLICK:
                     targets.setdefault(task, []).append(regression_target(batch, task).numpy())
@@ -205,9 +223,20 @@ class Trainer:
         labels, outputs, _ = self.predict_tasks(split, model)
         return labels, outputs[CLICK]
 
-    def evaluate(self, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
-        labels, outputs, targets = self.predict_tasks(split, model)
+    @staticmethod
+    def metrics_of(predictions) -> Dict[str, float]:
+        """Metrics of ``predict_tasks``'s (labels, outputs, targets): exact AUC, log loss, task MSEs."""
+        labels, outputs, targets = predictions
         return {**binary_metrics(labels, outputs[CLICK]), **regression_metrics(outputs, targets)}
+
+    def evaluate(self, split: str, model: Optional[nn.Module] = None) -> Dict[str, float]:
+        return self.metrics_of(self.predict_tasks(split, model))
+
+    def search_evaluation(self, split: str = "val") -> SearchEvaluation:
+        """``evaluate(split)`` for a search stage, which changes no parameter between evaluations:
+        batches and the model's candidate-independent outputs are computed once and kept (up to
+        ``search_cache_mb``; see ``recbench.training.search_cache``). Use it as a context manager."""
+        return SearchEvaluation(self, split, int(self.config.search_cache_mb * MB))
 
     # ------------------------------------------------------------- optimizers
     def _make_optimizers(self) -> None:
