@@ -23,6 +23,12 @@ step in the batch); the trainer's optimizer steps Delta with its own learning ra
 (``param_groups``) and the rows are committed (rounded with the *updated* Delta) by the
 ``on_step_end`` hook, as in ALPT's alternating update.
 
+Distributed runs (``trainer.distributed=true``): the integer rows, step sizes and optimizer
+state are replicated; a rank's backward gathers every rank's touched row ids and (U_r, D) row
+gradients (never a table-sized gradient), so each rank updates the global batch's rows with the
+global gradient and draws the same rounding noise (torch's global RNG, in the same state on
+every rank): W ranks keep identical tables equal to one process's.
+
 Budget: bytes = sum_f ceil(n_f * D * b_f / 8) (packed integers) + step sizes (4 bytes per field
 or per row) + fields below ``min_rows_to_compress`` in fp32. Precisions come from ``levels``:
 the largest uniform level within the target, then each field (largest first) raised to the
@@ -39,7 +45,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from recbench.methods import bit_packing
+from recbench.methods import batch_part, bit_packing
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup
 from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
 from recbench.methods.per_id import PerIdEmbedding, tensor_bytes
@@ -96,17 +102,21 @@ def optimizer_state_width(kind: str, dim: int) -> int:
 class LowPrecisionLookup(torch.autograd.Function):
     """De-quantized rows whose backward updates the integer rows in place (fused update).
 
-    forward(trigger, step, q (U, D) int64, rows (U,), fields (U,), store) -> (U, D) fp32 = step * q.
+    forward(trigger, step, q (U, D) int64, rows (U,), fields (U,), store, world) -> (U, D) fp32 = step * q.
     ``trigger`` is a fresh empty tensor requiring grad, so the backward runs even when the step
     size is fixed (LPT); ``step`` is the module's step-size tensor (per field (F_c,) or per row
     (R, 1)); its gradient (ALPT) is the LSQ estimate at the updated rows (row-sparse for per-row
-    steps). No gradient of the integer table exists.
+    steps). No gradient of the integer table exists. With ``world`` W > 1 (a distributed run,
+    ``batch_part.world_size``) the backward first joins every rank's touched rows and row
+    gradients (``global_rows``): every rank applies the whole batch's update, as one process does,
+    and returns the whole batch's step-size gradient (identical on every rank, so the ranks'
+    average is that gradient).
     """
 
     @staticmethod
-    def forward(ctx, trigger, step, q, rows, fields, store):
+    def forward(ctx, trigger, step, q, rows, fields, store, world=1):
         step_rows = store.step_of(step.detach(), rows, fields)
-        ctx.store, ctx.step_shape = store, tuple(step.shape)
+        ctx.store, ctx.step_shape, ctx.world = store, tuple(step.shape), int(world)
         ctx.save_for_backward(q, rows, fields, step_rows)
         return step_rows * q.to(step_rows.dtype)
 
@@ -114,10 +124,13 @@ class LowPrecisionLookup(torch.autograd.Function):
     def backward(ctx, grad):
         store = ctx.store
         q, rows, fields, step_rows = ctx.saved_tensors
+        if ctx.world > 1:  # the whole batch's rows and gradients, as one process has them
+            rows, fields, grad = store.global_rows(rows, grad, ctx.world)
+            q, step_rows = store.read(rows, fields), store.step_of(store.step.detach(), rows, fields)
         updated = store.apply_gradient(rows, step_rows * q.to(step_rows.dtype), grad)
         step_grad = store.step_gradient(rows, fields, step_rows, updated, grad, ctx.step_shape) if store.learnable else None
         store.stage(rows, fields, updated)
-        return None, step_grad, None, None, None, None
+        return None, step_grad, None, None, None, None, None
 
 
 class LowPrecisionEmbedding(PerIdEmbedding):
@@ -239,6 +252,20 @@ class LowPrecisionEmbedding(PerIdEmbedding):
             self.optimizer_state[rows] = state
         return updated
 
+    def global_rows(self, rows: torch.Tensor, grad: torch.Tensor, world: int):
+        """Distributed backward: this rank's touched rows (U_r,) and their gradients (U_r, D) ->
+        (rows (U,), fields (U,), gradients (U, D)) of the whole global batch, on every rank.
+
+        Only ids and (U_r, D) row gradients travel (``batch_part.concat_over_ranks``). A rank's
+        gradients are of its loss scaled by W (``ProcessGroupParallel.row_scale``): their sum over
+        ranks divided by W is the gradient of the global batch's mean loss. The rows come out
+        sorted, as ``torch.unique`` gives them to one process, so the stochastic-rounding noise
+        (the global RNG, in the same state on every rank) falls on the same entries."""
+        every_row, every_grad = batch_part.concat_over_ranks([rows, grad], world)
+        unique, inverse = torch.unique(every_row, return_inverse=True)
+        total = every_grad.new_zeros(unique.numel(), grad.shape[1]).index_add_(0, inverse, every_grad)
+        return unique, self.fields_of(unique), total / world
+
     def step_gradient(self, rows, fields, step_rows, updated, grad, shape) -> torch.Tensor:
         """LSQ gradient of the loss w.r.t. the step sizes at the updated rows (per field dense (F_c,),
         per row sparse (R, 1))."""
@@ -282,7 +309,7 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         q = self.read(unique, row_fields)
         if self.training and torch.is_grad_enabled():
             trigger = torch.empty(0, requires_grad=True)
-            rows = LowPrecisionLookup.apply(trigger, self.step, q, unique, row_fields, self)
+            rows = LowPrecisionLookup.apply(trigger, self.step, q, unique, row_fields, self, batch_part.world_size())
         else:
             rows = self.step_of(self.step, unique, row_fields) * q.to(torch.float32)
         return rows[inverse]

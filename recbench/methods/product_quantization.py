@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbench.methods import bit_packing
+from recbench.methods import batch_part, bit_packing, sync_batch_norm
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
 from recbench.methods.budget import kept_bytes, largest_integer_within, split_tables, target_bytes
 from recbench.methods.per_id import PerIdEmbedding
@@ -215,8 +215,13 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         return stacked.view(books, self.codewords, self.parts, -1).transpose(1, 2).contiguous()
 
     # ----- assignment -----
-    def logits(self, queries: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
-        """(U, P, d) queries of rows in ``books`` (U,) -> (U, P, K) logits (normalised, masked later)."""
+    def logits(self, queries: torch.Tensor, books: torch.Tensor, world: int = 1,
+               owned: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(U, P, d) queries of rows in ``books`` (U,) -> (U, P, K) logits (normalised, masked later).
+
+        ``world`` W > 1 (a distributed training step): the batch norm's statistics are those of
+        the whole global batch's unique rows, ``owned`` (U,) bool marking the rows this rank counts
+        (``batch_part.first_holder``; ``sync_batch_norm``)."""
         out = None
         for book, members in self._book_members(books):
             keys = self.keys[book]
@@ -231,9 +236,10 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
                 out = out.index_copy(0, members, part)
         if self.norm is not None:
             flat = out.reshape(-1, self.codewords)
-            use_batch = self.norm.training and flat.shape[0] > 1
-            flat = F.batch_norm(flat, self.norm.running_mean, self.norm.running_var, training=use_batch,
-                                momentum=self.norm.momentum, eps=self.norm.eps)
+            weights = None if owned is None else owned.to(flat.dtype).repeat_interleave(self.parts)
+            values = flat.shape[0] if weights is None else int(batch_part.sum_over_ranks(weights.sum(), world))
+            use_batch = self.norm.training and values > 1
+            flat = sync_batch_norm.batch_norm(flat, self.norm, use_batch, world, weights)
             if use_batch:
                 self.norm.num_batches_tracked.add_(1)
             out = flat.view_as(out)
@@ -285,9 +291,11 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
             return self.codeword_values()[books.unsqueeze(1), part, self._codes[rows_of_ids]].reshape(-1, self.dim)
         self._codes = None
         rows, inverse = torch.unique(rows_of_ids, return_inverse=True)
+        world = batch_part.world_size()  # > 1: batch statistics and means over the global batch's unique rows
+        owned = batch_part.first_holder(rows, world) if world > 1 else None
         books = self.book_rows(rows)
         queries = F.embedding(rows, self.query, sparse=True).view(len(rows), self.parts, -1)
-        logits = self.mask_tail(self.logits(queries, books), rows)
+        logits = self.mask_tail(self.logits(queries, books, world, owned), rows)
         codes = logits.argmax(-1)
         if self.assignment == "softmax":
             # forward: the hard codeword; backward: values get the one-hot gradient, logits the
@@ -303,8 +311,8 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
                     out = out.index_add(0, members, torch.einsum("upk,pkd->upd", relaxed[members], values))
         else:
             chosen = self.keys[books.unsqueeze(1), part, codes]
-            self._extra = (F.mse_loss(chosen, queries.detach())
-                           + self.commitment * F.mse_loss(queries, chosen.detach()))
+            self._extra = (_row_mean_squares(chosen, queries.detach(), world, owned)
+                           + self.commitment * _row_mean_squares(queries, chosen.detach(), world, owned))
             out = queries + (chosen - queries).detach()
         return out.reshape(len(rows), self.dim)[inverse]
 
@@ -325,6 +333,17 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
 
     def to_inference(self) -> nn.Module:
         return CodeLookup(self, self.all_codes()).eval()
+
+
+def _row_mean_squares(a: torch.Tensor, b: torch.Tensor, world: int, owned: Optional[torch.Tensor]) -> torch.Tensor:
+    """mean((a - b)^2) over the unique rows' (U, P, d) entries; distributed (``world`` W > 1): this
+    rank's share of the global batch's mean, W * sum over its ``owned`` rows / global entries, so the
+    ranks' average (their losses and gradients are averaged) is one process's value."""
+    if world == 1:
+        return F.mse_loss(a, b)
+    weights = owned.to(a.dtype).view(-1, *([1] * (a.dim() - 1)))
+    entries = batch_part.sum_over_ranks(owned.sum().to(a.dtype), world) * math.prod(a.shape[1:])
+    return ((a - b) ** 2 * weights).sum() * world / entries
 
 
 # ----------------------------------------------------------------------------- budget
