@@ -101,7 +101,8 @@ def model_fingerprint(model: nn.Module) -> Tuple[Any, ...]:
     """Identity of the model and its embedding module plus every parameter's and buffer's
     (identity, version counter): any in-place update or module swap changes it."""
     tensors = itertools.chain(model.parameters(), model.buffers())
-    return (id(model), id(getattr(model, "embedding", None)), tuple((id(t), t._version) for t in tensors))
+    return (id(model), id(getattr(model, "embedding", None)),
+            tuple((id(t), getattr(t, "_version", 0)) for t in tensors))
 
 
 class SearchEvaluation:

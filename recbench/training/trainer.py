@@ -18,6 +18,11 @@ Rebuilds go through the process strategy (``parallel.rebuild``: distributed, the
 released from DMP/DDP, rebuilt and wrapped again), and a finished stage's result and replicated
 state are checked to be the same on every rank (``parallel.check_replicas``).
 
+Search stages score many candidates on validation with every parameter frozen;
+``context.search_evaluation(split)`` (``recbench.training.search_cache``) evaluates them over batches
+and candidate-independent model outputs computed once (within ``search_cache_mb``), with the
+scores ``evaluate`` gives. Training and every other evaluation do not use it.
+
 Protocol (DESIGN.md section 4): exact AUC over the whole split; validation ``evals_per_epoch``
 times per epoch; early stopping on validation AUC; the test split is evaluated once, on the best
 validation checkpoint, with the embedding's deployable form (``to_inference``).

@@ -15,7 +15,7 @@ from recbench.methods.full import Full
 from recbench.methods.optembed import OptEmbed
 from recbench.models.dcn import DCNv2
 from recbench.models.dlrm import DLRM
-from recbench.models.moe import DCNMoE
+from recbench.models.moe import DCNMoE, DLRMMoE
 from recbench.training.optim import DenseOptimizer
 from recbench.training.search_cache import SearchEvaluation, stored_bytes
 from recbench.training.trainer import Trainer, TrainerConfig
@@ -36,7 +36,8 @@ def _model(kind, embedding, spec):
         return DLRM(*args)
     if kind == "dcn":
         return DCNv2(*args)
-    return DCNMoE(*args, gate=hash_gate, num_experts=3)  # the hash gate routes on the ids (memo keeps the KJT)
+    moe = DLRMMoE if kind == "dlrm_moe" else DCNMoE
+    return moe(*args, gate=hash_gate, num_experts=3)  # the hash gate routes on the ids (memo keeps the KJT)
 
 
 def _trainer(dataset, kind="dlrm", method=None, ratio=0.3, **config):
@@ -56,7 +57,7 @@ def _candidates(module, count=5, seed=0):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("kind", ["dlrm", "dcn", "dcn_moe"])
+@pytest.mark.parametrize("kind", ["dlrm", "dcn", "dlrm_moe", "dcn_moe"])
 def test_cached_scores_equal_uncached_for_every_candidate(toy_dataset, kind):
     trainer = _trainer(toy_dataset, kind)
     module = trainer.model.embedding
