@@ -20,6 +20,11 @@ others the sum of their hashed rows — one level (``hash_levels: 1``, CAFE), or
 at least ``medium_fraction`` x the hot threshold also add a second hashed row from an independent
 table. Bags pool the per-id vectors (sum; mean divides by the bag size).
 
+Distributed runs: the table is sharded by TorchRec (whole rows per shard); the batch's id
+gradients are joined over ranks in the backward (``id_gradients.attach(..., world)``), so every
+rank keeps the same sketch and hot set, and migrations act on each rank's column shards
+(``_weight_slices``).
+
 Budget: inference bytes = (H + M) * D * 4 (exclusive + hash rows) + 12 * W * 4 (the sketch: key,
 score, row per slot) + 4 (the medium threshold) + kept fields in full, with H = round(hot_fraction
 * R), M = R - H (at least one row per level) and W = ceil(sketch_slots_per_hot * H / 4) buckets;
@@ -38,9 +43,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import hashing_fns, id_gradients
+from recbench.methods import batch_part, hashing_fns, id_gradients
 from recbench.methods.base import CompressionMethod
 from recbench.methods.budget import land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.hot_sketch import SLOT_BYTES, HotSketch
@@ -154,24 +160,54 @@ class CafeEmbedding(FusedIdMapEmbedding):
         out = pool_outputs(self.fused(rewritten), features, self.feature_names, self.mean_names)
         if self.training:
             id_gradients.attach(out.values(), features, self.field_index, self.is_mean, keys, compressed, self.dim,
-                                self.observe)
+                                self.observe, batch_part.world_size())
         return out
 
     # ----- the online part -----
-    def _weight(self) -> torch.Tensor:
-        if isinstance(self.fused, FusedTables):
-            return self.fused.weight(TABLE)
-        return self.fused.collection.embedding_bags[TABLE].weight
+    def _weight_slices(self) -> List[torch.Tensor]:
+        """The table's weights this process holds, as (R, D_i) column slices over every row: the
+        whole table in one process; under TorchRec sharding (distributed runs: table-wise, column-
+        wise or table-column-wise, all of which keep whole rows) this rank's local shards, none when
+        another rank holds the table. A migration's row copies and write-backs act on each column
+        independently, so every rank applies them to its slices and the sharded table ends as the
+        whole table of one process would."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
 
-    def _hashed_vectors(self, keys: torch.Tensor):
-        """(vectors (N, D), rows (N, L) with -1 unused, levels (N,)) of keys as cold ids."""
+        if not isinstance(self.fused, FusedTables):  # the deployable copy's plain collection
+            return [self.fused.collection.embedding_bags[TABLE].weight]
+        collection = self.fused.collection
+        if isinstance(collection, FusedEmbeddingBagCollection):
+            return [self.fused.weight(TABLE)]
+        weight = collection.state_dict()[f"embedding_bags.{TABLE}.weight"]
+        if not isinstance(weight, ShardedTensor):
+            raise RuntimeError(f"cafe: table {TABLE!r} is held by an unexpected {type(collection).__name__}")
+        rows = self.hot_rows + sum(self.hash_rows)
+        slices = []
+        for shard in weight.local_shards():
+            if shard.metadata.shard_offsets[0] != 0 or shard.metadata.shard_sizes[0] != rows:
+                raise RuntimeError(f"cafe: a shard of table {TABLE!r} holds rows {shard.metadata.shard_offsets[0]}.."
+                                   f"{shard.metadata.shard_offsets[0] + shard.metadata.shard_sizes[0]} of {rows}; "
+                                   "migrations need whole rows (table-wise or column-wise sharding)")
+            slices.append(shard.tensor)
+        return slices
+
+    def _cold_rows(self, keys: torch.Tensor):
+        """(rows (N, L), used (N, L) bool, levels (N,)) of keys as cold ids."""
         _, scores = self.sketch.lookup(keys)
         levels = self.levels_of(scores)
         rows = self.hashed_rows(keys)
         used = torch.arange(len(self.hash_rows)).unsqueeze(0) < levels.unsqueeze(1)
-        weight = self._weight()
-        vectors = (weight[rows] * used.unsqueeze(2)).sum(1)
-        return vectors, torch.where(used, rows, torch.full_like(rows, -1)), levels
+        return rows, used, levels
+
+    def hashed_vectors(self, keys: torch.Tensor) -> torch.Tensor:
+        """(N, D) vectors of ``keys`` as cold ids (this rank's columns when the table is sharded)."""
+        rows, used, _ = self._cold_rows(keys)
+        return torch.cat([self._hashed_vectors(weight, rows, used) for weight in self._weight_slices()], 1)
+
+    @staticmethod
+    def _hashed_vectors(weight: torch.Tensor, rows: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        """(N, D_i) hashed vectors (sum of the used levels' rows) in the column slice ``weight``."""
+        return (weight[rows] * used.unsqueeze(2)).sum(1)
 
     def observe(self, keys: torch.Tensor, norms: torch.Tensor, counts: torch.Tensor) -> None:
         """Called in the backward: queue the batch's importance (normalised to sum to its number
@@ -209,9 +245,9 @@ class CafeEmbedding(FusedIdMapEmbedding):
         assert free.numel() == promote.numel(), "the hot set never exceeds the exclusive rows"
         if promote.numel():
             keys = keys_flat[promote].long()
-            vectors, _, _ = self._hashed_vectors(keys)
-            weight = self._weight()
-            weight[free] = vectors
+            rows, used, _ = self._cold_rows(keys)
+            for weight in self._weight_slices():
+                weight[free] = self._hashed_vectors(weight, rows, used)
             self._fresh_state(free)
             rows_flat[promote] = free.to(torch.int32)
             self.row_owner[free] = keys.to(torch.int32)
@@ -224,18 +260,26 @@ class CafeEmbedding(FusedIdMapEmbedding):
         if not keys.numel():
             return
         if self.write_back:
-            weight = self._weight()
-            hashed, levels_rows, levels = self._hashed_vectors(keys)
-            delta = (weight[rows] - hashed) / levels.unsqueeze(1).float()
-            used = levels_rows >= 0
-            weight.index_add_(0, levels_rows[used], delta.unsqueeze(1).expand(-1, used.shape[1], -1)[used])
+            levels_rows, used, levels = self._cold_rows(keys)
+            for weight in self._weight_slices():
+                delta = (weight[rows] - self._hashed_vectors(weight, levels_rows, used)) / levels.unsqueeze(1).float()
+                weight.index_add_(0, levels_rows[used], delta.unsqueeze(1).expand(-1, used.shape[1], -1)[used])
         self.row_owner[rows] = -1
 
     def _fresh_state(self, rows: torch.Tensor) -> None:
-        weight = self._weight()
-        for state in self.fused.fused_optimizer().state.get(weight, {}).values():
-            if isinstance(state, torch.Tensor) and state.shape[:1] == weight.shape[:1]:
-                state[rows] = 0
+        """Zero the fused optimizer state of ``rows`` (in one process, or in this rank's shards of it).
+
+        The state is found by parameter name in the optimizer's ``state_dict`` (whose tensors are
+        the live state): ``cafe.weight`` in one process, ``embedding_bags.cafe.weight`` when the
+        table is sharded. (Revision 1 looked it up keyed by the weight tensor, a different object
+        than the optimizer's key, and so never reset it.)"""
+        table_rows = self.hot_rows + sum(self.hash_rows)
+        for name, state in self.fused.fused_optimizer().state_dict()["state"].items():
+            if name.split(".")[-2:] != [TABLE, "weight"]:
+                continue
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape[:1] == (table_rows,):
+                    value[rows] = 0
 
     # ----- memory -----
     def memory_report(self) -> MemoryReport:
@@ -257,6 +301,9 @@ class Cafe(CompressionMethod):
 
     name = "cafe"
     table_backed = True
+    #: 2: an id promoted to an exclusive row starts with fresh optimizer state, as documented
+    #: (revision 1 never reset it); see methods/cafe.md, "Revisions".
+    revision = 2
 
     def __init__(self, name: Optional[str] = None, rows: Any = "auto", hot_fraction: float = 0.5,
                  sketch_slots_per_hot: float = 2.0, hash_levels: int = 1, medium_fraction: float = 0.1,

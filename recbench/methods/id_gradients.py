@@ -26,6 +26,7 @@ from typing import Callable, Mapping
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from recbench.methods import batch_part
 from recbench.methods.per_id import value_fields
 
 Callback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -43,7 +44,7 @@ def value_layout(features: KeyedJaggedTensor, index: Mapping[str, int], is_mean:
 
 
 def attach(values: torch.Tensor, features: KeyedJaggedTensor, index: Mapping[str, int], is_mean: torch.Tensor,
-           keys: torch.Tensor, select: torch.Tensor, dim: int, callback: Callback) -> None:
+           keys: torch.Tensor, select: torch.Tensor, dim: int, callback: Callback, world: int = 1) -> None:
     """Report per-key row-gradient norms of ``features``' values during the backward of ``values``.
 
     Args:
@@ -55,12 +56,17 @@ def attach(values: torch.Tensor, features: KeyedJaggedTensor, index: Mapping[str
         select: (N,) bool, the values to report (e.g. compressed fields only).
         dim: D.
         callback: called once per backward with (keys (U,), norms (U,), counts (U,)).
+        world: W > 1 in a distributed training step (``batch_part.world_size``): every rank's
+            unique keys, (U_r, D) summed gradients and counts are joined in the backward
+            (``batch_part.concat_over_ranks``) and the callback gets the whole global batch's keys,
+            norms and counts on every rank. A rank's gradients are of its loss scaled by W, so the
+            joined sum is divided by W: the gradient of the global mean loss, as in one process.
     """
     if not (values.requires_grad and torch.is_grad_enabled()):
         return
     fields, samples, scale = value_layout(features, index, is_mean)
     chosen = select.nonzero().flatten()
-    if not chosen.numel():
+    if not chosen.numel() and world == 1:  # distributed: every rank joins the collective, even with no value
         return
     unique, inverse, counts = torch.unique(keys[chosen], return_inverse=True, return_counts=True)
     fields, samples, scale = fields[chosen], samples[chosen], scale[chosen]
@@ -70,6 +76,14 @@ def attach(values: torch.Tensor, features: KeyedJaggedTensor, index: Mapping[str
         with torch.no_grad():
             per_value = grad.detach().view(grad.shape[0], num_fields, dim)[samples, fields] * scale.unsqueeze(1)
             summed = per_value.new_zeros(unique.numel(), dim).index_add_(0, inverse, per_value)
-            callback(unique, summed.norm(dim=1), counts)
+            if world == 1:
+                callback(unique, summed.norm(dim=1), counts)
+                return
+            every_key, every_sum, every_count = batch_part.concat_over_ranks([unique, summed, counts], world)
+            keys_all, where = torch.unique(every_key, return_inverse=True)
+            if not keys_all.numel():  # no value in the whole batch: one process reports nothing either
+                return
+            total = summed.new_zeros(keys_all.numel(), dim).index_add_(0, where, every_sum) / world
+            callback(keys_all, total.norm(dim=1), torch.zeros_like(keys_all).index_add_(0, where, every_count))
 
     values.register_hook(hook)

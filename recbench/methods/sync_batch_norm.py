@@ -65,11 +65,19 @@ def batch_norm(x: torch.Tensor, norm: nn.BatchNorm1d, training: bool, world: int
     else use the running statistics. ``world`` > 1: this rank's values are part of a batch over
     ``world`` ranks (every rank must call this in the same order); ``weights`` (N_r,) 0/1 marks
     the values that enter the statistics (default: all)."""
-    if norm.affine:
-        raise ValueError("sync_batch_norm.batch_norm: affine batch norm is not supported (the logits' BN has none)")
     if world == 1 or not training:
         return F.batch_norm(x, norm.running_mean, norm.running_var, training=training, momentum=norm.momentum,
                             eps=norm.eps)
+    return global_batch_norm(x, norm, world, weights)
+
+
+def global_batch_norm(x: torch.Tensor, norm: nn.BatchNorm1d, world: int,
+                      weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Training-mode ``batch_norm`` over the ``world`` ranks' values (x (N_r, C), weights (N_r,));
+    with ``world`` 1 the same computation within this process (what the tests compare with
+    ``nn.BatchNorm1d``)."""
+    if norm.affine:
+        raise ValueError("sync_batch_norm: affine batch norm is not supported (the logits' batch norm has none)")
     weights = torch.ones(x.shape[0], dtype=x.dtype) if weights is None else weights
     y, mean, var, count = _GlobalBatchNorm.apply(x, weights, norm.eps, world)
     with torch.no_grad():

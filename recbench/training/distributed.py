@@ -42,8 +42,10 @@ gathered global one); ``check_replicas`` compares every finished stage's result 
 replicated parameter and buffer across ranks (SHA-256 fingerprints) and raises ``RankDivergence``
 naming what differs. What a module computes from "the batch" is kept equal to one process by
 ``recbench.methods.batch_part`` (per-sample random draws: this rank's rows of the global draw;
-sums over the batch's lookups in ``extra_loss``: weighted by W) and ``concat_ranks`` (per-row
-values a hook needs from the whole batch, e.g. DSL's regrow gradients). A resumed run replays the
+sums over the batch's lookups in ``extra_loss``: weighted by W; quantities a module computes from
+the whole batch in its forward or backward, e.g. LPT's row updates, DPQ's batch-norm statistics,
+CAFE's sketch: joined over ranks there) and ``concat_ranks`` (per-row values a hook needs from the
+whole batch, e.g. DSL's regrow gradients). A resumed run replays the
 rebuild chain through the same ``rebuild`` before loading each rank's checkpoint.
 
 Limits: CPU processes with gloo only (the project pins FBGEMM's CPU build; the CUDA/NCCL path

@@ -122,7 +122,7 @@ def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
     module._demote(lost_keys, lost_rows)
     module.migrate()
     row, _ = module.sketch.lookup(torch.tensor([key]))
-    hashed, _, _ = module._hashed_vectors(torch.tensor([key]))  # promotion leaves hash rows unchanged
+    hashed = module.hashed_vectors(torch.tensor([key]))  # promotion leaves hash rows unchanged
     weight = module.fused.weight(TABLE)
     assert int(row) >= 0 and torch.allclose(weight[int(row)], hashed[0])
     # write-back: after demotion the id's hashed vector equals the exclusive vector it had
@@ -133,7 +133,7 @@ def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
     module.sketch.scores.view(-1)[(module.sketch.keys.view(-1) != key)] = 1.0  # the id falls out of the top
     module.migrate()
     assert int(module.sketch.lookup(torch.tensor([key]))[0]) == -1
-    after, _, _ = module._hashed_vectors(torch.tensor([key]))
+    after = module.hashed_vectors(torch.tensor([key]))
     assert torch.allclose(after[0], expected, atol=1e-5)
     assert_consistent(module)
 
@@ -173,3 +173,22 @@ def test_bad_settings_name_the_key():
         Cafe(hash_levels=3)
     with pytest.raises(ValueError, match="hot_fraction"):
         Cafe(hot_fraction=1.5)
+
+
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "adagrad"])
+def test_a_promoted_id_starts_with_fresh_optimizer_state(kind):
+    """Revision 2: the exclusive row an id is promoted to has its optimizer state reset (revision 1
+    looked the state up by a tensor that was not the optimizer's key and never reset it)."""
+    module = Cafe(hot_fraction=0.5).build(specs(), DIM, Budget(0.2), EmbeddingOptimizer(kind=kind, learning_rate=0.1))
+    states = [v for v in module.fused_optimizer().state_dict()["state"][f"{TABLE}.weight"].values()
+              if isinstance(v, torch.Tensor)]
+    assert states, "the fused optimizer keeps per-row state for this kind"
+    for state in states:
+        state.fill_(5.0)
+    key = int(module.key_offset[1])
+    module.sketch.insert(torch.tensor([key]), torch.tensor([1e6]))
+    assert module.migrate()["promoted"] == 1
+    row = int(module.sketch.lookup(torch.tensor([key]))[0])
+    for state in module.fused_optimizer().state_dict()["state"][f"{TABLE}.weight"].values():
+        if isinstance(state, torch.Tensor):
+            assert torch.all(state[row] == 0) and int((state.reshape(len(state), -1) != 5.0).any(1).sum()) == 1

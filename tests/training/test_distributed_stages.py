@@ -13,75 +13,29 @@ rank must end with identical stage results; a hook whose result differs between 
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import multistage_ranks
-from multistage_ranks import free_port
 from recbench.training import distributed
 from recbench.training.distributed import _fingerprint, _sparse_parameters
 
-REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "resumed_optembed", "diverging")
 
 
 @pytest.fixture(scope="module")
 def two_ranks(toy_dataset, tmp_path_factory):
     """Per-rank reports of every scenario from one 2-process gloo job (~25-40 s on 2 shared cores)."""
-    out = tmp_path_factory.mktemp("ranks")
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    script = str(Path(multistage_ranks.__file__))
-    procs = [subprocess.Popen([sys.executable, script, str(_data_root(toy_dataset)), str(out / f"rank{r}.pt"),
-                               *SCENARIOS], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(2)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-4000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
-
-
-def _data_root(dataset) -> Path:
-    return Path(dataset.directory).parents[2]  # <root>/toy/processed/<protocol id>
+    return multistage_ranks.run_ranks(multistage_ranks.data_root(toy_dataset), tmp_path_factory.mktemp("ranks"), SCENARIOS)
 
 
 @pytest.mark.parametrize("scenario", ["autosrh", "optembed", "pep", "dsl", "two_stage_full"])
 def test_two_ranks_match_one_process_through_every_stage(two_ranks, toy_dataset, scenario):
-    reports = [r[scenario] for r in two_ranks]
-    for report in reports:
-        assert report["error"] is None, report.get("traceback")
     _, single = multistage_ranks.train(scenario, toy_dataset)
-    assert len(reports[0]["stage_results"]) == len(single.stage_results) >= (1 if scenario == "dsl" else 2)
-    for key in ("val/auc", "test/auc", "test/logloss", "val/auc_training_form"):
-        print(f"{scenario} {key}: 2 ranks {reports[0]['metrics'][key]:.7f}, 1 process {single.metrics[key]:.7f}")
-        assert reports[0]["metrics"][key] == pytest.approx(single.metrics[key], abs=1e-4), key
-        assert reports[1]["metrics"][key] == reports[0]["metrics"][key], key
-    assert [h["step"] for h in reports[0]["history"]] == [h["step"] for h in single.history]
-    np.testing.assert_allclose([h["train/loss"] for h in reports[0]["history"]],
-                               [h["train/loss"] for h in single.history], atol=1e-5)
-    for index, (one, two) in enumerate(zip(single.stage_results, reports[0]["stage_results"])):
-        assert set(one) == set(two), index
-        for key, value in one.items():
-            if key == "seconds":
-                continue
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                torch.testing.assert_close(two[key], value, atol=1e-4, rtol=0, msg=f"stage {index} {key}")
-            elif isinstance(value, float):
-                assert two[key] == pytest.approx(value, abs=1e-4), (index, key)
-            else:
-                assert _fingerprint(two[key]) == _fingerprint(value), (index, key)
-    for a, b in zip(*(r["stage_results"] for r in reports)):  # every rank: bit-identical stage results
-        assert _fingerprint({k: v for k, v in a.items() if k != "seconds"}) == \
-            _fingerprint({k: v for k, v in b.items() if k != "seconds"})
+    multistage_ranks.assert_matches_one_process([r[scenario] for r in two_ranks], single, scenario,
+                                                min_stages=1 if scenario == "dsl" else 2)
 
 
 def test_a_run_stopped_in_its_last_stage_resumes_through_the_rebuild_chain(two_ranks):
