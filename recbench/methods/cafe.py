@@ -11,8 +11,8 @@ important ids: after each backward, each id of the batch adds its importance —
 row gradient (``recbench.methods.id_gradients``), scaled so the batch's scores sum to its number
 of lookups, as the reference's ``grad_norm * N / sum(grad_norm)`` — and all scores decay by
 ``decay`` per step. Every ``migrate_every`` steps the (at most) H highest-scored ids are hot:
-an id entering the hot set copies its current hashed vector into a free exclusive row (fresh
-optimizer state); an id leaving it (outscored, or replaced in the sketch) writes its exclusive
+an id entering the hot set copies its current hashed vector into a free exclusive row (which
+keeps the optimizer state its previous owner left); an id leaving it (outscored, or replaced in the sketch) writes its exclusive
 vector back (``write_back``: the difference is spread over its hash rows so its hashed vector
 equals the exclusive one) and frees the row. Lookup: hot ids read their exclusive row; the
 others the sum of their hashed rows — one level (``hash_levels: 1``, CAFE), or with
@@ -248,7 +248,7 @@ class CafeEmbedding(FusedIdMapEmbedding):
             rows, used, _ = self._cold_rows(keys)
             for weight in self._weight_slices():
                 weight[free] = self._hashed_vectors(weight, rows, used)
-            self._fresh_state(free)
+            # the row keeps the optimizer state its previous owner left (see methods/cafe.md, "Deviations")
             rows_flat[promote] = free.to(torch.int32)
             self.row_owner[free] = keys.to(torch.int32)
         self.migrations["promoted"] += int(promote.numel())
@@ -265,21 +265,6 @@ class CafeEmbedding(FusedIdMapEmbedding):
                 delta = (weight[rows] - self._hashed_vectors(weight, levels_rows, used)) / levels.unsqueeze(1).float()
                 weight.index_add_(0, levels_rows[used], delta.unsqueeze(1).expand(-1, used.shape[1], -1)[used])
         self.row_owner[rows] = -1
-
-    def _fresh_state(self, rows: torch.Tensor) -> None:
-        """Zero the fused optimizer state of ``rows`` (in one process, or in this rank's shards of it).
-
-        The state is found by parameter name in the optimizer's ``state_dict`` (whose tensors are
-        the live state): ``cafe.weight`` in one process, ``embedding_bags.cafe.weight`` when the
-        table is sharded. (Revision 1 looked it up keyed by the weight tensor, a different object
-        than the optimizer's key, and so never reset it.)"""
-        table_rows = self.hot_rows + sum(self.hash_rows)
-        for name, state in self.fused.fused_optimizer().state_dict()["state"].items():
-            if name.split(".")[-2:] != [TABLE, "weight"]:
-                continue
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.shape[:1] == (table_rows,):
-                    value[rows] = 0
 
     # ----- memory -----
     def memory_report(self) -> MemoryReport:
@@ -301,9 +286,6 @@ class Cafe(CompressionMethod):
 
     name = "cafe"
     table_backed = True
-    #: 2: an id promoted to an exclusive row starts with fresh optimizer state, as documented
-    #: (revision 1 never reset it); see methods/cafe.md, "Revisions".
-    revision = 2
 
     def __init__(self, name: Optional[str] = None, rows: Any = "auto", hot_fraction: float = 0.5,
                  sketch_slots_per_hot: float = 2.0, hash_levels: int = 1, medium_fraction: float = 0.1,

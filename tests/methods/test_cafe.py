@@ -174,21 +174,3 @@ def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="hot_fraction"):
         Cafe(hot_fraction=1.5)
 
-
-@pytest.mark.parametrize("kind", ["rowwise_adagrad", "adagrad"])
-def test_a_promoted_id_starts_with_fresh_optimizer_state(kind):
-    """Revision 2: the exclusive row an id is promoted to has its optimizer state reset (revision 1
-    looked the state up by a tensor that was not the optimizer's key and never reset it)."""
-    module = Cafe(hot_fraction=0.5).build(specs(), DIM, Budget(0.2), EmbeddingOptimizer(kind=kind, learning_rate=0.1))
-    states = [v for v in module.fused_optimizer().state_dict()["state"][f"{TABLE}.weight"].values()
-              if isinstance(v, torch.Tensor)]
-    assert states, "the fused optimizer keeps per-row state for this kind"
-    for state in states:
-        state.fill_(5.0)
-    key = int(module.key_offset[1])
-    module.sketch.insert(torch.tensor([key]), torch.tensor([1e6]))
-    assert module.migrate()["promoted"] == 1
-    row = int(module.sketch.lookup(torch.tensor([key]))[0])
-    for state in module.fused_optimizer().state_dict()["state"][f"{TABLE}.weight"].values():
-        if isinstance(state, torch.Tensor):
-            assert torch.all(state[row] == 0) and int((state.reshape(len(state), -1) != 5.0).any(1).sum()) == 1
