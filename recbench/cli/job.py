@@ -141,8 +141,9 @@ def protocol_tag(dataset_protocol_id: str, resolved: Dict[str, Any]) -> str:
     if "gate" in resolved:
         training["gate"] = resolved["gate"]
     trimmed = json.loads(json.dumps(training, default=str))
-    for key in ("trainer.progress", "trainer.num_threads", "trainer.resume", "trainer.checkpoint_every_steps",
-                "trainer.log_every_steps", "trainer.distributed", "trainer.sharding_types"):
+    # the keys that never change a run's numbers (one list: NON_NUMERIC_KEYS), and how a run is
+    # parallelised (a 2-rank run of the protocol is the same protocol)
+    for key in (*NON_NUMERIC_KEYS, *OPTIONAL_KEYS):
         _drop(trimmed, key)
     return f"{dataset_protocol_id}/{settings_hash(trimmed, 8)}"
 

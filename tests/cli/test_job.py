@@ -96,6 +96,26 @@ def test_an_option_added_later_at_its_default_keeps_the_hash_of_runs_recorded_be
     assert config_hash(current) != config_hash(before)
 
 
+@pytest.mark.parametrize("key, value", [("search_cache_mb", 0), ("num_threads", 1), ("progress", True),
+                                        ("distributed", True), ("sharding_types", ["table_wise"])])
+def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, key, value):
+    """A trainer option that does not change the numbers (NON_NUMERIC_KEYS) or how a run is
+    parallelised must not start a new leaderboard protocol, whether it is set, changed or absent
+    (runs recorded before ``search_cache_mb`` existed landed in another protocol until this held)."""
+    import copy
+
+    from recbench.cli.job import protocol_tag
+
+    current = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
+    changed, before = copy.deepcopy(current), copy.deepcopy(current)
+    changed["trainer"][key] = value
+    before["trainer"].pop(key, None)
+    assert protocol_tag("p", current) == protocol_tag("p", changed) == protocol_tag("p", before)
+    other = copy.deepcopy(current)
+    other["trainer"]["patience"] = 7
+    assert protocol_tag("p", other) != protocol_tag("p", current)
+
+
 def test_a_method_revision_above_one_enters_the_config_hash(tmp_path, monkeypatch):
     """Runs finished by an older revision of a method are not "finished" for its current revision;
     revision 1 (every method until a fix changes its numbers) leaves hashes as they were."""
