@@ -1,6 +1,6 @@
 """``recbench-report``: leaderboards from the MLflow store (or exported JSON records).
 
-    recbench-report [--dataset movielens100k] [--sweep-id ID] [--tracking-uri sqlite:///mlflow.db]
+    recbench-report [--dataset movielens100k] [--sweep-id ID] [--protocol TAG] [--tracking-uri sqlite:///mlflow.db]
                     [--records runs.json] [--export runs.json] [--out reports] [--ui-url http://127.0.0.1:5000]
 
 Writes, per dataset, ``reports/<dataset>/``: ``leaderboard.md``, ``leaderboard.csv``, a self-contained
@@ -35,6 +35,11 @@ def provenance(records) -> str:
                       "- each row links to its MLflow runs; each run's `command` tag reproduces it"])
 
 
+def of_protocol(tag, wanted: str) -> bool:
+    """Whether a run's protocol tag is ``wanted``: the whole tag or its training-settings part after '/'."""
+    return tag is not None and (tag == wanted or tag.split("/")[-1] == wanted)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="recbench-report", description="leaderboards from MLflow runs")
@@ -42,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
     parser.add_argument("--exclude-sweep-id", action="append", default=[], metavar="SWEEP_ID",
                         help="leave out runs of this sweep (repeatable; e.g. re-runs made to measure cost)")
+    parser.add_argument("--protocol", action="append", default=[], metavar="PROTOCOL",
+                        help="only runs of this protocol: the full tag (movielens100k-3e6e827a3f/16eedfff) or the "
+                             "part after '/' (repeatable; leaves out one-off runs made under other settings)")
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
     parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
@@ -63,6 +71,8 @@ def main(argv=None) -> int:
     if args.exclude_sweep_id:
         excluded = set(args.exclude_sweep_id)
         records = [r for r in records if r.get("sweep_id") not in excluded]
+    if args.protocol:
+        records = [r for r in records if any(of_protocol(r.get("protocol"), p) for p in args.protocol)]
     if not records:
         print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''}"
               f"{' in sweep ' + args.sweep_id if args.sweep_id else ''} in {args.records or args.tracking_uri}",

@@ -105,3 +105,17 @@ def test_sweeps_can_be_selected_or_left_out(tmp_path):
                             flag, "rerun", "--export", str(tmp_path / f"kept{flag}.json")]) == 0
         exported[flag] = {r["sweep_id"] for r in json.loads((tmp_path / f"kept{flag}.json").read_text())}
     assert exported == {"--sweep-id": {"rerun"}, "--exclude-sweep-id": {"main"}}
+
+
+def test_protocols_can_be_selected(tmp_path):
+    records = fixture_records()
+    for i, record in enumerate(records):
+        record["protocol"] = f"synthetic-3a21043c37/{'03f852f4' if i % 2 else 'aaaa0000'}"
+    save_records(records, tmp_path / "runs.json")
+    kept = {}
+    for wanted in ("03f852f4", "synthetic-3a21043c37/aaaa0000"):
+        assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / wanted.replace("/", "_")),
+                            "--no-figures", "--protocol", wanted, "--export", str(tmp_path / "kept.json")]) == 0
+        kept[wanted] = {r["protocol"] for r in json.loads((tmp_path / "kept.json").read_text())}
+    assert kept == {"03f852f4": {"synthetic-3a21043c37/03f852f4"},
+                    "synthetic-3a21043c37/aaaa0000": {"synthetic-3a21043c37/aaaa0000"}}
