@@ -35,10 +35,13 @@ from recbench.types import Budget, EmbeddingOptimizer, settings_hash
 
 log = logging.getLogger("recbench")
 
-#: resolved-config keys that do not change a run's numbers (excluded from its config hash)
+#: resolved-config keys that do not change a run's numbers (excluded from its config hash).
+#: ``dataset.raw_dir`` is where a generated dataset is written (derived from ``paths.data_root``: a
+#: relative and an absolute data root gave one configuration two hashes). Adding a key here changes
+#: recorded runs' hashes: re-tag them with ``python -m recbench.tracking.rehash``.
 NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "trainer.num_threads",
                     "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps",
-                    "trainer.search_cache_mb", "hydra")
+                    "trainer.search_cache_mb", "dataset.raw_dir", "hydra")
 #: keys added after runs were recorded, whose default leaves the numbers unchanged: they enter the
 #: config hash only when set to something else, so adding an option never orphans finished runs
 #: (a re-launched sweep still recognises them, and the report keeps them in one row)

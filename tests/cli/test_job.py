@@ -84,6 +84,17 @@ def test_config_hash_ignores_tracking_and_paths(tmp_path):
     assert config_hash(a) == config_hash(b) != config_hash(c)
 
 
+def test_config_hash_ignores_where_a_generated_dataset_is_written(tmp_path):
+    """``dataset.raw_dir`` follows ``paths.data_root``: a sweep launched with an absolute data root
+    must recognise the runs finished with a relative one (and the report keep them in one row)."""
+    a = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
+    b = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
+    a["dataset"]["raw_dir"], b["dataset"]["raw_dir"] = "datasets/synthetic/raw", "/abs/datasets/synthetic/raw"
+    assert config_hash(a) == config_hash(b)
+    b["dataset"]["rows"] = 12345
+    assert config_hash(a) != config_hash(b)
+
+
 def test_an_option_added_later_at_its_default_keeps_the_hash_of_runs_recorded_before_it(tmp_path):
     import copy
 
