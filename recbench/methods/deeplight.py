@@ -34,7 +34,8 @@ import torch
 
 from recbench.methods.base import Hook
 from recbench.methods.budget import check_auto
-from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
+from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, mask_artifacts, pruning_stage_result,
+                                      top_k_mask)
 from recbench.types import Stage, TableSpec
 
 
@@ -101,6 +102,8 @@ class ScheduleHook(Hook):
         return None
 
     def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        if context.stage.name == "finetune":
+            return mask_artifacts(context.embedding)  # the fixed mask the deployable form uses
         if context.stage.name != "prune":
             return None
         return pruning_stage_result(context.embedding, self.reached)

@@ -32,7 +32,8 @@ from torch import nn
 
 from recbench.methods import batch_part
 from recbench.methods.base import Hook, ParamGroup
-from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
+from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, mask_artifacts, pruning_stage_result,
+                                      top_k_mask)
 from recbench.types import FP32_BYTES, Stage, TableSpec
 
 GRANULARITIES = ("global", "dimension", "field", "field_dimension")
@@ -147,9 +148,11 @@ class SparsityHook(Hook):
         return None
 
     def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        module = context.embedding
+        if context.stage.name == "retrain":
+            return mask_artifacts(module)  # the frozen mask the deployable form uses
         if context.stage.name != "search":
             return None
-        module = context.embedding
         return {**pruning_stage_result(module, self.reached), "sparsity": module.sparsity(),
                 "target_sparsity": module.target_sparsity(),
                 "threshold_mean": float(torch.sigmoid(module.threshold.detach()).mean())}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -172,9 +173,27 @@ class PrunedEmbedding(PerIdEmbedding):
         return report
 
 
+@torch.no_grad()
+def nonzeros_per_field(module: PrunedEmbedding) -> torch.Tensor:
+    """(F_c,) nonzero entries of the effective table per compressed field (KJT order)."""
+    nonzero = (module.effective_table() != 0).sum(dim=1)
+    starts = [int(module.row_offset[module.field_index[t.name]]) for t in module.tables if t.name not in module.kept_names]
+    ends = starts[1:] + [module.num_rows]
+    return torch.stack([nonzero[a:b].sum() for a, b in zip(starts, ends)]) if starts else torch.zeros(0, dtype=torch.int64)
+
+
+def mask_artifacts(module: PrunedEmbedding) -> Dict[str, Any]:
+    """The mask's density and, as stage artifacts, the nonzero entries per compressed field and the
+    (R, D) mask as packed bits (row-major: ``numpy.unpackbits(mask_bits)[:R * D].reshape(R, D)``)."""
+    mask = module.mask.detach().flatten().numpy()
+    return {"density": module.density(), "nonzeros_per_field": nonzeros_per_field(module),
+            "mask_bits": torch.from_numpy(np.packbits(mask))}
+
+
 def pruning_stage_result(module: PrunedEmbedding, target_reached: bool) -> Dict[str, Any]:
-    """Scalars a pruning stage reports (logged as ``stage/<name>/<key>``)."""
-    return {"density": module.density(), "target_density": module.nnz / module.mask.numel(),
+    """What a pruning stage reports: ``mask_artifacts`` and the target (scalars are logged as
+    ``stage/<name>/<key>``)."""
+    return {**mask_artifacts(module), "target_density": module.nnz / module.mask.numel(),
             "target_reached": float(target_reached)}
 
 

@@ -126,8 +126,19 @@ def test_pep_search_stage_ends_at_target_sparsity(toy_dataset):
     assert step < 3 * steps_per_epoch  # ended by the hook, not by its cap
     assert bool(module.retraining) and int(module.mask.sum()) == module.nnz
     assert int(((module.weight != 0) & ~module.mask).sum()) == 0
+    assert_mask_artifacts(trainer.stage_results[1], module)  # the frozen mask of the retrain stage
     assert trainer.model.embedding.memory_report().inference_bytes == \
         method.memory(toy_dataset.spec.tables, DIM, method.solve(toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.5))).inference_bytes
+
+
+def assert_mask_artifacts(result, module):
+    """A stage result carries the mask (packed bits) and its nonzeros per compressed field."""
+    rows, dim = module.mask.shape
+    unpacked = np.unpackbits(result["mask_bits"].numpy())[:rows * dim].reshape(rows, dim)
+    assert np.array_equal(unpacked.astype(bool), module.mask.numpy())
+    per_field = result["nonzeros_per_field"]
+    assert len(per_field) == len(module.tables) - len(module.kept_names)
+    assert int(per_field.sum()) == int(((module.weight * module.mask) != 0).sum()) <= module.nnz
 
 
 # ---------------------------------------------------------------- DeepLight
@@ -168,6 +179,7 @@ def test_deeplight_prunes_on_schedule_and_ends_at_target(toy_dataset):
     assert sparsities[0] == 0.0 and all(b >= a for a, b in zip(sparsities, sparsities[1:]))
     assert int(module.mask.sum()) == module.nnz  # the finetune stage runs at exactly nnz
     assert int(((module.weight != 0) & ~module.mask).sum()) == 0
+    assert_mask_artifacts(trainer.stage_results[1], module)  # the finetune stage's fixed mask
     rng = np.random.default_rng(0)
     features = kjt(rng, toy_dataset.spec.tables)
     module.eval()
