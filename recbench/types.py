@@ -158,6 +158,9 @@ class Stage:
         early_stopping: end the stage after ``trainer.patience`` evaluations without a val AUC
             gain; False for schedule stages that must run to their end (or until a hook ends
             them), e.g. a pruning schedule whose early, denser checkpoints are not deployable.
+        evaluate_at_start: a stage that continues from the previous stage's model evaluates it
+            before its first step and counts it as its first checkpoint, so early stopping keeps
+            it when the stage only makes validation AUC worse (e.g. a fine-tune after pruning).
     """
 
     name: str = "train"
@@ -168,6 +171,7 @@ class Stage:
     reinit: bool = False
     run: Optional[Callable[..., Dict[str, Any]]] = None
     early_stopping: bool = True
+    evaluate_at_start: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("train", "search"):

@@ -115,8 +115,12 @@ class DeepLight(PruningMethod):
     name = "deeplight"
     module_class = DeepLightEmbedding
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", warmup_epochs: float = 1.0,
-                 pruning_epochs: float = 2.0, prune_every: int = 10, damping: float = 0.99,
+    #: 2: schedule inside the first epoch by default (0.5 + 0.5, was 1 + 2) and the fine-tune keeps
+    #: the pruned model when fine-tuning only lowers validation AUC (methods/deeplight.md, Revisions)
+    revision = 2
+
+    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", warmup_epochs: float = 0.5,
+                 pruning_epochs: float = 0.5, prune_every: int = 10, damping: float = 0.99,
                  tolerance: float = 1e-3):
         super().__init__(name, nnz=nnz, warmup_epochs=warmup_epochs, pruning_epochs=pruning_epochs,
                          prune_every=prune_every, damping=damping, tolerance=tolerance)
@@ -136,8 +140,10 @@ class DeepLight(PruningMethod):
 
     def stages(self) -> List[Stage]:
         # the hook ends the stage at the schedule's end; the cap leaves room for the last pruning step
+        # the finetune's first checkpoint is the pruned model itself (evaluate_at_start): when
+        # fine-tuning only over-fits (data seen again), early stopping keeps the pruned model
         return [Stage("prune", max_epochs=self.warmup_epochs + self.pruning_epochs + 0.5, early_stopping=False),
-                Stage("finetune")]
+                Stage("finetune", evaluate_at_start=True)]
 
     def hooks(self) -> List[Hook]:
         return [MaskHook(), ScheduleHook(self)]

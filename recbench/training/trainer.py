@@ -393,6 +393,8 @@ class Trainer:
                    disable=not cfg.progress or None, leave=False, dynamic_ncols=True)
         stop = False
         embedding = self.model.embedding
+        if stage.evaluate_at_start and progress["stage_step"] == 0 and progress["evals"] == 0:
+            best_state = self._evaluate_start(stage, context, progress)
         while progress["stage_step"] < max_steps and not stop:
             start_batch = progress["batch"]
             for batch in iterator.epoch(progress["epoch"], start_batch):
@@ -450,6 +452,18 @@ class Trainer:
         result = {"best_val_auc": progress["best_auc"], "steps": progress["stage_step"],
                   "epochs": progress["epoch"] + progress["batch"] / max(steps_per_epoch, 1)}
         return best_state, result
+
+    def _evaluate_start(self, stage: Stage, context: TrainContext, progress: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Validation of the model a stage starts from: its first checkpoint (``Stage.evaluate_at_start``)."""
+        metrics = self.evaluate("val")
+        progress["evals"] += 1
+        progress["best_auc"], progress["bad_evals"] = metrics["auc"], 0
+        record = {"val/auc": metrics["auc"], "val/logloss": metrics["logloss"], **split_task_metrics(metrics, "val")}
+        self.history.append({"step": progress["global_step"], "stage": context.stage_index, **record})
+        self._log(record, progress["global_step"])
+        context.last_metrics = metrics
+        log.info("stage %d (%s) starts at val AUC %.4f (its first checkpoint)", context.stage_index, stage.name, metrics["auc"])
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _step(self, batch: RecBatch) -> float:
         if not all(m.training for m in self.model.modules()):  # train() re-sets every module's flag: only when needed

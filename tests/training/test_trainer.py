@@ -93,6 +93,35 @@ def test_early_stopping_and_best_checkpoint(toy_dataset):
     assert result.metrics["val/auc"] == pytest.approx(best, abs=1e-6)  # test used the best val checkpoint
 
 
+class SpoilFinetune(Full):
+    """train -> finetune (evaluate_at_start); a hook ruins the top MLP at every finetune step."""
+
+    def stages(self):
+        return [Stage("train", max_steps=40), Stage("finetune", max_steps=30, evaluate_at_start=True)]
+
+    def hooks(self):
+        class Spoil(Hook):
+            def on_step_end(self, ctx):
+                if ctx.stage.name == "finetune":
+                    with torch.no_grad():
+                        for p in ctx.trainer.model.over.parameters():
+                            p.add_(torch.randn_like(p))
+        return [Spoil()]
+
+
+def test_a_stage_evaluated_at_its_start_keeps_its_start_when_it_only_gets_worse(toy_dataset):
+    """``Stage.evaluate_at_start``: the model a stage starts from is its first checkpoint, so a
+    fine-tune that only lowers validation AUC ends with the model it started from."""
+    trainer = _trainer(toy_dataset, SpoilFinetune(), patience=2, evals_per_epoch=4)
+    result = trainer.fit()
+    finetune = [h for h in result.history if h["stage"] == 1]
+    start_step = result.stage_results[0]["steps"]
+    assert finetune[0]["step"] == start_step and "train/loss" not in finetune[0]  # evaluated before any step
+    assert all(h["val/auc"] < finetune[0]["val/auc"] for h in finetune[1:])  # the spoiling worked
+    assert result.stage_results[1]["best_val_auc"] == pytest.approx(finetune[0]["val/auc"])
+    assert result.metrics["val/auc"] == pytest.approx(finetune[0]["val/auc"], abs=1e-6)
+
+
 def test_resume_after_kill_matches_uninterrupted_run(toy_dataset, tmp_path):
     reference = _trainer(toy_dataset, TwoStage(Recorder()), checkpoint_every_steps=7).fit()
     path = tmp_path / "ckpt.pt"
