@@ -14,8 +14,8 @@ a row too), and every ``decay_every`` steps all scores are multiplied by ``decay
 different fields are compared by their score relative to their field's ``quantile`` (0.95, the
 paper's EI / EI_95th(feature)); with ``normalize: none`` raw scores are compared. Every
 ``reallocate_every`` steps (a Hook) the R ids with the highest scores own the pool: an evicted id
-falls back, its row is re-initialised (zero, or a copy of the fallback row) with fresh optimizer
-state and handed to an admitted id; ``owner`` (R,) int32 is the inverse map. Rows start owned by
+falls back, its row is re-initialised (zero, or a copy of the fallback row; its fused optimizer
+state is kept) and handed to an admitted id; ``owner`` (R,) int32 is the inverse map. Rows start owned by
 the most frequent ids of the training split (``TableSpec.counts``, same normalisation).
 
 Budget: inference bytes = (R + F_c) * D * 4 (pool + fallback rows) + 4 * sum_f n_f (the int32 map)
@@ -23,6 +23,11 @@ Budget: inference bytes = (R + F_c) * D * 4 (pool + fallback rows) + 4 * sum_f n
 tables, so ratios below about 1/D + (F_c + 1) rows are infeasible (reported with the range).
 Training bytes add the optimizer state, ``owner`` (4 R), the fp32 importance (4 per id) and an
 int64 step counter.
+
+Distributed runs: the pool table is sharded by TorchRec (whole rows per shard); the batch's id
+gradients are joined over ranks in the backward (``id_gradients.attach(..., world)``), so every
+rank holds the same importance, map and owners, and re-initialisations act on each rank's column
+shards (``tables.column_slices``).
 
 Shapes: KJT (F keys, B bags) -> ids rewritten to pool rows -> KeyedTensor (B, F * D).
 """
@@ -36,12 +41,12 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import id_gradients
+from recbench.methods import batch_part, id_gradients
 from recbench.methods.base import CompressionMethod, Hook
 from recbench.methods.budget import land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.per_id import value_fields, with_values
 from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
-                                     pool_outputs)
+                                     column_slices, pool_outputs)
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 FALLBACKS = ("zero", "shared")
@@ -150,34 +155,29 @@ class AdaEmbedEmbedding(FusedIdMapEmbedding):
         self._reset_rows(rows, admitted)
         return {"admitted": int(admitted.numel()), "evicted": int(evicted.numel())}
 
-    def _reset_rows(self, rows: torch.Tensor, ids: Optional[torch.Tensor] = None) -> None:
-        """Re-initialise pool rows handed to new ids: zero (the vector the id had as an
-        unallocated id) or a copy of its field's shared fallback row; fresh optimizer state."""
+    def _reset_rows(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Re-initialise pool rows handed to new ids ``ids``: zero (the vector the id had as an
+        unallocated id) or a copy of its field's shared fallback row, in every column slice this
+        process holds (``tables.column_slices``: the whole table, or this rank's shards). The fused
+        optimizer's row state is kept (see the card: revision 1's reset never ran)."""
         if not rows.numel():
             return
-        weight = self.fused.weight(POOL)
         with torch.no_grad():
-            if self.fallback == "shared" and ids is not None:
-                weight[rows] = weight[self.pool_rows + self.field_of_id[ids]]
-            elif self.fallback == "shared":
-                bound = 1.0 / max(self.pool_rows, 1) ** 0.5
-                weight[rows] = torch.empty(rows.numel(), self.dim).uniform_(-bound, bound)
-            else:
-                weight[rows] = 0.0
-            for state in self.fused.fused_optimizer().state.get(weight, {}).values():
-                if isinstance(state, torch.Tensor) and state.shape[:1] == weight.shape[:1]:
-                    state[rows] = 0
+            for weight in self._pool_slices():
+                if self.fallback == "shared":
+                    weight[rows] = weight[self.pool_rows + self.field_of_id[ids]]
+                else:
+                    weight[rows] = 0.0
 
-    def _pool_weight(self) -> torch.Tensor:
-        """The pool table's weight, in the fused training form or the plain deployable one."""
-        if isinstance(self.fused, FusedTables):
-            return self.fused.weight(POOL)
-        return self.fused.collection.embedding_bags[POOL].weight
+    def _pool_slices(self) -> List[torch.Tensor]:
+        """The pool table's weights this process holds (training or deployable form)."""
+        return column_slices(self.fused, POOL, self.pool_rows + len(self.compressed), "adaembed")
 
     def _hold_fallback(self) -> None:
         if self.fallback == "zero" and self.compressed:
             with torch.no_grad():
-                self._pool_weight()[self.pool_rows:] = 0.0
+                for weight in self._pool_slices():
+                    weight[self.pool_rows:] = 0.0
 
     # ----- importance -----
     def observe(self, keys: torch.Tensor, norms: torch.Tensor, counts: torch.Tensor) -> None:
@@ -202,8 +202,9 @@ class AdaEmbedEmbedding(FusedIdMapEmbedding):
         rows, keys, compressed = self.rows_of(features)
         out = pool_outputs(self.fused(with_values(features, rows)), features, self.feature_names, self.mean_names)
         if self.training:
+            # distributed: every rank gets the whole global batch's id gradients (same importance everywhere)
             id_gradients.attach(out.values(), features, self.field_index, self.is_mean, keys, compressed, self.dim,
-                                self.observe)
+                                self.observe, batch_part.world_size())
         return out
 
     # ----- memory -----

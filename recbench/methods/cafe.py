@@ -43,7 +43,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods import batch_part, hashing_fns, id_gradients
@@ -52,7 +51,7 @@ from recbench.methods.budget import land, largest_integer_within, split_tables, 
 from recbench.methods.hot_sketch import SLOT_BYTES, HotSketch
 from recbench.methods.per_id import value_fields
 from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
-                                     pool_outputs)
+                                     column_slices, pool_outputs)
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 TABLE = "cafe"
@@ -165,31 +164,9 @@ class CafeEmbedding(FusedIdMapEmbedding):
 
     # ----- the online part -----
     def _weight_slices(self) -> List[torch.Tensor]:
-        """The table's weights this process holds, as (R, D_i) column slices over every row: the
-        whole table in one process; under TorchRec sharding (distributed runs: table-wise, column-
-        wise or table-column-wise, all of which keep whole rows) this rank's local shards, none when
-        another rank holds the table. A migration's row copies and write-backs act on each column
-        independently, so every rank applies them to its slices and the sharded table ends as the
-        whole table of one process would."""
-        from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-        if not isinstance(self.fused, FusedTables):  # the deployable copy's plain collection
-            return [self.fused.collection.embedding_bags[TABLE].weight]
-        collection = self.fused.collection
-        if isinstance(collection, FusedEmbeddingBagCollection):
-            return [self.fused.weight(TABLE)]
-        weight = collection.state_dict()[f"embedding_bags.{TABLE}.weight"]
-        if not isinstance(weight, ShardedTensor):
-            raise RuntimeError(f"cafe: table {TABLE!r} is held by an unexpected {type(collection).__name__}")
-        rows = self.hot_rows + sum(self.hash_rows)
-        slices = []
-        for shard in weight.local_shards():
-            if shard.metadata.shard_offsets[0] != 0 or shard.metadata.shard_sizes[0] != rows:
-                raise RuntimeError(f"cafe: a shard of table {TABLE!r} holds rows {shard.metadata.shard_offsets[0]}.."
-                                   f"{shard.metadata.shard_offsets[0] + shard.metadata.shard_sizes[0]} of {rows}; "
-                                   "migrations need whole rows (table-wise or column-wise sharding)")
-            slices.append(shard.tensor)
-        return slices
+        """This process's column slices of the table (``tables.column_slices``): migrations'
+        row copies and write-backs act on each of them."""
+        return column_slices(self.fused, TABLE, self.hot_rows + sum(self.hash_rows), "cafe")
 
     def _cold_rows(self, keys: torch.Tensor):
         """(rows (N, L), used (N, L) bool, levels (N,)) of keys as cold ids."""

@@ -183,6 +183,34 @@ class FusedTables(nn.Module):
         return PooledCollection(ebc, self.feature_order, self.mean_features)
 
 
+def column_slices(fused: nn.Module, table: str, rows: int, owner: str) -> List[torch.Tensor]:
+    """The weights of ``table`` (``rows`` rows) this process holds, as (rows, D_i) column slices:
+    the whole table in one process (fused training form, or the plain collection of a deployable
+    copy); under TorchRec sharding (distributed runs: table-wise, column-wise or table-column-wise,
+    all of which keep whole rows) this rank's local shards, none when another rank holds the table.
+    Row writes (re-initialisations, copies between rows) act on each column independently, so a
+    method that applies the same writes to every slice on every rank leaves the sharded table as
+    one process would. ``owner`` names the method in errors."""
+    from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    if not isinstance(fused, FusedTables):  # the deployable copy's plain collection
+        return [fused.collection.embedding_bags[table].weight]
+    collection = fused.collection
+    if isinstance(collection, FusedEmbeddingBagCollection):
+        return [fused.weight(table)]
+    weight = collection.state_dict()[f"embedding_bags.{table}.weight"]
+    if not isinstance(weight, ShardedTensor):
+        raise RuntimeError(f"{owner}: table {table!r} is held by an unexpected {type(collection).__name__}")
+    slices = []
+    for shard in weight.local_shards():
+        if shard.metadata.shard_offsets[0] != 0 or shard.metadata.shard_sizes[0] != rows:
+            raise RuntimeError(f"{owner}: a shard of table {table!r} holds rows {shard.metadata.shard_offsets[0]}.."
+                               f"{shard.metadata.shard_offsets[0] + shard.metadata.shard_sizes[0]} of {rows}; "
+                               "row writes need whole rows (table-wise or column-wise sharding)")
+        slices.append(shard.tensor)
+    return slices
+
+
 class PooledCollection(nn.Module):
     """A sum-pooling embedding-bag collection + mean division and field order (see FusedTables)."""
 

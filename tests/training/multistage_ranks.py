@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from recbench.methods.adaembed import AdaEmbed
 from recbench.methods.alpt import ALPT
 from recbench.methods.autosrh import AutoSrh
 from recbench.methods.cafe import Cafe
@@ -148,6 +149,8 @@ def method_of(scenario: str):
             "mgqe": lambda: MGQE(),
             # a sharded table whose hot rows follow a sketch of the whole batch's gradients
             "cafe": lambda: Cafe(),
+            # a sharded row pool reallocated from the whole batch's id gradients (every 3 steps here)
+            "adaembed": lambda: AdaEmbed(reallocate_every=3, decay_every=4),
             "diverging": Diverging}[scenario]()
 
 

@@ -11,6 +11,8 @@ evaluation).
   of the global batch's unique rows (``sync_batch_norm``), each row counted once.
 * ``cafe``: a table sharded by TorchRec; the HotSketch sees the whole batch's id gradients and
   migrations act on each rank's column shards.
+* ``adaembed``: a sharded row pool; importance from the whole batch's id gradients (identical on
+  every rank), re-initialised rows written in each rank's column shards.
 
 One 2-process job for all scenarios: ~20 s on 2 cores (plus ~10 s of single-process references).
 """
@@ -20,7 +22,7 @@ import pytest
 
 import multistage_ranks
 
-SCENARIOS = ("lpt", "alpt", "alpt_field", "dpq", "mgqe", "cafe")
+SCENARIOS = ("lpt", "alpt", "alpt_field", "dpq", "mgqe", "cafe", "adaembed")
 
 
 @pytest.fixture(scope="module")
