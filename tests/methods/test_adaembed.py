@@ -138,3 +138,23 @@ def test_bad_settings_name_the_key():
         AdaEmbed(fallback="mean")
     with pytest.raises(ValueError, match="normalize"):
         AdaEmbed(normalize="zscore")
+
+
+def test_reassigned_rows_keep_their_optimizer_state_as_documented():
+    """The card's choice (every recorded run had it): a row handed to a new id is re-initialised,
+    its row-wise Adagrad accumulator is kept."""
+    tables = specs()
+    module = AdaEmbed(fallback="zero").build(tables, DIM, Budget(0.3),
+                                             EmbeddingOptimizer(kind="rowwise_adagrad", learning_rate=0.1))
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        out = module(kjt(tables, 32, rng))
+        (out.values() ** 2).sum().backward()
+    state = next(iter(module.fused.fused_optimizer().state_dict()["state"].values()))
+    accumulator = next(iter(state.values()))
+    before_state, before_map = accumulator.clone(), module.row_of.clone()
+    module.importance.copy_(torch.rand(module.importance.numel()))
+    assert module.reallocate()["admitted"] > 0
+    rows = module.row_of[(before_map < 0) & (module.row_of >= 0)].long()
+    assert torch.all(module.fused.weight(POOL)[rows] == 0)  # re-initialised
+    assert float(before_state[rows].abs().sum()) > 0 and torch.equal(accumulator, before_state)  # state kept
