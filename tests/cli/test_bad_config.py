@@ -13,6 +13,8 @@ from test_job import toy_cfg
 
 @pytest.mark.parametrize("override, error, message", [
     ("budget.compression_ratio=0", ConfigError, r"must be in \(0, 1\], got 0"),
+    ("budget.compression_ratio=-0.1", ConfigError, r"must be in \(0, 1\], got -0.1"),
+    ("budget.compression_ratio=1.5", ConfigError, r"must be in \(0, 1\], got 1.5"),
     ("budget.compression_ratio=nan", ConfigError, r"must be in \(0, 1\], got nan"),
     ("budget.compression_ratio=inf", ConfigError, r"must be in \(0, 1\], got inf"),
     ("budget.compression_ratio=abc", ConfigError, "budget.compression_ratio must be a number, got 'abc'"),
