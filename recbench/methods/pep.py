@@ -8,9 +8,16 @@ Mechanism (paper Eq. 4-6): the embedding actually used is the soft-thresholded w
 granularity is ``global`` (one scalar), ``dimension`` (D), ``field`` (one per compressed field) or
 ``field_dimension`` (F_c, D). ``s`` starts at ``threshold_init`` (the paper's -15: g(s) ~ 3e-7) and
 is trained jointly with the table by the task loss plus ``threshold_weight_decay`` * ||s||^2 / 2
-and ``embedding_weight_decay`` * ||batch entries||^2 / 2 (the reference code's L2 on every
-parameter: it pulls s towards 0, raising the threshold, and keeps the entries small); the
-thresholds are their own parameter group (Adam, ``threshold_learning_rate``).
+(the reference code's L2 on every parameter: it pulls s towards 0, raising the threshold); the
+thresholds are their own parameter group (Adam, ``threshold_learning_rate``). Adam moves s by at
+most its learning rate per step, so ``threshold_learning_rate="auto"`` is ``|threshold_init| /
+(search_epochs * steps per epoch)``: the step count in which that pull can carry s from its
+initial value to 0 (g = 0.5, every usual entry pruned) — the target is reached inside the search
+whatever the dataset's size (the reference's fixed 1e-3 assumes Criteo's ~40k steps per epoch).
+An optional ``embedding_weight_decay`` * ||batch entries||^2 / 2 (a sum over the batch's
+lookups, so a row is decayed once per occurrence) is off by default: on ``synthetic`` it shrank
+the most frequent rows' entries ~100-fold, lowering the search model and dropping those fields
+from the mask (methods/pep.md, Revisions).
 Stage ``search`` ends as soon as the sparsity of ``w_hat`` reaches the target (a hook checks it
 every ``sparsity_check_interval`` steps and requests the stage end). Then ``rebuild`` freezes the
 mask — the ``nnz`` entries with the largest margin ``|w| - g(s)``, i.e. every surviving entry plus
@@ -25,6 +32,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D); s broad
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -129,13 +137,24 @@ class PEPEmbedding(PrunedEmbedding):
 class SparsityHook(Hook):
     """Ends stage ``search`` when the soft threshold's sparsity reaches the target."""
 
-    def __init__(self, interval: int):
+    def __init__(self, interval: int, method: Optional["PEP"] = None):
         self.interval = int(interval)
+        self.method = method
         self.reached = False
+        self.learning_rate: Optional[float] = None  # the thresholds' learning rate of the last search
 
     def on_stage_start(self, context: Any) -> None:
-        if context.stage.name == "search":
-            self.reached = False
+        if context.stage.name != "search":
+            return
+        self.reached = False
+        if self.method is not None:  # the thresholds' learning rate for this dataset's steps per epoch
+            steps_per_epoch = math.ceil(len(context.trainer.split("train")) / context.trainer.config.batch_size)
+            rate = self.method.search_threshold_learning_rate(steps_per_epoch)
+            for optimizer in context.trainer.optimizers.values():
+                for group in optimizer.param_groups:
+                    if group.get("name") == "thresholds":
+                        group["lr"] = rate
+            self.learning_rate = rate
 
     def on_step_end(self, context: Any) -> Optional[bool]:
         module = context.embedding
@@ -155,7 +174,8 @@ class SparsityHook(Hook):
             return None
         return {**pruning_stage_result(module, self.reached), "sparsity": module.sparsity(),
                 "target_sparsity": module.target_sparsity(),
-                "threshold_mean": float(torch.sigmoid(module.threshold.detach()).mean())}
+                "threshold_mean": float(torch.sigmoid(module.threshold.detach()).mean()),
+                **({"threshold_learning_rate": self.learning_rate} if self.learning_rate is not None else {})}
 
 
 class PEP(PruningMethod):
@@ -164,13 +184,17 @@ class PEP(PruningMethod):
     name = "pep"
     module_class = PEPEmbedding
 
+    #: 2: threshold learning rate scaled to the protocol's steps ("auto") and no L2 on the batch's
+    #: table entries by default (methods/pep.md, Revisions)
+    revision = 2
+
     def __init__(self, name: Optional[str] = None, nnz: Any = "auto", granularity: str = "field_dimension",
-                 threshold_init: float = -15.0, threshold_learning_rate: float = 0.01,
-                 threshold_weight_decay: float = 1e-2, embedding_weight_decay: float = 1e-3,
+                 threshold_init: float = -15.0, threshold_learning_rate: Any = "auto", search_epochs: float = 1.0,
+                 threshold_weight_decay: float = 1e-2, embedding_weight_decay: float = 0.0,
                  sparsity_check_interval: int = 10,
                  search_max_epochs: Optional[float] = None):
         super().__init__(name, nnz=nnz, granularity=granularity, threshold_init=threshold_init,
-                         threshold_learning_rate=threshold_learning_rate,
+                         threshold_learning_rate=threshold_learning_rate, search_epochs=search_epochs,
                          threshold_weight_decay=threshold_weight_decay, embedding_weight_decay=embedding_weight_decay,
                          sparsity_check_interval=sparsity_check_interval, search_max_epochs=search_max_epochs)
         from recbench.methods.budget import check_auto
@@ -179,15 +203,25 @@ class PEP(PruningMethod):
         if granularity not in GRANULARITIES:
             raise ValueError(f"method 'pep': granularity={granularity!r} is not supported; allowed: "
                              f"{', '.join(GRANULARITIES)}")
-        if not threshold_learning_rate > 0:
-            raise ValueError(f"method 'pep': threshold_learning_rate must be > 0, got {threshold_learning_rate}")
+        if isinstance(threshold_learning_rate, str):
+            check_auto(self.name, "threshold_learning_rate", threshold_learning_rate)
+        elif not threshold_learning_rate > 0:
+            raise ValueError(f"method 'pep': threshold_learning_rate must be > 0 or 'auto', got {threshold_learning_rate}")
+        if not search_epochs > 0:
+            raise ValueError(f"method 'pep': search_epochs must be > 0, got {search_epochs}")
+        if not threshold_init < 0:
+            raise ValueError(f"method 'pep': threshold_init must be < 0 (g(s) = sigmoid(s) < 0.5 at the start), "
+                             f"got {threshold_init}")
         for key, value in (("threshold_weight_decay", threshold_weight_decay), ("embedding_weight_decay", embedding_weight_decay)):
             if value < 0:
                 raise ValueError(f"method 'pep': {key} must be >= 0, got {value}")
         if int(sparsity_check_interval) < 1:
             raise ValueError(f"method 'pep': sparsity_check_interval must be >= 1, got {sparsity_check_interval}")
         self.granularity, self.threshold_init = granularity, float(threshold_init)
-        self.threshold_learning_rate, self.threshold_weight_decay = float(threshold_learning_rate), float(threshold_weight_decay)
+        self.auto_threshold_learning_rate = isinstance(threshold_learning_rate, str)
+        # "auto": a placeholder until the search stage knows its steps per epoch (SparsityHook)
+        self.threshold_learning_rate = 0.01 if self.auto_threshold_learning_rate else float(threshold_learning_rate)
+        self.search_epochs, self.threshold_weight_decay = float(search_epochs), float(threshold_weight_decay)
         self.embedding_weight_decay = float(embedding_weight_decay)
         self.sparsity_check_interval = int(sparsity_check_interval)
         self.search_max_epochs = None if search_max_epochs is None else float(search_max_epochs)
@@ -211,7 +245,14 @@ class PEP(PruningMethod):
                 Stage("retrain", reset_optimizer=True, reinit=True)]
 
     def hooks(self) -> List[Hook]:
-        return [MaskHook(), SparsityHook(self.sparsity_check_interval)]
+        return [MaskHook(), SparsityHook(self.sparsity_check_interval, self)]
+
+    def search_threshold_learning_rate(self, steps_per_epoch: int) -> float:
+        """The thresholds' Adam learning rate in the search: the configured one, or ("auto") the
+        rate at which Adam's at-most-lr steps carry s from ``threshold_init`` to 0 in ``search_epochs``."""
+        if not self.auto_threshold_learning_rate:
+            return self.threshold_learning_rate
+        return abs(self.threshold_init) / max(1.0, self.search_epochs * steps_per_epoch)
 
     def rebuild(self, module: PEPEmbedding, stage_result: Mapping[str, Any]) -> PEPEmbedding:
         if not bool(module.retraining):

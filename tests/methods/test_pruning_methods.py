@@ -131,6 +131,23 @@ def test_pep_search_stage_ends_at_target_sparsity(toy_dataset):
         method.memory(toy_dataset.spec.tables, DIM, method.solve(toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.5))).inference_bytes
 
 
+def test_pep_default_search_reaches_target_within_its_epochs(toy_dataset):
+    """Revision 2: with the defaults the thresholds' learning rate is |threshold_init| / (search_epochs *
+    steps per epoch), so the search reaches the target sparsity inside a 2-epoch protocol (revision 1's
+    fixed 0.01 moved s by at most 0.01 per step: on synthetic 200k rows 0.1% sparsity of a 95.6% target)."""
+    method = PEP()  # revision 1's defaults (0.01, embedding L2 1e-3): 0.1% sparsity here, target 59%
+    trainer = trainer_for(toy_dataset, method, 0.5, max_epochs=2)
+    module = trainer.model.embedding
+    trainer.fit()
+    steps_per_epoch = math.ceil(len(trainer.split("train")) / 64)
+    hook = trainer.hooks[1]
+    assert hook.learning_rate == pytest.approx(15.0 / steps_per_epoch)
+    search = trainer.stage_results[0]
+    assert hook.reached and search["target_reached"] == 1.0 and search["sparsity"] >= search["target_sparsity"]
+    assert search["threshold_learning_rate"] == pytest.approx(hook.learning_rate)
+    assert bool(module.retraining) and int(module.mask.sum()) == module.nnz
+
+
 def assert_mask_artifacts(result, module):
     """A stage result carries the mask (packed bits) and its nonzeros per compressed field."""
     rows, dim = module.mask.shape
