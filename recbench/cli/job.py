@@ -89,24 +89,26 @@ def method_revision(resolved: Dict[str, Any]) -> int:
     return int(getattr(get_class(str(target)), "revision", 1))
 
 
-def config_hash(resolved: Dict[str, Any], ignore: tuple = ()) -> str:
+def config_hash(resolved: Dict[str, Any], ignore: tuple = (), revision: Optional[int] = None) -> str:
     """Hash of the settings that change a run's numbers, including the method's code revision
-    when it is above 1 (``CompressionMethod.revision``): runs of an older revision are not "finished"."""
+    when it is above 1 (``CompressionMethod.revision``): runs of an older revision are not "finished".
+    ``revision`` overrides the current code's (re-hashing a recorded run: the revision it ran with)."""
     trimmed = json.loads(json.dumps(resolved, default=str))
     for key in NON_NUMERIC_KEYS + tuple(ignore):
         _drop(trimmed, key)
     for key, defaults in OPTIONAL_KEYS.items():
         if _lookup(trimmed, key) in defaults:
             _drop(trimmed, key)
-    revision = method_revision(resolved)
+    if revision is None:
+        revision = method_revision(resolved)
     if revision > 1:
         trimmed["method_revision"] = revision
     return settings_hash(trimmed, length=16)
 
 
-def group_hash(resolved: Dict[str, Any]) -> str:
+def group_hash(resolved: Dict[str, Any], revision: Optional[int] = None) -> str:
     """The config hash without the seed: runs sharing it are seeds of one leaderboard row."""
-    return config_hash(resolved, ignore=("seed",))
+    return config_hash(resolved, ignore=("seed",), revision=revision)
 
 
 def git_commit() -> str:

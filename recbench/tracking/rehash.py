@@ -67,7 +67,11 @@ def rehash_runs(tracking_uri: str, dry_run: bool = False) -> RehashSummary:
                     continue
                 resolved = yaml.safe_load(Path(local).read_text())
                 tags = run.data.tags
-                new = {"config_hash": config_hash(resolved), "group_hash": group_hash(resolved)}
+                # the revision the run was made with (runs from before the tag existed: revision 1),
+                # never the current code's: an older revision's run must not look like a new one's
+                revision = int(tags.get("method_revision") or 1)
+                new = {"config_hash": config_hash(resolved, revision=revision),
+                       "group_hash": group_hash(resolved, revision=revision)}
                 changed = {k: v for k, v in new.items() if tags.get(k) != v}
                 if not changed:
                     summary.unchanged += 1
