@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from recbench.install_check import software_versions
 from recbench.methods.base import InfeasibleBudget
-from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker, flatten, owner_tags
+from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training.inference_cost import inference_cost
-from recbench.training import distributed
+from recbench.training import checkpoint, distributed
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, settings_hash
@@ -199,6 +199,16 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     resume_id = None
     if cfg.trainer.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip() or None
+        problem = checkpoint.unreadable(checkpoint_path)
+        if problem:  # damaged: the run restarts (a new MLflow run); the killed one is closed with the reason
+            aside = checkpoint.set_aside(checkpoint_path)
+            reason = f"its checkpoint {checkpoint_path} is unreadable ({problem}); moved to {aside.name}; restarted"
+            log.warning("cannot resume: %s", reason)
+            if resume_id and parallel.is_main:
+                tracker.start_run(experiment, "", {}, {}, resume_run_id=resume_id)
+                tracker.set_tags({"status": "killed", "status_reason": f"killed, and {reason}"})
+                tracker.end_run(KILLED)
+            resume_id = None
     elif checkpoint_path.exists():
         checkpoint_path.unlink()
 

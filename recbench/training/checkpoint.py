@@ -38,6 +38,27 @@ def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def unreadable(path: Path) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be loaded (truncated, overwritten, not a checkpoint),
+    or None when it loads. A checkpoint is only ever replaced by a rename, so this means damage
+    from outside (disk, copy, hand edit)."""
+    try:
+        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every load failure is the answer
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+    if not isinstance(payload, dict) or "progress" not in payload or "model" not in payload:
+        return "not a recbench checkpoint (no 'model' / 'progress' entries)"
+    return None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename the checkpoint at ``path`` to ``<name>.unreadable`` (kept for inspection, never loaded)."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".unreadable")
+    os.replace(path, aside)
+    return aside
+
+
 def load_checkpoint(path: Path) -> Optional[Dict[str, Any]]:
     path = Path(path)
     if not path.is_file():

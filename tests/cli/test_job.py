@@ -179,3 +179,37 @@ def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override,
     with pytest.raises(ConfigError, match=message):
         run_job(toy_cfg(tmp_path, override), tracker)
     assert tracker.runs == []
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_a_checkpoint"])
+def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp_path, damage):
+    """A killed run whose ``checkpoint.pt`` was damaged (truncated; replaced by another file) cannot
+    resume: the damaged file is set aside, the killed MLflow run is closed KILLED with the reason,
+    and the job restarts as a new run with the numbers of an uninterrupted one (was: every re-run
+    failed with PyTorch's zip error until ``trainer.resume=false``)."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from recbench.tracking.mlflow_tracker import MLflowTracker
+
+    reference = run_job(toy_cfg(tmp_path / "reference", "seed=1"), InMemoryTracker())
+    cfg = toy_cfg(tmp_path, "seed=1", tracking="mlflow")
+    run_dir = Path(cfg.paths.run_root) / config_hash(OmegaConf.to_container(cfg, resolve=True))
+    run_dir.mkdir(parents=True)
+    killed = MLflowTracker(cfg.tracking.tracking_uri, cfg.tracking.artifact_root)
+    killed_id = killed.start_run("toy-killed", "killed", {"status": "running"}, {})
+    (run_dir / "run_id.txt").write_text(killed_id)
+    checkpoint = run_dir / "checkpoint.pt"
+    if damage == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}, "progress": {"global_step": 3}}, checkpoint)
+        checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    else:
+        torch.save({"something": torch.zeros(3)}, checkpoint)
+    result = run_job(cfg)
+    assert result.status == "finished" and result.run_id != killed_id
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(result.run_id).data.metrics["test/auc"] == pytest.approx(reference.metrics["test/auc"], abs=1e-6)
+    closed = client.get_run(killed_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["status"] == "killed"
+    assert "unreadable" in closed.data.tags["status_reason"] and "checkpoint.pt" in closed.data.tags["status_reason"]
+    assert (run_dir / "checkpoint.pt.unreadable").is_file() and not checkpoint.exists()
