@@ -14,8 +14,27 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch
 
 
+class NonFiniteDense(ValueError):
+    """A NaN or infinite dense feature reached a model (its prediction would be NaN, silently)."""
+
+
+def check_dense(dense: torch.Tensor) -> None:
+    """Raise ``NonFiniteDense`` naming the row, the feature and the value when any of the (B,
+    num_dense) dense features is NaN or infinite. Cost: one ``isfinite`` reduction over B x 13
+    values (microseconds, against milliseconds for the forward); only a failing batch is searched."""
+    if dense.numel() and not bool(torch.isfinite(dense).all()):
+        bad = ~torch.isfinite(dense)
+        row, column = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteDense(f"dense feature {column} of row {row} is {float(dense[row, column])} "
+                             f"({int(bad.sum())} non-finite value(s) in the batch); allowed: finite numbers "
+                             "(the protocols map missing values to 0)")
+
+
 class DenseInput(nn.Module):
     """Bottom MLP over dense features: (B, num_dense) -> (B, D).
+
+    Non-finite dense features are refused (``check_dense``): in training and at inference, in
+    every model (they all read the dense features through this module).
 
     A protocol without dense features (Avazu) gets a learned (D,) vector instead, broadcast to
     every sample, so the interaction arch keeps its shape (it then acts as a learned bias).
@@ -39,6 +58,7 @@ class DenseInput(nn.Module):
 
     def forward(self, dense: torch.Tensor) -> torch.Tensor:
         if self.arch is not None:
+            check_dense(dense)
             return self.arch(dense)
         return self.constant.expand(dense.shape[0], self.embedding_dim)
 
