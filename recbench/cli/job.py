@@ -338,6 +338,13 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     for key, value in spec.extras.items():
         if key.startswith("bayes_") and isinstance(value, (int, float)):
             metrics[f"bayes/{key[len('bayes_'):]}"] = float(value)
+    # what the cache was built from, kept with the run: sources (sha256), data lines and the malformed
+    # lines a text build skipped (count + the first ones with file:line), positive rates, split rule
+    for key in ("data_lines", "malformed_lines"):
+        if isinstance(spec.extras.get(key), (int, float)):
+            metrics[f"data/{key}"] = float(spec.extras[key])
+    if spec.extras:
+        _log_text_artifact(tracker, "dataset_facts.json", json.dumps(jsonable(dict(spec.extras)), indent=1))
     if "bayes/test_auc" in metrics:
         metrics["test/auc_gap_to_bayes"] = metrics["bayes/test_auc"] - metrics["test/auc"]
     metrics["run/cpu_seconds"] = time.process_time() - cpu_start

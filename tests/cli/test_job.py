@@ -213,3 +213,33 @@ def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp
     assert closed.info.status == "KILLED" and closed.data.tags["status"] == "killed"
     assert "unreadable" in closed.data.tags["status_reason"] and "checkpoint.pt" in closed.data.tags["status_reason"]
     assert (run_dir / "checkpoint.pt.unreadable").is_file() and not checkpoint.exists()
+
+
+def test_the_run_records_the_malformed_lines_its_dataset_build_skipped(tmp_path):
+    """A Criteo file with malformed lines (``malformed=skip``): the run logs their count
+    (``data/malformed_lines``) and the dataset facts (first lines as ``file:line: reason``, sources
+    with sha256) as ``dataset_facts.json``, so a skipped line is visible from the run itself."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    lines = ["\t".join([str(rng.integers(0, 2)), *map(str, rng.integers(0, 9, 13)),
+                        *[f"{v:08x}" for v in rng.integers(0, 5, 26)]]) for _ in range(700)]
+    lines[10], lines[500] = "1\tnot-enough-fields", ""
+    source = tmp_path / "train.txt"
+    source.write_text("\n".join(lines) + "\n")
+    from mlflow.tracking import MlflowClient
+
+    cfg = OmegaConf.to_container(toy_cfg(tmp_path, tracking="mlflow"))
+    cfg["dataset"] = {"_target_": "recbench.datasets.criteo.CriteoProtocol", "name": "criteo_small",
+                      "source": str(source), "split": "random", "chunk_rows": 256,
+                      "protocol": {**TOY["protocol"], "max_epochs": 1}}
+    cfg = OmegaConf.create(cfg)
+    result = run_job(cfg)
+    assert result.status == "finished"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    assert metrics["data/malformed_lines"] == 2 and metrics["data/data_lines"] == 700
+    facts = json.loads(Path(client.download_artifacts(result.run_id, "dataset_facts.json", str(tmp_path))).read_text())
+    assert facts["malformed_lines"] == 2
+    assert [e.split(": ")[0] for e in facts["malformed_examples"]] == [f"{source}:11", f"{source}:501"]
+    assert facts["sources"][0]["sha256"]
