@@ -153,7 +153,12 @@ class Stage:
         kind: "train" (the trainer's loop) or "search" (runs ``run`` instead of training).
         max_steps / max_epochs: length limits (None: the trainer's default).
         reset_optimizer: start the stage with fresh optimizer state.
-        reinit: re-initialise dense (non-embedding) parameters at the stage start.
+        reinit: re-initialise the model's ``nn.Linear`` layers outside the embedding (the bottom,
+            top MLPs) at the stage start. DCNv2's low-rank cross
+            kernels (``LowRankCrossNet``'s parameter lists), MoE expert banks and the no-dense
+            bias vector keep their trained values: the recorded runs of ``pep``, ``optembed`` and
+            ``autosrh`` were made so (PEP's card measured re-initialising the cross network too:
+            -0.0012 test AUC, within noise).
         run: for kind="search", a callable(context) -> dict of results.
         early_stopping: end the stage after ``trainer.patience`` evaluations without a val AUC
             gain; False for schedule stages that must run to their end (or until a hook ends

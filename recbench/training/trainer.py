@@ -373,6 +373,7 @@ class Trainer:
                  ", ".join(f"{k.rsplit('/', 1)[1]}={v:.4g}" for k, v in scalars.items()))
 
     def _reinit_dense(self) -> None:
+        """``Stage.reinit``: reset the ``nn.Linear`` layers outside the embedding module (see there)."""
         fused = {id(p) for p in self.model.embedding.parameters()}
         for module in self.model.modules():
             if module is self.model.embedding:
