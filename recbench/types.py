@@ -153,7 +153,7 @@ class Stage:
         kind: "train" (the trainer's loop) or "search" (runs ``run`` instead of training).
         max_steps / max_epochs: length limits (None: the trainer's default).
         reset_optimizer: start the stage with fresh optimizer state.
-        reinit: re-initialise the model's ``nn.Linear`` layers outside the embedding (the bottom,
+        reinit: re-initialise the model's ``nn.Linear`` layers outside the embedding (the bottom and
             top MLPs) at the stage start. DCNv2's low-rank cross
             kernels (``LowRankCrossNet``'s parameter lists), MoE expert banks and the no-dense
             bias vector keep their trained values: the recorded runs of ``pep``, ``optembed`` and
