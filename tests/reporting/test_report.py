@@ -32,6 +32,7 @@ def test_report_from_json_writes_every_output(tmp_path):
     # provenance: the runs' code, software and sweeps, in the Markdown and as an HTML list
     markdown = (folder / "leaderboard.md").read_text()
     assert "- code (git commit of the runs):" in markdown and "- software:" in markdown and "- sweeps:" in markdown
+    assert re.search(r"- seeds per finished row: \d+ in \d+ rows?", markdown)
     assert '<ul class="note"><li>code (git commit of the runs):' in page
 
 
@@ -119,3 +120,17 @@ def test_protocols_can_be_selected(tmp_path):
         kept[wanted] = {r["protocol"] for r in json.loads((tmp_path / "kept.json").read_text())}
     assert kept == {"03f852f4": {"synthetic-3a21043c37/03f852f4"},
                     "synthetic-3a21043c37/aaaa0000": {"synthetic-3a21043c37/aaaa0000"}}
+
+
+def test_coverage_counts_the_seeds_of_each_row():
+    from recbench.cli.report import coverage
+
+    def run(method, ratio, seed, status="finished"):
+        return {"protocol": "p/1", "method": method, "compression_ratio": ratio, "seed": seed, "status": status}
+
+    records = [run("qr", "0.1", s) for s in "012"] + [run("qr", "0.1", "0")]  # a duplicate seed counts once
+    records += [run("hashing", "0.1", s) for s in "012"] + [run("hashing", "0.5", "0"), run("hashing", "0.5", "1", "failed")]
+    assert coverage(records) == ("seeds per finished row: 3 in 2 rows, 1 in 1 row (rows with fewer than 3 seeds "
+                                 "are less certain: see the `seeds` column)")
+    assert coverage([run("qr", "0.1", s) for s in "01"]) == "seeds per finished row: 2 in 1 row"
+    assert coverage([run("qr", "0.1", "0", "failed")]) == "seeds per finished row: no finished run"
