@@ -50,3 +50,21 @@ def test_a_store_without_leaderboard_runs_writes_nothing(tmp_path):
     path.write_text("[]")
     assert load().main(["--records", str(path), "--output-dir", str(tmp_path / "out")]) == 0
     assert not (tmp_path / "out").exists()
+
+
+def test_full_with_cpu_seconds_from_another_sweep_beats_the_sweeps_own_untimed_full(tmp_path):
+    """The sweep's own `full` predates `run/cpu_seconds` (wall 150 s at load); its methods logged CPU
+    seconds: the reference is `full` of the same protocol from another sweep that has them."""
+    records = [record("full", 1.0, 0, wall=150, sweep="leaderboard_synthetic-abc")]
+    records += [record("pep", 0.1, s, wall=20, cpu=c, sweep="leaderboard_synthetic-abc") for s, c in enumerate([14, 15, 16])]
+    records += [record("full", 1.0, 0, wall=11, cpu=10, sweep="cost"), record("full", 1.0, 1, wall=12, cpu=12, sweep="cost")]
+    records += [record("full", 1.0, 0, wall=11, cpu=1, sweep="cost", protocol="other-protocol")]
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps(records))
+    out = tmp_path / "out"
+    assert load().main(["--dataset", "synthetic", "--records", str(path), "--output-dir", str(out)]) == 0
+    result = json.loads((out / "sweep_cost.json").read_text())
+    figures = {f["name"]: f for f in result["figures"]}
+    assert figures["synthetic_pep"]["ratio"] == 15 / 11  # CPU medians: pep 15 s, full (10, 12) 11 s
+    assert "CPU seconds" in figures["synthetic_pep"]["description"]
+    assert any("with CPU seconds (the sweep's own full runs have none)" in k for k in result["tables"])
