@@ -43,7 +43,8 @@ def unreadable(path: Path) -> Optional[str]:
     or None when it loads. A checkpoint is only ever replaced by a rename, so this means damage
     from outside (disk, copy, hand edit)."""
     try:
-        payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        source = Path(path)
+        payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every load failure is the answer
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
     if not isinstance(payload, dict) or "progress" not in payload or "model" not in payload:
