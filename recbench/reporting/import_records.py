@@ -1,0 +1,168 @@
+"""Put exported run records (``recbench-report --export runs.json``) back into an MLflow store.
+
+    python -m recbench.reporting.import_records reports/reference/synthetic/runs.json [--tracking-uri URI]
+
+The MLflow store is one SQLite file on the machine that ran the jobs. A committed reference report
+carries its runs as records (``reports/reference/<dataset>/runs.json``, written by ``--export``), so
+that the results outlive that file: importing them into a new (or lost) store makes a re-launched
+sweep skip every job they hold (same ``config_hash`` tag, status FINISHED) and makes
+``recbench-report`` and the dashboard show them beside new runs. A sweep spread over several
+machines or sessions thus resumes from what was committed.
+
+An imported run holds the record's tags (``reporting.runs.RECORD_TAGS``), the final value of every
+metric (logged at step 0), its MLflow status and start/end times, and two tags of its own:
+``imported_from_run_id`` (the run id in the store it was exported from) and ``imported_from`` (the
+file name). It holds no params, metric histories or artifacts (stage masks, chosen dims,
+``config.yaml``): those stay in the original store, so ``recbench.tracking.rehash`` lists imported runs
+as "without config" and leaves them alone. A record whose run is still RUNNING in the export (a job
+killed before the export) is imported as KILLED, so a re-launch runs that job again.
+
+Idempotent: a record whose run id is in the store, or that an earlier import already brought in
+(tag ``imported_from_run_id``, deleted runs included), is skipped. ``--dry-run`` only counts.
+
+References: DESIGN.md section 5 (tracking, sweep bookkeeping); ``recbench.reporting.runs`` (the record format).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Set
+
+from recbench.reporting.runs import RECORD_TAGS, load_records
+from recbench.tracking.base import KILLED
+from recbench.tracking.mlflow_tracker import MLflowTracker, resolve_tracking_uri, with_retries
+
+#: tags an import adds to every run it creates
+SOURCE_RUN_TAG = "imported_from_run_id"
+SOURCE_FILE_TAG = "imported_from"
+_STATUSES = ("FINISHED", "FAILED", "KILLED")
+_BATCH = 100
+
+
+class RecordError(ValueError):
+    """An exported record that cannot be imported (names the record and the field)."""
+
+
+@dataclass
+class ImportSummary:
+    records: int = 0
+    imported: List[str] = field(default_factory=list)  # source run ids
+    already_present: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.records} records: {len(self.imported)} imported, "
+                f"{self.already_present} already in the store (skipped)")
+
+
+def check_record(record: Dict[str, Any], position: int, source: str) -> None:
+    """Raise ``RecordError`` unless the record has what an import needs."""
+    where = f"{source}: record {position}"
+    if not isinstance(record, dict):
+        raise RecordError(f"{where}: not an object; allowed: the records written by recbench-report --export")
+    for key in ("run_id", "experiment", "run_status", "metrics"):
+        if key not in record:
+            raise RecordError(f"{where}: no field {key!r}; allowed: the records written by recbench-report --export")
+    if record["run_status"] not in (*_STATUSES, "RUNNING"):
+        raise RecordError(f"{where} (run {record['run_id']}): run_status {record['run_status']!r}; "
+                          f"allowed: {', '.join((*_STATUSES, 'RUNNING'))}")
+    if not isinstance(record["metrics"], dict):
+        raise RecordError(f"{where} (run {record['run_id']}): 'metrics' is not an object of name -> value")
+
+
+def _present(tracker: MLflowTracker, experiment_id: str) -> Set[str]:
+    """Run ids of the experiment and the source run ids of its imported runs (deleted runs included)."""
+    from mlflow.entities import ViewType
+
+    seen, token = set(), None
+    while True:
+        page = with_retries(tracker.client.search_runs, [experiment_id], "", run_view_type=ViewType.ALL,
+                            max_results=1000, page_token=token)
+        for run in page:
+            seen.add(run.info.run_id)
+            if SOURCE_RUN_TAG in run.data.tags:
+                seen.add(run.data.tags[SOURCE_RUN_TAG])
+        token = page.token
+        if not token:
+            return seen
+
+
+def _tags_of(record: Dict[str, Any], source_name: str) -> Dict[str, str]:
+    tags = {key: str(record[key]) for key in RECORD_TAGS if record.get(key) not in (None, "")}
+    tags.update({"mlflow.runName": str(record.get("run_name") or record["run_id"]),
+                 SOURCE_RUN_TAG: str(record["run_id"]), SOURCE_FILE_TAG: source_name})
+    return tags
+
+
+def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, source: str = "records",
+                   dry_run: bool = False) -> ImportSummary:
+    """Create one run per record not yet in the store (see the module docstring)."""
+    from mlflow.entities import Metric, RunTag
+
+    for position, record in enumerate(records):  # every record is checked before anything is written
+        check_record(record, position, source)
+    summary = ImportSummary(records=len(records))
+    present: Dict[str, Set[str]] = {}
+    for record in records:
+        experiment = str(record["experiment"])
+        if experiment not in present:
+            experiment_id = tracker.experiment_id(experiment, create=not dry_run)
+            present[experiment] = _present(tracker, experiment_id) if experiment_id else set()
+        if record["run_id"] in present[experiment]:
+            summary.already_present += 1
+            continue
+        summary.imported.append(record["run_id"])
+        if dry_run:
+            continue
+        start = int(record.get("start_time") or 0) or None
+        end = int(record.get("end_time") or 0) or start
+        tags = _tags_of(record, Path(source).name)
+        if record["run_status"] not in _STATUSES:  # RUNNING when exported: its process is gone by now
+            tags.update(status="killed", status_reason=f"still RUNNING when exported ({Path(source).name}); "
+                                                       "imported as KILLED")
+        run = with_retries(tracker.client.create_run, tracker.experiment_id(experiment), start_time=start,
+                           tags={"mlflow.runName": tags["mlflow.runName"]}, run_name=tags["mlflow.runName"])
+        run_id = run.info.run_id
+        items = [RunTag(k, v) for k, v in tags.items()]
+        metrics = [Metric(k, float(v), end or 0, 0) for k, v in sorted(record["metrics"].items())
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
+        for i in range(0, max(len(items), len(metrics)), _BATCH):
+            with_retries(tracker.client.log_batch, run_id, tags=items[i:i + _BATCH], metrics=metrics[i:i + _BATCH])
+        status = record["run_status"] if record["run_status"] in _STATUSES else KILLED
+        with_retries(tracker.client.set_terminated, run_id, status=status, end_time=end)
+        present[experiment].add(record["run_id"])
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recbench.reporting.import_records",
+                                     description="put exported run records back into an MLflow store")
+    parser.add_argument("records", type=Path, nargs="+", help="JSON files written by recbench-report --export")
+    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--artifact-root", default=os.environ.get("RECBENCH_ARTIFACT_ROOT", "mlartifacts"))
+    parser.add_argument("--dry-run", action="store_true", help="only count what would be imported")
+    args = parser.parse_args(argv)
+    tracker = MLflowTracker(resolve_tracking_uri(args.tracking_uri, Path.cwd()), args.artifact_root)
+    for path in args.records:
+        try:
+            records = load_records(path)
+        except (OSError, ValueError) as exc:
+            print(f"import_records: error: {path}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(records, list):
+            print(f"import_records: error: {path}: not a list of records (recbench-report --export)", file=sys.stderr)
+            return 2
+        try:
+            summary = import_records(records, tracker, str(path), dry_run=args.dry_run)
+        except RecordError as exc:
+            print(f"import_records: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"{path}: {summary}{' (dry run: nothing written)' if args.dry_run else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

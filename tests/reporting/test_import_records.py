@@ -1,0 +1,106 @@
+"""Exported run records imported into a new MLflow store: the sweep's skip check and the report see
+them as the original runs; a second import adds nothing; bad records are refused before any write."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from report_fixtures import fixture_records
+
+from recbench.reporting.import_records import RecordError, import_records, main as import_main
+from recbench.reporting.runs import load_mlflow_runs, save_records
+from recbench.tracking.base import FAILED, FINISHED
+from recbench.tracking.mlflow_tracker import MLflowTracker
+
+COMPARED = ("method", "dataset", "protocol", "compression_ratio", "seed", "sweep_id", "status", "status_reason",
+            "config_hash", "group_hash", "overrides", "experiment", "run_name", "start_time", "end_time", "metrics")
+
+
+def original_store(tmp_path):
+    """A store holding the fixture's FINISHED/FAILED runs plus one still RUNNING."""
+    uri = f"sqlite:///{tmp_path}/original.db"
+    tracker = MLflowTracker(uri, str(tmp_path / "art"))
+    for r in fixture_records():
+        tags = {k: r[k] for k in ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio",
+                                  "seed", "sweep_id", "status", "status_reason", "config_hash", "group_hash", "overrides")}
+        tracker.start_run(r["experiment"], r["run_name"], tags, {"seed": r["seed"]})
+        tracker.log_metrics(r["metrics"])
+        if r["run_status"] != "RUNNING":
+            tracker.end_run(FINISHED if r["run_status"] == "FINISHED" else FAILED)
+    return uri
+
+
+def comparable(records):
+    return sorted((tuple((k, json.dumps(r.get(k), sort_keys=True)) for k in COMPARED if k not in ("start_time", "end_time"))
+                   for r in records))
+
+
+def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
+    exported = load_mlflow_runs(original_store(tmp_path))
+    save_records(exported, tmp_path / "runs.json")
+    uri = f"sqlite:///{tmp_path}/new.db"
+    assert import_main([str(tmp_path / "runs.json"), "--tracking-uri", uri, "--artifact-root",
+                        str(tmp_path / "art2")]) == 0
+    imported = load_mlflow_runs(uri)
+    assert len(imported) == len(exported) == len(fixture_records())
+    running = [r for r in exported if r["run_status"] == "RUNNING"]
+    assert len(running) == 1
+    assert comparable([r for r in imported if r["status"] != "killed"]) == comparable(
+        [r for r in exported if r["run_status"] != "RUNNING"])
+    killed = [r for r in imported if r["status"] == "killed"]
+    assert len(killed) == 1 and killed[0]["status_reason"].startswith("still RUNNING when exported (runs.json)")
+    by_source = {}
+    tracker = MLflowTracker(uri, str(tmp_path / "art2"))
+    for run in imported:
+        info = tracker.client.get_run(run["run_id"])
+        by_source[info.data.tags["imported_from_run_id"]] = info
+        assert info.data.tags["imported_from"] == "runs.json"
+    for r in exported:  # status and times carried over; the orphan comes back KILLED (its job re-runs)
+        info = by_source[r["run_id"]].info
+        assert info.status == ("KILLED" if r["run_status"] == "RUNNING" else r["run_status"])
+        assert info.start_time == r["start_time"]
+    finished = [r for r in exported if r["run_status"] == "FINISHED"]
+    failed = [r for r in exported if r["run_status"] != "FINISHED"]
+    for r in finished:  # what recbench-sweep and the job ask before running a job
+        found = tracker.find_finished(r["experiment"], r["config_hash"])
+        assert found and by_source[r["run_id"]].info.run_id in {
+            by_source[o["run_id"]].info.run_id for o in finished if o["config_hash"] == r["config_hash"]}
+    for r in failed:
+        if not any(o["config_hash"] == r["config_hash"] for o in finished):
+            assert tracker.find_finished(r["experiment"], r["config_hash"]) is None
+    # idempotent: a second import (also into the original store itself) writes nothing
+    assert str(import_records(exported, tracker, "runs.json")) == f"{len(exported)} records: 0 imported, " \
+                                                                     f"{len(exported)} already in the store (skipped)"
+    assert len(load_mlflow_runs(uri)) == len(exported)
+    same = MLflowTracker(f"sqlite:///{tmp_path}/original.db", str(tmp_path / "art"))
+    assert len(import_records(exported, same, "runs.json").imported) == 0
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: r.pop("run_status"), "record 3: no field 'run_status'"),
+    (lambda r: r.update(run_status="DONE"), "run_status 'DONE'; allowed: FINISHED, FAILED, KILLED, RUNNING"),
+    (lambda r: r.update(metrics=[0.7]), "'metrics' is not an object"),
+])
+def test_a_bad_record_is_named_and_nothing_is_written(tmp_path, damage, message):
+    records = fixture_records()
+    damage(records[3])
+    tracker = MLflowTracker(f"sqlite:///{tmp_path}/new.db", str(tmp_path / "art"))
+    with pytest.raises(RecordError, match=message.replace("(", r"\(").replace(")", r"\)")) as caught:
+        import_records(records, tracker, "runs.json")
+    assert str(caught.value).startswith("runs.json: record 3")
+    assert tracker.client.search_experiments(filter_string="name != 'Default'") == []
+
+
+def test_the_command_reports_unreadable_files(tmp_path, capsys):
+    (tmp_path / "broken.json").write_text("[{")
+    (tmp_path / "object.json").write_text("{}")
+    uri = f"sqlite:///{tmp_path}/new.db"
+    assert import_main([str(tmp_path / "broken.json"), "--tracking-uri", uri]) == 2
+    assert "broken.json" in capsys.readouterr().err
+    assert import_main([str(tmp_path / "object.json"), "--tracking-uri", uri]) == 2
+    assert "not a list of records" in capsys.readouterr().err
+    records = fixture_records()
+    save_records(records, tmp_path / "runs.json")
+    assert import_main([str(tmp_path / "runs.json"), "--tracking-uri", uri, "--dry-run"]) == 0
+    assert f"{len(records)} records: {len(records)} imported, 0 already" in capsys.readouterr().out
+    assert load_mlflow_runs(uri) == []
