@@ -136,6 +136,18 @@ def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     again = check_plan(build_plan("toy", overrides))
     assert (again.jobs_total, again.already_finished) == (6, 1)
     assert run_job(cfg).status == "skipped"
+    # the store is lost, its runs were exported: imported into a new store, the job is still skipped
+    from recbench.reporting.import_records import main as import_main
+    from recbench.reporting.runs import load_mlflow_runs, save_records
+
+    save_records(load_mlflow_runs(env["MLFLOW_TRACKING_URI"]), tmp / "runs.json")
+    fresh = f"sqlite:///{tmp}/fresh.db"
+    assert import_main([str(tmp / "runs.json"), "--tracking-uri", fresh, "--artifact-root", str(tmp / "art2")]) == 0
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh)
+    carried = check_plan(build_plan("toy", overrides))
+    assert (carried.jobs_total, carried.already_finished) == (6, 1)
+    (job, cfg), = [(j, c) for j, c in _job_configs(carried.grids[0].jobs) if "seed=1" in j]
+    assert cfg.tracking.tracking_uri == fresh and run_job(cfg).status == "skipped"
 
 
 def _counts(text: str) -> dict:
