@@ -29,10 +29,14 @@ def provenance(records) -> str:
         values = Counter(r.get(key) or unknown for r in records)
         return "; ".join(f"`{v}` ({n} runs)" for v, n in values.most_common())
 
+    imported = Counter(r.get("imported_from") for r in records if r.get("imported_from"))
+    carried = ([f"- runs imported from exported records (tags and final metrics; their params and artifacts "
+                f"stay in the store they were exported from): "
+                + "; ".join(f"{n} from `{name}`" for name, n in imported.most_common())] if imported else [])
     return "\n".join([f"- code (git commit of the runs): {listed('git_commit')}",
                       f"- software: {listed('software', 'not recorded (runs before tagging)')}",
                       f"- sweeps: {listed('sweep_id')}",
-                      f"- {coverage(records)}",
+                      f"- {coverage(records)}", *carried,
                       "- each row links to its MLflow runs; each run's `command` tag reproduces it"])
 
 

@@ -18,7 +18,8 @@ as "without config" and leaves them alone. A record whose run is still RUNNING i
 killed before the export) is imported as KILLED, so a re-launch runs that job again.
 
 Idempotent: a record whose run id is in the store, or that an earlier import already brought in
-(tag ``imported_from_run_id``, deleted runs included), is skipped. ``--dry-run`` only counts.
+(tag ``imported_from_run_id``, deleted runs included), is skipped; an imported run exported again
+keeps the run id of its first store, so records that travelled through several stores meet as one. ``--dry-run`` only counts.
 
 References: DESIGN.md section 5 (tracking, sweep bookkeeping); ``recbench.reporting.runs`` (the record format).
 """
@@ -90,10 +91,15 @@ def _present(tracker: MLflowTracker, experiment_id: str) -> Set[str]:
             return seen
 
 
+def origin(record: Dict[str, Any]) -> str:
+    """The run id a record started as: an imported run exported again keeps its first store's id."""
+    return str(record.get(SOURCE_RUN_TAG) or record["run_id"])
+
+
 def _tags_of(record: Dict[str, Any], source_name: str) -> Dict[str, str]:
     tags = {key: str(record[key]) for key in RECORD_TAGS if record.get(key) not in (None, "")}
     tags.update({"mlflow.runName": str(record.get("run_name") or record["run_id"]),
-                 SOURCE_RUN_TAG: str(record["run_id"]), SOURCE_FILE_TAG: source_name})
+                 SOURCE_RUN_TAG: origin(record), SOURCE_FILE_TAG: source_name})
     return tags
 
 
@@ -111,7 +117,7 @@ def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, so
         if experiment not in present:
             experiment_id = tracker.experiment_id(experiment, create=not dry_run)
             present[experiment] = _present(tracker, experiment_id) if experiment_id else set()
-        if record["run_id"] in present[experiment]:
+        if record["run_id"] in present[experiment] or origin(record) in present[experiment]:
             summary.already_present += 1
             continue
         summary.imported.append(record["run_id"])
@@ -133,7 +139,7 @@ def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, so
             with_retries(tracker.client.log_batch, run_id, tags=items[i:i + _BATCH], metrics=metrics[i:i + _BATCH])
         status = record["run_status"] if record["run_status"] in _STATUSES else KILLED
         with_retries(tracker.client.set_terminated, run_id, status=status, end_time=end)
-        present[experiment].add(record["run_id"])
+        present[experiment].update((record["run_id"], origin(record)))
     return summary
 
 

@@ -16,7 +16,8 @@ from recbench.tracking.base import orphan_reason
 
 RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
                "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
-               "overrides", "command", "host", "pid", "process_start", "software")
+               "overrides", "command", "host", "pid", "process_start", "software",
+               "imported_from", "imported_from_run_id")  # the last two: runs brought in by import_records
 
 
 def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:

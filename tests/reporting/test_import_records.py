@@ -8,7 +8,8 @@ import pytest
 from report_fixtures import fixture_records
 
 from recbench.reporting.import_records import RecordError, import_records, main as import_main
-from recbench.reporting.runs import load_mlflow_runs, save_records
+from recbench.cli.report import main as report_main
+from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
 from recbench.tracking.base import FAILED, FINISHED
 from recbench.tracking.mlflow_tracker import MLflowTracker
 
@@ -74,6 +75,17 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
     assert len(load_mlflow_runs(uri)) == len(exported)
     same = MLflowTracker(f"sqlite:///{tmp_path}/original.db", str(tmp_path / "art"))
     assert len(import_records(exported, same, "runs.json").imported) == 0
+    # exported again from the new store: a third store gets each run once, under its first run id
+    save_records(imported, tmp_path / "again.json")
+    third = MLflowTracker(f"sqlite:///{tmp_path}/third.db", str(tmp_path / "art3"))
+    assert len(import_records(load_records(tmp_path / "again.json"), third, "again.json").imported) == len(exported)
+    assert len(import_records(exported, third, "runs.json").imported) == 0
+    assert {r["imported_from_run_id"] for r in load_mlflow_runs(third.tracking_uri)} == {r["run_id"] for r in exported}
+    # the report says which runs were imported
+    assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "reports"), "--no-figures"]) == 0
+    header = (tmp_path / "reports" / "toy" / "leaderboard.md").read_text()
+    assert f"- runs imported from exported records (tags and final metrics; their params and artifacts stay in " \
+           f"the store they were exported from): {len(exported)} from `runs.json`" in header
 
 
 @pytest.mark.parametrize("damage, message", [
