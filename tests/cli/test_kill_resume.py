@@ -67,6 +67,10 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(tmp_path):
     victim.wait()
     assert progress is not None, "the run finished before a mid-epoch checkpoint could be taken"
     assert victim.returncode == -signal.SIGKILL and checkpoint.is_file()
+    # the victim may have written its next checkpoint between our read and the kill (20 toy steps take
+    # ~0.1 s): the resume starts from what is on disk now, which must still be mid-epoch
+    progress = torch.load(checkpoint, weights_only=True)["progress"]
+    assert progress["batch"] > 0 and progress["epoch"] == 0, progress
     print(f"killed at epoch {progress['epoch']}, batch {progress['batch']} (global step {progress['global_step']})")
     _, runs = _runs(tmp_path, "killed")
     assert [r.info.status for r in runs] == ["RUNNING"]  # left open by the kill
