@@ -36,16 +36,18 @@ demo: setup data
 
 ## sweep-smoke: every registered method at one budget for a few steps (registry smoke test)
 sweep-smoke: setup data
-	$(BIN)/recbench-sweep smoke
+	$(BIN)/recbench-sweep smoke $(JOBS_FLAG) $(ARGS)
 
 ## sweep-movielens100k: the MovieLens-100K leaderboard (every method x 6 budgets x 3 seeds + full)
 sweep-movielens100k: setup data
-	$(BIN)/recbench-sweep leaderboard_movielens100k $(ARGS)
+	$(BIN)/recbench-sweep leaderboard_movielens100k $(JOBS_FLAG) $(ARGS)
 
 ## sweep-synthetic: the synthetic leaderboard (every method x 6 budgets x 3 seeds + full); JOBS=2 for parallel
-JOBS ?= 1
+# JOBS=N overrides the preset's number of parallel jobs (leaderboard_synthetic: 1, the others: 2)
+JOBS ?=
+JOBS_FLAG = $(if $(JOBS),--jobs $(JOBS))
 sweep-synthetic: setup
-	$(BIN)/recbench-sweep leaderboard_synthetic --jobs $(JOBS) $(ARGS)
+	$(BIN)/recbench-sweep leaderboard_synthetic $(JOBS_FLAG) $(ARGS)
 
 ## test: the default test suite (installs first if needed)
 test: setup
