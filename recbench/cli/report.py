@@ -30,8 +30,8 @@ def provenance(records) -> str:
         return "; ".join(f"`{v}` ({n} runs)" for v, n in values.most_common())
 
     imported = Counter(r.get("imported_from") for r in records if r.get("imported_from"))
-    carried = ([f"- runs imported from exported records (tags and final metrics; their params and artifacts "
-                f"stay in the store they were exported from): "
+    carried = ([f"- runs imported from exported records (tags, params and final metrics; their "
+                f"artifacts stay in the store they were exported from): "
                 + "; ".join(f"{n} from `{name}`" for name, n in imported.most_common())] if imported else [])
     return "\n".join([f"- code (git commit of the runs): {listed('git_commit')}",
                       f"- software: {listed('software', 'not recorded (runs before tagging)')}",

@@ -9,12 +9,12 @@ sweep skip every job they hold (same ``config_hash`` tag, status FINISHED) and m
 ``recbench-report`` and the dashboard show them beside new runs. A sweep spread over several
 machines or sessions thus resumes from what was committed.
 
-An imported run holds the record's tags (``reporting.runs.RECORD_TAGS``), the final value of every
-metric (logged at step 0), its MLflow status and start/end times, and two tags of its own:
-``imported_from_run_id`` (the run id in the store it was exported from) and ``imported_from`` (the
-file name). It holds no params, metric histories or artifacts (stage masks, chosen dims,
-``config.yaml``): those stay in the original store, so ``recbench.tracking.rehash`` lists imported runs
-as "without config" and leaves them alone. A record whose run is still RUNNING in the export (a job
+An imported run holds the record's tags (``reporting.runs.RECORD_TAGS``), its params (the flattened
+resolved config, when the record has them), the final value of every metric (logged at step 0), its
+MLflow status and start/end times, and two tags of its own: ``imported_from_run_id`` (the run id in
+the store it was exported from) and ``imported_from`` (the file name). It holds no metric histories
+or artifacts (stage masks, chosen dims, ``config.yaml``): those stay in the original store, so
+``recbench.tracking.rehash`` lists imported runs as "without config" and leaves them alone. A record whose run is still RUNNING in the export (a job
 killed before the export) is imported as KILLED, so a re-launch runs that job again.
 
 Idempotent: a record whose run id is in the store, or that an earlier import already brought in
@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Sequence, Set
 
 from recbench.reporting.runs import RECORD_TAGS, load_records
 from recbench.tracking.base import KILLED
-from recbench.tracking.mlflow_tracker import MLflowTracker, resolve_tracking_uri, with_retries
+from recbench.tracking.mlflow_tracker import MAX_PARAM_LENGTH, MLflowTracker, resolve_tracking_uri, with_retries
 
 #: tags an import adds to every run it creates
 SOURCE_RUN_TAG = "imported_from_run_id"
@@ -72,6 +72,8 @@ def check_record(record: Dict[str, Any], position: int, source: str) -> None:
                           f"allowed: {', '.join((*_STATUSES, 'RUNNING'))}")
     if not isinstance(record["metrics"], dict):
         raise RecordError(f"{where} (run {record['run_id']}): 'metrics' is not an object of name -> value")
+    if not isinstance(record.get("params", {}), dict):
+        raise RecordError(f"{where} (run {record['run_id']}): 'params' is not an object of name -> value")
 
 
 def _present(tracker: MLflowTracker, experiment_id: str) -> Set[str]:
@@ -106,7 +108,7 @@ def _tags_of(record: Dict[str, Any], source_name: str) -> Dict[str, str]:
 def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, source: str = "records",
                    dry_run: bool = False) -> ImportSummary:
     """Create one run per record not yet in the store (see the module docstring)."""
-    from mlflow.entities import Metric, RunTag
+    from mlflow.entities import Metric, Param, RunTag
 
     for position, record in enumerate(records):  # every record is checked before anything is written
         check_record(record, position, source)
@@ -135,8 +137,10 @@ def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, so
         items = [RunTag(k, v) for k, v in tags.items()]
         metrics = [Metric(k, float(v), end or 0, 0) for k, v in sorted(record["metrics"].items())
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
-        for i in range(0, max(len(items), len(metrics)), _BATCH):
-            with_retries(tracker.client.log_batch, run_id, tags=items[i:i + _BATCH], metrics=metrics[i:i + _BATCH])
+        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted((record.get("params") or {}).items())]
+        for i in range(0, max(len(items), len(metrics), len(params)), _BATCH):
+            with_retries(tracker.client.log_batch, run_id, tags=items[i:i + _BATCH], metrics=metrics[i:i + _BATCH],
+                         params=params[i:i + _BATCH])
         status = record["run_status"] if record["run_status"] in _STATUSES else KILLED
         with_retries(tracker.client.set_terminated, run_id, status=status, end_time=end)
         present[experiment].update((record["run_id"], origin(record)))

@@ -1,8 +1,8 @@
 """Run records read from MLflow (or an exported JSON file) — never from live training objects.
 
 A record is a flat dict: run id, experiment (the dataset protocol id), status, the tags
-(method, model, dataset, protocol, compression_ratio, seed, sweep_id, status, ...) and the
-final value of every metric.
+(method, model, dataset, protocol, compression_ratio, seed, sweep_id, status, ...), the
+final value of every metric and the run's params (the flattened resolved config).
 
 References: DESIGN.md section 5 ("Tracking").
 """
@@ -43,6 +43,7 @@ def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[D
                                           "start_time": run.info.start_time, "end_time": run.info.end_time}
                 record.update({k: tags.get(k, "") for k in RECORD_TAGS})
                 record["metrics"] = dict(run.data.metrics)  # the last logged value of every metric
+                record["params"] = dict(run.data.params)  # the flattened resolved config (for import_records)
                 orphaned = orphan_reason(tags) if run.info.status == "RUNNING" else None
                 if orphaned:  # shown as killed; `recbench-sweep` closes such runs in the store
                     record.update(status="killed", status_reason=orphaned)

@@ -56,10 +56,11 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
         info = tracker.client.get_run(run["run_id"])
         by_source[info.data.tags["imported_from_run_id"]] = info
         assert info.data.tags["imported_from"] == "runs.json"
-    for r in exported:  # status and times carried over; the orphan comes back KILLED (its job re-runs)
+    for r in exported:  # status, times and params carried over; the orphan comes back KILLED (its job re-runs)
         info = by_source[r["run_id"]].info
         assert info.status == ("KILLED" if r["run_status"] == "RUNNING" else r["run_status"])
         assert info.start_time == r["start_time"]
+        assert by_source[r["run_id"]].data.params == r["params"] == {"seed": str(r["seed"])}
     finished = [r for r in exported if r["run_status"] == "FINISHED"]
     failed = [r for r in exported if r["run_status"] != "FINISHED"]
     for r in finished:  # what recbench-sweep and the job ask before running a job
@@ -84,7 +85,7 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
     # the report says which runs were imported
     assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "reports"), "--no-figures"]) == 0
     header = (tmp_path / "reports" / "toy" / "leaderboard.md").read_text()
-    assert f"- runs imported from exported records (tags and final metrics; their params and artifacts stay in " \
+    assert f"- runs imported from exported records (tags, params and final metrics; their artifacts stay in " \
            f"the store they were exported from): {len(exported)} from `runs.json`" in header
 
 
@@ -92,6 +93,7 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
     (lambda r: r.pop("run_status"), "record 3: no field 'run_status'"),
     (lambda r: r.update(run_status="DONE"), "run_status 'DONE'; allowed: FINISHED, FAILED, KILLED, RUNNING"),
     (lambda r: r.update(metrics=[0.7]), "'metrics' is not an object"),
+    (lambda r: r.update(params="seed=0"), "'params' is not an object"),
 ])
 def test_a_bad_record_is_named_and_nothing_is_written(tmp_path, damage, message):
     records = fixture_records()
