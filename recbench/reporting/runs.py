@@ -9,6 +9,7 @@ References: DESIGN.md section 5 ("Tracking").
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -18,6 +19,12 @@ RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", 
                "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
                "overrides", "command", "host", "pid", "process_start", "software",
                "imported_from", "imported_from_run_id")  # the last two: runs brought in by import_records
+
+
+def machine_local(value: str) -> bool:
+    """Whether a param value names a place on the machine that ran the job (an absolute path, a
+    ``file:`` or ``sqlite:`` URI): meaningless elsewhere, and never part of a committed record."""
+    return bool(re.match(r"(/|[A-Za-z]:[\\/]|file:|sqlite:)", str(value)))
 
 
 def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
@@ -43,7 +50,8 @@ def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[D
                                           "start_time": run.info.start_time, "end_time": run.info.end_time}
                 record.update({k: tags.get(k, "") for k in RECORD_TAGS})
                 record["metrics"] = dict(run.data.metrics)  # the last logged value of every metric
-                record["params"] = dict(run.data.params)  # the flattened resolved config (for import_records)
+                # the flattened resolved config (for import_records), without where this machine kept files
+                record["params"] = {k: v for k, v in run.data.params.items() if not machine_local(v)}
                 orphaned = orphan_reason(tags) if run.info.status == "RUNNING" else None
                 if orphaned:  # shown as killed; `recbench-sweep` closes such runs in the store
                     record.update(status="killed", status_reason=orphaned)

@@ -24,7 +24,8 @@ def original_store(tmp_path):
     for r in fixture_records():
         tags = {k: r[k] for k in ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio",
                                   "seed", "sweep_id", "status", "status_reason", "config_hash", "group_hash", "overrides")}
-        tracker.start_run(r["experiment"], r["run_name"], tags, {"seed": r["seed"]})
+        tracker.start_run(r["experiment"], r["run_name"], tags, {"seed": r["seed"], "paths.data_root": str(tmp_path),
+                                                                 "tracking.tracking_uri": f"sqlite:///{tmp_path}/x.db"})
         tracker.log_metrics(r["metrics"])
         if r["run_status"] != "RUNNING":
             tracker.end_run(FINISHED if r["run_status"] == "FINISHED" else FAILED)
@@ -60,6 +61,7 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
         info = by_source[r["run_id"]].info
         assert info.status == ("KILLED" if r["run_status"] == "RUNNING" else r["run_status"])
         assert info.start_time == r["start_time"]
+        # params carried over, except where the original machine kept its files
         assert by_source[r["run_id"]].data.params == r["params"] == {"seed": str(r["seed"])}
     finished = [r for r in exported if r["run_status"] == "FINISHED"]
     failed = [r for r in exported if r["run_status"] != "FINISHED"]
