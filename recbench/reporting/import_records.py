@@ -26,7 +26,6 @@ References: DESIGN.md section 5 (tracking, sweep bookkeeping); ``recbench.report
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -35,13 +34,12 @@ from typing import Any, Dict, List, Sequence, Set
 
 from recbench.reporting.runs import RECORD_TAGS, load_records
 from recbench.tracking.base import KILLED
-from recbench.tracking.mlflow_tracker import MAX_PARAM_LENGTH, MLflowTracker, resolve_tracking_uri, with_retries
+from recbench.tracking.mlflow_tracker import MLflowTracker, resolve_tracking_uri, with_retries
 
 #: tags an import adds to every run it creates
 SOURCE_RUN_TAG = "imported_from_run_id"
 SOURCE_FILE_TAG = "imported_from"
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
-_BATCH = 100
 
 
 class RecordError(ValueError):
@@ -70,7 +68,8 @@ def check_record(record: Dict[str, Any], position: int, source: str) -> None:
     if record["run_status"] not in (*_STATUSES, "RUNNING"):
         raise RecordError(f"{where} (run {record['run_id']}): run_status {record['run_status']!r}; "
                           f"allowed: {', '.join((*_STATUSES, 'RUNNING'))}")
-    if not isinstance(record["metrics"], dict):
+    if not isinstance(record["metrics"], dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in record["metrics"].values()):
         raise RecordError(f"{where} (run {record['run_id']}): 'metrics' is not an object of name -> value")
     if not isinstance(record.get("params", {}), dict):
         raise RecordError(f"{where} (run {record['run_id']}): 'params' is not an object of name -> value")
@@ -108,8 +107,8 @@ def _tags_of(record: Dict[str, Any], source_name: str) -> Dict[str, str]:
 def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, source: str = "records",
                    dry_run: bool = False) -> ImportSummary:
     """Create one run per record not yet in the store (see the module docstring)."""
-    from mlflow.entities import Metric, Param, RunTag
-
+    if not isinstance(records, list):
+        raise RecordError(f"{source}: not a list of records (recbench-report --export)")
     for position, record in enumerate(records):  # every record is checked before anything is written
         check_record(record, position, source)
     summary = ImportSummary(records=len(records))
@@ -131,18 +130,9 @@ def import_records(records: Sequence[Dict[str, Any]], tracker: MLflowTracker, so
         if record["run_status"] not in _STATUSES:  # RUNNING when exported: its process is gone by now
             tags.update(status="killed", status_reason=f"still RUNNING when exported ({Path(source).name}); "
                                                        "imported as KILLED")
-        run = with_retries(tracker.client.create_run, tracker.experiment_id(experiment), start_time=start,
-                           tags={"mlflow.runName": tags["mlflow.runName"]}, run_name=tags["mlflow.runName"])
-        run_id = run.info.run_id
-        items = [RunTag(k, v) for k, v in tags.items()]
-        metrics = [Metric(k, float(v), end or 0, 0) for k, v in sorted(record["metrics"].items())
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v))]
-        params = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted((record.get("params") or {}).items())]
-        for i in range(0, max(len(items), len(metrics), len(params)), _BATCH):
-            with_retries(tracker.client.log_batch, run_id, tags=items[i:i + _BATCH], metrics=metrics[i:i + _BATCH],
-                         params=params[i:i + _BATCH])
-        status = record["run_status"] if record["run_status"] in _STATUSES else KILLED
-        with_retries(tracker.client.set_terminated, run_id, status=status, end_time=end)
+        tracker.start_run(experiment, tags["mlflow.runName"], tags, record.get("params") or {}, start_time=start)
+        tracker.log_metrics(record["metrics"], step=0, timestamp=end)
+        tracker.end_run(record["run_status"] if record["run_status"] in _STATUSES else KILLED, end_time=end)
         present[experiment].update((record["run_id"], origin(record)))
     return summary
 
@@ -161,9 +151,6 @@ def main(argv=None) -> int:
             records = load_records(path)
         except (OSError, ValueError) as exc:
             print(f"import_records: error: {path}: {exc}", file=sys.stderr)
-            return 2
-        if not isinstance(records, list):
-            print(f"import_records: error: {path}: not a list of records (recbench-report --export)", file=sys.stderr)
             return 2
         try:
             summary = import_records(records, tracker, str(path), dry_run=args.dry_run)

@@ -140,7 +140,8 @@ class MLflowTracker(Tracker):
                 time.sleep(0.2 * (attempt + 1))  # another job created it (or the db is busy): look again
         raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {self.tracking_uri}")
 
-    def start_run(self, experiment, run_name, tags, params, resume_run_id=None):
+    def start_run(self, experiment, run_name, tags, params, resume_run_id=None, start_time=None):
+        """``start_time`` (ms since the epoch; default now) is set only when copying a run (import_records)."""
         from mlflow.entities import Param, RunStatus
 
         if resume_run_id:
@@ -149,17 +150,18 @@ class MLflowTracker(Tracker):
             return resume_run_id
         experiment_id = self.experiment_id(experiment)
         all_tags = {"mlflow.runName": run_name, **{k: str(v) for k, v in tags.items()}}
-        run = with_retries(self.client.create_run, experiment_id, tags=all_tags, run_name=run_name)
+        run = with_retries(self.client.create_run, experiment_id, tags=all_tags, run_name=run_name,
+                           start_time=start_time)
         self.run_id = run.info.run_id
         items = [Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in sorted(params.items())]
         for i in range(0, len(items), _BATCH):
             with_retries(self.client.log_batch, self.run_id, params=items[i:i + _BATCH])
         return self.run_id
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0, timestamp: Optional[int] = None) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
+        now = timestamp or int(time.time() * 1000)
         items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         for i in range(0, len(items), _BATCH):
             with_retries(self.client.log_batch, self.run_id, metrics=items[i:i + _BATCH])
@@ -172,8 +174,8 @@ class MLflowTracker(Tracker):
     def log_artifact(self, path: Path) -> None:
         with_retries(self.client.log_artifact, self.run_id, str(path))
 
-    def end_run(self, status: str = FINISHED) -> None:
-        with_retries(self.client.set_terminated, self.run_id, status=status)
+    def end_run(self, status: str = FINISHED, end_time: Optional[int] = None) -> None:
+        with_retries(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
 
     def close_orphans(self, experiment: str) -> int:
         experiment_id = self.experiment_id(experiment, create=False)
