@@ -23,6 +23,9 @@ Bookkeeping:
   parallel jobs never race on either;
 - parallel jobs (``--jobs N`` > 1: Hydra's joblib launcher) get ``max(1, cores // N)`` torch/OpenMP
   threads each; a failing or infeasible job is recorded and the sweep goes on;
+- the jobs to run are priced from the store: the median CPU seconds (``run/cpu_seconds``) of the
+  finished runs of the same method, protocol and budget (else of the method and protocol at any
+  budget); the summary prints the total and the wall time it means at ``--jobs N``;
 - at the end each job's outcome (written by ``recbench`` next to its Hydra log) is counted:
   finished / skipped / infeasible / failed / no outcome (killed).
 
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -66,6 +70,10 @@ class Plan:
     orphans_closed: int = 0
     protocols: List[str] = field(default_factory=list)
     checked: bool = False
+    # cost of the jobs to run, from the CPU seconds of finished runs of the same method and protocol
+    estimated_cpu_seconds: float = 0.0
+    estimated_jobs: int = 0
+    unestimated: Counter = field(default_factory=Counter)  # method -> jobs with no finished run to go by
 
 
 def presets() -> List[str]:
@@ -168,13 +176,14 @@ def _job_configs(jobs: Sequence[List[str]]):
 
 
 def check_plan(plan: Plan) -> Plan:
-    """Prepare each protocol's dataset and MLflow experiment once; count already-FINISHED jobs."""
+    """Prepare each protocol's dataset and MLflow experiment once; count already-FINISHED jobs and
+    price the others (``CostBook``)."""
     from omegaconf import OmegaConf
 
-    from recbench.cli.job import config_hash, instantiate_without
+    from recbench.cli.job import config_hash, instantiate_without, protocol_tag
 
     prepared: Dict[str, str] = {}  # dataset config json -> protocol id
-    finished_hashes: Dict[Tuple[str, str], set] = {}
+    stores: Dict[Tuple[str, str], "CostBook"] = {}
     for grid in plan.grids:
         for job, cfg in _job_configs(grid.jobs):
             dataset_key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True, default=str)
@@ -182,35 +191,74 @@ def check_plan(plan: Plan) -> Plan:
                 protocol = instantiate_without(cfg.dataset)
                 prepared[dataset_key] = protocol.prepare(Path(cfg.paths.data_root)).spec.protocol_id
             protocol_id = prepared[dataset_key]
-            tracker = None
             store_key = (OmegaConf.to_yaml(cfg.tracking), protocol_id)
-            if store_key not in finished_hashes:
+            if store_key not in stores:
                 tracker = instantiate_without(cfg.tracking, drop=("skip_finished",))
-                finished_hashes[store_key] = _finished_hashes(tracker, protocol_id)
+                stores[store_key] = _finished_runs(tracker, protocol_id)
                 plan.orphans_closed += tracker.close_orphans(protocol_id)  # killed earlier: will re-run
-            if cfg.tracking.get("skip_finished", False) and \
-                    config_hash(OmegaConf.to_container(cfg, resolve=True)) in finished_hashes[store_key]:
+            book = stores[store_key]
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+            if cfg.tracking.get("skip_finished", False) and config_hash(resolved) in book.hashes:
                 plan.already_finished += 1
+                continue
+            method = str(cfg.method.get("name") or "")
+            seconds = book.estimate(protocol_tag(protocol_id, resolved), method, cfg.budget.get("compression_ratio"))
+            if seconds is None:
+                plan.unestimated[method] += 1
+            else:
+                plan.estimated_cpu_seconds += seconds
+                plan.estimated_jobs += 1
     plan.protocols = sorted(set(prepared.values()))
     plan.checked = True
     return plan
 
 
-def _finished_hashes(tracker, experiment: str) -> set:
-    """Config hashes of FINISHED runs in ``experiment`` (creating the experiment if missing)."""
+@dataclass
+class CostBook:
+    """What the store knows before a launch: the config hashes of its FINISHED runs and the CPU
+    seconds of its finished (not infeasible) runs, per (protocol tag, method, compression ratio)."""
+    hashes: set = field(default_factory=set)
+    cpu_seconds: Dict[Tuple[str, str, str], List[float]] = field(default_factory=dict)
+
+    def add(self, tags: Dict[str, str], metrics: Dict[str, float]) -> None:
+        self.hashes.add(tags.get("config_hash", ""))
+        seconds = metrics.get("run/cpu_seconds")
+        if tags.get("status") == "finished" and seconds is not None:
+            key = (tags.get("protocol", ""), tags.get("method", ""), _ratio_key(tags.get("compression_ratio")))
+            self.cpu_seconds.setdefault(key, []).append(float(seconds))
+
+    def estimate(self, protocol: str, method: str, ratio: Any) -> Optional[float]:
+        """Median CPU seconds of the same method and protocol at this budget, else at any budget."""
+        same = self.cpu_seconds.get((protocol, method, _ratio_key(ratio)))
+        if not same:
+            same = [s for (p, m, _), values in self.cpu_seconds.items() if (p, m) == (protocol, method) for s in values]
+        return float(statistics.median(same)) if same else None
+
+
+def _ratio_key(ratio: Any) -> str:
+    try:
+        return repr(float(ratio))
+    except (TypeError, ValueError):
+        return str(ratio)
+
+
+def _finished_runs(tracker, experiment: str) -> CostBook:
+    """The FINISHED runs of ``experiment`` as a ``CostBook`` (creating the experiment if missing)."""
+    book = CostBook()
     if not hasattr(tracker, "experiment_id"):
-        return set()
+        return book
     from recbench.tracking.mlflow_tracker import with_retries
 
     experiment_id = tracker.experiment_id(experiment)  # created once here, before parallel jobs start
-    hashes, token = set(), None
+    token = None
     while True:
         page = with_retries(tracker.client.search_runs, [experiment_id], "attributes.status = 'FINISHED'",
                             max_results=1000, page_token=token)
-        hashes.update(run.data.tags.get("config_hash", "") for run in page)
+        for run in page:
+            book.add(run.data.tags, run.data.metrics)
         token = page.token
         if not token:
-            return hashes
+            return book
 
 
 def usable_cores() -> int:
@@ -265,11 +313,13 @@ def run_plan(plan: Plan, jobs: int, root: Path) -> Tuple[int, Counter]:
     return code, count_outcomes(sweep_dir, plan.jobs_total)
 
 
-def summary(plan: Plan, counts: Optional[Counter] = None) -> str:
+def summary(plan: Plan, counts: Optional[Counter] = None, jobs: int = 1) -> str:
     lines = [f"sweep {plan.preset} (sweep id {plan.sweep_id}): {plan.jobs_total} jobs in {len(plan.grids)} grid(s)"]
     if plan.checked:
         lines.append(f"  before launch: {plan.already_finished} already FINISHED (will be skipped), "
                      f"{plan.jobs_total - plan.already_finished} to run; protocols: {', '.join(plan.protocols)}")
+        if counts is None and plan.jobs_total > plan.already_finished:
+            lines.append("  " + cost_line(plan, jobs))
         if plan.orphans_closed:
             lines.append(f"  closed {plan.orphans_closed} run(s) left RUNNING by killed processes (now KILLED, "
                          "with the reason; their jobs run again)")
@@ -277,6 +327,25 @@ def summary(plan: Plan, counts: Optional[Counter] = None) -> str:
         parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in (*OUTCOMES, "no outcome (killed?)"))
         lines.append(f"  this launch:   {parts}")
     return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
+
+
+def cost_line(plan: Plan, jobs: int) -> str:
+    """The estimated cost of the jobs to run (an upper bound: a job that turns out infeasible ends
+    in seconds), and the jobs the store has no finished run to price by."""
+    parts = []
+    if plan.estimated_jobs:
+        parallel = max(1, min(jobs, usable_cores()))
+        parts.append(f"estimated {_duration(plan.estimated_cpu_seconds)} CPU for {plan.estimated_jobs} job(s), "
+                     f"about {_duration(plan.estimated_cpu_seconds / parallel)} wall at {parallel} parallel job(s) "
+                     "(median CPU seconds of finished runs of the same method and protocol)")
+    if plan.unestimated:
+        methods = ", ".join(f"{m or '?'} x{n}" for m, n in sorted(plan.unestimated.items()))
+        parts.append(f"not estimated (no finished run of the method on this protocol): {methods}")
+    return "; ".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -303,7 +372,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_plan(plan)
     jobs = args.jobs or int((_compose([f"sweep={args.preset}", *(o for o in args.overrides if not _is_sweep(o))]).get("sweep_preset") or {})
                             .get("jobs", 1))
-    print(summary(plan), flush=True)
+    print(summary(plan, jobs=jobs), flush=True)
     if args.dry_run:
         for grid in plan.grids:
             print(shlex.join(hydra_command(plan, grid, jobs, args.root / plan.sweep_id / "<time>")))

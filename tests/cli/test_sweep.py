@@ -119,7 +119,7 @@ def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     from omegaconf import OmegaConf
 
     from recbench.cli.job import run_job
-    from recbench.cli.sweep import _job_configs, check_plan
+    from recbench.cli.sweep import _job_configs, check_plan, summary
 
     command, env, tmp = toy_sweep
     for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
@@ -135,6 +135,11 @@ def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     assert run_job(cfg).status == "finished"
     again = check_plan(build_plan("toy", overrides))
     assert (again.jobs_total, again.already_finished) == (6, 1)
+    # the 2 hashing jobs left are priced by the finished one (the max_steps=5 run is another protocol)
+    latest = max(finished_runs(env["MLFLOW_TRACKING_URI"]), key=lambda r: r.info.start_time)
+    assert (again.estimated_jobs, dict(again.unestimated)) == (2, {"full": 3})
+    assert again.estimated_cpu_seconds == pytest.approx(2 * latest.data.metrics["run/cpu_seconds"])
+    assert "not estimated (no finished run of the method on this protocol): full x3" in summary(again)
     assert run_job(cfg).status == "skipped"
     # the store is lost, its runs were exported: imported into a new store, the job is still skipped
     from recbench.reporting.import_records import main as import_main
@@ -148,6 +153,26 @@ def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     assert (carried.jobs_total, carried.already_finished) == (6, 1)
     (job, cfg), = [(j, c) for j, c in _job_configs(carried.grids[0].jobs) if "seed=1" in j]
     assert cfg.tracking.tracking_uri == fresh and run_job(cfg).status == "skipped"
+
+
+def test_cost_book_prices_by_method_protocol_and_budget():
+    """The median CPU seconds of finished runs of the same method and protocol at the same budget,
+    else at any budget; infeasible runs (seconds long) and other protocols do not count."""
+    from recbench.cli.sweep import CostBook, Plan, cost_line
+
+    book = CostBook()
+    for status, protocol, method, ratio, seconds in [
+            ("finished", "p/1", "qr", "0.1", 100.0), ("finished", "p/1", "qr", "0.1", 300.0),
+            ("finished", "p/1", "qr", "0.1", 120.0), ("finished", "p/1", "qr", "0.01", 50.0),
+            ("infeasible", "p/1", "qr", "0.001", 0.5), ("finished", "p/2", "qr", "0.1", 9.0)]:
+        book.add({"status": status, "protocol": protocol, "method": method, "compression_ratio": ratio,
+                  "config_hash": f"{method}{ratio}{seconds}"}, {"run/cpu_seconds": seconds})
+    assert book.estimate("p/1", "qr", 0.1) == 120.0  # median of 100, 120, 300
+    assert book.estimate("p/1", "qr", 0.001) == 110.0  # no finished run at 0.001: median at any budget
+    assert book.estimate("p/2", "qr", 0.5) == 9.0 and book.estimate("p/1", "dhe", 0.1) is None
+    assert len(book.hashes) == 6  # every FINISHED run counts as done, infeasible ones too
+    plan = Plan("x", "x", [], estimated_cpu_seconds=7200.0, estimated_jobs=3)
+    assert cost_line(plan, 1).startswith("estimated 2.0 h CPU for 3 job(s), about 2.0 h wall at 1 parallel job(s)")
 
 
 def _counts(text: str) -> dict:
