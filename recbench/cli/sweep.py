@@ -26,6 +26,9 @@ Bookkeeping:
 - the jobs to run are priced from the store: the median CPU seconds (``run/cpu_seconds``) of the
   finished runs of the same method, protocol and budget (else of the method and protocol at any
   budget); the summary prints the total and the wall time it means at ``--jobs N``;
+- ``--export runs.json`` writes the run records of the sweep's experiments to a JSON file every
+  ``--export-every`` minutes (default 20) and at the end, atomically: a backup of the store that
+  ``python -m recbench.reporting.import_records`` restores (``PeriodicExport``);
 - at the end each job's outcome (written by ``recbench`` next to its Hydra log) is counted:
   finished / skipped / infeasible / failed / no outcome (killed).
 
@@ -74,6 +77,7 @@ class Plan:
     estimated_cpu_seconds: float = 0.0
     estimated_jobs: int = 0
     unestimated: Counter = field(default_factory=Counter)  # method -> jobs with no finished run to go by
+    stores: Dict[str, List[str]] = field(default_factory=dict)  # MLflow tracking URI -> the plan's experiments
 
 
 def presets() -> List[str]:
@@ -196,6 +200,8 @@ def check_plan(plan: Plan) -> Plan:
                 tracker = instantiate_without(cfg.tracking, drop=("skip_finished",))
                 stores[store_key] = _finished_runs(tracker, protocol_id)
                 plan.orphans_closed += tracker.close_orphans(protocol_id)  # killed earlier: will re-run
+                if hasattr(tracker, "tracking_uri"):
+                    plan.stores.setdefault(tracker.tracking_uri, []).append(protocol_id)
             book = stores[store_key]
             resolved = OmegaConf.to_container(cfg, resolve=True)
             if cfg.tracking.get("skip_finished", False) and config_hash(resolved) in book.hashes:
@@ -259,6 +265,57 @@ def _finished_runs(tracker, experiment: str) -> CostBook:
         token = page.token
         if not token:
             return book
+
+
+class PeriodicExport:
+    """While a sweep runs, export the run records of its MLflow experiments (every run in them: this
+    sweep's, and the runs of other sweeps it skips as already FINISHED) to one JSON file every
+    ``minutes``, and once more when the launch ends, however it ends. The file is what
+    ``python -m recbench.reporting.import_records`` puts back into a new store, so a store lost
+    mid-sweep costs at most ``minutes`` of it. A failed export (store busy, disk full) is reported
+    and tried again at the next tick; it never stops the sweep.
+
+    Usage: ``with PeriodicExport(plan.stores, path, minutes): run_plan(...)``.
+    """
+
+    def __init__(self, stores: Dict[str, List[str]], path: Path, minutes: float, log=None):
+        import threading
+
+        self.stores, self.path, self.interval = stores, Path(path), 60.0 * minutes
+        self.log = log or (lambda line: print(line, flush=True))
+        self.exports = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recbench-export", daemon=True)
+
+    def export(self) -> bool:
+        from recbench.reporting.runs import load_mlflow_runs, save_records
+
+        try:
+            records = [r for uri, experiments in self.stores.items() for r in load_mlflow_runs(uri)
+                       if r["experiment"] in experiments]
+            save_records(records, self.path)
+        except Exception as exc:  # noqa: BLE001 - an export must never end the sweep; say why it failed
+            self.log(f"[recbench-sweep] export to {self.path} failed ({type(exc).__name__}: {exc}); "
+                     "the sweep goes on")
+            return False
+        self.exports += 1
+        statuses = Counter(r.get("status") or "no status" for r in records)
+        self.log(f"[recbench-sweep] {time.strftime('%H:%M:%S')} exported {len(records)} run record(s) "
+                 f"({', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}) to {self.path}")
+        return True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.export()
+
+    def __enter__(self) -> "PeriodicExport":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.export()
 
 
 def usable_cores() -> int:
@@ -359,6 +416,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="plan and count, launch nothing")
     parser.add_argument("--no-check", action="store_true", help="skip the pre-launch count of finished jobs")
     parser.add_argument("--list", action="store_true", help="list the presets")
+    parser.add_argument("--export", type=Path, default=None, metavar="RUNS_JSON",
+                        help="while the sweep runs, write the run records of its experiments to this JSON file "
+                             "every --export-every minutes and at the end (import_records restores them)")
+    parser.add_argument("--export-every", type=float, default=20.0, metavar="MINUTES",
+                        help="minutes between two exports of --export (default 20)")
     args = parser.parse_intermixed_args(argv)  # options may come before, between or after the words
     args.preset, args.overrides = (args.words[0], args.words[1:]) if args.words else (None, [])
     if args.list or not args.preset:
@@ -366,6 +428,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0 if args.list else 2
     if args.preset not in presets() and not _search_path_overrides(args.overrides):
         print(f"recbench-sweep: unknown preset {args.preset!r}; available: {', '.join(presets())}", file=sys.stderr)
+        return 2
+    if args.export is not None and (args.no_check or not args.export_every > 0):
+        print("recbench-sweep: --export needs the pre-launch check (drop --no-check) and --export-every > 0 "
+              f"(got {args.export_every})", file=sys.stderr)
+        return 2
+    if args.export is not None and not args.export.parent.is_dir():
+        print(f"recbench-sweep: --export {args.export}: folder {args.export.parent} does not exist", file=sys.stderr)
         return 2
     plan = build_plan(args.preset, args.overrides, args.sweep_id)
     if not args.no_check:
@@ -377,7 +446,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for grid in plan.grids:
             print(shlex.join(hydra_command(plan, grid, jobs, args.root / plan.sweep_id / "<time>")))
         return 0
-    code, counts = run_plan(plan, jobs, args.root)
+    if args.export is not None:
+        with PeriodicExport(plan.stores, args.export, args.export_every):
+            code, counts = run_plan(plan, jobs, args.root)
+    else:
+        code, counts = run_plan(plan, jobs, args.root)
     print("\n" + summary(plan, counts), flush=True)
     if code:
         print(f"recbench-sweep: the Hydra launcher exited with status {code}", file=sys.stderr)

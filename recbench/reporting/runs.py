@@ -9,6 +9,7 @@ References: DESIGN.md section 5 ("Tracking").
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -63,7 +64,12 @@ def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[D
 
 
 def save_records(records: List[Dict[str, Any]], path: Path) -> None:
-    Path(path).write_text(json.dumps(records, indent=2, sort_keys=True, default=str))
+    """Write ``records`` as JSON, atomically: a reader (or a kill mid-write) sees the old file or the
+    new one, never half of one."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(records, indent=2, sort_keys=True, default=str))
+    os.replace(partial, path)
 
 
 def load_records(path: Path) -> List[Dict[str, Any]]:

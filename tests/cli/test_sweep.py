@@ -175,6 +175,52 @@ def test_cost_book_prices_by_method_protocol_and_budget():
     assert cost_line(plan, 1).startswith("estimated 2.0 h CPU for 3 job(s), about 2.0 h wall at 1 parallel job(s)")
 
 
+def test_periodic_export_writes_the_plans_experiments_atomically_and_outlives_a_failed_export(tmp_path):
+    """``--export``: the records of the plan's experiments only, rewritten at each tick and at the
+    end; a failing export is reported and the sweep (here: the with-block) goes on."""
+    from recbench.cli.sweep import PeriodicExport
+    from recbench.reporting.runs import load_records
+    from recbench.tracking.mlflow_tracker import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = MLflowTracker(uri, str(tmp_path / "art"))
+    for experiment, method in (("exp-a", "hashing"), ("exp-a", "qr"), ("exp-b", "full")):
+        tracker.start_run(experiment, method, {"method": method, "status": "finished"}, {"seed": 0})
+        tracker.log_metrics({"test/auc": 0.7})
+        tracker.end_run()
+    lines = []
+    with PeriodicExport({uri: ["exp-a"]}, tmp_path / "runs.json", minutes=0.002, log=lines.append) as exporter:
+        deadline = time.time() + 30
+        while exporter.exports < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    assert exporter.exports >= 3, lines  # two ticks at least, then the one at the end
+    records = load_records(tmp_path / "runs.json")
+    assert sorted(r["method"] for r in records) == ["hashing", "qr"] and {r["experiment"] for r in records} == {"exp-a"}
+    assert records[0]["metrics"] == {"test/auc": 0.7}
+    assert re.search(r"exported 2 run record\(s\) \(finished 2\) to .*runs\.json$", lines[-1])
+    assert not [p.name for p in tmp_path.iterdir() if "partial" in p.name]  # no half-written file left
+
+    lines.clear()
+    with PeriodicExport({uri: ["exp-a"]}, tmp_path / "gone" / "runs.json", minutes=60, log=lines.append) as failing:
+        pass
+    assert failing.exports == 0 and len(lines) == 1
+    assert "failed (FileNotFoundError" in lines[0] and lines[0].endswith("the sweep goes on")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--no-check"], "--export needs the pre-launch check"),
+    (["--export-every", "0"], "--export-every > 0 (got 0.0)"),
+    (["--export-every", "-5"], "(got -5.0)"),
+])
+def test_export_options_are_checked_before_anything_runs(tmp_path, capsys, options, message):
+    from recbench.cli.sweep import main
+
+    assert main(["smoke", "--export", str(tmp_path / "runs.json"), *options]) == 2
+    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
+    assert main(["smoke", "--export", str(tmp_path / "no" / "runs.json")]) == 2
+    assert f"folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+
+
 def _counts(text: str) -> dict:
     line = re.findall(r"this launch:.*", text)[-1]
     return {k: int(v) for v, k in [(m[1], m[0]) for m in re.findall(r"(finished|skipped|infeasible|failed) (\d+)", line)]}
@@ -198,7 +244,8 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
     total = 6  # hashing x seeds 0-2, then the `full` reference with the same seeds
     assert 1 <= done_before < total, (tmp / "first.log").read_text()[-3000:]
 
-    second = subprocess.run(command + ["--jobs", "4"], env=env, cwd=tmp, capture_output=True, text=True, timeout=400)
+    second = subprocess.run(command + ["--jobs", "4", "--export", str(tmp / "runs.json")], env=env, cwd=tmp,
+                            capture_output=True, text=True, timeout=400)
     out = second.stdout + second.stderr
     assert second.returncode == 0, out[-3000:]
     assert f": {total} jobs in 2 grid(s)" in out
@@ -211,6 +258,12 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
     assert {r.data.tags["sweep_id"] for r in runs} == {default_sweep_id("toy", [command[2]])}
     assert sorted(r.data.tags["seed"] for r in runs if r.data.tags["method"] == "hashing") == ["0", "1", "2"]
     assert all(r.data.tags["command"].startswith("recbench ") for r in runs)
+    # --export: the records at the end of the launch, every run of the sweep's experiment
+    from recbench.reporting.runs import load_records
+
+    exported = load_records(tmp / "runs.json")
+    assert sorted(r["config_hash"] for r in exported if r["status"] == "finished") == sorted(hashes)
+    assert re.search(rf"exported {len(exported)} run record\(s\) .* to .*runs\.json", out), out[-2000:]
     # the job killed mid-run left its MLflow run RUNNING; the relaunch closed it as KILLED with a reason
     from mlflow.tracking import MlflowClient
 
