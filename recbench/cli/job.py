@@ -298,6 +298,19 @@ def settings_of(cfg: DictConfig):
     return budget, embedding_optimizer, dense_optimizer, trainer_config
 
 
+def infeasible_reason(cfg: DictConfig, spec) -> Optional[str]:
+    """The method's budget solver's verdict on a job, without building or training anything: the
+    ``InfeasibleBudget`` message when no hyperparameters of the method meet the budget on the
+    dataset ``spec``'s tables, else None. The job itself reaches the same verdict in
+    ``_train_and_evaluate`` (same ``method.solve`` call) and records a ``status=infeasible`` run."""
+    budget = settings_of(cfg)[0]
+    try:
+        instantiate(cfg.method).solve(list(spec.tables), int(cfg.model.embedding_dim), budget)
+    except InfeasibleBudget as exc:
+        return str(exc)
+    return None
+
+
 def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
     # the run's cost, robust to machine load: CPU seconds of this process (every thread) and wall
     # seconds from building the method to the final metrics (a resumed run: this process's part)

@@ -23,7 +23,9 @@ Bookkeeping:
   parallel jobs never race on either;
 - parallel jobs (``--jobs N`` > 1: Hydra's joblib launcher) get ``max(1, cores // N)`` torch/OpenMP
   threads each; a failing or infeasible job is recorded and the sweep goes on;
-- the jobs to run are priced from the store: the median CPU seconds (``run/cpu_seconds``) of the
+- each job to run is put to its method's budget solver (``method.solve``, no training): the jobs
+  it rejects are counted apart (they are recorded as infeasible runs in seconds);
+- the feasible jobs to run are priced from the store: the median CPU seconds (``run/cpu_seconds``) of the
   finished runs of the same method, protocol and budget (else of the method and protocol at any
   budget); the summary prints the total and the wall time it means at ``--jobs N``;
 - ``--export runs.json`` writes the run records of the sweep's experiments to a JSON file every
@@ -77,6 +79,7 @@ class Plan:
     estimated_cpu_seconds: float = 0.0
     estimated_jobs: int = 0
     unestimated: Counter = field(default_factory=Counter)  # method -> jobs with no finished run to go by
+    infeasible: Counter = field(default_factory=Counter)  # method -> jobs to run its budget solver rejects
     stores: Dict[str, List[str]] = field(default_factory=dict)  # MLflow tracking URI -> the plan's experiments
 
 
@@ -184,17 +187,22 @@ def check_plan(plan: Plan) -> Plan:
     price the others (``CostBook``)."""
     from omegaconf import OmegaConf
 
-    from recbench.cli.job import config_hash, instantiate_without, protocol_tag
+    from recbench.cli.job import config_hash, infeasible_reason, instantiate_without, protocol_tag
 
-    prepared: Dict[str, str] = {}  # dataset config json -> protocol id
+    def key_of(node) -> str:
+        return json.dumps(OmegaConf.to_container(node, resolve=True), sort_keys=True, default=str)
+
+    prepared: Dict[str, Any] = {}  # dataset config json -> the prepared dataset's spec
     stores: Dict[Tuple[str, str], "CostBook"] = {}
+    verdicts: Dict[Tuple[str, ...], Optional[str]] = {}  # the budget solver's, per (dataset, method, budget, dim)
     for grid in plan.grids:
         for job, cfg in _job_configs(grid.jobs):
-            dataset_key = json.dumps(OmegaConf.to_container(cfg.dataset, resolve=True), sort_keys=True, default=str)
+            dataset_key = key_of(cfg.dataset)
             if dataset_key not in prepared:
                 protocol = instantiate_without(cfg.dataset)
-                prepared[dataset_key] = protocol.prepare(Path(cfg.paths.data_root)).spec.protocol_id
-            protocol_id = prepared[dataset_key]
+                prepared[dataset_key] = protocol.prepare(Path(cfg.paths.data_root)).spec
+            spec = prepared[dataset_key]
+            protocol_id = spec.protocol_id
             store_key = (OmegaConf.to_yaml(cfg.tracking), protocol_id)
             if store_key not in stores:
                 tracker = instantiate_without(cfg.tracking, drop=("skip_finished",))
@@ -208,13 +216,19 @@ def check_plan(plan: Plan) -> Plan:
                 plan.already_finished += 1
                 continue
             method = str(cfg.method.get("name") or "")
+            verdict_key = (dataset_key, key_of(cfg.method), key_of(cfg.budget), str(cfg.model.embedding_dim))
+            if verdict_key not in verdicts:
+                verdicts[verdict_key] = infeasible_reason(cfg, spec)
+            if verdicts[verdict_key] is not None:  # recorded as an infeasible run in seconds: not priced
+                plan.infeasible[method] += 1
+                continue
             seconds = book.estimate(protocol_tag(protocol_id, resolved), method, cfg.budget.get("compression_ratio"))
             if seconds is None:
                 plan.unestimated[method] += 1
             else:
                 plan.estimated_cpu_seconds += seconds
                 plan.estimated_jobs += 1
-    plan.protocols = sorted(set(prepared.values()))
+    plan.protocols = sorted({spec.protocol_id for spec in prepared.values()})
     plan.checked = True
     return plan
 
@@ -375,7 +389,11 @@ def summary(plan: Plan, counts: Optional[Counter] = None, jobs: int = 1) -> str:
     if plan.checked:
         lines.append(f"  before launch: {plan.already_finished} already FINISHED (will be skipped), "
                      f"{plan.jobs_total - plan.already_finished} to run; protocols: {', '.join(plan.protocols)}")
-        if counts is None and plan.jobs_total > plan.already_finished:
+        if plan.infeasible:
+            methods = ", ".join(f"{m or '?'} x{n}" for m, n in sorted(plan.infeasible.items()))
+            lines.append(f"  of these, {sum(plan.infeasible.values())} infeasible by the method's budget solver "
+                         f"(each recorded as an infeasible run in seconds): {methods}")
+        if counts is None and plan.jobs_total > plan.already_finished + sum(plan.infeasible.values()):
             lines.append("  " + cost_line(plan, jobs))
         if plan.orphans_closed:
             lines.append(f"  closed {plan.orphans_closed} run(s) left RUNNING by killed processes (now KILLED, "
@@ -391,8 +409,8 @@ def _duration(seconds: float) -> str:
 
 
 def cost_line(plan: Plan, jobs: int) -> str:
-    """The estimated cost of the jobs to run (an upper bound: a job that turns out infeasible ends
-    in seconds), and the jobs the store has no finished run to price by."""
+    """The estimated cost of the feasible jobs to run (those the budget solver rejects end in
+    seconds), and the jobs the store has no finished run to price by."""
     parts = []
     if plan.estimated_jobs:
         parallel = max(1, min(jobs, usable_cores()))

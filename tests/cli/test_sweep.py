@@ -155,6 +155,29 @@ def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     assert cfg.tracking.tracking_uri == fresh and run_job(cfg).status == "skipped"
 
 
+def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(toy_sweep, monkeypatch):
+    """Jobs whose method cannot meet the budget are counted apart and not priced; the job itself
+    reaches the same verdict and records an infeasible run."""
+    from omegaconf import OmegaConf
+
+    from recbench.cli.job import run_job
+    from recbench.cli.sweep import _job_configs, check_plan, summary
+
+    command, env, tmp = toy_sweep
+    for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
+        monkeypatch.setenv(key, env[key])
+    plan = check_plan(build_plan("toy", [command[2], "method=ptq", "budget.compression_ratio=0.5,0.001"]))
+    assert (plan.jobs_total, plan.already_finished, dict(plan.infeasible)) == (9, 0, {"ptq": 3})
+    assert dict(plan.unestimated) == {"ptq": 3, "full": 3}  # the feasible ones only
+    text = summary(plan, jobs=2)
+    assert ("of these, 3 infeasible by the method's budget solver (each recorded as an infeasible run in "
+            "seconds): ptq x3") in text and "not estimated (no finished run of the method on this protocol): " \
+        "full x3, ptq x3" in text
+    (job, cfg), = [(j, c) for j, c in _job_configs(plan.grids[0].jobs) if "seed=0" in j and "budget.compression_ratio=0.001" in j]
+    result = run_job(OmegaConf.merge(cfg, {"trainer": {"max_steps": 5}}))
+    assert result.status == "infeasible" and "cannot reach compression_ratio=0.001" in result.reason
+
+
 def test_cost_book_prices_by_method_protocol_and_budget():
     """The median CPU seconds of finished runs of the same method and protocol at the same budget,
     else at any budget; infeasible runs (seconds long) and other protocols do not count."""
