@@ -218,7 +218,10 @@ def check_plan(plan: Plan) -> Plan:
             method = str(cfg.method.get("name") or "")
             verdict_key = (dataset_key, key_of(cfg.method), key_of(cfg.budget), str(cfg.model.embedding_dim))
             if verdict_key not in verdicts:
-                verdicts[verdict_key] = infeasible_reason(cfg, spec)
+                try:
+                    verdicts[verdict_key] = infeasible_reason(cfg, spec)
+                except Exception:  # noqa: BLE001 - any other error is the job's to record (FAILED, with
+                    verdicts[verdict_key] = None  # its reason): one bad job must not stop the launch
             if verdicts[verdict_key] is not None:  # recorded as an infeasible run in seconds: not priced
                 plan.infeasible[method] += 1
                 continue

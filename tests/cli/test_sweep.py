@@ -176,6 +176,11 @@ def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(t
     (job, cfg), = [(j, c) for j, c in _job_configs(plan.grids[0].jobs) if "seed=0" in j and "budget.compression_ratio=0.001" in j]
     result = run_job(OmegaConf.merge(cfg, {"trainer": {"max_steps": 5}}))
     assert result.status == "infeasible" and "cannot reach compression_ratio=0.001" in result.reason
+    # a solver that fails for another reason (ptq needs D % 8 == 0) leaves the job to fail and be
+    # recorded on its own: the plan goes on and prices it like any other
+    broken = check_plan(build_plan("toy", [command[2], "method=ptq", "budget.compression_ratio=0.5",
+                                           "model.embedding_dim=12"]))
+    assert (dict(broken.infeasible), dict(broken.unestimated)) == ({}, {"ptq": 3, "full": 3})
 
 
 def test_cost_book_prices_by_method_protocol_and_budget():
