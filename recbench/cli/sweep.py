@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, OrderedDict
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -308,8 +309,8 @@ class PeriodicExport:
         from recbench.reporting.runs import load_mlflow_runs, save_records
 
         try:
-            records = [r for uri, experiments in self.stores.items() for r in load_mlflow_runs(uri)
-                       if r["experiment"] in experiments]
+            records = [r for uri, experiments in self.stores.items()
+                       for r in load_mlflow_runs(uri, experiments=experiments)]
             save_records(records, self.path)
         except Exception as exc:  # noqa: BLE001 - an export must never end the sweep; say why it failed
             self.log(f"[recbench-sweep] export to {self.path} failed ({type(exc).__name__}: {exc}); "
@@ -467,10 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for grid in plan.grids:
             print(shlex.join(hydra_command(plan, grid, jobs, args.root / plan.sweep_id / "<time>")))
         return 0
-    if args.export is not None:
-        with PeriodicExport(plan.stores, args.export, args.export_every):
-            code, counts = run_plan(plan, jobs, args.root)
-    else:
+    exporting = PeriodicExport(plan.stores, args.export, args.export_every) if args.export else nullcontext()
+    with exporting:
         code, counts = run_plan(plan, jobs, args.root)
     print("\n" + summary(plan, counts), flush=True)
     if code:

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from recbench.tracking.base import orphan_reason
 
@@ -28,14 +28,16 @@ def machine_local(value: str) -> bool:
     return bool(re.match(r"(/|[A-Za-z]:[\\/]|file:|sqlite:)", str(value)))
 
 
-def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Every recbench run in the store (optionally of one dataset name) as flat records."""
+def load_mlflow_runs(tracking_uri: str, dataset: Optional[str] = None,
+                     experiments: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    """Every recbench run in the store (optionally of one dataset name, optionally of the named
+    experiments only: the others are not read) as flat records."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     records = []
     for experiment in client.search_experiments():
-        if experiment.name == "Default":
+        if experiment.name == "Default" or (experiments is not None and experiment.name not in experiments):
             continue
         token = None
         while True:

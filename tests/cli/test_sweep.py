@@ -235,18 +235,17 @@ def test_periodic_export_writes_the_plans_experiments_atomically_and_outlives_a_
     assert "failed (FileNotFoundError" in lines[0] and lines[0].endswith("the sweep goes on")
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--no-check"], "--export needs the pre-launch check"),
-    (["--export-every", "0"], "--export-every > 0 (got 0.0)"),
-    (["--export-every", "-5"], "(got -5.0)"),
+@pytest.mark.parametrize("target, options, message", [
+    ("runs.json", ["--no-check"], "--export needs the pre-launch check"),
+    ("runs.json", ["--export-every", "0"], "--export-every > 0 (got 0.0)"),
+    ("runs.json", ["--export-every", "-5"], "(got -5.0)"),
+    ("no/runs.json", [], "folder {tmp}/no does not exist"),
 ])
-def test_export_options_are_checked_before_anything_runs(tmp_path, capsys, options, message):
+def test_export_options_are_checked_before_anything_runs(tmp_path, capsys, target, options, message):
     from recbench.cli.sweep import main
 
-    assert main(["smoke", "--export", str(tmp_path / "runs.json"), *options]) == 2
-    assert message in capsys.readouterr().err and not list(tmp_path.iterdir())
-    assert main(["smoke", "--export", str(tmp_path / "no" / "runs.json")]) == 2
-    assert f"folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+    assert main(["smoke", "--export", str(tmp_path / target), *options]) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
 def _counts(text: str) -> dict:
