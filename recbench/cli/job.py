@@ -312,8 +312,9 @@ def infeasible_reason(cfg: DictConfig, spec) -> Optional[str]:
 
 
 def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
-    # the run's cost, robust to machine load: CPU seconds of this process (every thread) and wall
-    # seconds from building the method to the final metrics (a resumed run: this process's part)
+    # the run's cost, robust to machine load: CPU seconds (every thread) and wall seconds from building
+    # the method to the final metrics; a resumed run adds what its killed processes had spent up to the
+    # checkpoint it resumed from (carried in the checkpoint; see Trainer's ``cost_clock``)
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     spec = prepared.spec
     method = instantiate(cfg.method)
@@ -340,7 +341,8 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
                       checkpoint_path=checkpoint_path,
-                      log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel)
+                      log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel,
+                      cost_clock=(cpu_start, wall_start))
     result = trainer.fit()
     model = trainer.model  # after a distributed run: the unsharded model the final evaluation used
     metrics = dict(result.metrics)
@@ -360,8 +362,9 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
         _log_text_artifact(tracker, "dataset_facts.json", json.dumps(jsonable(dict(spec.extras)), indent=1))
     if "bayes/test_auc" in metrics:
         metrics["test/auc_gap_to_bayes"] = metrics["bayes/test_auc"] - metrics["test/auc"]
-    metrics["run/cpu_seconds"] = time.process_time() - cpu_start
-    metrics["run/wall_seconds"] = time.perf_counter() - wall_start
+    metrics.update({f"run/{key}": value for key, value in trainer.cost_so_far().items()})
+    if trainer.cost_before_resume["cpu_seconds"]:
+        metrics["run/cpu_seconds_before_resume"] = trainer.cost_before_resume["cpu_seconds"]
     tracker.log_metrics(metrics, step=result.history[-1]["step"] if result.history else 0)
     reason = ""
     auc = metrics["test/auc"]

@@ -160,13 +160,20 @@ class Trainer:
             finished stage with its full result (the job stores it as artifacts), or None.
         parallel: the process strategy (``recbench.training.distributed``): which rows of each
             batch this process reads, how the loss is scaled, how predictions are gathered.
+        cost_clock: ``(time.process_time(), time.perf_counter())`` when the run's work began in this
+            process (the job passes its own, taken before it builds the method), or None: when
+            ``fit`` begins. Checkpoints carry the CPU and wall seconds spent since then, plus what
+            the processes before a resume had spent, so a resumed run's cost counts every process up
+            to the checkpoint it resumed from (``cost_before_resume``); the work a killed process did
+            after its last checkpoint is lost with it and not counted.
     """
 
     def __init__(self, config: TrainerConfig, model: nn.Module, method, dataset: PreparedDataset,
                  dense_optimizer: DenseOptimizer, embedding_optimizer: EmbeddingOptimizer,
                  log_metrics: Optional[Callable[[Dict[str, float], int], None]] = None,
                  checkpoint_path: Optional[Path] = None,
-                 log_stage: Optional[Callable[[int, str, Dict[str, Any]], None]] = None, parallel=None):
+                 log_stage: Optional[Callable[[int, str, Dict[str, Any]], None]] = None, parallel=None,
+                 cost_clock: Optional[Tuple[float, float]] = None):
         self.config, self.model, self.method, self.dataset = config, model, method, dataset
         self.parallel = parallel or SingleProcess()
         self._log_stage = log_stage or (lambda index, name, result: None)
@@ -184,6 +191,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.trained_samples = 0
         self._stage_clock = time.perf_counter()  # perf_counter() value at which the current stage began
+        self._cost_clock = cost_clock
+        self.cost_before_resume = {"cpu_seconds": 0.0, "wall_seconds": 0.0}
 
     # ------------------------------------------------------------------ data
     def split(self, name: str):
@@ -277,7 +286,15 @@ class Trainer:
             "stage_results": self.stage_results,
             "train_seconds": self.train_seconds,
             "trained_samples": self.trained_samples,
+            "cost": self.cost_so_far(),
         })
+
+    def cost_so_far(self) -> Dict[str, float]:
+        """CPU and wall seconds the run has spent: this process's since ``cost_clock`` plus, for a
+        resumed run, what its earlier processes had spent up to the checkpoint it resumed from."""
+        cpu_start, wall_start = self._cost_clock or (time.process_time(), time.perf_counter())
+        return {"cpu_seconds": self.cost_before_resume["cpu_seconds"] + time.process_time() - cpu_start,
+                "wall_seconds": self.cost_before_resume["wall_seconds"] + time.perf_counter() - wall_start}
 
     def _resume(self) -> Optional[Dict[str, Any]]:
         if self.checkpoint_path is None:
@@ -297,6 +314,8 @@ class Trainer:
         self.history = list(payload["history"])
         self.train_seconds = float(payload["train_seconds"])
         self.trained_samples = int(payload["trained_samples"])
+        cost = payload.get("cost") or {}  # absent from checkpoints written before it was recorded: 0
+        self.cost_before_resume = {key: float(cost.get(key, 0.0)) for key in self.cost_before_resume}
         progress["best_state"] = payload["best_state"] or None
         log.info("resumed from %s at stage %d, step %d", self.checkpoint_path, progress["stage_index"],
                  progress["global_step"])
@@ -311,6 +330,8 @@ class Trainer:
     # -------------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
         torch.manual_seed(self.config.seed)
+        if self._cost_clock is None:
+            self._cost_clock = (time.process_time(), time.perf_counter())
         progress = self._resume()
         if progress is None:
             self._make_optimizers()

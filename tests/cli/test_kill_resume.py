@@ -81,6 +81,9 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(tmp_path):
     client, runs = _runs(tmp_path, "killed")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["resumed"] == "true"
     assert not checkpoint.exists()  # a finished run removes its checkpoint
+    # the run's cost counts the killed process up to its checkpoint, not only the resuming one
+    before = runs[0].data.metrics["run/cpu_seconds_before_resume"]
+    assert 0 < before < runs[0].data.metrics["run/cpu_seconds"]
     reference_client, (ref,) = _runs(tmp_path, "reference")
     for key in ("val/auc", "test/auc", "test/logloss"):
         print(f"{key}: resumed {runs[0].data.metrics[key]:.7f}, uninterrupted {ref.data.metrics[key]:.7f}")

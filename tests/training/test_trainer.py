@@ -134,6 +134,24 @@ def test_resume_after_kill_matches_uninterrupted_run(toy_dataset, tmp_path):
     assert [h["step"] for h in resumed.history] == [h["step"] for h in reference.history]
 
 
+def test_a_resumed_run_counts_the_cost_of_the_process_it_resumed_from(toy_dataset, tmp_path):
+    """The checkpoint carries the CPU and wall seconds spent so far; the resuming trainer starts
+    its count from them instead of from zero (what ``run/cpu_seconds`` of a resumed job reports)."""
+    path = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        _trainer(toy_dataset, TwoStage(Recorder(crash_at=40)), path, checkpoint_every_steps=7).fit()
+    spent = torch.load(path, weights_only=True)["cost"]
+    assert spent["cpu_seconds"] > 0 and spent["wall_seconds"] > 0
+    resumed = _trainer(toy_dataset, TwoStage(Recorder()), path, checkpoint_every_steps=7)
+    resumed.fit()
+    assert resumed.cost_before_resume == spent
+    total = resumed.cost_so_far()
+    assert total["cpu_seconds"] > spent["cpu_seconds"] and total["wall_seconds"] > spent["wall_seconds"]
+    fresh = _trainer(toy_dataset, Full(), max_steps=3)
+    fresh.fit()
+    assert fresh.cost_before_resume == {"cpu_seconds": 0.0, "wall_seconds": 0.0}
+
+
 def test_checkpoint_loads_with_weights_only(toy_dataset, tmp_path):
     path = tmp_path / "c.pt"
     _trainer(toy_dataset, Full(), path, max_steps=10, checkpoint_every_steps=5).fit()
