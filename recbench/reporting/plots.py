@@ -1,5 +1,12 @@
 """Report figures (matplotlib, Agg): the Pareto front of test AUC vs inference bytes and the
-per-method curves over budgets. Inputs are scored rows (``reporting.leaderboard``); outputs PNG bytes.
+per-method curves over budgets. Inputs are scored rows (``reporting.leaderboard``); outputs PNG bytes
+(``pareto_figure``, ``budget_figure``) or the matplotlib figures they are drawn from (``pareto_plot``,
+``budget_plot``, which the tests inspect).
+
+A leaderboard has ~20 methods, so no figure relies on colour alone: each method keeps one colour and
+marker pair in every figure (``method_styles``), legends sit outside the plotting area, the Pareto
+front's points are labelled, and the budget curves are small multiples (one panel per method, with the
+best AUC of any method at each budget behind it for context) instead of 20 curves in one axes.
 
 References: DESIGN.md section 1 (``reporting/``: Pareto fronts, plots).
 """
@@ -7,12 +14,15 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Dict, List, Sequence
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.transforms import blended_transform_factory  # noqa: E402
 
 from recbench.reporting.leaderboard import (  # noqa: E402
@@ -20,94 +30,163 @@ from recbench.reporting.leaderboard import (  # noqa: E402
 )
 
 DPI = 110
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+PANEL_COLUMNS = 4
+INFEASIBLE_COLOR = "tab:red"
 
 
-def method_colors(rows: Sequence[Row]) -> Dict[str, tuple]:
-    methods = sorted({r.method for r in rows})
-    cmap = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
-    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+@dataclass(frozen=True)
+class Style:
+    color: tuple
+    marker: str
 
 
-def _png(fig) -> bytes:
+def method_styles(methods: Iterable[str]) -> Dict[str, Style]:
+    """One look per method, the same in every figure of a report: the methods in name order take the
+    ten ``tab10`` colours with circles, then the ten colours again with squares, and so on (distinct
+    for up to 80 methods)."""
+    cmap = plt.get_cmap("tab10")
+    return {m: Style(cmap(i % 10), MARKERS[(i // 10) % len(MARKERS)]) for i, m in enumerate(sorted(set(methods)))}
+
+
+def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
 
 
-def _references(ax, rows: Sequence[Row], protocol: str) -> None:
+def _references(ax, rows: Sequence[Row], protocol: str, labelled: bool = True) -> None:
+    """``full``'s AUC (dashed) and, on synthetic data, the Bayes-optimal AUC (dotted) as lines."""
     ref = reference(rows, protocol)
     if ref is not None:
-        ax.axhline(ref.auc, color="black", linestyle="--", linewidth=1, label=f"{REFERENCE_METHOD} (ratio 1): {ref.auc:.4f}")
+        ax.axhline(ref.auc, color="black", linestyle="--", linewidth=1,
+                   label=f"{REFERENCE_METHOD} (ratio 1): {ref.auc:.4f}" if labelled else None)
     bayes = bayes_ceiling(rows, protocol)
     if bayes is not None:
-        ax.axhline(bayes, color="tab:red", linestyle=":", linewidth=1.2, label=f"Bayes-optimal ceiling: {bayes:.4f}")
+        ax.axhline(bayes, color="tab:red", linestyle=":", linewidth=1.2,
+                   label=f"Bayes-optimal ceiling: {bayes:.4f}" if labelled else None)
 
 
-def pareto_figure(rows: Sequence[Row], protocol: str) -> bytes:
-    """Test AUC (mean +- std) vs inference bytes (log x); the non-dominated points joined."""
-    mine = [r for r in rows if r.protocol == protocol and r.finished and BYTES in r.mean and not math.isnan(r.auc)]
-    colors = method_colors(rows)
-    fig, ax = plt.subplots(figsize=(8, 5))
+def _scored(rows: Sequence[Row], protocol: str) -> List[Row]:
+    return [r for r in rows if r.protocol == protocol and r.finished and not math.isnan(r.auc)]
+
+
+def pareto_plot(rows: Sequence[Row], protocol: str) -> Figure:
+    """Test AUC (mean +- std) vs inference bytes (log x), one marker style per method; the
+    non-dominated points circled, joined and labelled ``method ratio``; legend right of the axes."""
+    mine = [r for r in _scored(rows, protocol) if BYTES in r.mean]
+    styles = method_styles(r.method for r in rows)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     for method in sorted({r.method for r in mine}):
         points = sorted((r for r in mine if r.method == method), key=lambda r: r.mean[BYTES])
+        style = styles[method]
         ax.errorbar([r.mean[BYTES] for r in points], [r.auc for r in points], yerr=[r.auc_std for r in points],
-                    fmt="o", color=colors[method], capsize=3, markersize=5, label=method)
+                    fmt=style.marker, color=style.color, capsize=3, markersize=5, label=method)
     front = sorted((r for r in mine if r.pareto), key=lambda r: r.mean[BYTES])
     if front:
         ax.step([r.mean[BYTES] for r in front], [r.auc for r in front], where="post", color="grey", linewidth=1.5,
                 alpha=0.8, label="Pareto front", zorder=0)
         ax.scatter([r.mean[BYTES] for r in front], [r.auc for r in front], s=110, facecolors="none",
                    edgecolors="black", linewidths=1.0, zorder=3)
+        for r in front:
+            name = r.method if r.method == REFERENCE_METHOD else f"{r.method} {r.ratio:g}"
+            ax.annotate(name, (r.mean[BYTES], r.auc), xytext=(6, -11), textcoords="offset points", fontsize=7)
     _references(ax, rows, protocol)
     if mine:
         ax.set_xscale("log")
-    return _finish(fig, ax, "embedding inference bytes (log scale)", f"AUC vs memory — {protocol}")
+    else:
+        ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("embedding inference bytes (log scale)")
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title(f"AUC vs memory — {protocol} (circled and labelled: the Pareto front)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
+
+
+def _infeasible_title(method: str, infeasible: List[float], finished: List[Row], boundary: float) -> str:
+    if not infeasible:
+        return method
+    if not finished or max(infeasible) < min(r.ratio for r in finished):
+        return f"{method}\ninfeasible at ratio ≤ {boundary:g}"
+    return f"{method}\ninfeasible at {', '.join(f'{x:g}' for x in infeasible)}"
+
+
+def budget_plot(rows: Sequence[Row], protocol: str) -> Figure:
+    """Small multiples: one panel per method (``full`` excluded: it is the dashed line), test AUC
+    (mean +- std) over requested compression ratios (log x), shared axes. Behind each curve, in grey,
+    the best AUC of any method at each budget; an x on a panel's floor marks a budget where the method
+    is infeasible (its title says where it becomes infeasible), a hollow square one where it failed."""
+    mine = [r for r in rows if r.protocol == protocol and r.method != REFERENCE_METHOD]
+    methods = sorted({r.method for r in mine})
+    styles = method_styles(r.method for r in rows)
+    boundary = infeasible_from(rows, protocol)
+    scored = _scored(mine, protocol)
+    columns = max(1, min(PANEL_COLUMNS, len(methods)))
+    lines = max(1, math.ceil(len(methods) / columns))
+    fig, axes = plt.subplots(lines, columns, figsize=(3.1 * columns + 0.6, 2.5 * lines + 1.0), sharex=True,
+                             sharey=True, squeeze=False)
+    panels = axes.ravel()
+    ratios = sorted({r.ratio for r in mine})
+    best = [max(r.auc for r in scored if r.ratio == x) for x in ratios if any(r.ratio == x for r in scored)]
+    best_at = [x for x in ratios if any(r.ratio == x for r in scored)]
+    for ax, method in zip(panels, methods):
+        style = styles[method]
+        floor = blended_transform_factory(ax.transData, ax.transAxes)
+        ax.plot(best_at, best, color="0.75", linewidth=2.5, zorder=0)
+        _references(ax, rows, protocol, labelled=False)
+        finished = sorted((r for r in scored if r.method == method), key=lambda r: r.ratio)
+        if finished:
+            ax.errorbar([r.ratio for r in finished], [r.auc for r in finished], yerr=[r.auc_std for r in finished],
+                        fmt="-" + style.marker, color=style.color, capsize=2, markersize=4)
+        infeasible = sorted(r.ratio for r in mine if r.method == method and r.status == "infeasible")
+        failed = sorted(r.ratio for r in mine if r.method == method and r.status == "failed")
+        if infeasible:
+            ax.scatter(infeasible, [0.07] * len(infeasible), marker="x", s=40, color=INFEASIBLE_COLOR,
+                       transform=floor, clip_on=False, zorder=4, gid="infeasible")
+        if failed:
+            ax.scatter(failed, [0.07] * len(failed), marker="s", s=36, facecolors="none", edgecolors="black",
+                       transform=floor, clip_on=False, zorder=4, gid="failed")
+        ax.set_title(_infeasible_title(method, infeasible, finished, boundary.get(method, 0.0)), fontsize=9,
+                     color=style.color if finished else INFEASIBLE_COLOR)
+        ax.grid(True, which="major", alpha=0.3)
+    for ax in panels[len(methods):]:
+        ax.set_axis_off()
+    if ratios:
+        panels[0].set_xscale("log")
+        for ax in panels[:len(methods)]:
+            ax.set_xticks(ratios, [f"{t:g}" for t in ratios], fontsize=7, rotation=45)
+            ax.minorticks_off()
+            ax.tick_params(axis="y", labelsize=7)
+    else:
+        panels[0].text(0.5, 0.5, "no runs", transform=panels[0].transAxes, ha="center")
+    key = [Line2D([], [], color="0.6", linewidth=2.5, label="best of any method at the budget"),
+           Line2D([], [], color="black", marker="o", markersize=4, label="the panel's method (mean ± std)"),
+           Line2D([], [], color=INFEASIBLE_COLOR, marker="x", linestyle="none", label="infeasible budget"),
+           Line2D([], [], color="black", marker="s", markerfacecolor="none", linestyle="none", label="failed")]
+    ref, bayes = reference(rows, protocol), bayes_ceiling(rows, protocol)
+    if ref is not None:
+        key.append(Line2D([], [], color="black", linestyle="--", label=f"{REFERENCE_METHOD} (ratio 1): {ref.auc:.4f}"))
+    if bayes is not None:
+        key.append(Line2D([], [], color="tab:red", linestyle=":", label=f"Bayes-optimal ceiling: {bayes:.4f}"))
+    fig.suptitle(f"AUC over budgets — {protocol}", fontsize=11)
+    fig.legend(handles=key, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)
+    fig.supxlabel("requested compression ratio (log scale)", fontsize=9)
+    fig.supylabel("test AUC (mean ± std over seeds)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def pareto_figure(rows: Sequence[Row], protocol: str) -> bytes:
+    """``pareto_plot`` as PNG bytes."""
+    return _png(pareto_plot(rows, protocol))
 
 
 def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
-    """Test AUC per method over requested compression ratios (log x); x marks where a method is
-    infeasible, an arrow where it becomes infeasible."""
-    mine = [r for r in rows if r.protocol == protocol and r.method != REFERENCE_METHOD]
-    colors = method_colors(rows)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    bottom = blended_transform_factory(ax.transData, ax.transAxes)
-    boundary = infeasible_from(rows, protocol)
-    methods: List[str] = sorted({r.method for r in mine})
-    for i, method in enumerate(methods):
-        finished = sorted((r for r in mine if r.method == method and r.finished and not math.isnan(r.auc)),
-                          key=lambda r: r.ratio)
-        if finished:
-            ax.errorbar([r.ratio for r in finished], [r.auc for r in finished], yerr=[r.auc_std for r in finished],
-                        fmt="-o", color=colors[method], capsize=3, markersize=4, label=method)
-        infeasible = sorted(r.ratio for r in mine if r.method == method and r.status == "infeasible")
-        if infeasible:
-            y = 0.03 + 0.03 * i
-            ax.scatter(infeasible, [y] * len(infeasible), marker="x", color=colors[method], transform=bottom,
-                       clip_on=False, label=None if finished else f"{method} (infeasible)")
-            below = not finished or max(infeasible) < min(r.ratio for r in finished)
-            text = (f"{method}: infeasible at ratio ≤ {boundary[method]:g}" if below
-                    else f"{method}: infeasible at {', '.join(f'{x:g}' for x in infeasible)}")
-            ax.annotate(text, (boundary[method], y), xycoords=bottom, xytext=(4, 3), textcoords="offset points",
-                        fontsize=7, color=colors[method])
-    _references(ax, rows, protocol)
-    if mine:
-        ax.set_xscale("log")
-        ticks = sorted({r.ratio for r in mine})
-        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
-        ax.minorticks_off()
-    return _finish(fig, ax, "requested compression ratio (log scale; x: infeasible budget)",
-                   f"AUC over budgets — {protocol}")
+    """``budget_plot`` as PNG bytes."""
+    return _png(budget_plot(rows, protocol))
 
 
-def _finish(fig, ax, xlabel: str, title: str) -> bytes:
-    """Labels, grid and legend shared by every figure; returns the PNG bytes."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("test AUC (mean ± std over seeds)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return _png(fig)
-
-
-__all__ = ["pareto_figure", "budget_figure", "method_colors"]
+__all__ = ["pareto_figure", "budget_figure", "pareto_plot", "budget_plot", "method_styles"]
