@@ -256,34 +256,31 @@ class Dedup(CompressionMethod):
         names = [t.name for t in compressed]
         limit = target_bytes(tables, dim, budget)
         largest_field = max((t.num_embeddings for t in compressed), default=1)
-        candidates = [int(self.block_rows)] if self.block_rows != "auto" else list(range(1, largest_field + 1))
-
-        def plan(r: int) -> Tuple[int, int]:
-            blocks = sum(math.ceil(t.num_embeddings / r) for t in compressed)
-            room = limit - self._bytes(tables, dim, names, r, 0)
-            return blocks, max(0, min(blocks, room // (r * dim * FP32_BYTES))) if room > 0 else 0
-
-        def lands(r: int, unique: int) -> bool:
-            achieved = self._bytes(tables, dim, names, r, unique)
-            return unique >= 1 and (1 - budget.tolerance) * limit <= achieved <= limit
-
-        chosen = None
-        for r in candidates:  # smallest block whose index fits its share and that lands the budget
-            blocks, unique = plan(r)
-            if INT32_BYTES * blocks <= self.index_share * limit and lands(r, unique):
-                chosen = (r, unique)
-                break
-        if chosen is None:
-            chosen = next(((r, plan(r)[1]) for r in candidates if lands(r, plan(r)[1])), None)
-        lowest = min(self._bytes(tables, dim, names, r, 1) for r in candidates)
-        highest = self._bytes(tables, dim, names, candidates[0], plan(candidates[0])[0])
-        if chosen is None:
-            r = candidates[0]
-            land(self.name, self._bytes(tables, dim, names, r, max(plan(r)[1], 1)), tables, dim, budget,
-                 lowest, highest, "one stored block plus the block-index tables already exceed the budget"
-                 if lowest > limit else "no block size gives a deduplicated size within the tolerance of the budget")
-        r, unique = chosen
-        return {"block_rows": r, "unique_blocks": int(unique), "compressed": names, **self.lsh}
+        # every candidate block size at once (int64 arrays over r): the auto search tries r = 1 .. the
+        # largest field, which is ~10^5 sizes on synthetic; each quantity is ``_bytes``'s, exactly
+        r = (np.array([int(self.block_rows)]) if self.block_rows != "auto" else np.arange(1, largest_field + 1)).astype(np.int64)
+        sizes = np.array([t.num_embeddings for t in compressed], dtype=np.int64)
+        blocks = np.zeros_like(r)
+        for rows in sizes:  # sum over fields of ceil(n / r), one field at a time (R-long arrays, not F x R)
+            blocks += -(-rows // r)
+        block_bytes = r * dim * FP32_BYTES if compressed else np.zeros_like(r)  # one stored block
+        without_blocks = self._bytes(tables, dim, names, 1, 0) - INT32_BYTES * int(sizes.sum()) + INT32_BYTES * blocks
+        # (index tables at r + the uncompressed fields: ``_bytes`` at r = 1 holds one index entry per row)
+        room = limit - without_blocks
+        unique = np.where(room > 0, np.clip(room // np.maximum(block_bytes, 1), 0, blocks), 0)
+        achieved = without_blocks + unique * block_bytes
+        lands = (unique >= 1) & ((1 - budget.tolerance) * limit <= achieved) & (achieved <= limit)
+        small_index = INT32_BYTES * blocks <= self.index_share * limit
+        # the smallest block whose index fits its share and that lands the budget, else any that lands
+        picks = np.flatnonzero(lands & small_index)
+        picks = picks if len(picks) else np.flatnonzero(lands)
+        if not len(picks):
+            land(self.name, int(without_blocks[0] + max(int(unique[0]), 1) * block_bytes[0]), tables, dim, budget,
+                 int((without_blocks + block_bytes).min()), int(without_blocks[0] + blocks[0] * block_bytes[0]),
+                 "one stored block plus the block-index tables already exceed the budget"
+                 if (without_blocks + block_bytes).min() > limit
+                 else "no block size gives a deduplicated size within the tolerance of the budget")
+        return {"block_rows": int(r[picks[0]]), "unique_blocks": int(unique[picks[0]]), "compressed": names, **self.lsh}
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
