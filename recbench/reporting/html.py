@@ -14,6 +14,7 @@ from recbench.reporting.leaderboard import (
     AUC, BYTES, LATENCY, LOGLOSS, RATIO, RULES, SPEED, Row, bayes_ceiling, budgets, command, fmt, fmt_bytes,
     fmt_delta, fmt_rank, marked, recommend, reference, run_url,
 )
+from recbench.reporting.plots import caption, figure_kind
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em;color:#222;max-width:1500px}
@@ -22,7 +23,7 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px so
 th{background:#f3f3f3}td.l,th.l{text-align:left}tr.best td{background:#eef7ee}tr.tie td{background:#f6fbf6}
 tr.infeasible td,tr.failed td{color:#888}code{font-size:.85em;white-space:nowrap}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}.figs{display:flex;flex-wrap:wrap;gap:1em}
-.figs figure{margin:0;flex:1 1 600px}.note{color:#555;font-size:.85em}
+.figs figure{margin:0;flex:1 1 600px}.figs figure.budgets{flex-basis:100%}.note{color:#555;font-size:.85em}
 """
 
 #: counts the figures that decoded (read back from the DOM by the headless-browser test)
@@ -113,7 +114,8 @@ def render(title: str, sections: List[Dict[str, object]], rows: Sequence[Row], u
         body.append("<p>" + " ".join(notes) + "</p>")
         figures = section.get("figures") or {}
         body.append('<div class="figs">' + "".join(
-            f"<figure>{img(png, name)}<figcaption class=\"note\">{esc(name)}</figcaption></figure>"
+            f'<figure class="{esc(figure_kind(name))}">{img(png, name)}'
+            f'<figcaption class="note"><code>{esc(name)}</code>: {esc(caption(name))}</figcaption></figure>'
             for name, png in figures.items()) + "</div>")
         body.append("<h3>Which method at which budget</h3>")
         body.append(recommendation_table(rows, protocol))

@@ -35,6 +35,27 @@ PANEL_COLUMNS = 4
 INFEASIBLE_COLOR = "tab:red"
 
 
+#: what each figure shows, by file stem (``pareto``, ``pareto-2``... share one): the HTML report's captions
+CAPTIONS = {
+    "pareto": "Test AUC (mean ± std over seeds) against embedding inference bytes, log scale. Circled, "
+              "joined and labelled: the Pareto front (no other row has fewer or equal bytes and higher or "
+              "equal AUC). Dashed: full at ratio 1; dotted: the Bayes-optimal ceiling (synthetic data).",
+    "budgets": "One panel per method: test AUC (mean ± std) over the requested compression ratios. Grey: "
+               "the best AUC of any method at each budget. An x on a panel's floor: a budget the method "
+               "cannot reach (its title says where it becomes infeasible); a hollow square: a failed run.",
+}
+
+
+def caption(name: str) -> str:
+    """The caption of the figure file ``name`` (e.g. ``budgets-2.png``), or ``name`` itself."""
+    return CAPTIONS.get(figure_kind(name), name)
+
+
+def figure_kind(name: str) -> str:
+    """``pareto`` for ``pareto.png`` and ``pareto-2.png``."""
+    return name.rsplit(".", 1)[0].split("-")[0]
+
+
 @dataclass(frozen=True)
 class Style:
     color: tuple
@@ -189,4 +210,4 @@ def budget_figure(rows: Sequence[Row], protocol: str) -> bytes:
     return _png(budget_plot(rows, protocol))
 
 
-__all__ = ["pareto_figure", "budget_figure", "pareto_plot", "budget_plot", "method_styles"]
+__all__ = ["pareto_figure", "budget_figure", "pareto_plot", "budget_plot", "method_styles", "caption", "figure_kind"]

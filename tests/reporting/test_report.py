@@ -24,6 +24,7 @@ def test_report_from_json_writes_every_output(tmp_path):
     page = (folder / "index.html").read_text()
     # self-contained: figures embedded, no external script/style/image resource
     assert page.count('src="data:image/png;base64,') == 2
+    assert '<figure class="budgets">' in page and "One panel per method" in page  # captions say what is drawn
     assert not re.search(r'<(script|img|link)[^>]+(src|href)="https?://', page)
     assert "<td>0.7800 ± 0.0050</td>" in page and "1=" in page
     assert "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 seed=0,1,2" in page
