@@ -27,7 +27,7 @@ def provenance(records) -> str:
     """Which code, software and sweeps produced the runs (the run tags), for the report header."""
     def listed(key: str, unknown: str = "not recorded") -> str:
         values = Counter(r.get(key) or unknown for r in records)
-        return "; ".join(f"`{v}` ({n} runs)" for v, n in values.most_common())
+        return "; ".join(f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in values.most_common())
 
     imported = Counter(r.get("imported_from") for r in records if r.get("imported_from"))
     carried = ([f"- runs imported from exported records (tags, params and final metrics; their "

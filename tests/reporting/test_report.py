@@ -135,3 +135,12 @@ def test_coverage_counts_the_seeds_of_each_row():
                                  "are less certain: see the `seeds` column)")
     assert coverage([run("qr", "0.1", s) for s in "01"]) == "seeds per finished row: 2 in 1 row"
     assert coverage([run("qr", "0.1", "0", "failed")]) == "seeds per finished row: no finished run"
+
+
+def test_provenance_counts_runs_per_commit_in_words():
+    from recbench.cli.report import provenance
+
+    records = [{"git_commit": "abc1234", "sweep_id": "s"}] * 2 + [{"git_commit": "def5678", "sweep_id": "s"}]
+    header = provenance(records)
+    assert "- code (git commit of the runs): `abc1234` (2 runs); `def5678` (1 run)" in header
+    assert "- software: `not recorded (runs before tagging)` (3 runs)" in header
