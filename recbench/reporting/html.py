@@ -23,13 +23,15 @@ table{border-collapse:collapse;font-size:.85em;margin:.5em 0}th,td{border:1px so
 th{background:#f3f3f3}td.l,th.l{text-align:left}tr.best td{background:#eef7ee}tr.tie td{background:#f6fbf6}
 tr.infeasible td,tr.failed td{color:#888}code{font-size:.85em;white-space:nowrap}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}.figs{display:flex;flex-wrap:wrap;gap:1em}
-.figs figure{margin:0;flex:1 1 600px}.figs figure.budgets{flex-basis:100%}.note{color:#555;font-size:.85em}
+.wide{overflow-x:auto}.figs figure{margin:0;flex:1 1 600px}.figs figure.budgets{flex-basis:100%}.note{color:#555;font-size:.85em}
 """
 
-#: counts the figures that decoded (read back from the DOM by the headless-browser test)
+#: counts the figures that decoded and says whether the page fits its window's width (wide tables
+#: scroll inside their own box), both read back from the DOM by the headless-browser test
 SCRIPT = ("window.addEventListener('load',function(){var n=0;for(var i=0;i<document.images.length;i++)"
           "{var m=document.images[i];if(m.complete&&m.naturalWidth>0)n++;}"
-          "document.body.setAttribute('data-figures-rendered',String(n));});")
+          "document.body.setAttribute('data-figures-rendered',String(n));"
+          "var d=document.documentElement;d.setAttribute('data-page-fits-width',String(d.scrollWidth<=d.clientWidth));});")
 
 
 def esc(value: object) -> str:
@@ -48,7 +50,7 @@ def _links(row: Row, ui_url: str) -> str:
 
 
 def recommendation_table(rows: Sequence[Row], protocol: str) -> str:
-    out = ['<table class="recommendation"><thead><tr><th>budget (ratio)</th><th class="l">recommended</th>'
+    out = ['<div class="wide"><table class="recommendation"><thead><tr><th>budget (ratio)</th><th class="l">recommended</th>'
            '<th>test AUC</th><th>Δ AUC vs full</th><th>inference bytes</th><th class="l">tied (within 2 std)</th>'
            '<th class="l">infeasible</th></tr></thead><tbody>']
     for rec in recommend(rows, protocol):
@@ -58,12 +60,12 @@ def recommendation_table(rows: Sequence[Row], protocol: str) -> str:
                    f'<td>{fmt_bytes(b.mean.get(BYTES)) if b else "—"}</td>'
                    f'<td class="l">{esc(", ".join(r.label for r in rec.tied) or "—")}</td>'
                    f'<td class="l">{esc(", ".join(rec.infeasible) or "—")}</td></tr>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     return "\n".join(out)
 
 
 def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: str) -> str:
-    out = [f'<table class="leaderboard" data-ratio="{ratio:g}"><thead><tr><th>rank</th><th class="l">method</th>'
+    out = [f'<div class="wide"><table class="leaderboard" data-ratio="{ratio:g}"><thead><tr><th>rank</th><th class="l">method</th>'
            '<th>seeds</th><th>test AUC</th><th>Δ AUC vs full</th><th>test log loss</th><th>inference bytes</th>'
            '<th>achieved ratio</th><th>train samples/s</th><th>latency ms (4096)</th><th>Pareto</th>'
            '<th class="l">MLflow runs</th><th class="l">command</th></tr></thead><tbody>']
@@ -82,7 +84,7 @@ def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: 
             f'<td>{r.mean.get(RATIO, math.nan):.4g}</td><td>{r.mean.get(SPEED, math.nan):,.0f}</td>'
             f'<td>{r.mean.get(LATENCY, math.nan):.2f}</td><td>{"●" if r.pareto else ""}</td>'
             f'<td class="l">{_links(r, ui_url)}</td><td class="l">{cmd}</td></tr>')
-    out.append("</tbody></table>")
+    out.append("</tbody></table></div>")
     noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
     if noted:
         items = "".join(f"<li>† {esc(r.label)}: {esc('; '.join(r.notes))}.</li>" for r in noted)

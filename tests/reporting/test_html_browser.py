@@ -51,3 +51,4 @@ def test_html_report_renders_in_headless_chromium(tmp_path, chromium):
     assert dom.count('<table class="leaderboard"') == 3
     assert len(re.findall(r'<table class="recommendation">.*?</table>', dom, re.S)) == 1
     assert 'data-figures-rendered="2"' in dom  # both embedded PNGs decoded by the browser
+    assert 'data-page-fits-width="true"' in dom  # no sideways scrolling of the whole page
