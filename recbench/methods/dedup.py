@@ -40,7 +40,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods.base import CompressionMethod
-from recbench.methods.budget import land, split_tables, target_bytes
+from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
 from recbench.methods.full import FullEmbedding
 from recbench.methods.per_id import value_fields, with_values
 from recbench.methods.tables import PhysicalTable, PooledCollection, closed_form_table_bytes, physical_tables
@@ -248,11 +248,10 @@ class Dedup(CompressionMethod):
         comp = [t for t in tables if t.name in set(names)]
         index = INT32_BYTES * sum(math.ceil(t.num_embeddings / block_rows) for t in comp)
         stored = unique * block_rows * dim * FP32_BYTES if comp else 0
-        kept = sum(t.num_embeddings for t in tables if t.name not in set(names)) * dim * FP32_BYTES
-        return int(index + stored + kept)
+        return int(index + stored + kept_bytes([t for t in tables if t.name not in set(names)], dim))
 
     def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
-        compressed, _ = split_tables(tables, budget)
+        compressed, kept = split_tables(tables, budget)
         names = [t.name for t in compressed]
         limit = target_bytes(tables, dim, budget)
         largest_field = max((t.num_embeddings for t in compressed), default=1)
@@ -264,8 +263,7 @@ class Dedup(CompressionMethod):
         for rows in sizes:  # sum over fields of ceil(n / r), one field at a time (R-long arrays, not F x R)
             blocks += -(-rows // r)
         block_bytes = r * dim * FP32_BYTES if compressed else np.zeros_like(r)  # one stored block
-        without_blocks = self._bytes(tables, dim, names, 1, 0) - INT32_BYTES * int(sizes.sum()) + INT32_BYTES * blocks
-        # (index tables at r + the uncompressed fields: ``_bytes`` at r = 1 holds one index entry per row)
+        without_blocks = INT32_BYTES * blocks + kept_bytes(kept, dim)  # index tables + uncompressed fields
         room = limit - without_blocks
         unique = np.where(room > 0, np.clip(room // np.maximum(block_bytes, 1), 0, blocks), 0)
         achieved = without_blocks + unique * block_bytes
