@@ -61,6 +61,7 @@ class Row:
     seed_list: List[str] = field(default_factory=list)
     experiment_ids: List[str] = field(default_factory=list)
     overrides: str = ""
+    num_threads: str = ""  # the torch thread count every seed ran with ("" if unrecorded or mixed)
     git_commits: List[str] = field(default_factory=list)
     rank: int = 0
     tied: bool = False  # shares its rank with another row of its budget
@@ -149,6 +150,8 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
             row.seed_list = [str(r.get("seed", "")) for r in finished]
             row.experiment_ids = [str(r.get("experiment_id", "")) for r in finished]
             row.overrides = next((r.get("overrides", "") for r in finished if r.get("overrides")), "")
+            threads = {r.get("num_threads", "") for r in finished}
+            row.num_threads = threads.pop() if len(threads) == 1 else ""
             row.git_commits = sorted({r.get("git_commit", "") for r in finished if r.get("git_commit")})
             row.notes = stage_notes(finished)
         else:
@@ -298,16 +301,24 @@ def fmt_delta(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:+.4f}"
 
 
+#: the Hydra key of a job's torch thread count (``recbench.cli.job.configure_threads``)
+THREADS_KEY = "trainer.num_threads"
+
+
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def command(row: Row) -> str:
-    """The command that reproduces the row (its seeds as one multirun)."""
+    """The command that reproduces the row (its seeds as one multirun), with the torch thread count
+    its runs had when they recorded it: the count is left out of the config hash but changes the
+    order of float reductions, so the numbers repeat bit for bit only with the same count."""
     if row.overrides:
         parts = [o for o in row.overrides.split() if not o.startswith("seed=")]
     else:
         parts = [f"dataset={row.dataset}", f"method={row.method}", f"budget.compression_ratio={row.ratio:g}"]
+    if row.num_threads and not any(p.lstrip("+").startswith(THREADS_KEY + "=") for p in parts):
+        parts.append(f"{THREADS_KEY}={row.num_threads}")
     seeds = row.seed_list or ["0"]
     return " ".join(["recbench", *(["-m"] if len(seeds) > 1 else []), *parts, f"seed={','.join(seeds)}"])
 

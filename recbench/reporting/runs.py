@@ -18,7 +18,7 @@ from recbench.tracking.base import orphan_reason
 
 RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
                "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
-               "overrides", "command", "host", "pid", "process_start", "software",
+               "overrides", "command", "num_threads", "host", "pid", "process_start", "software",
                "imported_from", "imported_from_run_id")  # the last two: runs brought in by import_records
 
 

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recbench.cli.job import config_hash, format_result, run_job
+from recbench.cli.job import command_with_threads, config_hash, format_result, run_job
 from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -53,6 +53,28 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
     assert {Path(a).name for a in run.artifacts} >= {"metrics.json", "config.yaml"}
     table = format_result(toy_cfg(tmp_path), result)
     assert "test AUC" in table and "compression ratio" in table
+
+
+def test_a_run_records_its_thread_count_in_a_tag_and_in_its_command(tmp_path):
+    """The thread count is outside the config hash but moves the numbers at float tolerance, so the
+    command that reproduces a run carries the count it ran with (unless the command set one)."""
+    tracker = InMemoryTracker()
+    cfg = toy_cfg(tmp_path, "trainer.num_threads=2")
+    cfg.trainer.max_steps = 5
+    run_job(cfg, tracker, extra_tags={"command": "recbench method=full seed=0"})
+    assert tracker.current.tags["num_threads"] == "2"
+    assert tracker.current.tags["command"] == "recbench method=full seed=0 trainer.num_threads=2"
+    assert config_hash(OmegaConf.to_container(cfg, resolve=True)) == config_hash(
+        OmegaConf.to_container(toy_cfg(tmp_path, "trainer.num_threads=1", "trainer.max_steps=5"), resolve=True))
+
+
+@pytest.mark.parametrize("command, expected", [
+    ("recbench method=qr seed=1", "recbench method=qr seed=1 trainer.num_threads=3"),
+    ("recbench method=qr trainer.num_threads=1 seed=1", "recbench method=qr trainer.num_threads=1 seed=1"),
+    ("recbench -m method=qr ++trainer.num_threads=2 seed=0,1", "recbench -m method=qr ++trainer.num_threads=2 seed=0,1"),
+])
+def test_command_with_threads_keeps_a_count_the_command_set(command, expected):
+    assert command_with_threads(command, 3) == expected
 
 
 def test_infeasible_budget_is_a_recorded_skipped_run(tmp_path):

@@ -77,6 +77,16 @@ def test_markdown_and_csv_carry_exact_numbers_links_and_commands(records):
     assert command(by(rows, "full", 1.0)).startswith("recbench -m sweep=fixture method=full")
 
 
+def test_the_row_command_carries_the_thread_count_its_seeds_ran_with():
+    """Recorded and equal over the seeds: appended; mixed or not recorded (older runs): left out."""
+    same = [dict(record("qr", 0.1, seed, 0.78, 100.0), num_threads="1") for seed in range(3)]
+    mixed = [dict(record("robe", 0.1, seed, 0.78, 100.0), num_threads=str(1 + (seed == 2))) for seed in range(3)]
+    rows = aggregate(same + mixed + [record("hashing", 0.1, 0, 0.78, 100.0)])
+    assert command(by(rows, "qr", 0.1)) == "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 trainer.num_threads=1 seed=0,1,2"
+    assert command(by(rows, "robe", 0.1)) == "recbench -m sweep=fixture method=robe budget.compression_ratio=0.1 seed=0,1,2"
+    assert command(by(rows, "hashing", 0.1)) == "recbench sweep=fixture method=hashing budget.compression_ratio=0.1 seed=0"
+
+
 def test_single_seed_has_no_std_and_no_tie():
     rows = aggregate([record("hashing", 0.1, 0, 0.78, 100.0), record("qr", 0.1, 0, 0.78 - 1e-6, 100.0)])
     assert all(math.isnan(r.std["test/auc"]) for r in rows)
