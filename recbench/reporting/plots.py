@@ -110,9 +110,9 @@ def pareto_plot(rows: Sequence[Row], protocol: str) -> Figure:
                 alpha=0.8, label="Pareto front", zorder=0)
         ax.scatter([r.mean[BYTES] for r in front], [r.auc for r in front], s=110, facecolors="none",
                    edgecolors="black", linewidths=1.0, zorder=3)
-        for r in front:
-            name = r.method if r.method == REFERENCE_METHOD else f"{r.method} {r.ratio:g}"
-            ax.annotate(name, (r.mean[BYTES], r.auc), xytext=(6, -11), textcoords="offset points", fontsize=7)
+        labels = [ax.annotate(r.method if r.method == REFERENCE_METHOD else f"{r.method} {r.ratio:g}",
+                              (r.mean[BYTES], r.auc), xytext=(6, -11), textcoords="offset points", fontsize=7)
+                  for r in front]
     _references(ax, rows, protocol)
     if mine:
         ax.set_xscale("log")
@@ -124,7 +124,26 @@ def pareto_plot(rows: Sequence[Row], protocol: str) -> Figure:
     ax.grid(True, which="both", alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if front:
+        _stack_overlapping(fig, labels)
     return fig
+
+
+def _stack_overlapping(fig: Figure, labels: List) -> None:
+    """Move each label down until it overlaps none placed before it, the highest point's label first
+    (so the labels keep the points' vertical order): front points at almost the same bytes and AUC
+    (two methods at one budget) would otherwise print their names over each other."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for label in sorted(labels, key=lambda t: -t.xy[1]):
+        for _ in range(len(labels)):
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+            x, y = label.xyann
+            label.xyann = (x, y - box.height * 72.0 / fig.dpi - 1)
+        placed.append(label.get_window_extent(renderer))
 
 
 def _infeasible_title(method: str, infeasible: List[float], finished: List[Row], boundary: float) -> str:
