@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recbench.install_check import software_versions
 from recbench.methods.base import InfeasibleBudget
-from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags
+from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags, with_thread_count
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training.inference_cost import inference_cost
 from recbench.training import checkpoint, distributed
@@ -141,14 +141,9 @@ def configure_threads(cfg: DictConfig) -> int:
 
 
 def command_with_threads(command: str, threads: int) -> str:
-    """``command`` with the torch thread count the job ran with, unless it sets one already.
-
-    The count is not in the config hash (a sweep with 2 jobs per 2 cores and one with 1 job share
-    their finished runs) but it changes the order of float reductions, so a run repeats bit for bit
-    only with the same count (see ``NON_NUMERIC_KEYS``)."""
-    if any(part.lstrip("+").startswith("trainer.num_threads=") for part in shlex.split(command)):
-        return command
-    return f"{command} trainer.num_threads={threads}"
+    """``command`` with the torch thread count the job ran with, unless it sets one already (the
+    count is not in the config hash, see ``NON_NUMERIC_KEYS``)."""
+    return shlex.join(with_thread_count(shlex.split(command), threads))
 
 
 def seed_everything(seed: int) -> None:

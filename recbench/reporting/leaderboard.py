@@ -33,6 +33,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from recbench.tracking.base import with_thread_count
+
 AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", "emb/compression_ratio"
 SPEED, LATENCY, BAYES = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc"
 COLUMNS = (AUC, LOGLOSS, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
@@ -301,10 +303,6 @@ def fmt_delta(value: float) -> str:
     return "—" if math.isnan(value) else f"{value:+.4f}"
 
 
-#: the Hydra key of a job's torch thread count (``recbench.cli.job.configure_threads``)
-THREADS_KEY = "trainer.num_threads"
-
-
 def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -317,8 +315,7 @@ def command(row: Row) -> str:
         parts = [o for o in row.overrides.split() if not o.startswith("seed=")]
     else:
         parts = [f"dataset={row.dataset}", f"method={row.method}", f"budget.compression_ratio={row.ratio:g}"]
-    if row.num_threads and not any(p.lstrip("+").startswith(THREADS_KEY + "=") for p in parts):
-        parts.append(f"{THREADS_KEY}={row.num_threads}")
+    parts = with_thread_count(parts, row.num_threads)
     seeds = row.seed_list or ["0"]
     return " ".join(["recbench", *(["-m"] if len(seeds) > 1 else []), *parts, f"seed={','.join(seeds)}"])
 

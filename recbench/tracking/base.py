@@ -17,6 +17,19 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
+#: the Hydra key of a job's torch thread count (tag ``num_threads`` records the count a run had)
+THREADS_KEY = "trainer.num_threads"
+
+
+def with_thread_count(overrides: List[str], threads: object) -> List[str]:
+    """``overrides`` with ``trainer.num_threads=<threads>`` appended, unless they set a count already
+    (``threads`` empty: unchanged). The count is outside the config hash but changes the order of
+    float reductions, so a command repeats a run bit for bit only with the count it ran with."""
+    if threads in (None, "") or any(o.lstrip("+").startswith(THREADS_KEY + "=") for o in overrides):
+        return list(overrides)
+    return [*overrides, f"{THREADS_KEY}={threads}"]
+
+
 def owner_tags() -> Dict[str, str]:
     """Which process holds a run open: host, pid and the process's start time (s since the epoch).
 
