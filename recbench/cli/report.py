@@ -79,26 +79,42 @@ def main(argv=None) -> int:
                         help="MLflow UI the run links point to (make dashboard)")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
+    if args.export is not None and not args.export.parent.is_dir():  # before any work, like recbench-sweep
+        print(f"recbench-report: --export {args.export}: folder {args.export.parent} does not exist", file=sys.stderr)
+        return 2
     if args.records:
-        records, source = load_records(args.records), str(args.records)
-        if args.dataset:
-            records = [r for r in records if r.get("dataset") == args.dataset]
+        try:
+            every, source = load_records(args.records), str(args.records)
+        except (OSError, ValueError) as exc:  # missing, unreadable or not JSON
+            print(f"recbench-report: --records {args.records}: {exc}", file=sys.stderr)
+            return 2
+        records = [r for r in every if not args.dataset or r.get("dataset") == args.dataset]
     else:
         store = resolve_tracking_uri(args.tracking_uri, Path.cwd())
         records = load_mlflow_runs(store, args.dataset)
+        every = None  # read again only to say which datasets there are
         source = args.tracking_uri  # as the user gave it: no machine paths in committed reports
-    if args.sweep_id:
-        records = [r for r in records if r.get("sweep_id") == args.sweep_id]
-    if args.exclude_sweep_id:
-        excluded = set(args.exclude_sweep_id)
-        records = [r for r in records if r.get("sweep_id") not in excluded]
-    if args.protocol:
-        records = [r for r in records if any(of_protocol(r.get("protocol"), p) for p in args.protocol)]
+    where = f"{' for dataset ' + args.dataset if args.dataset else ''} in {args.records or args.tracking_uri}"
     if not records:
-        print(f"recbench-report: no recbench runs found{' for dataset ' + args.dataset if args.dataset else ''}"
-              f"{' in sweep ' + args.sweep_id if args.sweep_id else ''} in {args.records or args.tracking_uri}",
+        if every is None and args.dataset:
+            every = load_mlflow_runs(store)
+        datasets = Counter(r.get("dataset") or "none" for r in every or [])
+        print(f"recbench-report: no recbench runs found{where}"
+              + ("; datasets there: " + ", ".join(f"{d} ({n})" for d, n in datasets.most_common()) if datasets else ""),
               file=sys.stderr)
         return 1
+    selections = [("--sweep-id", "sweep_id", lambda r: not args.sweep_id or r.get("sweep_id") == args.sweep_id),
+                  ("--exclude-sweep-id", "sweep_id", lambda r: r.get("sweep_id") not in set(args.exclude_sweep_id)),
+                  ("--protocol", "protocol",
+                   lambda r: not args.protocol or any(of_protocol(r.get("protocol"), p) for p in args.protocol))]
+    for flag, tag, keep in selections:
+        kept = [r for r in records if keep(r)]
+        if not kept:  # say which selection left nothing, and what there is to select from
+            there = Counter(r.get(tag) or "none" for r in records)
+            print(f"recbench-report: {flag} left none of the {len(records)} runs{where}; {tag} values there: "
+                  + ", ".join(f"{v} ({n})" for v, n in there.most_common()), file=sys.stderr)
+            return 1
+        records = kept
     if args.export:
         save_records(records, args.export)
     generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "

@@ -451,6 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.preset not in presets() and not _search_path_overrides(args.overrides):
         print(f"recbench-sweep: unknown preset {args.preset!r}; available: {', '.join(presets())}", file=sys.stderr)
         return 2
+    if args.jobs is not None and args.jobs < 1:
+        print(f"recbench-sweep: --jobs {args.jobs}: needs 1 or more parallel jobs", file=sys.stderr)
+        return 2
     if args.export is not None and (args.no_check or not args.export_every > 0):
         print("recbench-sweep: --export needs the pre-launch check (drop --no-check) and --export-every > 0 "
               f"(got {args.export_every})", file=sys.stderr)

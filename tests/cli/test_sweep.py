@@ -248,6 +248,14 @@ def test_export_options_are_checked_before_anything_runs(tmp_path, capsys, targe
     assert message.format(tmp=tmp_path) in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("jobs", ["0", "-2"])
+def test_a_job_count_below_one_is_refused_before_anything_runs(tmp_path, capsys, jobs):
+    from recbench.cli.sweep import main
+
+    assert main(["smoke", "--jobs", jobs, "--root", str(tmp_path / "sweeps")]) == 2
+    assert f"--jobs {jobs}: needs 1 or more parallel jobs" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def _counts(text: str) -> dict:
     line = re.findall(r"this launch:.*", text)[-1]
     return {k: int(v) for v, k in [(m[1], m[0]) for m in re.findall(r"(finished|skipped|infeasible|failed) (\d+)", line)]}

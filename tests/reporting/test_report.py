@@ -95,6 +95,43 @@ def test_no_runs_is_a_clear_error(tmp_path, capsys):
     assert "no recbench runs" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "No such file or directory"),
+    ('{"runs": [', "Expecting value"),
+])
+def test_an_unreadable_records_file_is_a_clear_error(tmp_path, capsys, content, message):
+    if content is not None:
+        (tmp_path / "runs.json").write_text(content)
+    assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"recbench-report: --records {tmp_path / 'runs.json'}: ") and message in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_export_into_a_missing_folder_is_refused_before_any_report_is_written(tmp_path, capsys):
+    save_records(fixture_records(), tmp_path / "runs.json")
+    assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "r"),
+                        "--export", str(tmp_path / "no" / "runs.json")]) == 2
+    assert f"folder {tmp_path / 'no'} does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_selection_that_leaves_no_run_names_itself_and_what_there_is(tmp_path, capsys):
+    records = fixture_records()
+    save_records(records, tmp_path / "runs.json")
+    base = ["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "r"), "--no-figures"]
+    assert report_main([*base, "--protocol", "deadbeef"]) == 1
+    assert (f"--protocol left none of the {len(records)} runs in {tmp_path / 'runs.json'}; "
+            f"protocol values there: toy-abc/1234 ({len(records)})") in capsys.readouterr().err
+    assert report_main([*base, "--sweep-id", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert f"--sweep-id left none of the {len(records)} runs" in err and f"sweep_id values there: fixture ({len(records)})" in err
+    assert report_main([*base, "--dataset", "nosuch"]) == 1
+    assert f"no recbench runs found for dataset nosuch in {tmp_path / 'runs.json'}; datasets there: toy ({len(records)})" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_sweeps_can_be_selected_or_left_out(tmp_path):
     records = fixture_records()
     for i, record in enumerate(records):
