@@ -8,7 +8,7 @@ STAMP := $(VENV)/.install-stamp
 export RECBENCH_DATA_ROOT ?= datasets
 PORT ?= 5000
 
-.PHONY: setup setup-cluster data demo test test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
+.PHONY: setup setup-cluster data demo test test-portable test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
 
 ## setup: create .venv if missing and install the pinned CPU stack (no CUDA wheels), then self-check
 setup: $(STAMP)
@@ -52,6 +52,22 @@ sweep-synthetic: setup
 ## test: the default test suite (installs first if needed)
 test: setup
 	$(PY) -m pytest -q
+
+## test-portable: the default suite once per CPU dispatch level torch (and FBGEMM) can be forced to
+# default = torch's scalar kernels; avx2 = torch's AVX2 kernels, FBGEMM limited to AVX2; native =
+# what this CPU dispatches to unforced (avx512 on AVX-512 machines). About 3x `make test`.
+PORTABLE_LEVELS ?= default avx2 native
+test-portable: setup
+	@set -e; for level in $(PORTABLE_LEVELS); do \
+	  case $$level in \
+	    native) env=;; \
+	    avx2) env="ATEN_CPU_CAPABILITY=avx2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2";; \
+	    *) env="ATEN_CPU_CAPABILITY=$$level";; \
+	  esac; \
+	  echo "== test-portable: $$level ($${env:-unforced})"; start=$$(date +%s); \
+	  env $$env $(PY) -m pytest -q; \
+	  echo "== test-portable: $$level passed in $$(( $$(date +%s) - start )) s"; \
+	done
 
 ## test-slow: the long tests too
 test-slow: setup

@@ -15,6 +15,14 @@ from toy_protocol import ToyProtocol  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_report_header(config):
+    """The CPU dispatch the suite runs under (``make test-portable`` forces each level)."""
+    import torch
+
+    forced = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "FBGEMM_ENABLE_INSTRUCTIONS") if k in os.environ}
+    return f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()} (forced: {forced or 'nothing'})"
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
     """A test that runs a job in-process sets torch's thread count (``trainer.num_threads``); put it

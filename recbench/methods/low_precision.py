@@ -16,7 +16,10 @@ touched rows goes straight into the embedding optimizer's rule (SGD, Adagrad or 
 whose fp32 state is the only other per-row tensor), giving the updated rows w' = e - lr * G', and
 is never materialised for the whole table. The rows are written back as integers with unbiased
 stochastic rounding, q' = floor(clip(w' / Delta) + u), u ~ U[0, 1): E[Delta q'] = w' inside the
-range. With a learned step size (ALPT) the backward also returns dL/dDelta by the LSQ estimator
+range. The noise u of entry (r, c) at the t-th write is drawn from a counter-based stream keyed
+by (seed, t, r, c) (``counter_uniform``; the seed is torch's seed when the module is built;
+seed and t are buffers saved in checkpoints), so a row's rounding does not depend on the
+other rows of the batch or on how the batch is split across ranks. With a learned step size (ALPT) the backward also returns dL/dDelta by the LSQ estimator
 evaluated at the updated rows, dQ(w'; Delta)/dDelta = round(v) - v for v = w'/Delta inside
 [-Q_N, Q_P], -Q_N below, Q_P above, times G, scaled by 1 / sqrt(N * Q_P) (N = values sharing the
 step in the batch); the trainer's optimizer steps Delta with its own learning rate
@@ -26,8 +29,10 @@ step in the batch); the trainer's optimizer steps Delta with its own learning ra
 Distributed runs (``trainer.distributed=true``): the integer rows, step sizes and optimizer
 state are replicated; a rank's backward gathers every rank's touched row ids and (U_r, D) row
 gradients (never a table-sized gradient), so each rank updates the global batch's rows with the
-global gradient and draws the same rounding noise (torch's global RNG, in the same state on
-every rank): W ranks keep identical tables equal to one process's.
+global gradient and the same counter-keyed rounding noise: W ranks keep identical tables, equal
+to one process's up to float summation order (the row gradients are sums over the batch in
+another order; a last-bit difference can move a stochastic rounding across an integer, see
+``tests/training/test_distributed_batch_methods.py``).
 
 Budget: bytes = sum_f ceil(n_f * D * b_f / 8) (packed integers) + step sizes (4 bytes per field
 or per row) + fields below ``min_rows_to_compress`` in fp32. Precisions come from ``levels``:
@@ -53,6 +58,8 @@ from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport,
 
 GRANULARITIES = ("field", "row")
 MIN_STEP = 1e-12
+#: the rounding noise's key held in training (int64 seed and write counter)
+NOISE_KEY_BYTES = 16
 
 
 def q_range(bits: int):
@@ -60,15 +67,48 @@ def q_range(bits: int):
     return 2 ** (int(bits) - 1), 2 ** (int(bits) - 1) - 1
 
 
-def stochastic_round(x: torch.Tensor) -> torch.Tensor:
-    """Unbiased rounding to an integer: floor(x + u), u ~ U[0, 1) (torch's global RNG)."""
-    return torch.floor(x + torch.rand_like(x))
+MASK32 = 0xFFFFFFFF
 
 
-def quantize(weights: torch.Tensor, step: torch.Tensor, q_low: torch.Tensor, q_high: torch.Tensor) -> torch.Tensor:
-    """(U, D) fp32 rows, (U, 1) steps and bounds -> (U, D) int64 q = SR(clip(w / step))."""
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """(x * constant) mod 2^32 for int64 ``x`` in [0, 2^32), without int64 overflow (16-bit halves)."""
+    low, high = constant & 0xFFFF, constant >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' "lowbias32") of int64 ``x`` in [0, 2^32), elementwise."""
+    x = x & MASK32
+    x = _mul32(x ^ (x >> 16), 0x7FEB352D)
+    x = _mul32(x ^ (x >> 15), 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seed: torch.Tensor, counter: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """(U, D) float32 uniforms in [0, 1) (multiples of 2^-24) keyed by (seed, counter, row, column).
+
+    A counter-based stream: the noise of entry (r, c) at write ``counter`` is a hash of the four
+    integers, so it does not depend on which other rows are written with it, in what order, or
+    on how a batch is split over ranks (a generator's draws would depend on its consumption).
+    ``seed``, ``counter``: 0-dim int64; ``rows``: (U,) int64 global row numbers.
+    """
+    stream = mix32(seed ^ mix32(counter + 0x9E3779B9))
+    keyed = mix32(stream ^ rows.unsqueeze(1))
+    columns = mix32(torch.arange(dim, dtype=torch.int64, device=rows.device) + 0x632BE5AB)
+    return (mix32(keyed ^ columns) >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def stochastic_round(x: torch.Tensor, uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Unbiased rounding to an integer: floor(x + u), u ~ U[0, 1) (``uniform``, else torch's global RNG)."""
+    return torch.floor(x + (torch.rand_like(x) if uniform is None else uniform))
+
+
+def quantize(weights: torch.Tensor, step: torch.Tensor, q_low: torch.Tensor, q_high: torch.Tensor,
+             uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(U, D) fp32 rows, (U, 1) steps and bounds -> (U, D) int64 q = SR(clip(w / step)) with the
+    rounding noise ``uniform`` (U, D) (default: torch's global RNG)."""
     scaled = torch.minimum(torch.maximum(weights / step, q_low), q_high)
-    return torch.minimum(torch.maximum(stochastic_round(scaled), q_low), q_high).to(torch.int64)
+    return torch.minimum(torch.maximum(stochastic_round(scaled, uniform), q_low), q_high).to(torch.int64)
 
 
 def lsq_step_derivative(weights: torch.Tensor, step: torch.Tensor, q_low: torch.Tensor,
@@ -185,6 +225,11 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         width = optimizer_state_width(optimizer.kind, dim)
         self.register_buffer("optimizer_state", torch.zeros(self.num_rows, width) if width else None)
         self._pending = None
+        # the rounding noise's key: the seed torch's RNG was given (the run's seed; read, not drawn,
+        # so building the module consumes no random numbers) and the number of writes so far
+        # (the initial write is 0)
+        self.register_buffer("noise_seed", torch.tensor(torch.initial_seed() & MASK32, dtype=torch.int64))
+        self.register_buffer("noise_counter", torch.zeros((), dtype=torch.int64))
         self._initialise(compressed, sizes, fixed_range)
 
     # ----- storage -----
@@ -228,7 +273,8 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         return out
 
     def _write(self, rows: torch.Tensor, fields: torch.Tensor, weights: torch.Tensor, step_rows: torch.Tensor) -> None:
-        q = quantize(weights, step_rows, self.q_low[fields].unsqueeze(1), self.q_high[fields].unsqueeze(1))
+        uniform = counter_uniform(self.noise_seed, self.noise_counter, rows, self.dim)
+        q = quantize(weights, step_rows, self.q_low[fields].unsqueeze(1), self.q_high[fields].unsqueeze(1), uniform)
         positions, level = self._positions(rows, fields), self.level_of[fields]
         for index, b in enumerate(self.levels):
             members = (level == index).nonzero().flatten()
@@ -295,6 +341,7 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         self._pending = None
         if self.learnable:
             self.step.clamp_(min=MIN_STEP)
+        self.noise_counter += 1
         self._write(rows, fields, updated, self.step_of(self.step.detach(), rows, fields))
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -335,7 +382,7 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         """The same integer rows and step sizes, without the optimizer state; identical outputs."""
         self.commit()
         clone = copy.deepcopy(self)
-        clone.optimizer_state = None
+        clone.optimizer_state = clone.noise_seed = clone.noise_counter = None  # training-only state
         return clone.eval()
 
 
@@ -438,7 +485,7 @@ class LowPrecisionMethod(CompressionMethod):
         step_state = (0 if not self.learnable else steps if self.granularity == "row" else 2 * steps)
         return MemoryReport(
             inference_bytes=inference,
-            training_bytes=inference + state + step_state + fixed,
+            training_bytes=inference + state + step_state + fixed + NOISE_KEY_BYTES,
             parameters=rows * dim + (steps // FP32_BYTES if self.learnable else 0) + fixed // FP32_BYTES,
             full_bytes=full_embedding_bytes(tables, dim),
             breakdown={"integer_rows": inference - fixed, "kept": fixed},

@@ -47,7 +47,8 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -
 
 def binary_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
     """AUC, log loss and mean prediction of logits (N,) against labels (N,)."""
-    probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    with np.errstate(over="ignore"):  # exp(-x) = inf for x < -709 gives the exact limit 0
+        probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
     return {
         "auc": exact_auc(labels, logits),
         "logloss": log_loss(labels, probabilities),

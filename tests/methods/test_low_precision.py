@@ -10,7 +10,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recbench.methods import bit_packing
 from recbench.methods.alpt import ALPT
 from recbench.methods.base import InfeasibleBudget
-from recbench.methods.low_precision import LowPrecisionEmbedding, quantize, stochastic_round
+from recbench.methods.low_precision import LowPrecisionEmbedding, counter_uniform, quantize, stochastic_round
 from recbench.methods.lpt import LPT
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
@@ -44,6 +44,40 @@ def test_rows_are_stored_only_as_packed_integers():
         assert q.min() >= -2 ** (bits - 1) and q.max() <= 2 ** (bits - 1) - 1
         out = m.eval()(kjt(torch.arange(5))).to_dict()["a"]
         assert torch.equal(out, m.step[0] * q[:5].float())  # the lookup de-quantizes
+
+
+def test_counter_noise_is_uniform_and_keyed_by_row_not_by_batch():
+    """The rounding noise of entry (r, c) at write t depends on (seed, t, r, c) only: the same
+    whether row r is written alone, with other rows, in another order or split across ranks; and
+    it is uniform on [0, 1) and uncorrelated across writes, columns and neighbouring rows."""
+    seed, t = torch.tensor(7), torch.tensor(3)
+    rows = torch.arange(200_000)
+    u = counter_uniform(seed, t, rows, 8)
+    assert u.shape == (200_000, 8) and u.dtype == torch.float32
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert torch.equal(u * 2 ** 24, torch.floor(u * 2 ** 24))  # multiples of 2^-24, exact in fp32
+    flat = u.flatten()
+    sem = (1 / 12 / flat.numel()) ** 0.5
+    assert abs(float(flat.mean()) - 0.5) < 5 * sem
+    deciles = torch.histc(flat, bins=10, min=0.0, max=1.0) / flat.numel()
+    assert torch.all((deciles - 0.1).abs() < 0.003)
+    other_write = counter_uniform(seed, t + 1, rows, 8).flatten()
+    other_seed = counter_uniform(torch.tensor(8), t, rows, 8).flatten()
+    for a, b in ((flat, other_write), (flat, other_seed), (u[:, 0], u[:, 1]), (u[:-1, 0], u[1:, 0])):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.01
+    subset = torch.tensor([199_999, 5, 123_456, 5])  # any subset, any order, repeated
+    assert torch.equal(counter_uniform(seed, t, subset, 8), u[subset])
+    halves = [counter_uniform(seed, t, part, 8) for part in rows[:1000].chunk(2)]  # "two ranks"
+    assert torch.equal(torch.cat(halves), u[:1000])
+
+
+def test_stochastic_rounding_with_counter_noise_is_unbiased():
+    x = torch.tensor([0.1, 0.5, 2.3, -1.7, -0.02, 7.0]).expand(100_000, -1)
+    u = counter_uniform(torch.tensor(1), torch.tensor(0), torch.arange(100_000), 6)
+    draws = stochastic_round(x, u)
+    frac = x[0] - torch.floor(x[0])
+    sem = torch.sqrt(frac * (1 - frac) / draws.shape[0])
+    assert torch.all((draws.mean(0) - x[0]).abs() <= 5 * sem + 1e-6)
 
 
 def test_stochastic_rounding_is_unbiased():
