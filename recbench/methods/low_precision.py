@@ -405,6 +405,8 @@ class LowPrecisionMethod(CompressionMethod):
     table_backed = False
     learnable = False
     allowed_levels: tuple = ()
+    #: 2: the rounding noise comes from the counter-keyed stream (``counter_uniform``)
+    revision = 2
 
     def __init__(self, name: Optional[str], bits: Any, levels: Sequence[int], granularity: str = "field",
                  fixed_range: float = 1.0, scale_learning_rate: float = 1.0, **hyperparameters: Any):
