@@ -5,10 +5,10 @@ It is what a careful engineer would write with pandas alone: ``pandas.read_csv``
 passes over the file (recbench's pipeline reads it once):
 
 1. train-split value counts per categorical column (``value_counts`` per chunk, summed);
-   the vocabulary of each field is its counted strings ordered by descending count, ties by
-   ascending key (the key of a string is computed once per distinct string, as recbench's rule
-   defines it: lowercase hex of 1-15 digits -> ``int(v, 16) + (16**len - 16) / 15``, else
-   FNV-1a-64 | 2**63);
+   the vocabulary of each field is its counted strings ordered by ascending key
+   (``row_order="key"``; ``"frequency"``: by descending count, ties by ascending key), the key of a
+   string computed once per distinct string, as recbench's rule defines it: lowercase hex of 1-15
+   digits -> ``int(v, 16) + (16**len - 16) / 15``, else FNV-1a-64 | 2**63;
 2. per chunk: dense ``log(max(x, 0) + 1)`` as float32 (missing -> 0), categorical strings ->
    rows through ``pandas.Index.get_indexer`` (unseen or missing -> 0, the OOV row), labels,
    row extras; rows appended to ``<split>/{dense,sparse,labels}.npy`` and
@@ -65,7 +65,7 @@ class _NpyAppender:
 
 def preprocess(source: Path, output: Path, num_dense: int = 13, num_sparse: int = 26, split: str = "random",
                split_seed: int = 0, num_chunks: Optional[int] = 7, chunk_rows: int = 500_000,
-               row_extras: Optional[Mapping[str, Path]] = None) -> Dict[str, int]:
+               row_extras: Optional[Mapping[str, Path]] = None, row_order: str = "key") -> Dict[str, int]:
     """Criteo-format ``source`` (label, dense..., categorical... tab-separated) -> arrays under ``output``.
 
     Returns the rows per split. ``counts/<field>.npy`` holds each field's train frequencies
@@ -104,7 +104,8 @@ def preprocess(source: Path, output: Path, num_dense: int = 13, num_sparse: int 
         field_counts = counts[f] if counts[f] is not None else pd.Series(dtype=np.int64)
         strings = field_counts.index.to_numpy(dtype=object)
         keys = np.fromiter((string_key(s) for s in strings), dtype=np.uint64, count=len(strings))
-        order = np.lexsort((keys, -field_counts.to_numpy(dtype=np.int64)))
+        order = (np.argsort(keys) if row_order == "key"
+                 else np.lexsort((keys, -field_counts.to_numpy(dtype=np.int64))))
         vocabularies.append(pd.Index(strings[order]))
         (output / "counts").mkdir(parents=True, exist_ok=True)
         np.save(output / "counts" / f"{column}.npy",

@@ -17,7 +17,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,6 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.install_check import software_versions
+from recbench.methods import budget as budget_lib
 from recbench.methods.base import InfeasibleBudget
 from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags, with_thread_count
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
@@ -51,7 +52,13 @@ NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.pr
 #: keys added after runs were recorded, whose default leaves the numbers unchanged: they enter the
 #: config hash only when set to something else, so adding an option never orphans finished runs
 #: (a re-launched sweep still recognises them, and the report keeps them in one row)
-OPTIONAL_KEYS = {"trainer.distributed": (None, False), "trainer.sharding_types": (None,)}
+#: ``dataset.row_order``: runs recorded before the key existed numbered rows by frequency, so a
+#: ``row_order=frequency`` run hashes as they do (and its protocol id is theirs)
+OPTIONAL_KEYS = {"trainer.distributed": (None, False), "trainer.sharding_types": (None,),
+                 "dataset.row_order": ("frequency",),
+                 # hashing's per-field layout is the layout its runs had before the key existed
+                 # (a method whose numbers change with a new key's default bumps its revision)
+                 "method.layout": ("per_field",)}
 #: degenerate-run rule (DESIGN.md section 4)
 DEGENERATE_AUC_MARGIN = 0.01
 
@@ -66,6 +73,7 @@ class JobResult:
     metrics: Dict[str, float]
     run_id: Optional[str]
     reason: str = ""
+    under_budget: bool = False  # the solved ratio is below (1 - tolerance) x the requested one (tag ``under_budget``)
 
 
 def _drop(mapping: Dict[str, Any], dotted: str) -> None:
@@ -259,14 +267,14 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
         _log_text_artifact(tracker, "traceback.txt", traceback.format_exc())
         tracker.end_run(FAILED)
         raise
-    metrics, reason = result
+    metrics, reason, under = result
     status = "failed" if reason else "finished"
     tracker.set_tags({"status": status, "status_reason": reason,
                       "achieved_ratio": f"{metrics.get('emb/compression_ratio', float('nan')):.6g}"})
     tracker.end_run(FAILED if reason else FINISHED)
     if checkpoint_path.exists():
         checkpoint_path.unlink()  # the run is complete; its checkpoint is no longer needed
-    return JobResult(status, metrics, run_id, reason)
+    return JobResult(status, metrics, run_id, reason, under)
 
 
 def _log_stage(tracker, index: int, name: str, result: Dict[str, Any]) -> None:
@@ -313,17 +321,20 @@ def settings_of(cfg: DictConfig):
     return budget, embedding_optimizer, dense_optimizer, trainer_config
 
 
-def infeasible_reason(cfg: DictConfig, spec) -> Optional[str]:
-    """The method's budget solver's verdict on a job, without building or training anything: the
-    ``InfeasibleBudget`` message when no hyperparameters of the method meet the budget on the
-    dataset ``spec``'s tables, else None. The job itself reaches the same verdict in
-    ``_train_and_evaluate`` (same ``method.solve`` call) and records a ``status=infeasible`` run."""
+def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:
+    """The method's budget solver's verdict on a job, without building or training anything:
+    ``(reason, under_budget)``. ``reason`` is the ``InfeasibleBudget`` message when nothing the
+    method can build fits under the budget on the dataset ``spec``'s tables, else None;
+    ``under_budget`` says that the solution lands below (1 - tolerance) x the target (the job runs
+    it, flagged). The job itself reaches the same verdict in ``_train_and_evaluate`` (same
+    ``method.solve`` call) and records a ``status=infeasible`` run or an ``under_budget`` one."""
     budget = settings_of(cfg)[0]
+    method, tables, dim = instantiate(cfg.method), list(spec.tables), int(cfg.model.embedding_dim)
     try:
-        instantiate(cfg.method).solve(list(spec.tables), int(cfg.model.embedding_dim), budget)
+        hparams = method.solve(tables, dim, budget)
     except InfeasibleBudget as exc:
-        return str(exc)
-    return None
+        return str(exc), False
+    return None, budget_lib.under_budget(method.memory(tables, dim, hparams).compression_ratio, budget)
 
 
 def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
@@ -343,6 +354,13 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     closed_form = method.memory(tables, dim, hparams, embedding_optimizer)
     tracker.log_metrics({"budget/requested_ratio": budget.compression_ratio,
                          "budget/solved_ratio": closed_form.compression_ratio})
+    # the method's best configuration under the budget lands below (1 - tolerance) x the target:
+    # the run goes ahead at the ratio it reaches, flagged (DESIGN.md section 3, "Budget and memory")
+    under = budget_lib.under_budget(closed_form.compression_ratio, budget)
+    tracker.set_tags({"under_budget": str(under).lower()})
+    if under:
+        log.warning("under budget: %s's best configuration under ratio %g reaches %.4g (< %g x the target)",
+                    method.name, budget.compression_ratio, closed_form.compression_ratio, 1 - budget.tolerance)
     if hparams:
         tracker.set_tags({f"hparam.{k}": v for k, v in flatten(hparams).items()})
 
@@ -394,7 +412,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)
-    return metrics, reason
+    return metrics, reason, under
 
 
 RESULT_KEYS = [
@@ -413,6 +431,9 @@ def format_result(cfg: DictConfig, result: JobResult) -> str:
     """A plain-text result table for the end of a run."""
     title = f"{cfg.method.name} @ ratio {float(cfg.budget.compression_ratio):g} | {cfg.model.get('name')} | seed {cfg.seed}"
     lines = [title, "-" * len(title), f"{'status':<30} {result.status}"]
+    if result.under_budget:
+        lines.append(f"{'under budget':<30} yes: the best configuration under the budget lands below "
+                     f"{1 - float(cfg.budget.tolerance):g} x the requested ratio")
     if result.reason:
         lines.append(f"{'reason':<30} {result.reason}")
     for key, label, fmt in RESULT_KEYS:

@@ -24,7 +24,9 @@ Bookkeeping:
 - parallel jobs (``--jobs N`` > 1: Hydra's joblib launcher) get ``max(1, cores // N)`` torch/OpenMP
   threads each; a failing or infeasible job is recorded and the sweep goes on;
 - each job to run is put to its method's budget solver (``method.solve``, no training): the jobs
-  it rejects are counted apart (they are recorded as infeasible runs in seconds);
+  it rejects (nothing the method can build fits under the budget) are counted apart (they are
+  recorded as infeasible runs in seconds), and so are the jobs whose best configuration under the
+  budget lands below (1 - tolerance) x the target (they run, tagged ``under_budget=true``);
 - the feasible jobs to run are priced from the store: the median CPU seconds (``run/cpu_seconds``) of the
   finished runs of the same method, protocol and budget (else of the method and protocol at any
   budget); the summary prints the total and the wall time it means at ``--jobs N``;
@@ -81,6 +83,7 @@ class Plan:
     estimated_jobs: int = 0
     unestimated: Counter = field(default_factory=Counter)  # method -> jobs with no finished run to go by
     infeasible: Counter = field(default_factory=Counter)  # method -> jobs to run its budget solver rejects
+    under_budget: Counter = field(default_factory=Counter)  # method -> jobs to run below (1 - tolerance) x target
     stores: Dict[str, List[str]] = field(default_factory=dict)  # MLflow tracking URI -> the plan's experiments
 
 
@@ -188,14 +191,14 @@ def check_plan(plan: Plan) -> Plan:
     price the others (``CostBook``)."""
     from omegaconf import OmegaConf
 
-    from recbench.cli.job import config_hash, infeasible_reason, instantiate_without, protocol_tag
+    from recbench.cli.job import budget_verdict, config_hash, instantiate_without, protocol_tag
 
     def key_of(node) -> str:
         return json.dumps(OmegaConf.to_container(node, resolve=True), sort_keys=True, default=str)
 
     prepared: Dict[str, Any] = {}  # dataset config json -> the prepared dataset's spec
     stores: Dict[Tuple[str, str], "CostBook"] = {}
-    verdicts: Dict[Tuple[str, ...], Optional[str]] = {}  # the budget solver's, per (dataset, method, budget, dim)
+    verdicts: Dict[Tuple[str, ...], Tuple[Optional[str], bool]] = {}  # the budget solver's, per (dataset, method, budget, dim)
     for grid in plan.grids:
         for job, cfg in _job_configs(grid.jobs):
             dataset_key = key_of(cfg.dataset)
@@ -220,12 +223,15 @@ def check_plan(plan: Plan) -> Plan:
             verdict_key = (dataset_key, key_of(cfg.method), key_of(cfg.budget), str(cfg.model.embedding_dim))
             if verdict_key not in verdicts:
                 try:
-                    verdicts[verdict_key] = infeasible_reason(cfg, spec)
+                    verdicts[verdict_key] = budget_verdict(cfg, spec)
                 except Exception:  # noqa: BLE001 - any other error is the job's to record (FAILED, with
-                    verdicts[verdict_key] = None  # its reason): one bad job must not stop the launch
-            if verdicts[verdict_key] is not None:  # recorded as an infeasible run in seconds: not priced
+                    verdicts[verdict_key] = (None, False)  # its reason): one bad job must not stop the launch
+            reason, under = verdicts[verdict_key]
+            if reason is not None:  # recorded as an infeasible run in seconds: not priced
                 plan.infeasible[method] += 1
                 continue
+            if under:
+                plan.under_budget[method] += 1
             seconds = book.estimate(protocol_tag(protocol_id, resolved), method, cfg.budget.get("compression_ratio"))
             if seconds is None:
                 plan.unestimated[method] += 1
@@ -397,6 +403,11 @@ def summary(plan: Plan, counts: Optional[Counter] = None, jobs: int = 1) -> str:
             methods = ", ".join(f"{m or '?'} x{n}" for m, n in sorted(plan.infeasible.items()))
             lines.append(f"  of these, {sum(plan.infeasible.values())} infeasible by the method's budget solver "
                          f"(each recorded as an infeasible run in seconds): {methods}")
+        if plan.under_budget:
+            methods = ", ".join(f"{m or '?'} x{n}" for m, n in sorted(plan.under_budget.items()))
+            lines.append(f"  {sum(plan.under_budget.values())} run under budget (the method's best configuration "
+                         f"under the budget lands below (1 - tolerance) x the target; tagged under_budget=true): "
+                         f"{methods}")
         if counts is None and plan.jobs_total > plan.already_finished + sum(plan.infeasible.values()):
             lines.append("  " + cost_line(plan, jobs))
         if plan.orphans_closed:

@@ -131,17 +131,19 @@ class AvazuProtocol(DatasetProtocol):
         malformed: ``"skip"`` or ``"fail"``.
         chunk_rows: lines per streaming chunk (memory knob; does not change the arrays or the id).
         name: protocol name (default ``avazu``).
+        row_order: ``"key"`` (default: rows by ascending key, frequency-independent) or
+            ``"frequency"`` (by descending train count).
     """
 
     name = "avazu"
 
     def __init__(self, source: SourceLike, split: str = "random", split_seed: int = 0, num_chunks: int = 10,
                  min_count: int = 1, hash_cap: Optional[int] = None, malformed: str = "skip",
-                 chunk_rows: int = 500_000, name: str = "avazu"):
+                 chunk_rows: int = 500_000, name: str = "avazu", row_order: str = "key"):
         self.config = PipelineConfig(
             fmt=AVAZU_FORMAT, split=split, split_seed=int(split_seed), num_chunks=int(num_chunks),
             min_count=int(min_count), hash_cap=None if hash_cap is None else int(hash_cap), malformed=malformed,
-            chunk_rows=int(chunk_rows))
+            chunk_rows=int(chunk_rows), row_order=row_order)
         self.source = source if isinstance(source, (str, os.PathLike)) else list(source)
         self.name = name
 

@@ -12,7 +12,8 @@ Both sources share one line format: tab-separated, no header, 40 columns::
   into test then validation (MLPerf DLRM); the dataset config also caps every field at
   40,000,000 rows (``hash_cap``, DLRM/MLPerf ``--max-ind-range=40000000``).
 
-Tables are ``C1``..``C26`` (row 0 = OOV), 13 dense features ``log(max(x, 0) + 1)`` with missing
+Tables are ``C1``..``C26`` (row 0 = OOV; rows 1..V in ascending key order, i.e. sorted hex
+token, by default), 13 dense features ``log(max(x, 0) + 1)`` with missing
 -> 0. Every rule (thresholds, hash cap, split, malformed-line policy) and the sha256 and line
 count of every source file are in the protocol id; see ``recbench.datasets.preprocessing``
 for the exact rules. The data is never downloaded by recbench (Criteo's licence terms apply):
@@ -85,14 +86,14 @@ def fetch(data_root: Path) -> Path:
 
 def criteo_config(format: str = "kaggle", split: str = "dlrm_chunks", split_seed: int = 0, min_count: int = 1,
                   hash_cap: Optional[int] = None, malformed: str = "skip",
-                  chunk_rows: int = 500_000) -> PipelineConfig:
+                  chunk_rows: int = 500_000, row_order: str = "key") -> PipelineConfig:
     """The Criteo preprocessing rules; ``dlrm_chunks`` uses 7 chunks (kaggle) or one per file (terabyte)."""
     if format not in FORMATS:
         raise ValueError(f"criteo format must be one of {', '.join(FORMATS)}, got {format!r}")
     return PipelineConfig(
         fmt=CRITEO_FORMAT, split=split, split_seed=int(split_seed), num_chunks=7 if format == "kaggle" else None,
         min_count=int(min_count), hash_cap=None if hash_cap is None else int(hash_cap), malformed=malformed,
-        chunk_rows=int(chunk_rows))
+        chunk_rows=int(chunk_rows), row_order=row_order)
 
 
 class CriteoProtocol(DatasetProtocol):
@@ -111,6 +112,8 @@ class CriteoProtocol(DatasetProtocol):
         chunk_rows: lines per streaming chunk (memory knob; does not change the arrays or the id).
         name: protocol name (default ``criteo_kaggle`` / ``criteo_terabyte``).
         row_extras: ``{target_name: path}`` of float ``.npy`` arrays aligned with the data lines.
+        row_order: ``"key"`` (default: rows by ascending key, i.e. sorted hex token, frequency-independent)
+            or ``"frequency"`` (by descending train count).
     """
 
     name = "criteo_kaggle"
@@ -118,8 +121,8 @@ class CriteoProtocol(DatasetProtocol):
     def __init__(self, source: SourceLike, format: str = "kaggle", split: str = "dlrm_chunks", split_seed: int = 0,
                  min_count: int = 1, hash_cap: Optional[int] = None, malformed: str = "skip",
                  chunk_rows: int = 500_000, name: Optional[str] = None,
-                 row_extras: Optional[Mapping[str, str]] = None):
-        self.config = criteo_config(format, split, split_seed, min_count, hash_cap, malformed, chunk_rows)
+                 row_extras: Optional[Mapping[str, str]] = None, row_order: str = "key"):
+        self.config = criteo_config(format, split, split_seed, min_count, hash_cap, malformed, chunk_rows, row_order)
         self.format = format
         self.source = source if isinstance(source, (str, os.PathLike)) else list(source)
         self.name = name or DEFAULT_NAMES[format]

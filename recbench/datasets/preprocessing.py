@@ -35,8 +35,15 @@ Rules (every one is part of the protocol id through ``PipelineConfig.rules()``):
   plus the OOV row.
 - Vocabularies and counts come from the TRAIN split only. Keys seen fewer than ``min_count``
   times in train, keys never seen in train, and missing values map to row 0 (OOV). Rows
-  1..V are ordered by descending train frequency, ties by ascending key; ``counts[0]`` is the
-  number of train values that mapped to OOV.
+  1..V are ordered by ascending key (``row_order="key"``, the default), an order independent of
+  frequency as in the references: Hetu numbers a field's values with sklearn's ``LabelEncoder``
+  (sorted raw tokens) and DLRM by first appearance (``data_utils.py``). For tokens of equal length
+  that are all hex (Criteo's 8-digit hashes) ascending key is exactly the sorted-token order;
+  decimal integers without leading zeros (Avazu's numeric columns, which pandas reads as integers)
+  come in ascending numeric order, as ``LabelEncoder`` sorts them; FNV-keyed values come in hash
+  order. ``row_order="frequency"`` numbers rows by descending train count, ties by ascending key
+  (recbench's earlier order, kept as an option). ``counts[r]`` is the train count of row ``r``
+  in either order; ``counts[0]`` is the number of train values that mapped to OOV.
 - Splits are assigned by data-line index in the concatenated sources (header lines excluded,
   malformed lines included), so a skipped malformed line never moves another row between
   splits, and ``chunk_rows`` never changes the arrays. Rows keep file order inside a split.
@@ -775,13 +782,19 @@ def _sum_by_key(keys: np.ndarray, counts: np.ndarray) -> Tuple[np.ndarray, np.nd
     return keys[first], np.add.reduceat(counts, first).astype(np.int64)
 
 
+#: how rows 1..V of a field are numbered (``PipelineConfig.row_order``)
+ROW_ORDERS = {"key": "ascending key (frequency-independent; LabelEncoder's sorted-token order for equal-length hex tokens)",
+              "frequency": "descending train count, ties by ascending key"}
+
+
 @dataclass
 class Vocabulary:
     """Key -> row mapping of one field; row 0 is OOV.
 
     Attributes:
         keys: (V,) uint64 kept keys, sorted ascending (for ``searchsorted``).
-        rows: (V,) int32 row of each key in ``keys`` (1..V, by descending train count).
+        rows: (V,) int32 row of each key in ``keys`` (1..V: ascending key, or by descending train
+            count with ``row_order="frequency"``).
         counts: (V + 1,) int64 train frequency of each row; ``counts[0]`` = train values -> OOV.
     """
 
@@ -794,11 +807,18 @@ class Vocabulary:
         return int(self.counts.size)
 
     @classmethod
-    def from_counts(cls, keys: np.ndarray, counts: np.ndarray, missing: int, min_count: int) -> "Vocabulary":
-        """From sorted unique ``keys`` with their train ``counts`` and the train missing-value count."""
+    def from_counts(cls, keys: np.ndarray, counts: np.ndarray, missing: int, min_count: int,
+                    row_order: str = "key") -> "Vocabulary":
+        """From sorted unique ``keys`` with their train ``counts`` and the train missing-value count;
+        rows numbered in ``row_order`` (``ROW_ORDERS``)."""
+        if row_order not in ROW_ORDERS:
+            raise ValueError(f"row_order must be one of {', '.join(ROW_ORDERS)}, got {row_order!r}")
         keep = counts >= min_count
         kept_keys, kept_counts = keys[keep], counts[keep]
-        order = np.lexsort((kept_keys, -kept_counts))  # descending count, then ascending key
+        if row_order == "key":  # the keys are sorted: row r is the r-th smallest kept key
+            order = np.arange(kept_keys.size)
+        else:
+            order = np.lexsort((kept_keys, -kept_counts))  # descending count, then ascending key
         rows = np.empty(kept_keys.size, dtype=np.int32)
         rows[order] = np.arange(1, kept_keys.size + 1, dtype=np.int32)
         oov = missing + int(counts[~keep].sum())
@@ -886,6 +906,8 @@ class PipelineConfig:
         hash_cap: None, or the number of key buckets per field (``key % hash_cap``).
         malformed: ``"skip"`` or ``"fail"``.
         chunk_rows: lines per processing chunk (memory knob; never changes the arrays).
+        row_order: ``"key"`` (rows 1..V by ascending key, frequency-independent) or
+            ``"frequency"`` (by descending train count).
     """
 
     fmt: LineFormat
@@ -896,8 +918,11 @@ class PipelineConfig:
     hash_cap: Optional[int] = None
     malformed: str = "skip"
     chunk_rows: int = 1_000_000
+    row_order: str = "key"
 
     def __post_init__(self) -> None:
+        if self.row_order not in ROW_ORDERS:
+            raise ValueError(f"row_order must be one of {', '.join(ROW_ORDERS)}, got {self.row_order!r}")
         if self.split not in SPLIT_RULES:
             raise ValueError(f"split must be one of {', '.join(SPLIT_RULES)}, got {self.split!r}")
         if self.num_chunks is not None and int(self.num_chunks) < 2:
@@ -927,7 +952,7 @@ class PipelineConfig:
             "min_count": int(self.min_count),
             "hash_cap": None if self.hash_cap is None else int(self.hash_cap),
             "oov": "row 0: missing, unseen in train, or fewer than min_count train occurrences",
-            "row_order": "descending train count, ties by ascending key",
+            "row_order": ROW_ORDERS[self.row_order],
             "malformed": self.malformed,
         }
 
@@ -1012,8 +1037,9 @@ class CategoryCodes:
                 self.train_counts[column] = total = grown
             total[:counts.size] += counts
 
-    def vocabulary(self, field_name: str, min_count: int) -> Tuple["Vocabulary", np.ndarray]:
-        """The field's vocabulary and its (codes + 1,) int32 code -> row table (code 0 -> row 0)."""
+    def vocabulary(self, field_name: str, min_count: int, row_order: str = "key") -> Tuple["Vocabulary", np.ndarray]:
+        """The field's vocabulary (rows in ``row_order``) and its (codes + 1,) int32 code -> row table
+        (code 0 -> row 0)."""
         column = dict(self.sources)[field_name]
         known = self.known[column]
         keys = np.concatenate(self.keys[field_name]) if self.keys[field_name] else np.zeros(0, dtype=np.uint64)
@@ -1024,7 +1050,7 @@ class CategoryCodes:
         keyless = keys == MISSING_KEY  # a value without a key counts as missing, as a missing value does
         missing += int(counts[keyless].sum())
         present = (counts > 0) & ~keyless
-        vocab = Vocabulary.from_counts(*_sum_by_key(keys[present], counts[present]), missing, min_count)
+        vocab = Vocabulary.from_counts(*_sum_by_key(keys[present], counts[present]), missing, min_count, row_order)
         table = np.zeros(known + 1, dtype=np.int32)
         table[1:] = vocab.lookup(keys)
         return vocab, table
@@ -1212,7 +1238,7 @@ class TextPipeline:
             scan, spools = self.stream(writer, categories)
             tables, code_tables = [], []
             for field_name, _ in categories.sources:
-                vocab, code_table = categories.vocabulary(field_name, int(self.config.min_count))
+                vocab, code_table = categories.vocabulary(field_name, int(self.config.min_count), self.config.row_order)
                 writer.save(f"counts/{field_name}.npy", vocab.counts)
                 tables.append(TableSpec(field_name, vocab.num_embeddings, vocab.counts))
                 code_tables.append(code_table)

@@ -355,7 +355,9 @@ class SyntheticProtocol(DatasetProtocol):
         rows, seed, cardinality_scale, zipf_exponent, positive_rate, target_bayes_auc,
         latent_dim, missing_rate_scale: the generator (``GeneratorConfig``).
         split: ``"random"`` (default, 8:1:1) or ``"dlrm_chunks"`` (7 chunks, as Criteo Kaggle).
-        split_seed, min_count, hash_cap, malformed, chunk_rows: the Criteo pipeline settings.
+        split_seed, min_count, hash_cap, malformed, chunk_rows, row_order: the Criteo pipeline settings
+            (``row_order``: ``"key"``, rows by ascending key of the scrambled tokens, i.e.
+            frequency-independent, or ``"frequency"``).
         raw_dir: where the generated files go (default ``<data_root>/synthetic/raw``).
         name: protocol name (default ``synthetic``).
     """
@@ -366,12 +368,14 @@ class SyntheticProtocol(DatasetProtocol):
                  zipf_exponent: float = 1.1, positive_rate: float = 0.256, target_bayes_auc: float = 0.80,
                  latent_dim: int = 4, missing_rate_scale: float = 1.0, split: str = "random", split_seed: int = 0,
                  min_count: int = 1, hash_cap: Optional[int] = None, malformed: str = "fail",
-                 chunk_rows: int = 500_000, raw_dir: Optional[str] = None, name: str = "synthetic"):
+                 chunk_rows: int = 500_000, raw_dir: Optional[str] = None, name: str = "synthetic",
+                 row_order: str = "key"):
         self.generator = GeneratorConfig(int(rows), int(seed), float(cardinality_scale), float(zipf_exponent),
                                          float(positive_rate), float(target_bayes_auc), int(latent_dim),
                                          float(missing_rate_scale))
         self.pipeline_kwargs = dict(split=split, split_seed=int(split_seed), min_count=int(min_count),
-                                    hash_cap=hash_cap, malformed=malformed, chunk_rows=int(chunk_rows))
+                                    hash_cap=hash_cap, malformed=malformed, chunk_rows=int(chunk_rows),
+                                    row_order=row_order)
         self.config = criteo_config("kaggle", **self.pipeline_kwargs)
         self.raw_dir = None if raw_dir is None else Path(raw_dir)
         self.name = name

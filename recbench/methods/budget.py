@@ -1,12 +1,15 @@
 """The budget solver's shared pieces (pure functions).
 
-Each method's ``solve(tables, dim, budget)`` turns its ``auto`` hyperparameters into values whose
-closed-form inference bytes are at most ``budget.compression_ratio * full_bytes`` and, where the
-method can, at least ``(1 - budget.tolerance)`` of it. A method whose knob is an integer (rows,
-rank, width) uses ``largest_integer_within``; a continuous knob (a temperature) uses
-``bisect_continuous``; ``land`` checks the result and raises ``InfeasibleBudget`` with the
-reachable range otherwise. Fields with fewer rows than ``budget.min_rows_to_compress`` are left
-uncompressed and charged in full (``split_tables``).
+Each method's ``solve(tables, dim, budget)`` turns its ``auto`` hyperparameters into the best
+values whose closed-form inference bytes are at most ``budget.compression_ratio * full_bytes``
+(the target). A method whose knob is an integer (rows, rank, width) uses
+``largest_integer_within``; a continuous knob (a temperature) uses ``bisect_continuous``; ``land``
+checks the result and raises ``InfeasibleBudget`` with the reachable range only when it exceeds
+the target, i.e. when nothing the method can build fits. A solution below
+``(1 - budget.tolerance) * target`` is accepted: the job runs it at the ratio it reaches and tags
+the run ``under_budget=true`` (``under_budget``), as the reference artifacts run at the ratio they
+reach. Fields with fewer rows than ``budget.min_rows_to_compress`` are left uncompressed and
+charged in full (``split_tables``).
 
 References: DESIGN.md section 3 ("Budget and memory").
 """
@@ -73,17 +76,22 @@ def bisect_continuous(bytes_of: Callable[[float], int], low: float, high: float,
 
 def land(method: str, achieved_bytes: int, tables: Sequence[TableSpec], dim: int, budget: Budget,
          min_bytes: int, max_bytes: int, reason: str = "") -> None:
-    """Raise InfeasibleBudget unless (1 - tolerance) * target <= achieved <= target.
+    """Raise InfeasibleBudget when ``achieved_bytes`` (the method's best solution) exceeds the target.
 
-    ``min_bytes``/``max_bytes`` are the smallest and largest inference bytes the method can
-    reach on these tables (reported as ratios in the error).
+    A solution at or under the target is accepted however far under it lands (the job flags it,
+    see ``under_budget``). ``min_bytes``/``max_bytes`` are the smallest and largest inference bytes
+    the method can reach on these tables (reported as ratios in the error).
     """
     full = full_embedding_bytes(tables, dim)
-    target = budget.compression_ratio * full
-    if (1.0 - budget.tolerance) * target <= achieved_bytes <= target:
+    if achieved_bytes <= budget.compression_ratio * full:
         return
     raise InfeasibleBudget(method, budget.compression_ratio, min_bytes / full, max_bytes / full,
-                           reason or f"the closest solution has ratio {achieved_bytes / full:.4g}")
+                           reason or f"the smallest solution has ratio {achieved_bytes / full:.4g}")
+
+
+def under_budget(achieved_ratio: float, budget: Budget) -> bool:
+    """Whether a solved ratio lands below ``(1 - tolerance)`` x the requested ratio (tag ``under_budget``)."""
+    return achieved_ratio < (1.0 - budget.tolerance) * budget.compression_ratio
 
 
 def check_auto(method: str, key: str, value: Any) -> None:

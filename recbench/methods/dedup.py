@@ -1,30 +1,35 @@
-"""``dedup``: post-training embedding deduplication — similar blocks of trained rows stored once.
+"""``dedup``: embedding deduplication — similar blocks of rows stored once, then fine-tuned.
 
 References: Xie, Zhou, Zou, Yang, Zhou, Chen, Cui, "Serving Deep Learning Models with Deduplication
-from Relational Databases", VLDB 2022 (block deduplication with LSH); as benchmarked in Zhang et
-al., "Experimental Analysis of Large-scale Learnable Vector Storage Compression", VLDB 2024
-("dedup"; Hetu ``methods/scheduler/deduplication.py``).
+from Relational Databases", VLDB 2022; as benchmarked ("dedup") in Zhang et al., "Experimental
+Analysis of Large-scale Learnable Vector Storage Compression", VLDB 2024: Hsword/Hetu
+``tools/EmbeddingMemoryCompression/methods/scheduler/deduplication.py``, ``methods/layers/
+deduplication.py`` and ``run_compressed.py`` at a1cb1bcaf236c9f1d452733b105997d50c16c9df.
 
-Mechanism: trains exactly as ``full`` (fp32 FBGEMM tables, fused optimizer). The deployable form
-(``to_inference``) splits every compressed field's table into blocks of ``block_rows`` consecutive
-rows (the last one zero-padded), i.e. vectors of block_rows * D values, and merges similar blocks
-across all compressed fields: blocks are L2-normalised, random-hyperplane LSH (SimHash, Charikar
-2002) gives each block ``lsh_bits``-bit signatures in ``lsh_tables`` independent tables, blocks are
-sorted by signature in every table and each is paired with its ``lsh_window`` successors (the
-sorted-signature nearest-neighbour search of Charikar's paper; blocks with equal signatures are
-adjacent, so identical blocks always become candidates, and the candidate graph is connected).
-Candidate pairs are scored by cosine similarity and merged greedily from the most similar pair
-down (single linkage: a maximum spanning forest of the candidate graph, Kruskal's order) until
-exactly ``unique_blocks`` groups remain: the similarity threshold is the lowest similarity merged
-and is chosen by the budget. Each group stores the mean of its blocks; a per-field int32 block
-index maps every block to its stored block. Lookup of id x of field f: stored row
-index_f[x // r] * r + x % r of one plain table (EmbeddingBagCollection), pooled per bag.
+Mechanism (``algorithm: hetu``, the default, as the reference with ``use_multi = 0``): the
+compressed fields are one global table of R = sum_f n_f rows (field f's id x is global row
+offset_f + x), initialised U(-1/sqrt(max_f n_f), +1/sqrt(max_f n_f)). Stage ``pretrain`` trains it;
+at its end the best validation checkpoint is restored and the table, cut into blocks of
+``block_rows`` consecutive global rows (the last one zero-padded), is deduplicated by
+``recbench.methods.dedup_lsh.deduplicate_blocks`` (L2 LSH r = ``lsh_r``, ``lsh_l`` tables of
+``lsh_k`` hashes; a block merges into an earlier-visited candidate when at least ``sim`` of its
+elements differ by at most ``fp``; one representative kept; stop at the budget's block count, the
+rest merged nearest first when the criterion runs out). ``rebuild`` then stores only the kept
+blocks plus an int32 block index, and stage ``finetune`` trains the stored blocks (fused FBGEMM
+table: a stored row's gradient is the sum over every row that reads it). Lookup of global row g:
+stored row index[g // r] * r + g % r.
+``algorithm: simhash_mean`` (recbench's earlier variant) trains as ``full``, and ``to_inference``
+merges per-field blocks by cosine SimHash into group means, without fine-tuning (see
+``SimHashDedupEmbedding``).
 
-Budget: inference bytes = unique_blocks * block_rows * D * 4 + 4 * sum_f ceil(n_f / block_rows)
-(the block-index tables) + kept fields in full. ``block_rows: auto`` takes the smallest r whose
-index costs at most ``index_share`` of the budget and whose block is at most ``tolerance`` of it
-(so the budget can be landed), else the smallest r that can land; ``unique_blocks`` is then the
-largest count that fits. Training bytes are those of ``full``.
+Budget (both): inference bytes = unique_blocks * block_rows * D * 4 + 4 * (number of blocks)
++ kept fields in full; blocks = ceil(R / r) (hetu: global table) or sum_f ceil(n_f / r)
+(simhash_mean: per field). ``unique_blocks`` is the largest count that fits. ``block_rows: auto``:
+hetu takes the reference's 10,000 rows when that lands within the budget's tolerance; otherwise
+(and always for simhash_mean) the smallest r <= 10,000 (simhash_mean: <= the largest field) whose
+index costs at most ``index_share`` of the budget and which lands, else the smallest that lands,
+else the r with the most bytes under the budget. Training bytes: pre-training's global table and
+optimizer state (the peak).
 
 Shapes: KJT (F keys, B bags) -> ids rewritten to stored rows -> KeyedTensor (B, F * D).
 """
@@ -39,18 +44,195 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods.base import CompressionMethod
-from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
+from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget
+from recbench.methods.budget import kept_bytes, split_tables, target_bytes
+from recbench.methods.dedup_lsh import L2LSH, deduplicate_blocks
 from recbench.methods.full import FullEmbedding
 from recbench.methods.per_id import value_fields, with_values
-from recbench.methods.tables import PhysicalTable, PooledCollection, closed_form_table_bytes, physical_tables
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, PooledCollection,
+                                     closed_form_table_bytes, physical_tables)
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec, full_embedding_bytes
 
 STORED = "dedup_blocks"
+GLOBAL = "dedup_table"
 INT32_BYTES = 4
+ALGORITHMS = ("hetu", "simhash_mean")
+#: the reference's block: ``block_cap = 10000 * dim`` elements, i.e. 10,000 rows (run_compressed.py)
+REFERENCE_BLOCK_ROWS = 10000
 
 
-# ----------------------------------------------------------------------------- the algorithm
+# ----------------------------------------------------------------------------- hetu (default)
+class DedupEmbedding(FusedIdMapEmbedding):
+    """The global table of the compressed fields (+ kept fields' own tables), fused FBGEMM lookups.
+
+    Pre-training form (``block_index`` None): R rows, global row offset_f + x. Deduplicated form:
+    ``unique_blocks * block_rows`` stored rows read through ``block_index`` (blocks,) int32.
+    forward: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
+    """
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
+                 optimizer: EmbeddingOptimizer, block_index: Optional[torch.Tensor] = None,
+                 peak_training_bytes: int = 0):
+        super().__init__(tables, dim)
+        self.hparams, self.optimizer_spec = dict(hparams), optimizer
+        compressed = set(self.hparams["compressed"])
+        self.field_index = {t.name: i for i, t in enumerate(self.tables)}
+        self.compressed_names = [t.name for t in self.tables if t.name in compressed]
+        self.kept_tables = [t for t in self.tables if t.name not in compressed]
+        rows = torch.tensor([t.num_embeddings if t.name in compressed else 0 for t in self.tables], dtype=torch.int64)
+        self.register_buffer("row_offset", torch.cumsum(rows, 0) - rows, persistent=False)
+        self.register_buffer("is_compressed", torch.tensor([t.name in compressed for t in self.tables]),
+                             persistent=False)
+        self.total_rows, self.block_rows = int(rows.sum()), int(self.hparams["block_rows"])
+        self.num_blocks = math.ceil(self.total_rows / self.block_rows)
+        self.deduplicated = block_index is not None
+        self.peak_training_bytes = int(peak_training_bytes)
+        if self.deduplicated:
+            self.register_buffer("block_index", block_index.to(torch.int32))
+        stored_rows = int(self.hparams["unique_blocks"]) * self.block_rows if self.deduplicated else self.total_rows
+        physical = ([PhysicalTable(STORED if self.deduplicated else GLOBAL, stored_rows, dim, self.compressed_names)]
+                    if self.compressed_names else []) + \
+            [PhysicalTable(t.name, t.num_embeddings, dim, [t.name], t.pooling) for t in self.kept_tables]
+        self.fused = FusedTables(physical, optimizer, seed_init=False)
+        self.fused.mean_features = [t.name for t in self.tables if t.pooling == "mean"]  # the shared table mixes poolings
+        if not self.deduplicated:
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's single-table init U(-b, b), b = sqrt(1 / max_f n_f) (scheduler/base.py);
+        kept fields: U(-1/sqrt(n), 1/sqrt(n)) as ``full``. Drawn from torch's global RNG."""
+        bound = 1.0 / max(max(t.num_embeddings for t in self.tables), 1) ** 0.5
+        with torch.no_grad():
+            for p in self.fused.physical:
+                b = bound if p.name in (GLOBAL, STORED) else 1.0 / max(p.rows, 1) ** 0.5
+                w = self.fused.weight(p.name)
+                w.copy_(torch.empty_like(w).uniform_(-b, b))
+
+    def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        fields = value_fields(features, self.field_index)
+        ids = features.values().long()
+        compressed = self.is_compressed[fields]
+        rows = torch.where(compressed, self.row_offset[fields] + ids, torch.zeros_like(ids))  # kept fields: no block
+        if self.deduplicated:
+            rows = self.block_index[torch.div(rows, self.block_rows, rounding_mode="floor")].long() * self.block_rows \
+                + rows % self.block_rows
+        return with_values(features, torch.where(compressed, rows, ids))
+
+    def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
+        if looked_up.keys() == self.feature_names:
+            return looked_up
+        blocks = looked_up.to_dict()
+        return self.keyed_output(torch.cat([blocks[n] for n in self.feature_names], dim=1))
+
+    # ----- deduplication -----
+    def global_weight(self) -> torch.Tensor:
+        """(R, D) the pre-trained global table (a copy)."""
+        return self.fused.weight(GLOBAL).detach().clone()
+
+    def lsh(self) -> L2LSH:
+        h = self.hparams
+        return L2LSH(self.block_rows * self.dim, h["lsh_r"], h["lsh_l"], h["lsh_k"], h["lsh_seed"])
+
+    def blocks(self) -> Tuple[np.ndarray, int]:
+        """(blocks (n, r * D) float32 of the global table, real elements of the last block)."""
+        weight = self.global_weight()
+        pad = -self.total_rows % self.block_rows
+        padded = torch.cat([weight, weight.new_zeros(pad, self.dim)]) if pad else weight
+        return padded.reshape(self.num_blocks, -1).numpy(), (self.block_rows - pad) * self.dim
+
+    def dedup_result(self) -> Dict[str, Any]:
+        """Deduplicate the pre-trained table: {"block_index", "representatives", counts}."""
+        if self.deduplicated or not self.compressed_names:
+            raise RuntimeError("dedup: only the pre-training form of a table with compressed fields is deduplicated")
+        blocks, valid_last = self.blocks()
+        h = self.hparams
+        index, representatives, stats = deduplicate_blocks(blocks, valid_last, int(h["unique_blocks"]), self.lsh(),
+                                                           float(h["fp"]), float(h["sim"]), int(h["lsh_threshold"]))
+        return {"block_index": torch.from_numpy(index), "representatives": torch.from_numpy(representatives), **stats}
+
+    def deduplicated_copy(self, block_index: torch.Tensor, representatives: torch.Tensor) -> "DedupEmbedding":
+        """The fine-tuning form: stored blocks = this table's ``representatives`` blocks."""
+        copy_ = DedupEmbedding(self.tables, self.dim, self.hparams, self.optimizer_spec, block_index,
+                               self.memory_report().training_bytes)
+        blocks, _ = self.blocks()
+        with torch.no_grad():
+            copy_.fused.weight(STORED).copy_(torch.from_numpy(blocks[representatives.long().numpy()]).reshape(-1, self.dim))
+            for t in self.kept_tables:
+                copy_.fused.weight(t.name).copy_(self.fused.weight(t.name))
+        return copy_
+
+    def inference_error_bound(self, features: KeyedJaggedTensor) -> float:
+        """Stated max |to_inference() - this module| over ``features``: 0 once deduplicated; before,
+        the largest per-element change of a field's rows by the merge times its largest bag."""
+        if self.deduplicated or not self.compressed_names:
+            return 0.0
+        result = self.dedup_result()
+        blocks, _ = self.blocks()
+        merged = blocks[result["representatives"].numpy()][result["block_index"].numpy()]
+        change = torch.from_numpy(np.abs(merged - blocks).reshape(-1, self.dim)[: self.total_rows]).amax(1)
+        bound = 0.0
+        for t in self.tables:
+            if t.name not in self.compressed_names or not t.num_embeddings:
+                continue
+            start = int(self.row_offset[self.field_index[t.name]])
+            lengths = features[t.name].lengths()
+            bag = 1 if t.pooling == "mean" or not len(lengths) else max(int(lengths.max()), 1)
+            bound = max(bound, bag * float(change[start:start + t.num_embeddings].max()))
+        return bound
+
+    def to_inference(self) -> nn.Module:
+        if not self.deduplicated and self.compressed_names:
+            result = self.dedup_result()
+            return self.deduplicated_copy(result["block_index"], result["representatives"]).to_inference()
+        return super().to_inference()
+
+    def memory_report(self) -> MemoryReport:
+        weights = self.fused.weight_bytes()
+        index = self.block_index.numel() * self.block_index.element_size() if self.deduplicated else 0
+        kept = sum(self.fused.weight(t.name).numel() * self.fused.weight(t.name).element_size() for t in self.kept_tables)
+        if self.deduplicated or not self.compressed_names:
+            inference = weights + index
+        else:  # the tensors the deduplicated form will hold
+            inference = int(self.hparams["unique_blocks"]) * self.block_rows * self.dim * FP32_BYTES \
+                + INT32_BYTES * self.num_blocks + kept
+        training = max(weights + self.fused.optimizer_state_bytes() + index, self.peak_training_bytes)
+        return MemoryReport(
+            inference_bytes=int(inference), training_bytes=int(training),
+            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
+            full_bytes=full_embedding_bytes(self.tables, self.dim),
+            breakdown={"deduplicated": int(inference - kept), "kept": int(kept)},
+        )
+
+
+class PretrainBestHook(Hook):
+    """Stage ``pretrain``: keeps the best validation checkpoint (the trainer's rule: val AUC above the
+    best + ``min_delta``), restores it at the stage end and deduplicates its table; the result
+    ({"block_index", "representatives", counts}) is what ``rebuild`` builds the fine-tuning form from."""
+
+    def __init__(self):
+        self.best_auc, self.best_state = -math.inf, None
+
+    def on_stage_start(self, context: Any) -> None:
+        if context.stage.name == "pretrain":
+            self.best_auc, self.best_state = -math.inf, None
+
+    def on_eval_end(self, context: Any, metrics: Mapping[str, float]) -> Optional[bool]:
+        if context.stage.name == "pretrain" and metrics["auc"] > self.best_auc + context.trainer.config.min_delta:
+            self.best_auc = metrics["auc"]
+            self.best_state = {k: v.detach().clone() for k, v in context.model.state_dict().items()}
+        return None
+
+    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        if context.stage.name != "pretrain" or not context.embedding.compressed_names:
+            return None
+        if self.best_state is not None:  # absent after a resume inside the stage: the last weights are used
+            context.model.load_state_dict(self.best_state)
+        restored = self.best_state is not None
+        self.best_state = None
+        return {**context.embedding.dedup_result(), "restored_best": restored}
+
+
+# ----------------------------------------------------------------------------- simhash_mean (post-training)
 def candidate_pairs(unit: torch.Tensor, tables: int, bits: int, window: int, seed: int) -> np.ndarray:
     """(E, 2) int64 candidate block pairs from sorted SimHash signatures of ``unit`` (n, b)."""
     n = unit.shape[0]
@@ -113,7 +295,6 @@ def field_blocks(weights: Mapping[str, torch.Tensor], names: Sequence[str], bloc
     return torch.cat(out)
 
 
-# ----------------------------------------------------------------------------- deployable form
 class DedupTables(nn.Module):
     """Stored unique blocks + per-field block indices. forward: KJT -> KeyedTensor (B, F * D)."""
 
@@ -162,8 +343,9 @@ class DedupTables(nn.Module):
                            values=torch.cat([blocks[n] for n in self.names], dim=1))
 
 
-class DedupEmbedding(FullEmbedding):
-    """Trains as ``full``; ``to_inference`` deduplicates. Memory reports the deduplicated bytes."""
+class SimHashDedupEmbedding(FullEmbedding):
+    """``algorithm: simhash_mean``: trains as ``full``; ``to_inference`` deduplicates. Memory reports
+    the deduplicated bytes."""
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                  optimizer: EmbeddingOptimizer):
@@ -221,32 +403,65 @@ class DedupEmbedding(FullEmbedding):
 
 
 class Dedup(CompressionMethod):
-    """Hyperparameters: ``unique_blocks`` (auto), ``block_rows`` (auto | int), ``index_share``,
-    ``lsh_tables``, ``lsh_bits``, ``lsh_window``, ``lsh_seed``."""
+    """Hyperparameters: see ``conf/method/dedup.yaml`` and ``methods/dedup.md``."""
 
     name = "dedup"
+    #: 2: the reference's algorithm (pre-train, L2 LSH + element-wise criterion over the global
+    #: table, one representative, fine-tune) is the default; the earlier one is ``simhash_mean``
+    revision = 2
 
-    def __init__(self, name: Optional[str] = None, unique_blocks: Any = "auto", block_rows: Any = "auto",
-                 index_share: float = 0.25, lsh_tables: int = 8, lsh_bits: int = 16, lsh_window: int = 4,
-                 lsh_seed: int = 0):
-        super().__init__(name, unique_blocks=unique_blocks, block_rows=block_rows, index_share=index_share,
-                         lsh_tables=lsh_tables, lsh_bits=lsh_bits, lsh_window=lsh_window, lsh_seed=lsh_seed)
+    def __init__(self, name: Optional[str] = None, algorithm: str = "hetu", unique_blocks: Any = "auto",
+                 block_rows: Any = "auto", index_share: float = 0.25, fp: float = 0.01, sim: float = 0.7,
+                 lsh_r: float = 0.09, lsh_l: int = 90, lsh_k: int = 1, lsh_threshold: int = 0,
+                 lsh_tables: int = 8, lsh_bits: int = 16, lsh_window: int = 4, lsh_seed: int = 0):
+        super().__init__(name, algorithm=algorithm, unique_blocks=unique_blocks, block_rows=block_rows,
+                         index_share=index_share, fp=fp, sim=sim, lsh_r=lsh_r, lsh_l=lsh_l, lsh_k=lsh_k,
+                         lsh_threshold=lsh_threshold, lsh_tables=lsh_tables, lsh_bits=lsh_bits,
+                         lsh_window=lsh_window, lsh_seed=lsh_seed)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"method 'dedup': algorithm={algorithm!r} is not supported; allowed: {', '.join(ALGORITHMS)}")
         if unique_blocks != "auto":
-            raise ValueError(f"dedup: unique_blocks={unique_blocks!r} is not supported; only 'auto' (solved from the budget)")
+            raise ValueError(f"method 'dedup': unique_blocks={unique_blocks!r} is not supported; only 'auto' "
+                             "(solved from the budget)")
         if block_rows != "auto" and not (isinstance(block_rows, int) and block_rows >= 1):
-            raise ValueError(f"dedup: block_rows must be 'auto' or a positive integer, got {block_rows!r}")
+            raise ValueError(f"method 'dedup': block_rows={block_rows!r}; allowed: 'auto' or a positive integer")
         if not 0.0 < float(index_share) < 1.0:
-            raise ValueError(f"dedup: index_share must be in (0, 1), got {index_share}")
+            raise ValueError(f"method 'dedup': index_share={index_share}; allowed: a value in (0, 1)")
+        if not float(fp) >= 0.0:
+            raise ValueError(f"method 'dedup': fp={fp}; allowed: a value >= 0")
+        if not 0.0 < float(sim) <= 1.0:
+            raise ValueError(f"method 'dedup': sim={sim}; allowed: a value in (0, 1]")
+        if not float(lsh_r) > 0.0 or int(lsh_l) < 1 or int(lsh_k) < 1 or not 0 <= int(lsh_threshold) <= int(lsh_l):
+            raise ValueError(f"method 'dedup': lsh_r={lsh_r}, lsh_l={lsh_l}, lsh_k={lsh_k}, lsh_threshold={lsh_threshold}; "
+                             "allowed: lsh_r > 0, lsh_l >= 1, lsh_k >= 1, 0 <= lsh_threshold <= lsh_l")
         if not (1 <= int(lsh_bits) <= 62) or int(lsh_tables) < 1 or int(lsh_window) < 1:
-            raise ValueError("dedup: lsh_bits must be in [1, 62], lsh_tables and lsh_window >= 1")
-        self.block_rows, self.index_share = block_rows, float(index_share)
-        self.lsh = {"lsh_tables": int(lsh_tables), "lsh_bits": int(lsh_bits), "lsh_window": int(lsh_window),
-                    "lsh_seed": int(lsh_seed)}
+            raise ValueError(f"method 'dedup': lsh_bits={lsh_bits}, lsh_tables={lsh_tables}, lsh_window={lsh_window}; "
+                             "allowed: lsh_bits in [1, 62], lsh_tables >= 1, lsh_window >= 1")
+        self.algorithm, self.block_rows, self.index_share = algorithm, block_rows, float(index_share)
+        if algorithm == "hetu":
+            self.search = {"fp": float(fp), "sim": float(sim), "lsh_r": float(lsh_r), "lsh_l": int(lsh_l),
+                           "lsh_k": int(lsh_k), "lsh_threshold": int(lsh_threshold), "lsh_seed": int(lsh_seed)}
+        else:
+            self.search = {"lsh_tables": int(lsh_tables), "lsh_bits": int(lsh_bits), "lsh_window": int(lsh_window),
+                           "lsh_seed": int(lsh_seed)}
 
     @staticmethod
-    def _bytes(tables: Sequence[TableSpec], dim: int, names: Sequence[str], block_rows: int, unique: int) -> int:
+    def _blocks(compressed: Sequence[TableSpec], block_rows, algorithm: str):
+        """Number of blocks (int or int64 array over ``block_rows``): ceil(R / r) of the global
+        table (hetu) or sum_f ceil(n_f / r) (simhash_mean)."""
+        sizes = [int(t.num_embeddings) for t in compressed]
+        if algorithm == "hetu":
+            return -(-sum(sizes) // block_rows)
+        blocks = 0 * block_rows
+        for rows in sizes:  # one field at a time (R-long arrays, not F x R)
+            blocks = blocks + -(-rows // block_rows)
+        return blocks
+
+    @classmethod
+    def _bytes(cls, tables: Sequence[TableSpec], dim: int, names: Sequence[str], block_rows: int, unique: int,
+               algorithm: str = "hetu") -> int:
         comp = [t for t in tables if t.name in set(names)]
-        index = INT32_BYTES * sum(math.ceil(t.num_embeddings / block_rows) for t in comp)
+        index = INT32_BYTES * cls._blocks(comp, int(block_rows), algorithm) if comp else 0
         stored = unique * block_rows * dim * FP32_BYTES if comp else 0
         return int(index + stored + kept_bytes([t for t in tables if t.name not in set(names)], dim))
 
@@ -254,37 +469,55 @@ class Dedup(CompressionMethod):
         compressed, kept = split_tables(tables, budget)
         names = [t.name for t in compressed]
         limit = target_bytes(tables, dim, budget)
-        largest_field = max((t.num_embeddings for t in compressed), default=1)
-        # every candidate block size at once (int64 arrays over r): the auto search tries r = 1 .. the
-        # largest field, which is ~10^5 sizes on synthetic; each quantity is ``_bytes``'s, exactly
-        r = (np.array([int(self.block_rows)]) if self.block_rows != "auto" else np.arange(1, largest_field + 1)).astype(np.int64)
-        sizes = np.array([t.num_embeddings for t in compressed], dtype=np.int64)
-        blocks = np.zeros_like(r)
-        for rows in sizes:  # sum over fields of ceil(n / r), one field at a time (R-long arrays, not F x R)
-            blocks += -(-rows // r)
+        hetu = self.algorithm == "hetu"
+        if self.block_rows != "auto":
+            r = np.array([int(self.block_rows)])
+        elif hetu:  # the reference's block, and every smaller one up to the table's size
+            r = np.unique(np.r_[np.arange(1, min(sum(t.num_embeddings for t in compressed), REFERENCE_BLOCK_ROWS) + 1),
+                                REFERENCE_BLOCK_ROWS])
+        else:
+            r = np.arange(1, max((t.num_embeddings for t in compressed), default=1) + 1)
+        r = r.astype(np.int64)
+        # every candidate block size at once (int64 arrays over r); each quantity is ``_bytes``'s, exactly
+        blocks = self._blocks(compressed, r, self.algorithm) if compressed else np.zeros_like(r)
         block_bytes = r * dim * FP32_BYTES if compressed else np.zeros_like(r)  # one stored block
-        without_blocks = INT32_BYTES * blocks + kept_bytes(kept, dim)  # index tables + uncompressed fields
+        without_blocks = INT32_BYTES * blocks + kept_bytes(kept, dim)  # index + uncompressed fields
         room = limit - without_blocks
         unique = np.where(room > 0, np.clip(room // np.maximum(block_bytes, 1), 0, blocks), 0)
         achieved = without_blocks + unique * block_bytes
-        lands = (unique >= 1) & ((1 - budget.tolerance) * limit <= achieved) & (achieved <= limit)
+        fits = (unique >= 1) & (achieved <= limit)
+        lands = fits & ((1 - budget.tolerance) * limit <= achieved)
         small_index = INT32_BYTES * blocks <= self.index_share * limit
-        # the smallest block whose index fits its share and that lands the budget, else any that lands
-        picks = np.flatnonzero(lands & small_index)
-        picks = picks if len(picks) else np.flatnonzero(lands)
-        if not len(picks):
-            land(self.name, int(without_blocks[0] + max(int(unique[0]), 1) * block_bytes[0]), tables, dim, budget,
-                 int((without_blocks + block_bytes).min()), int(without_blocks[0] + blocks[0] * block_bytes[0]),
-                 "one stored block plus the block-index tables already exceed the budget"
-                 if (without_blocks + block_bytes).min() > limit
-                 else "no block size gives a deduplicated size within the tolerance of the budget")
-        return {"block_rows": int(r[picks[0]]), "unique_blocks": int(unique[picks[0]]), "compressed": names, **self.lsh}
+        reference = np.flatnonzero(lands & (r == REFERENCE_BLOCK_ROWS)) if hetu and self.block_rows == "auto" else []
+        # the reference's block if it lands; else the smallest whose index fits its share and lands,
+        # else any that lands, else the most bytes under the budget (flagged under_budget by the job)
+        for picks in (reference, np.flatnonzero(lands & small_index), np.flatnonzero(lands)):
+            if len(picks):
+                pick = int(picks[0])
+                break
+        else:
+            if not fits.any():
+                full = full_embedding_bytes(tables, dim)
+                raise InfeasibleBudget(self.name, budget.compression_ratio,
+                                       float((without_blocks + block_bytes).min()) / full,
+                                       float(without_blocks[0] + blocks[0] * block_bytes[0]) / full,
+                                       "one stored block plus the block-index table already exceed the budget")
+            pick = int(np.flatnonzero(fits)[np.argmax(achieved[fits])])
+        return {"algorithm": self.algorithm, "block_rows": int(r[pick]), "unique_blocks": int(unique[pick]),
+                "compressed": names, **self.search}
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
-        inference = self._bytes(tables, dim, hparams["compressed"], int(hparams["block_rows"]),
-                                int(hparams["unique_blocks"]))
-        parts = closed_form_table_bytes(physical_tables(tables, dim, {}), optimizer)
+        algorithm = hparams.get("algorithm", "hetu")
+        names = hparams["compressed"]
+        inference = self._bytes(tables, dim, names, int(hparams["block_rows"]), int(hparams["unique_blocks"]), algorithm)
+        if algorithm == "hetu":  # pre-training: one global table + the kept fields' tables (the peak)
+            comp = sum(t.num_embeddings for t in tables if t.name in set(names))
+            physical = ([PhysicalTable(GLOBAL, comp, dim, names)] if names else []) + \
+                [PhysicalTable(t.name, t.num_embeddings, dim, [t.name]) for t in tables if t.name not in set(names)]
+        else:
+            physical = physical_tables(tables, dim, {})
+        parts = closed_form_table_bytes(physical, optimizer)
         return MemoryReport(
             inference_bytes=inference, training_bytes=parts["weights"] + parts["optimizer_state"],
             parameters=sum(t.num_embeddings for t in tables) * dim,
@@ -292,5 +525,23 @@ class Dedup(CompressionMethod):
         )
 
     def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
-              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> DedupEmbedding:
-        return DedupEmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> nn.Module:
+        hparams = self.solve(tables, dim, budget)
+        if self.algorithm == "hetu":
+            return DedupEmbedding(tables, dim, hparams, optimizer)
+        return SimHashDedupEmbedding(tables, dim, hparams, optimizer)
+
+    # ----- schedule (hetu): pre-train, deduplicate, fine-tune -----
+    def stages(self) -> List[Stage]:
+        if self.algorithm != "hetu":
+            return [Stage("train")]
+        return [Stage("pretrain"), Stage("finetune", reset_optimizer=True)]
+
+    def hooks(self) -> List[Hook]:
+        return [PretrainBestHook()] if self.algorithm == "hetu" else []
+
+    def rebuild(self, module: nn.Module, stage_result: Mapping[str, Any]) -> nn.Module:
+        if "block_index" not in stage_result or not isinstance(module, DedupEmbedding) or module.deduplicated:
+            return module
+        return module.deduplicated_copy(torch.as_tensor(stage_result["block_index"]),
+                                        torch.as_tensor(stage_result["representatives"]))

@@ -415,23 +415,20 @@ class ProductQuantizationMethod(CompressionMethod):
         def bytes_at(parts: int, codewords: int) -> int:
             return self._inference_bytes(compressed, head_count, dim, parts, codewords, fixed)
 
-        best, closest = None, None
+        best = None
         for parts in part_options:
             k = largest_integer_within(lambda c: bytes_at(parts, c), k_low, k_high, limit)
             if k < k_low:
                 continue
-            achieved = bytes_at(parts, k)
-            closest = max(closest or 0, achieved)
-            if achieved >= (1 - budget.tolerance) * limit:
-                score = (parts * math.log2(k), k)
-                if best is None or score > best[0]:
-                    best = (score, parts, k)
+            # solutions within the tolerance of the target first, then the most code bits per row
+            score = (bytes_at(parts, k) >= (1 - budget.tolerance) * limit, parts * math.log2(k), k)
+            if best is None or score > best[0]:
+                best = (score, parts, k)
         if best is None:
             lowest = min(bytes_at(p, k_low) for p in part_options)
             highest = max(bytes_at(p, k_high) for p in part_options)
-            reason = (f"the closest solution has ratio {closest / full:.4g}" if closest
-                      else f"even P={min(part_options)}, K={k_low} needs ratio {lowest / full:.4g}")
-            raise InfeasibleBudget(self.name, budget.compression_ratio, lowest / full, highest / full, reason)
+            raise InfeasibleBudget(self.name, budget.compression_ratio, lowest / full, highest / full,
+                                   f"even P={min(part_options)}, K={k_low} needs ratio {lowest / full:.4g}")
         _, parts, codewords = best
         return {"parts": parts, "codewords": codewords, "tail_codewords": self.tail_codewords(codewords),
                 "kept": [t.name for t in kept], "head_rows": head_count}

@@ -14,8 +14,9 @@ Budget: bytes are what the quantized TBE holds: per row 4D (fp32), 2D (fp16), D 
 D/2 + 4 (int4), D/4 + 4 (int2) bytes (fp16 scale + bias included, CPU row alignment 1), each
 table padded to a multiple of 128 bytes (FBGEMM's cache-line alignment). ``bits: auto`` takes
 the largest uniform precision in {32, 16, 8, 4, 2} whose bytes fit the target, then raises
-fields one level (largest fields first) while the total stays within the target, so it lands in
-[1 - tolerance, 1] x target; a fixed ``bits`` quantizes every compressed field to it. Fields
+fields one level (largest fields first) while the total stays within the target (on tiny tables
+a level step can exceed the tolerance: the best mix under the target then runs, flagged
+``under_budget`` by the job); a fixed ``bits`` quantizes every compressed field to it. Fields
 with fewer than ``budget.min_rows_to_compress`` rows stay fp32.
 
 Shapes: KJT with F keys, B bags per key -> KeyedTensor (B, F * D).

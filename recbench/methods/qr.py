@@ -1,11 +1,15 @@
 """``qr``: compositional embeddings from complementary partitions (quotient-remainder trick).
 
 References: Shi, Mudigere, Naumov, Yang, "Compositional Embeddings Using Complementary Partitions
-for Memory-Efficient Recommendation Systems", KDD 2020 (arXiv:1909.02107).
+for Memory-Efficient Recommendation Systems", KDD 2020 (arXiv:1909.02107); Hsword/Hetu
+tools/EmbeddingMemoryCompression methods/layers/compo.py and methods/scheduler/compo.py (the
+default); facebookresearch/dlrm tricks/qr_embedding_bag.py; HugoZHL/CAFE
+ArtifactEvaluation/embeddings/init_embed.py.
 
 Mechanism: a field with n ids is covered by k complementary partitions given by the mixed-radix
-digits of the id: the k-1 low digits have radix m (the ``remainder_rows``), the top digit has
-radix ceil(n / m^(k-1)); for k=2 this is the quotient-remainder pair (id // m, id % m). Every id
+digits of the id: the k-1 low digits have radix c (the collision count, ``remainder_rows``), the
+top digit has radix ceil(n / c^(k-1)); for k=2 this is the quotient-remainder pair
+(id // c, id % c): a remainder table of c rows and a quotient table of ceil(n / c) rows. Every id
 of the field gets a unique digit tuple, so every id gets a unique composed vector. Digit j is
 looked up in its own FBGEMM table ``<field>/p<j>`` (j=0 the most significant digit: the quotient)
 and the k vectors are combined by ``mult`` (elementwise product), ``add`` (sum) or ``concat``
@@ -14,11 +18,15 @@ looked up as its own bag (lengths rewritten to ones), the product is taken per i
 vectors are segment-summed back into the bags (then divided for mean pooling); ``add`` and
 ``concat`` commute with pooling, so the pooled fused lookups are exact.
 
-Budget: ``remainder_rows`` (m per field) is solved from the budget. A knob r in [0, 1] gives each
-compressed field the largest m (>= the m minimising its rows) whose bytes stay within r times
-the field's full bytes; r is bisected so the total lands in [1 - tolerance, 1] x target. Fields
-with fewer than ``budget.min_rows_to_compress`` rows, or where even the smallest composition is
-not smaller than the plain table, stay plain fp32 tables (charged in full).
+Budget (``partition``):
+- ``shared_collisions`` (default, Hetu's scheduler): one collision count c for every field, the
+  smallest integer c in [1, ceil(N^(1/k))] (N = total rows of all fields) whose bytes fit the
+  target; a field is composed only where that is smaller than its plain table (Hetu's
+  ``min(n, ceil(n/c) + c)``), else it stays a plain table.
+- ``per_field_largest``: a knob r in [0, 1] gives each compressed field the largest m (>= the m
+  minimising its rows) whose bytes stay within r times the field's full bytes; r is bisected so
+  the total lands in [1 - tolerance, 1] x target.
+Fields with fewer than ``budget.min_rows_to_compress`` rows stay plain fp32 tables (charged in full).
 
 Shapes: KJT with F keys and B bags per key -> KeyedTensor (B, F * D).
 """
@@ -32,11 +40,13 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods import budget as budget_lib
-from recbench.methods.base import CompressionMethod, EmbeddingModule
+from recbench.methods.base import CompressionMethod, EmbeddingModule, InfeasibleBudget
 from recbench.methods.tables import FusedTables, PhysicalTable
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 OPERATIONS = ("mult", "add", "concat")
+PARTITION_RULES = ("shared_collisions", "per_field_largest")
+INITS = ("uniform_largest_field", "variance_preserving")
 
 
 # ----------------------------------------------------------------------------- pure helpers
@@ -79,9 +89,27 @@ def smallest_remainder_rows(num_embeddings: int, partitions: int) -> int:
     return min(candidates, key=lambda m: (sum(radices(n, k, m)), m))
 
 
+def composes(num_embeddings: int, partitions: int, remainder_rows: int, dim: int, part_dim: int) -> bool:
+    """True where the composition is smaller than the plain table (Hetu keeps the field plain otherwise)."""
+    return field_bytes(num_embeddings, partitions, remainder_rows, part_dim) < int(num_embeddings) * dim * FP32_BYTES
+
+
+def shared_collision_bytes(sizes: Sequence[int], kept_rows: int, dim: int, partitions: int, collisions: int,
+                           part_dim: int) -> int:
+    """Inference bytes with one collision count for the fields of ``sizes``: each field the smaller
+    of its composition and its plain table (Hetu's ``min(n, ceil(n/c) + c)``), plus kept tables."""
+    plain = lambda n: n * dim * FP32_BYTES  # noqa: E731
+    total = sum(min(plain(n), field_bytes(n, partitions, collisions, part_dim)) for n in sizes)
+    return int(total + plain(kept_rows))
+
+
+def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"qr: {key} must be one of {', '.join(allowed)}, got {value!r}")
+
+
 def _check(operation: str, partitions: int) -> None:
-    if operation not in OPERATIONS:
-        raise ValueError(f"qr: operation must be one of {', '.join(OPERATIONS)}, got {operation!r}")
+    _check_choice("operation", operation, OPERATIONS)
     if int(partitions) < 2:
         raise ValueError(f"qr: partitions must be >= 2, got {partitions!r}")
 
@@ -206,22 +234,31 @@ class QREmbedding(EmbeddingModule):
         return [c for c in (self.pooled, self.per_id) if c is not None]
 
     def _init_partitions(self) -> None:
-        """Partition tables: uniform(-b, b) with b chosen so the composed vector of an id has the
-        variance of the plain table's init, uniform(+-1/sqrt(n)), i.e. 1 / (3 n) per coordinate."""
+        """``uniform_largest_field`` (Hetu's trainer default): every table of the layer, partition or
+        plain, uniform(-b, b) with b = 1/sqrt(max_f n_f). ``variance_preserving``: partition tables
+        uniform(-b, b) with b chosen so the composed vector of an id has the variance of the plain
+        table's init, uniform(+-1/sqrt(n)), i.e. 1 / (3 n) per coordinate; plain tables keep
+        uniform(+-1/sqrt(n))."""
         operation, k = self.hparams["operation"], int(self.hparams["partitions"])
+        init = self.hparams.get("init", "variance_preserving")
+        largest = max(t.num_embeddings for t in self.tables)
         with torch.no_grad():
             for collection in self._collections():
                 for p in collection.physical:
                     field = p.name.rsplit("/", 1)[0] if "/" in p.name else None
-                    if field is None or field not in self.hparams["remainder_rows"]:
+                    composed = field is not None and field in self.hparams["remainder_rows"]
+                    if init == "uniform_largest_field":
+                        bound = 1.0 / math.sqrt(largest)
+                    elif not composed:
                         continue
-                    n = next(t.num_embeddings for t in self.tables if t.name == field)
-                    if operation == "mult":
-                        bound = math.sqrt(3.0) * (3.0 * n) ** (-1.0 / (2 * k))
-                    elif operation == "add":
-                        bound = 1.0 / math.sqrt(k * n)
                     else:
-                        bound = 1.0 / math.sqrt(n)
+                        n = next(t.num_embeddings for t in self.tables if t.name == field)
+                        if operation == "mult":
+                            bound = math.sqrt(3.0) * (3.0 * n) ** (-1.0 / (2 * k))
+                        elif operation == "add":
+                            bound = 1.0 / math.sqrt(k * n)
+                        else:
+                            bound = 1.0 / math.sqrt(n)
                     w = collection.weight(p.name)
                     w.copy_(torch.empty_like(w).uniform_(-bound, bound))
 
@@ -257,17 +294,33 @@ class QREmbedding(EmbeddingModule):
 # ----------------------------------------------------------------------------- method
 class QR(CompressionMethod):
     """Hyperparameters: ``operation`` (mult|add|concat), ``partitions`` (k >= 2),
-    ``remainder_rows`` (auto, or one m for every compressed field)."""
+    ``remainder_rows`` (auto, or one collision count c for every compressed field),
+    ``partition`` (shared_collisions|per_field_largest), ``init`` (uniform_largest_field|variance_preserving)."""
 
     name = "qr"
 
     def __init__(self, name: Optional[str] = None, operation: str = "mult", partitions: int = 2,
-                 remainder_rows: Any = "auto"):
-        super().__init__(name, operation=operation, partitions=partitions, remainder_rows=remainder_rows)
+                 remainder_rows: Any = "auto", partition: str = "shared_collisions",
+                 init: str = "uniform_largest_field"):
+        super().__init__(name, operation=operation, partitions=partitions, remainder_rows=remainder_rows,
+                         partition=partition, init=init)
         _check(operation, int(partitions))
+        _check_choice("partition", partition, PARTITION_RULES)
+        _check_choice("init", init, INITS)
         if remainder_rows != "auto" and not (isinstance(remainder_rows, int) and remainder_rows >= 1):
             raise ValueError(f"qr: remainder_rows must be 'auto' or a positive integer, got {remainder_rows!r}")
         self.operation, self.partitions, self.remainder_rows = operation, int(partitions), remainder_rows
+        self.partition, self.init = partition, init
+
+    def _base(self) -> Dict[str, Any]:
+        return {"operation": self.operation, "partitions": self.partitions, "partition": self.partition,
+                "init": self.init}
+
+    def _shared(self, compressed: Sequence[TableSpec], dim: int, collisions: int) -> Dict[str, int]:
+        """Field -> c for the fields where c composes smaller than the plain table."""
+        part_dim = partition_dim(dim, self.operation, self.partitions)
+        return {t.name: int(collisions) for t in compressed
+                if composes(t.num_embeddings, self.partitions, collisions, dim, part_dim)}
 
     def _candidates(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, int]:
         """Compressible fields -> the m minimising their rows (fields where it beats the plain table)."""
@@ -276,7 +329,7 @@ class QR(CompressionMethod):
         out = {}
         for t in compressed:
             m0 = smallest_remainder_rows(t.num_embeddings, self.partitions)
-            if field_bytes(t.num_embeddings, self.partitions, m0, part_dim) < t.num_embeddings * dim * FP32_BYTES:
+            if composes(t.num_embeddings, self.partitions, m0, dim, part_dim):
                 out[t.name] = m0
         return out
 
@@ -293,32 +346,53 @@ class QR(CompressionMethod):
         return out
 
     def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
-        smallest = self._candidates(tables, dim, budget)
-        base = {"operation": self.operation, "partitions": self.partitions}
+        partition_dim(dim, self.operation, self.partitions)  # concat: D must split
         target = budget_lib.target_bytes(tables, dim, budget)
-
-        def total(fraction: float) -> int:
-            hp = dict(base, remainder_rows=self._assign(tables, dim, smallest, fraction))
-            return self.memory(tables, dim, hp).inference_bytes
-
-        if self.remainder_rows != "auto":
-            part_dim = partition_dim(dim, self.operation, self.partitions)
-            chosen = {t.name: min(int(self.remainder_rows), t.num_embeddings) for t in tables if t.name in smallest}
-            chosen = {k: m for k, m in chosen.items()
-                      if field_bytes(next(t.num_embeddings for t in tables if t.name == k), self.partitions, m, part_dim)
-                      < next(t.num_embeddings for t in tables if t.name == k) * dim * FP32_BYTES}
-            hp = dict(base, remainder_rows=chosen)
+        compressed, _ = budget_lib.split_tables(tables, budget)
+        if self.remainder_rows != "auto":  # one fixed c for every field, either rule
+            chosen = self._shared(compressed, dim, int(self.remainder_rows))
+            hp = dict(self._base(), remainder_rows=chosen)
             achieved = self.memory(tables, dim, hp).inference_bytes
             if achieved > target:
-                budget_lib.land(self.name, achieved, tables, dim, budget, total(0.0), total(1.0),
-                                f"remainder_rows={self.remainder_rows} gives ratio "
-                                f"{achieved / full_embedding_bytes(tables, dim):.4g}")
+                full = full_embedding_bytes(tables, dim)
+                raise InfeasibleBudget(self.name, budget.compression_ratio, achieved / full, achieved / full,
+                                       f"remainder_rows={self.remainder_rows} gives ratio {achieved / full:.4g}")
             return hp
+        if self.partition == "shared_collisions":
+            return dict(self._base(), remainder_rows=self._shared(compressed, dim,
+                                                                  self._collisions(tables, dim, budget)))
+        smallest = self._candidates(tables, dim, budget)
+
+        def total(fraction: float) -> int:
+            hp = dict(self._base(), remainder_rows=self._assign(tables, dim, smallest, fraction))
+            return self.memory(tables, dim, hp).inference_bytes
+
         fraction = budget_lib.bisect_continuous(total, 0.0, 1.0, target)
-        hp = dict(base, remainder_rows=self._assign(tables, dim, smallest, fraction))
+        hp = dict(self._base(), remainder_rows=self._assign(tables, dim, smallest, fraction))
         budget_lib.land(self.name, self.memory(tables, dim, hp).inference_bytes, tables, dim, budget,
                         total(0.0), total(1.0))
         return hp
+
+    def _collisions(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> int:
+        """Hetu's collision count: the smallest integer c in [1, ceil(N^(1/k))] whose bytes fit the
+        target (Hetu bisects the same range for the crossing of target - memory(c)).
+
+        Raises InfeasibleBudget when no c in the range fits."""
+        part_dim = partition_dim(dim, self.operation, self.partitions)
+        compressed, kept = budget_lib.split_tables(tables, budget)
+        sizes, kept_rows = [t.num_embeddings for t in compressed], sum(t.num_embeddings for t in kept)
+        total_rows = sum(t.num_embeddings for t in tables)
+        target = budget_lib.target_bytes(tables, dim, budget)
+        top = max(1, math.ceil(total_rows ** (1.0 / self.partitions)))
+        smallest = None
+        for c in range(1, top + 1):
+            achieved = shared_collision_bytes(sizes, kept_rows, dim, self.partitions, c, part_dim)
+            if achieved <= target:
+                return c
+            smallest = achieved if smallest is None else min(smallest, achieved)
+        full = full_embedding_bytes(tables, dim)
+        raise InfeasibleBudget(self.name, budget.compression_ratio, smallest / full, 1.0,
+                               f"no collision count in [1, {top}] fits (smallest ratio {smallest / full:.4g})")
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:

@@ -11,8 +11,8 @@ import math
 from typing import Dict, List, Sequence
 
 from recbench.reporting.leaderboard import (
-    AUC, BYTES, LATENCY, LOGLOSS, RATIO, RULES, SPEED, Row, bayes_ceiling, budgets, command, fmt, fmt_bytes,
-    fmt_delta, fmt_rank, marked, recommend, reference, run_url,
+    AUC, BYTES, LATENCY, LOGLOSS, RATIO, SPEED, Row, bayes_ceiling, budgets, command, flagged, fmt, fmt_bytes,
+    fmt_delta, fmt_rank, marked, recommend, reference, rules_text, run_url, under_budget_legend,
 )
 from recbench.reporting.plots import caption, figure_kind
 
@@ -55,7 +55,7 @@ def recommendation_table(rows: Sequence[Row], protocol: str) -> str:
            '<th class="l">infeasible</th></tr></thead><tbody>']
     for rec in recommend(rows, protocol):
         b = rec.best
-        out.append(f'<tr class="row"><td>{rec.ratio:g}</td><td class="l">{esc(b.label) if b else "—"}</td>'
+        out.append(f'<tr class="row"><td>{rec.ratio:g}</td><td class="l">{esc(flagged(b)) if b else "—"}</td>'
                    f'<td>{fmt(b.auc, b.std.get(AUC)) if b else "—"}</td><td>{fmt_delta(b.delta_auc) if b else "—"}</td>'
                    f'<td>{fmt_bytes(b.mean.get(BYTES)) if b else "—"}</td>'
                    f'<td class="l">{esc(", ".join(r.label for r in rec.tied) or "—")}</td>'
@@ -86,8 +86,10 @@ def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: 
             f'<td class="l">{_links(r, ui_url)}</td><td class="l">{cmd}</td></tr>')
     out.append("</tbody></table></div>")
     noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
-    if noted:
+    under = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.finished and r.under_budget]
+    if noted or under:
         items = "".join(f"<li>† {esc(r.label)}: {esc('; '.join(r.notes))}.</li>" for r in noted)
+        items += "".join(f"<li>{esc(under_budget_legend(r))}</li>" for r in under)
         out.append(f'<ul class="note">{items}</ul>')
     return "\n".join(out)
 
@@ -124,7 +126,7 @@ def render(title: str, sections: List[Dict[str, object]], rows: Sequence[Row], u
         for ratio in budgets(rows, protocol):
             body.append(f"<h3>Budget: compression ratio {ratio:g}</h3>")
             body.append(leaderboard_table(rows, protocol, ratio, ui_url))
-    body.append(f'<p class="note">Rules: {esc(RULES)} Links open the MLflow UI at {esc(ui_url)} '
+    body.append(f'<p class="note">Rules: {esc(rules_text(rows))} Links open the MLflow UI at {esc(ui_url)} '
                 f'(<code>make dashboard</code>). A command re-runs its jobs in a fresh store; in this one add '
                 f'<code>tracking.skip_finished=false</code>.</p>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

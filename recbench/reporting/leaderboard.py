@@ -20,6 +20,10 @@ Rules (stated in every report):
 - Caveats (``†``): a row whose runs logged ``stage/<name>/target_reached = 0`` (a search or
   pruning stage that ended at its epoch cap before reaching its target) carries a note saying so
   and in how many of its seeds; its numbers are reported as measured.
+- Under budget (``↓``): a row whose runs are tagged ``under_budget=true`` (the method's best
+  configuration under the budget lands below (1 - tolerance) x the requested ratio) ran at its
+  achieved ratio; it is ranked with its budget like any other row and marked, with a legend line
+  under the table (column ``under_budget`` in the CSV).
 
 References: DESIGN.md sections 4 (seeds, mean +- std) and 5 (tags, metric keys).
 """
@@ -44,6 +48,10 @@ RULES = (f"mean ± std over seeds (sample std); methods within {TIE_STDS:g} std 
          f"other in test AUC share a rank (`=`); Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
          "no other row has fewer or equal inference bytes and higher or equal AUC; † a caveat noted under "
          "the table (e.g. a search stage that ended at its epoch cap before reaching its target).")
+#: added to the rules of a report that has an under-budget row
+UNDER_BUDGET_RULE = ("↓ under budget: the method's best configuration under the budget lands below "
+                     "(1 - tolerance) x the requested ratio; the row ran at its achieved ratio (a budget is "
+                     "infeasible only when nothing the method can build fits under it).")
 
 
 @dataclass
@@ -70,6 +78,7 @@ class Row:
     pareto: bool = False
     delta_auc: float = float("nan")
     notes: List[str] = field(default_factory=list)  # caveats of the measured numbers (``stage_notes``)
+    under_budget: bool = False  # its runs are tagged under_budget=true (solved below (1 - tolerance) x the ratio)
 
     @property
     def auc(self) -> float:
@@ -121,9 +130,29 @@ def stage_notes(runs: Sequence[Dict[str, Any]]) -> List[str]:
             for stage, count in sorted(missed.items())]
 
 
+UNDER_BUDGET_MARK = "↓"
+
+
+def is_under_budget(record: Dict[str, Any]) -> bool:
+    """Whether a run record is tagged ``under_budget=true`` (the job's flag)."""
+    return str(record.get("under_budget", "")).strip().lower() == "true"
+
+
+def flagged(row: "Row") -> str:
+    """The row's label, with ``↓`` when it ran under budget."""
+    return f"{row.label} {UNDER_BUDGET_MARK}" if row.under_budget else row.label
+
+
 def marked(row: "Row") -> str:
-    """The row's label, with ``†`` when it carries notes."""
-    return f"{row.label} †" if row.notes else row.label
+    """The row's label, with ``↓`` when it ran under budget and ``†`` when it carries notes."""
+    return f"{flagged(row)} †" if row.notes else flagged(row)
+
+
+def under_budget_legend(row: "Row") -> str:
+    """The legend line of an under-budget row: what it reached against what was requested."""
+    return (f"{UNDER_BUDGET_MARK} {row.label}: under budget: the method's best configuration under ratio "
+            f"{row.ratio:g} reaches {row.mean.get(RATIO, float('nan')):.4g}, below (1 - tolerance) x {row.ratio:g}; "
+            "it ran at that ratio.")
 
 
 def _is_finished(record: Dict[str, Any]) -> bool:
@@ -156,6 +185,7 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
             row.num_threads = threads.pop() if len(threads) == 1 else ""
             row.git_commits = sorted({r.get("git_commit", "") for r in finished if r.get("git_commit")})
             row.notes = stage_notes(finished)
+            row.under_budget = any(is_under_budget(r) for r in finished)
         else:
             statuses = {r.get("status") or r.get("run_status", "").lower() for r in runs}
             status = "infeasible" if "infeasible" in statuses else "failed"
@@ -335,7 +365,7 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
     out.append("|---|---|---|---|---|---|---|")
     for rec in recommend(rows, protocol):
         best = rec.best
-        out.append(f"| {rec.ratio:g} | {best.label if best else '—'} | "
+        out.append(f"| {rec.ratio:g} | {flagged(best) if best else '—'} | "
                    f"{fmt(best.auc, best.std.get(AUC)) if best else '—'} | {fmt_delta(best.delta_auc) if best else '—'} | "
                    f"{fmt_bytes(best.mean.get(BYTES)) if best else '—'} | {', '.join(r.label for r in rec.tied) or '—'} | "
                    f"{', '.join(rec.infeasible) or '—'} |")
@@ -357,11 +387,20 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
                 f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | `{command(r)}` |")
         noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
-        if noted:
+        under = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.finished and r.under_budget]
+        if noted or under:
             out.append("")
             out.extend(f"† {r.label}: {'; '.join(r.notes)}." for r in noted)
-    out.append(f"\nRules: {RULES}")
+            out.extend(under_budget_legend(r) for r in under)
+    out.append(f"\nRules: {rules_text(rows, protocol)}")
     return "\n".join(out)
+
+
+def rules_text(rows: Sequence[Row], protocol: Optional[str] = None) -> str:
+    """The report's rules, with the under-budget marker's when the protocol (any, if None) has such a row."""
+    if any((protocol is None or r.protocol == protocol) and r.finished and r.under_budget for r in rows):
+        return f"{RULES} {UNDER_BUDGET_RULE}"
+    return RULES
 
 
 def markdown(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> str:
@@ -376,7 +415,7 @@ def csv_rows(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> List
             "protocol": r.protocol, "dataset": r.dataset, "method": r.label, "ratio": r.ratio, "status": r.status,
             "seeds": r.seeds, "rank": r.rank if r.finished else "", "tied": int(r.tied), "pareto": int(r.pareto),
             "delta_auc_vs_full": "" if math.isnan(r.delta_auc) else r.delta_auc, "reason": r.reason,
-            "notes": "; ".join(r.notes),
+            "notes": "; ".join(r.notes), "under_budget": int(r.under_budget),
         }
         for key in COLUMNS:
             item[f"{key}_mean"] = r.mean.get(key, "")

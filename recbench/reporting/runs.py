@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from recbench.tracking.base import orphan_reason
 
 RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
-               "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio",
+               "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio", "under_budget",
                "overrides", "command", "num_threads", "host", "pid", "process_start", "software",
                "imported_from", "imported_from_run_id")  # the last two: runs brought in by import_records
 

@@ -86,6 +86,26 @@ def test_infeasible_budget_is_a_recorded_skipped_run(tmp_path):
     assert tracker.current.latest("budget/min_reachable_ratio") == 1.0
 
 
+def test_a_solution_under_the_budget_runs_finished_and_flagged(tmp_path):
+    """ptq on the toy tables at ratio 0.32: its best bit widths under the budget reach 0.2828 (the
+    next ones up exceed 0.32), below 0.9 x 0.32: the run goes ahead at 0.2828, FINISHED, tagged
+    ``under_budget=true``; a run landing within the tolerance is tagged ``false``."""
+    tracker = InMemoryTracker()
+    cfg = toy_cfg(tmp_path, "method=ptq", "budget.compression_ratio=0.32")
+    cfg.trainer.max_steps = 5
+    result = run_job(cfg, tracker)
+    run = tracker.current
+    assert result.status == "finished" and run.status == FINISHED and run.tags["status"] == "finished"
+    assert result.under_budget and run.tags["under_budget"] == "true"
+    assert run.latest("emb/compression_ratio") == pytest.approx(28 / 99)
+    assert run.latest("budget/requested_ratio") == 0.32 and run.latest("budget/solved_ratio") < 0.9 * 0.32
+    assert float(run.tags["achieved_ratio"]) == pytest.approx(28 / 99, rel=1e-5)
+    assert "under budget" in format_result(cfg, result)
+    within = toy_cfg(tmp_path, "method=ptq", "budget.compression_ratio=0.33")
+    within.trainer.max_steps = 5
+    assert not run_job(within, tracker).under_budget and tracker.current.tags["under_budget"] == "false"
+
+
 def test_failed_job_is_recorded_with_its_reason(tmp_path):
     tracker = InMemoryTracker()
     cfg = toy_cfg(tmp_path, "optimizer.dense.learning_rate=1e9", "optimizer.embedding.learning_rate=1e9")

@@ -166,13 +166,18 @@ def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(t
     command, env, tmp = toy_sweep
     for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
         monkeypatch.setenv(key, env[key])
-    plan = check_plan(build_plan("toy", [command[2], "method=ptq", "budget.compression_ratio=0.5,0.001"]))
-    assert (plan.jobs_total, plan.already_finished, dict(plan.infeasible)) == (9, 0, {"ptq": 3})
-    assert dict(plan.unestimated) == {"ptq": 3, "full": 3}  # the feasible ones only
+    # ptq at 0.32 on the toy tables: its best bit widths under the budget reach 0.2828 < 0.9 x 0.32,
+    # a feasible job (priced like any other) that runs flagged under_budget
+    plan = check_plan(build_plan("toy", [command[2], "method=ptq", "budget.compression_ratio=0.5,0.32,0.001"]))
+    assert (plan.jobs_total, plan.already_finished, dict(plan.infeasible)) == (12, 0, {"ptq": 3})
+    assert dict(plan.under_budget) == {"ptq": 3}
+    assert dict(plan.unestimated) == {"ptq": 6, "full": 3}  # the feasible ones only
     text = summary(plan, jobs=2)
     assert ("of these, 3 infeasible by the method's budget solver (each recorded as an infeasible run in "
             "seconds): ptq x3") in text and "not estimated (no finished run of the method on this protocol): " \
-        "full x3, ptq x3" in text
+        "full x3, ptq x6" in text
+    assert "3 run under budget (the method's best configuration under the budget lands below (1 - tolerance) x " \
+        "the target; tagged under_budget=true): ptq x3" in text
     (job, cfg), = [(j, c) for j, c in _job_configs(plan.grids[0].jobs) if "seed=0" in j and "budget.compression_ratio=0.001" in j]
     result = run_job(OmegaConf.merge(cfg, {"trainer": {"max_steps": 5}}))
     assert result.status == "infeasible" and "cannot reach compression_ratio=0.001" in result.reason
@@ -180,7 +185,7 @@ def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(t
     # recorded on its own: the plan goes on and prices it like any other
     broken = check_plan(build_plan("toy", [command[2], "method=ptq", "budget.compression_ratio=0.5",
                                            "model.embedding_dim=12"]))
-    assert (dict(broken.infeasible), dict(broken.unestimated)) == ({}, {"ptq": 3, "full": 3})
+    assert (dict(broken.infeasible), dict(broken.unestimated), dict(broken.under_budget)) == ({}, {"ptq": 3, "full": 3}, {})
 
 
 def test_cost_book_prices_by_method_protocol_and_budget():

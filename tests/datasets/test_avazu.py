@@ -172,3 +172,26 @@ def test_fetch_explains_how_to_obtain_the_file(tmp_path, source):
     raw.mkdir(parents=True)
     (raw / "train.csv").write_bytes(source.read_bytes())
     assert fetch(tmp_path) == raw
+
+
+
+def test_rows_follow_the_sorted_values_as_label_encoder_numbers_them(tmp_path, source, rows):
+    """Default ``row_order=key``: a numeric column's rows come in ascending numeric order (what
+    sklearn's LabelEncoder gives on the integer column pandas reads: Hetu's ``load_data.py``), an
+    8-digit hex column's in sorted-token order, ``hour_of_day`` in hour order; the counts line up.
+    (dlrm_chunks: the train split is the first 9 of 10 chunks, in file order.)"""
+    from sklearn.preprocessing import LabelEncoder
+
+    ds = AvazuProtocol(source=source, split="dlrm_chunks", num_chunks=10, chunk_rows=700).prepare(tmp_path)
+    train = ds.split("train")
+    lines = rows[: len(train)]
+    columns = {"hour_of_day": [int(r[2][-2:]) for r in lines]}
+    for name in ("C14", "banner_pos", "C21"):
+        columns[name] = [int(r[COLUMNS.index(name)]) for r in lines]
+    columns["site_id"] = [r[COLUMNS.index("site_id")] for r in lines]
+    assert max(len(str(v)) for v in columns["C21"]) > min(len(str(v)) for v in columns["C21"])  # mixed lengths
+    for name, values in columns.items():
+        f = ds.spec.feature_names.index(name)
+        encoder = LabelEncoder().fit(values)
+        np.testing.assert_array_equal(train.sparse[:, f], encoder.transform(values) + 1, err_msg=name)
+        np.testing.assert_array_equal(ds.spec.tables[f].counts[1:], np.bincount(encoder.transform(values)))

@@ -131,11 +131,61 @@ def test_min_count_threshold_maps_rare_values_to_oov(tmp_path):
     np.testing.assert_array_equal(table.counts, [4, 5, 3])  # OOV: cccc once, one missing, dddd twice
 
 
-def test_rows_ordered_by_train_frequency_then_key(tmp_path):
-    c1 = ["00000003"] * 3 + ["00000001"] * 5 + ["00000002"] * 3 + ["00000004"]
+def test_rows_ordered_by_ascending_key_by_default(tmp_path):
+    """Rows 1..V are the sorted tokens (ascending key), whatever their frequency, as Hetu's
+    LabelEncoder numbers them; ``counts[r]`` is row r's train count."""
+    c1 = ["0000000c"] * 3 + ["000000b1"] * 5 + ["0000000a"] + ["000000a2"] * 3
     ds = prepare(tmp_path, write(tmp_path / "train.txt", c1_lines(c1)))
+    np.testing.assert_array_equal(ds.split("train").sparse[:, 0], [2] * 3 + [4] * 5 + [1] + [3] * 3)
+    np.testing.assert_array_equal(ds.spec.tables[0].counts, [0, 1, 3, 3, 5])
+
+
+def test_row_order_frequency_numbers_rows_by_train_count_then_key(tmp_path):
+    c1 = ["00000003"] * 3 + ["00000001"] * 5 + ["00000002"] * 3 + ["00000004"]
+    ds = prepare(tmp_path, write(tmp_path / "train.txt", c1_lines(c1)), row_order="frequency")
     np.testing.assert_array_equal(ds.split("train").sparse[:, 0], [3] * 3 + [1] * 5 + [2] * 3 + [4])
     np.testing.assert_array_equal(ds.spec.tables[0].counts, [0, 5, 3, 3, 1])
+
+
+def test_key_order_is_the_label_encoder_order_of_equal_length_hex_tokens(prepared, random_file):
+    """On 8-digit hex tokens (Criteo's), row r of a field is the r-th token of
+    ``sklearn.preprocessing.LabelEncoder().fit(train tokens).classes_`` (Hetu's ``load_data.py``
+    numbering, on the train split, without missing values), and the counts are aligned with it."""
+    from sklearn.preprocessing import LabelEncoder
+
+    fields = [s.split("\t") for s in random_file.read_text().splitlines()]
+    train_lines = np.sort(prepared.split("train").targets["index"].astype(np.int64))
+    for f in (0, 7, 25):
+        tokens = [fields[i][14 + f] for i in train_lines if fields[i][14 + f]]
+        classes = LabelEncoder().fit(tokens).classes_
+        rows = prepared.split("train").sparse[:, f]
+        values = [fields[int(i)][14 + f] for i in prepared.split("train").targets["index"]]
+        expected = [0 if not v else int(np.searchsorted(classes, v)) + 1 for v in values]
+        np.testing.assert_array_equal(rows, expected)
+        counts = prepared.spec.tables[f].counts
+        assert counts[1:].tolist() == [tokens.count(c) for c in classes]
+
+
+def test_row_order_is_in_the_protocol_id_and_keeps_the_arrays_but_the_row_numbers(tmp_path, prepared, random_file):
+    """``row_order=frequency`` relabels the rows (a permutation per field), nothing else: the same
+    counts in another order, the same dense values and labels; and it has its own protocol id."""
+    extra = index_extra(tmp_path, ROWS)
+    other = CriteoProtocol(source=random_file, chunk_rows=300, row_extras={"index": str(extra)},
+                           row_order="frequency").prepare(tmp_path)
+    assert other.spec.protocol_id != prepared.spec.protocol_id
+    for f, (a, b) in enumerate(zip(prepared.spec.tables, other.spec.tables)):
+        assert a.num_embeddings == b.num_embeddings and a.counts[0] == b.counts[0]
+        assert np.all(np.diff(b.counts[1:]) <= 0)  # frequency: non-increasing
+        perm = np.zeros(a.num_embeddings, dtype=np.int64)  # key row -> frequency row
+        for split in SPLITS:
+            perm[prepared.split(split).sparse[:, f]] = other.split(split).sparse[:, f]
+            np.testing.assert_array_equal(perm[prepared.split(split).sparse[:, f]], other.split(split).sparse[:, f])
+        np.testing.assert_array_equal(b.counts[perm], a.counts)
+    for split in SPLITS:
+        np.testing.assert_array_equal(prepared.split(split).dense, other.split(split).dense)
+        np.testing.assert_array_equal(prepared.split(split).labels, other.split(split).labels)
+    with pytest.raises(ValueError, match="row_order must be one of key, frequency"):
+        CriteoProtocol(source=random_file, row_order="sorted")
 
 
 def test_hash_cap_buckets_keys_before_the_vocabulary(tmp_path):
@@ -143,9 +193,9 @@ def test_hash_cap_buckets_keys_before_the_vocabulary(tmp_path):
     c1 = ["00000001", "00000005", "00000002", "00000009", "00000003", "00000004"] * 2
     ds = prepare(tmp_path, write(tmp_path / "train.txt", c1_lines(c1)), hash_cap=4)
     rows = ds.split("train").sparse[:6, 0]
-    assert rows[0] == rows[1] == rows[3] == 1  # 1, 5 and 9 share bucket 1, the most frequent
-    np.testing.assert_array_equal(rows[[5, 2, 4]], [2, 3, 4])  # buckets 0, 2, 3: tied counts, key order
-    np.testing.assert_array_equal(ds.spec.tables[0].counts, [0, 6, 2, 2, 2])
+    assert rows[0] == rows[1] == rows[3] == 2  # 1, 5 and 9 share bucket 1 (rows: buckets in ascending order)
+    np.testing.assert_array_equal(rows[[5, 2, 4]], [1, 3, 4])  # buckets 0, 2, 3
+    np.testing.assert_array_equal(ds.spec.tables[0].counts, [0, 2, 6, 2, 2])
     assert all(t.num_embeddings <= 5 for t in ds.spec.tables)
 
 
@@ -354,9 +404,10 @@ def test_protocol_id_covers_source_checksum_and_rules(tmp_path, random_file):
     cache = json.loads((tmp_path / CHECKSUM_CACHE).read_text())
     assert cache["train.txt"]["sha256"] == settings_["sources"][0]["sha256"]
     ids = {base.protocol_id()}
-    for change in ({"min_count": 2}, {"hash_cap": 100}, {"split": "random"}, {"malformed": "fail"}):
+    for change in ({"min_count": 2}, {"hash_cap": 100}, {"split": "random"}, {"malformed": "fail"},
+                   {"row_order": "frequency"}):
         ids.add(CriteoProtocol(source=source, **change).protocol_id())
-    assert len(ids) == 5
+    assert len(ids) == 6
     assert CriteoProtocol(source=source, chunk_rows=7).protocol_id() == base.protocol_id()
     assert CriteoProtocol(source=source, split_seed=9).protocol_id() == base.protocol_id()  # unused by dlrm_chunks
     before = base.protocol_id()

@@ -77,7 +77,7 @@ def test_cardinality_profile_follows_scaled_criteo_counts(prepared):
 
 
 def test_zipf_frequencies_missing_rates_and_negative_dense(raw, prepared):
-    counts = prepared.spec.tables[2].counts[1:]  # C3: ~101k values, rows ordered by frequency
+    counts = np.sort(prepared.spec.tables[2].counts[1:])[::-1]  # C3: ~101k values, by frequency
     top = counts[:50].astype(np.float64)
     slope = np.polyfit(np.log(np.arange(1, 51)), np.log(top), 1)[0]
     assert slope == pytest.approx(-1.1, abs=0.15)
@@ -88,6 +88,27 @@ def test_zipf_frequencies_missing_rates_and_negative_dense(raw, prepared):
     negative = raw.get_column("I2").cast(pl.Int64).lt(0).mean()
     assert negative == pytest.approx(0.02, abs=0.005)
     assert raw.get_column("C1").drop_nulls().str.len_bytes().eq(8).all()  # Criteo-like 8-digit hex tokens
+
+
+def test_row_numbers_are_independent_of_frequency_by_default(prepared):
+    """Rows are numbered by ascending key of the scrambled tokens: on the large fields the row number
+    and its train count are uncorrelated (|Spearman rho| < 0.05; by frequency it is ~ -1), and the
+    counts line up with the rows of the train split."""
+    train = prepared.split("train")
+    for f in (2, 3, 11):  # C3, C4, C12: the largest fields
+        counts = prepared.spec.tables[f].counts
+        assert counts.size > 1000
+        assert abs(spearmanr(np.arange(1, counts.size), counts[1:]).statistic) < 0.05
+        np.testing.assert_array_equal(np.bincount(train.sparse[:, f], minlength=counts.size), counts)
+        assert int(np.argmax(counts[1:])) > 0  # the most frequent value is not row 1
+
+
+def test_row_order_frequency_keeps_the_previous_protocol_id():
+    """``row_order=frequency`` gives the rules (and so the protocol id) the protocol had before the
+    default became ascending key: the committed reference runs keep their id."""
+    assert SyntheticProtocol(row_order="frequency").protocol_id() == "synthetic-3a21043c37"
+    assert SyntheticProtocol().protocol_id() != "synthetic-3a21043c37"
+    assert SyntheticProtocol().settings()["rules"]["row_order"].startswith("ascending key")
 
 
 def test_generation_is_deterministic_from_the_seed(tmp_path):

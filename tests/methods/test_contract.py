@@ -3,7 +3,8 @@
 For every method: it builds on a synthetic table set; output keys and shapes are right; a
 backward pass reaches every trainable parameter (fused tables change, others get gradients);
 the closed-form memory equals the memory measured from the tensors held; the budget is solved
-within [1 - tolerance, 1] x the target at ratios 0.5, 0.1 and 0.01 or reported infeasible; the
+at or under the target at ratios 0.5, 0.1 and 0.01 (below (1 - tolerance) x it the job flags the
+run ``under_budget``), or reported infeasible only when even the smallest solution exceeds it; the
 deployable form matches within the method's stated tolerance; and a multi-hot bag pools the
 per-id vectors (sum or mean), never a product of pooled parts.
 """
@@ -122,18 +123,17 @@ def test_closed_form_memory_equals_measured(name, kind, tables):
 
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("ratio", [0.5, 0.1, 0.01])
-def test_budget_solved_within_tolerance_or_infeasible(name, ratio, tables):
+def test_budget_solved_under_the_target_or_infeasible(name, ratio, tables):
     m = method(name)
     budget = Budget(compression_ratio=ratio)
     try:
         hparams = m.solve(tables, DIM, budget)
     except InfeasibleBudget as exc:
-        assert exc.min_ratio <= exc.max_ratio
-        assert not (exc.min_ratio <= ratio * (1 - budget.tolerance) and ratio <= exc.max_ratio) or "closest" in str(exc) \
-            or exc.args, "an infeasible verdict must carry its reachable range"
+        assert exc.min_ratio <= exc.max_ratio, "an infeasible verdict must carry its reachable range"
+        assert exc.min_ratio > ratio, f"{name}@{ratio}: infeasible although its smallest solution ({exc.min_ratio:.4g}) fits"
         return
     achieved = m.memory(tables, DIM, hparams).compression_ratio
-    assert (1 - budget.tolerance) * ratio <= achieved <= ratio, f"{name}@{ratio}: achieved {achieved:.4g}"
+    assert 0 < achieved <= ratio, f"{name}@{ratio}: achieved {achieved:.4g}"
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -157,8 +157,10 @@ def test_budget_solves_parts_and_codewords_or_reports_the_range():
         with pytest.raises(InfeasibleBudget) as info:
             method.solve(t, 16, Budget(compression_ratio=0.0005))
         assert info.value.min_ratio > 0.0005
-        with pytest.raises(InfeasibleBudget, match="closest solution has ratio 0.008[45]"):
-            method.solve(t, 16, Budget(compression_ratio=0.01))  # a gap: code widths are whole bits
+        # a gap (code widths are whole bits): the pair with the most code bits under the budget,
+        # below (1 - tolerance) x 0.01 (the job flags the run under_budget)
+        hp = method.solve(t, 16, Budget(compression_ratio=0.01))
+        assert 0.0084 <= method.memory(t, 16, hp).compression_ratio < 0.0086
     fixed = MGQE(codewords=256, tail_codewords=64)
     hp = fixed.solve(t, 16, Budget(compression_ratio=0.04))  # only P is solved: P = 2 gives ratio 0.038
     assert (hp["parts"], hp["codewords"], hp["tail_codewords"]) == (2, 256, 64)

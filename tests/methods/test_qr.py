@@ -88,22 +88,81 @@ def test_mult_differs_from_pooling_first():
         assert not torch.allclose(out, q[ids // m].sum(0) * r[ids % m].sum(0), atol=1e-7)
 
 
-def test_budget_lands_and_reports_reachable_range():
+def test_shared_collision_count_is_the_smallest_that_fits():
+    """Default: one collision count c for every field, the smallest whose bytes fit the target."""
     tables = specs()
     full = full_embedding_bytes(tables, DIM)
     for ratio in (0.5, 0.2, 0.1):
         hp = QR().solve(tables, DIM, Budget(compression_ratio=ratio))
-        achieved = QR().memory(tables, DIM, hp).inference_bytes / full
-        assert 0.9 * ratio <= achieved <= ratio
-        assert "tiny" not in hp["remainder_rows"]  # QR of 5 rows is not smaller than the table
+        (c,) = set(hp["remainder_rows"].values())
+        assert set(hp["remainder_rows"]) == {"big", "mid", "bag", "bagsum"}  # 5 rows never compose smaller
+        assert QR().memory(tables, DIM, hp).inference_bytes <= ratio * full
+        smaller = QR(remainder_rows=c - 1) if c > 1 else None
+        if smaller is not None:
+            with pytest.raises(InfeasibleBudget):
+                smaller.solve(tables, DIM, Budget(compression_ratio=ratio))
     with pytest.raises(InfeasibleBudget) as info:
         QR().solve(tables, DIM, Budget(compression_ratio=0.01))
+    top = int(np.ceil(np.sqrt(sum(t.num_embeddings for t in tables))))
+    smallest = min(sum(min(t.num_embeddings, sum(radices(t.num_embeddings, 2, c))) for t in tables)
+                   for c in range(1, top + 1))
+    assert info.value.min_ratio == pytest.approx(smallest / sum(t.num_embeddings for t in tables))
+
+
+def test_fixed_collision_count_and_over_budget():
+    tables = specs()
+    hp = QR(remainder_rows=4).solve(tables, DIM, Budget(compression_ratio=0.5))
+    assert hp["remainder_rows"] == {"big": 4, "mid": 4, "bag": 4, "bagsum": 4}  # "tiny" (5 rows): 2 + 4 > 5
+    with pytest.raises(InfeasibleBudget, match="remainder_rows=4"):
+        QR(remainder_rows=4).solve(tables, DIM, Budget(compression_ratio=0.2))
+
+
+def test_per_field_largest_lands_and_reports_reachable_range():
+    tables = specs()
+    full = full_embedding_bytes(tables, DIM)
+    option = QR(partition="per_field_largest")
+    for ratio in (0.5, 0.2, 0.1):
+        hp = option.solve(tables, DIM, Budget(compression_ratio=ratio))
+        achieved = option.memory(tables, DIM, hp).inference_bytes / full
+        assert 0.9 * ratio <= achieved <= ratio
+        assert "tiny" not in hp["remainder_rows"]  # QR of 5 rows is not smaller than the table
+        assert hp["remainder_rows"]["big"] > np.sqrt(3000)  # the large digit is the remainder
+    with pytest.raises(InfeasibleBudget) as info:
+        option.solve(tables, DIM, Budget(compression_ratio=0.01))
     # smallest reachable: the row-minimising m per field, the tiny field in full
     minimum = sum(sum(radices(t.num_embeddings, 2, smallest_remainder_rows(t.num_embeddings, 2)))
                   for t in tables if t.name != "tiny") + 5
     assert info.value.min_ratio == pytest.approx(minimum / sum(t.num_embeddings for t in tables))
-    hp = QR(operation="concat").solve(tables, DIM, Budget(compression_ratio=0.05))
-    assert QR(operation="concat").memory(tables, DIM, hp).compression_ratio <= 0.05
+    concat = QR(operation="concat", partition="per_field_largest")
+    hp = concat.solve(tables, DIM, Budget(compression_ratio=0.05))
+    assert concat.memory(tables, DIM, hp).compression_ratio <= 0.05
+
+
+@pytest.mark.parametrize("init", ["uniform_largest_field", "variance_preserving"])
+def test_initialisation(init):
+    """uniform_largest_field: every table U(+-1/sqrt(max n)); variance_preserving: composed
+    vectors have the plain init's variance 1/(3n)."""
+    tables = [TableSpec("big", 3000), TableSpec("tiny", 5)]
+    torch.manual_seed(0)
+    module = QR(init=init).build(tables, DIM, Budget(compression_ratio=0.3), OPT)
+    q, r = module.per_id.weight("big/p0").detach(), module.per_id.weight("big/p1").detach()
+    tiny = module.pooled.weight("tiny").detach()
+    if init == "uniform_largest_field":
+        bound = 1 / np.sqrt(3000)
+        for w in (q, r, tiny):
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+        assert float(q.std()) == pytest.approx(bound / np.sqrt(3), rel=0.1)
+    else:
+        composed = q[torch.arange(3000) // r.shape[0]] * r[torch.arange(3000) % r.shape[0]]
+        assert float(composed.var()) == pytest.approx(1 / (3 * 3000), rel=0.15)
+        assert float(tiny.abs().max()) > 1 / np.sqrt(3000)  # plain tables keep U(+-1/sqrt(n))
+
+
+def test_bad_values_name_the_key():
+    with pytest.raises(ValueError, match="qr: partition must be one of shared_collisions, per_field_largest"):
+        QR(partition="largest")
+    with pytest.raises(ValueError, match="qr: init must be one of"):
+        QR(init="dlrm")
 
 
 def test_min_rows_to_compress_keeps_fields_plain():

@@ -112,3 +112,36 @@ def test_a_stage_that_missed_its_target_is_noted_in_markdown_csv_and_html():
     from recbench.reporting.html import leaderboard_table
     html = leaderboard_table(rows, PROTOCOL, 0.1, "http://127.0.0.1:5000")
     assert "pep †" in html and "<li>† pep: stage `search`" in html
+
+
+def test_an_under_budget_row_is_marked_in_markdown_csv_and_html_with_a_legend():
+    """Runs tagged ``under_budget=true`` (the job's flag: the best configuration under the budget
+    lands below (1 - tolerance) x the ratio) make a finished, ranked row marked ↓ with a legend line
+    naming the ratio it reached; untagged rows (older records) and ``false`` ones are unmarked, and a
+    report without such a row keeps its rules unchanged."""
+    from html import escape
+
+    from recbench.reporting.html import leaderboard_table, recommendation_table, render
+    from recbench.reporting.leaderboard import RULES, UNDER_BUDGET_RULE
+
+    runs = [dict(record("mixed_dim", 0.5, seed, 0.79, 441.0), under_budget="true") for seed in range(3)]
+    runs += [dict(record("hashing", 0.5, seed, 0.78, 500.0), under_budget="false") for seed in range(3)]
+    runs += [record("qr", 0.5, seed, 0.77, 480.0) for seed in range(3)] + [record("full", 1.0, 0, 0.80, 1000.0)]
+    rows = aggregate(runs)
+    mixed = by(rows, "mixed_dim", 0.5)
+    assert mixed.finished and mixed.under_budget and mixed.rank == 1 and mixed.auc == pytest.approx(0.79)
+    assert not by(rows, "hashing", 0.5).under_budget and not by(rows, "qr", 0.5).under_budget
+    text = markdown(rows)
+    assert "| 1 | mixed_dim ↓ | 3 | 0.7900 ± 0.0000 |" in text and "| hashing | 3 |" in text
+    assert "| 0.5 | mixed_dim ↓ | 0.7900 ± 0.0000 |" in text  # the recommendation carries the marker too
+    legend = ("↓ mixed_dim: under budget: the method's best configuration under ratio 0.5 reaches 0.441, "
+              "below (1 - tolerance) x 0.5; it ran at that ratio.")
+    assert legend in text and f"Rules: {RULES} {UNDER_BUDGET_RULE}" in text
+    table = {c["method"]: c for c in csv_rows(rows)}
+    assert (table["mixed_dim"]["under_budget"], table["hashing"]["under_budget"], table["qr"]["under_budget"]) == (1, 0, 0)
+    html = leaderboard_table(rows, PROTOCOL, 0.5, "http://127.0.0.1:5000")
+    assert ">mixed_dim ↓</td>" in html and f"<li>{escape(legend)}</li>" in html and "hashing ↓" not in html
+    assert ">mixed_dim ↓</td>" in recommendation_table(rows, PROTOCOL)
+    assert escape(UNDER_BUDGET_RULE) in render("t", [], rows, "http://127.0.0.1:5000", "")
+    plain = aggregate([record("qr", 0.5, 0, 0.77, 480.0)])
+    assert f"Rules: {RULES}" in markdown(plain) and UNDER_BUDGET_RULE not in markdown(plain)
