@@ -1,37 +1,47 @@
 """``cafe``: CAFE — hot ids (found online by a HotSketch) own exclusive rows, the rest share hash rows.
 
 References: Zhang, Liu, Jiang, Miao, Cui, "CAFE: Towards Compact, Adaptive, and Fast Embedding for
-Large-scale Recommendation Models", SIGMOD 2024 (arXiv:2312.03256); the authors' reference
-implementation (CAFE repository: ``sk_embedding_bag.py``, ``sketch.cpp``).
+Large-scale Recommendation Models", SIGMOD 2024 (arXiv:2312.03256); the authors' artifact
+HugoZHL/CAFE, ArtifactEvaluation/ (``embeddings/init_embed.py``, ``embeddings/sk_embedding_bag.py``,
+``embeddings/sketch.cpp``, ``main.py``, ``tasks/criteo.json``), commit
+c757c39e9a497202939904ae5b358eff426ccfda.
 
-Mechanism: every id of the compressed fields has a global key (field offset + id). One FBGEMM
-table holds [H exclusive rows | hash rows of level 1 | ... of level L]. A HotSketch
-(``recbench.methods.hot_sketch``; W buckets x 4 slots of key, score, exclusive row) tracks the
-important ids: after each backward, each id of the batch adds its importance — the L2 norm of its
-row gradient (``recbench.methods.id_gradients``), scaled so the batch's scores sum to its number
-of lookups, as the reference's ``grad_norm * N / sum(grad_norm)`` — and all scores decay by
-``decay`` per step. Every ``migrate_every`` steps the (at most) H highest-scored ids are hot:
-an id entering the hot set copies its current hashed vector into a free exclusive row (which
-keeps the optimizer state its previous owner left); an id leaving it (outscored, or replaced in the sketch) writes its exclusive
-vector back (``write_back``: the difference is spread over its hash rows so its hashed vector
-equals the exclusive one) and frees the row. Lookup: hot ids read their exclusive row; the
-others the sum of their hashed rows — one level (``hash_levels: 1``, CAFE), or with
-``hash_levels: 2`` (CAFE's multi-level hash embedding) ids tracked by the sketch with a score of
-at least ``medium_fraction`` x the hot threshold also add a second hashed row from an independent
-table. Bags pool the per-id vectors (sum; mean divides by the bag size).
+Mechanism (defaults = the artifact): every id of a compressed field has a global key
+(id + the sizes of all earlier fields). One FBGEMM table holds [H exclusive rows | hash rows].
+``hash_layout: per_field``: field f owns ceil(c * hash_rate * n_f) hash rows, a cold id reads row
+``key % rows_f`` of its field's block; ``shared``: one pool of ceil(c * hash_rate * N) rows over
+all fields, universal hashing, ``hash_levels`` 1 or 2 (multi-level: medium ids add a row of a
+second pool). ``promotion: threshold``: the artifact's HotSketch (``hot_sketch.ThresholdSketch``:
+W = H buckets of 4 slots, promotion at count >= ``threshold``, last-slot replacement, decay by
+``decay`` once the total inserted exceeds ``decay_volume`` * W * threshold, demotion at the decay);
+``top_h``: ``hot_sketch.HotSketch``, the (at most) H highest scores are hot every
+``migrate_every`` steps, scores x ``decay`` per step. A newly hot id copies its hashed vector into
+its exclusive row; a demoted id's exclusive vector is dropped (``write_back: true``: spread over
+its hash rows so its hashed vector equals it). Lookup: hot ids read their exclusive row, the
+others their hash row(s); bags pool the per-id vectors (sum; mean divides by the bag size).
 
-Distributed runs: the table is sharded by TorchRec (whole rows per shard); the batch's id
-gradients are joined over ranks in the backward (``id_gradients.attach(..., world)``), so every
-rank keeps the same sketch and hot set, and migrations act on each rank's column shards
-(``_weight_slices``).
+Importance (``importance: per_field``, the artifact's ``insert_grad``): after each backward, every
+lookup of a compressed field scores the L2 norm of the gradient its row receives from that bag
+(the bag's output gradient; / bag size for mean), normalised per field so the field's scores in
+the batch sum to its number of lookups (``g * N_f / sum g``); the fields' lookups are inserted
+field by field, in batch order. ``batch``: one score per unique id (norm of its summed
+gradient), normalised over the whole batch, inserted once per step.
 
-Budget: inference bytes = (H + M) * D * 4 (exclusive + hash rows) + 12 * W * 4 (the sketch: key,
-score, row per slot) + 4 (the medium threshold) + kept fields in full, with H = round(hot_fraction
-* R), M = R - H (at least one row per level) and W = ceil(sketch_slots_per_hot * H / 4) buckets;
-R is the largest integer that fits. Nothing is stored per id, so ratios down to a few rows of the
-whole layer are reachable (CAFE's 10000x): the smallest is one exclusive row, one hash row per
-level and one bucket. Training bytes add the optimizer state and the exclusive rows' owner
-keys (4 H).
+Sizing (``init_embed.py``): with c the layout ratio, hot rows H = int(N * c * (1 - hash_rate) *
+4D / (4D + 12 * sketch_slots_per_hot)) (one 4-slot bucket per hot row by default) and
+W = ceil(sketch_slots_per_hot * H / 4) buckets; N is the compressed fields' total. ``threshold``
+and ``hash_rate`` ``auto`` take the artifact's ladder for the budget's ratio (``LADDER``). c is
+the largest value whose bytes fit the budget (bisected; the reference uses c = ratio and does not
+check the per-field ceilings).
+
+Budget: inference bytes = (H + hash rows) * D * 4 + 48 * W (key, count, row per slot) + 4 (the
+hot threshold) + kept fields in full. Training bytes add the optimizer state, the exclusive rows'
+owner keys (4 H) and, for ``threshold``, the free-row queue (4 H + 24).
+
+Distributed runs: the table is sharded by TorchRec (whole rows per shard); the id gradients of the
+whole global batch reach every rank in the backward (per lookup, in global sample order, or per
+unique id), so every rank keeps the same sketch and hot set, and row copies act on each rank's
+column shards (``_weight_slices``).
 
 Shapes: KJT (F keys, B bags) -> ids rewritten to table rows (hot: 1, cold: 1..L per id)
 -> KeyedTensor (B, F * D).
@@ -39,7 +49,7 @@ Shapes: KJT (F keys, B bags) -> ids rewritten to table rows (hot: 1, cold: 1..L 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -47,8 +57,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods import batch_part, hashing_fns, id_gradients
 from recbench.methods.base import CompressionMethod
-from recbench.methods.budget import land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.hot_sketch import SLOT_BYTES, HotSketch
+from recbench.methods.budget import bisect_continuous, land, split_tables, target_bytes
+from recbench.methods.hot_sketch import SLOT_BYTES, HotSketch, ThresholdSketch
 from recbench.methods.per_id import value_fields
 from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
                                      column_slices, pool_outputs)
@@ -57,17 +67,33 @@ from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport,
 TABLE = "cafe"
 SLOTS_PER_BUCKET = 4
 INT32_BYTES = 4
+#: (compress_rate, cafe_sketch_threshold, cafe_hash_rate) of HugoZHL/CAFE ArtifactEvaluation/tasks/criteo.json
+LADDER = ((0.5, 10, 0.7), (0.2, 10, 0.5), (0.1, 20, 0.5), (0.05, 30, 0.5), (0.02, 50, 0.3), (0.01, 100, 0.3),
+          (0.005, 200, 0.2), (0.002, 500, 0.2), (0.001, 500, 0.2), (0.0005, 500, 0.1), (0.0002, 500, 0.1),
+          (0.0001, 500, 0.1))
+CHOICES = {"promotion": ("threshold", "top_h"), "hash_layout": ("per_field", "shared"),
+           "importance": ("per_field", "batch")}
 
 
-def layout(rows: int, hot_fraction: float, levels: int, sketch_slots_per_hot: float,
-           hot: Optional[int] = None) -> Dict[str, Any]:
-    """(hot rows H, per-level hash rows, sketch buckets W) for a total of ``rows`` = H + M rows
-    (H = round(hot_fraction * rows) unless given)."""
-    hot = max(1, int(round(hot_fraction * rows)) if hot is None else int(hot))
-    hashed = max(levels, rows - hot)
-    per_level = [hashed - (levels - 1) * (hashed // levels)] + [hashed // levels] * (levels - 1)
-    buckets = max(1, math.ceil(sketch_slots_per_hot * hot / SLOTS_PER_BUCKET))
-    return {"hot_rows": hot, "hash_rows": per_level, "buckets": buckets}
+def ladder(ratio: float) -> Tuple[float, float]:
+    """(threshold, hash_rate) of the ladder entry nearest to ``ratio`` on a log scale (ties: the larger ratio)."""
+    _, threshold, hash_rate = min(LADDER, key=lambda e: (abs(math.log(e[0] / ratio)), -e[0]))
+    return float(threshold), float(hash_rate)
+
+
+def layout(sizes: Sequence[int], ratio: float, dim: int, settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """Hot rows H, hash rows (per compressed field, or per level for ``shared``) and sketch buckets W
+    of compressed fields of ``sizes`` rows at layout ratio ``ratio`` (``init_embed.py``'s formulas)."""
+    rate, slots = settings["hash_rate"], settings["sketch_slots_per_hot"]
+    total = int(sum(sizes))
+    hot = max(1, int(total * ratio * (1 - rate) * (4 * dim / (4 * dim + SLOT_BYTES * slots))))
+    if settings["hash_layout"] == "per_field":
+        hash_rows = [max(1, math.ceil(ratio * rate * n)) for n in sizes]
+    else:
+        levels = settings["hash_levels"]
+        hashed = max(levels, math.ceil(ratio * rate * total))
+        hash_rows = [hashed - (levels - 1) * (hashed // levels)] + [hashed // levels] * (levels - 1)
+    return {"hot_rows": hot, "hash_rows": hash_rows, "buckets": max(1, math.ceil(slots * hot / SLOTS_PER_BUCKET))}
 
 
 class CafeEmbedding(FusedIdMapEmbedding):
@@ -84,52 +110,94 @@ class CafeEmbedding(FusedIdMapEmbedding):
         self.compressed = [t.name for t in self.tables if t.name in compressed]
         self.hot_rows = int(hparams["hot_rows"])
         self.hash_rows = [int(m) for m in hparams["hash_rows"]]
+        self.promotion, self.layout, self.importance = hparams["promotion"], hparams["hash_layout"], hparams["importance"]
         self.decay, self.migrate_every = float(hparams["decay"]), int(hparams["migrate_every"])
         self.medium_fraction, self.write_back = float(hparams["medium_fraction"]), bool(hparams["write_back"])
-        sizes = torch.tensor([t.num_embeddings if t.name in compressed else 0 for t in self.tables])
-        hashing_fns.check_hashable("cafe", [("compressed fields", int(sizes.sum()))], max(self.hash_rows))
+        self.levels = len(self.hash_rows) if self.layout == "shared" else 1
+        sizes = torch.tensor([t.num_embeddings for t in self.tables])
+        hashing_fns.check_hashable("cafe", [("all fields", int(sizes.sum()))], max(self.hash_rows))
         self.register_buffer("key_offset", torch.cumsum(sizes, 0) - sizes, persistent=False)
-        self.register_buffer("is_compressed", sizes > 0, persistent=False)
+        self.register_buffer("key_end", torch.cumsum(sizes, 0), persistent=False)
+        self.register_buffer("is_compressed", torch.tensor([t.name in compressed for t in self.tables]),
+                             persistent=False)
         self.register_buffer("is_mean", torch.tensor([t.pooling == "mean" for t in self.tables]), persistent=False)
-        a, b = hashing_fns.draw(int(hparams["hash_seed"]), (len(self.hash_rows),))
-        self.register_buffer("a", a, persistent=False)
-        self.register_buffer("b", b, persistent=False)
-        starts = [self.hot_rows]
-        for m in self.hash_rows[:-1]:
-            starts.append(starts[-1] + m)
-        self.register_buffer("level_start", torch.tensor(starts), persistent=False)
-        self.register_buffer("level_rows", torch.tensor(self.hash_rows), persistent=False)
-        self.sketch = HotSketch(int(hparams["buckets"]), SLOTS_PER_BUCKET, seed=int(hparams["hash_seed"]) + 1,
-                                replacement=hparams["sketch_replacement"])
-        self.register_buffer("medium_threshold", torch.full((1,), float("inf")))
+        if self.layout == "per_field":  # field f's hash rows: [start_f, start_f + rows_f)
+            rows_of = dict(zip(self.compressed, self.hash_rows))
+            field_rows = torch.tensor([rows_of.get(t.name, 1) for t in self.tables])
+            starts = self.hot_rows + torch.cumsum(field_rows, 0) - field_rows
+            self.register_buffer("field_start", starts, persistent=False)
+            self.register_buffer("field_rows", field_rows, persistent=False)
+        else:
+            a, b = hashing_fns.draw(int(hparams["hash_seed"]), (self.levels,))
+            self.register_buffer("a", a, persistent=False)
+            self.register_buffer("b", b, persistent=False)
+            starts = [self.hot_rows]
+            for m in self.hash_rows[:-1]:
+                starts.append(starts[-1] + m)
+            self.register_buffer("level_start", torch.tensor(starts), persistent=False)
+            self.register_buffer("level_rows", torch.tensor(self.hash_rows), persistent=False)
+        if self.promotion == "threshold":
+            self.sketch = ThresholdSketch(int(hparams["buckets"]), self.hot_rows, float(hparams["threshold"]),
+                                          self.decay, float(hparams["decay_volume"]))
+            initial = float(hparams["threshold"])
+        else:
+            self.sketch = HotSketch(int(hparams["buckets"]), SLOTS_PER_BUCKET, seed=int(hparams["hash_seed"]) + 1,
+                                    replacement=hparams["sketch_replacement"])
+            initial = float("inf")
+        self.register_buffer("medium_threshold", torch.full((1,), initial))
         self.register_buffer("row_owner", torch.full((self.hot_rows,), -1, dtype=torch.int32))
         self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
-        physical = [PhysicalTable(TABLE, self.hot_rows + sum(self.hash_rows), dim, self.compressed)] if self.compressed else []
+        self.table_rows_total = self.hot_rows + sum(self.hash_rows)
+        physical = [PhysicalTable(TABLE, self.table_rows_total, dim, self.compressed)] if self.compressed else []
         physical += [PhysicalTable(t.name, t.num_embeddings, dim, [t.name]) for t in self.tables if t.name not in compressed]
         self.fused = FusedTables(physical, optimizer)
+        if self.compressed and self.layout == "per_field":
+            self._reference_init()
         self.mean_names = [t.name for t in self.tables if t.pooling == "mean"]
         self.migrations = {"promoted": 0, "demoted": 0}
         self._pending: List[tuple] = []
 
+    @torch.no_grad()
+    def _reference_init(self) -> None:
+        """``init_embed.py``: hot rows U(+-sqrt(1 / max_f n_f)), field f's hash rows U(+-sqrt(1 / n_f))."""
+        weight = self.fused.weight(TABLE)
+        bound = (1.0 / max(t.num_embeddings for t in self.tables)) ** 0.5
+        weight[: self.hot_rows] = torch.empty(self.hot_rows, self.dim).uniform_(-bound, bound)
+        for i, t in enumerate(self.tables):
+            if t.name in self.compressed:
+                start, rows = int(self.field_start[i]), int(self.field_rows[i])
+                bound = (1.0 / t.num_embeddings) ** 0.5
+                weight[start:start + rows] = torch.empty(rows, self.dim).uniform_(-bound, bound)
+
     # ----- addressing -----
     def hashed_rows(self, keys: torch.Tensor) -> torch.Tensor:
-        """(N, L) table rows of every hash level for global ``keys`` (N,)."""
+        """(N, L) table rows of every hash level for global ``keys`` (N,) (L = 1 for ``per_field``)."""
+        if self.layout == "per_field":
+            field = torch.searchsorted(self.key_end, keys, right=True)
+            return (self.field_start[field] + keys % self.field_rows[field]).unsqueeze(1)
         local = hashing_fns.universal(keys.unsqueeze(1), self.a, self.b, self.level_rows)
         return self.level_start + local
 
     def levels_of(self, scores: torch.Tensor) -> torch.Tensor:
         """(N,) number of hash levels an id uses: all L when its score reaches the medium threshold."""
-        if len(self.hash_rows) == 1:
+        if self.levels == 1:
             return torch.ones_like(scores, dtype=torch.int64)
         medium = scores >= self.medium_fraction * self.medium_threshold
-        return torch.where(medium, len(self.hash_rows), 1)
+        return torch.where(medium, self.levels, 1)
+
+    def _cold_rows(self, keys: torch.Tensor, scores: Optional[torch.Tensor] = None):
+        """(rows (N, L), used (N, L) bool, levels (N,)) of keys as cold ids."""
+        if scores is None:
+            _, scores = self.sketch.lookup(keys)
+        levels = self.levels_of(scores)
+        used = torch.arange(self.levels).unsqueeze(0) < levels.unsqueeze(1)
+        return self.hashed_rows(keys), used, levels
 
     def table_rows(self, keys: torch.Tensor):
         """Rows of global ``keys`` (N,): (rows (N, L) with -1 for unused levels, hot (N,) bool)."""
         exclusive, scores = self.sketch.lookup(keys)
         hot = exclusive >= 0
-        rows = self.hashed_rows(keys)
-        used = torch.arange(len(self.hash_rows)).unsqueeze(0) < self.levels_of(scores).unsqueeze(1)
+        rows, used, _ = self._cold_rows(keys, scores)
         rows = torch.where(used, rows, torch.full_like(rows, -1))
         rows[hot] = -1
         rows[hot, 0] = exclusive[hot]
@@ -140,41 +208,107 @@ class CafeEmbedding(FusedIdMapEmbedding):
         ids = features.values().long()
         compressed = self.is_compressed[fields]
         keys = self.key_offset[fields] + ids
-        rows, _ = self.table_rows(keys[compressed]) if compressed.any() else (torch.zeros(0, 1, dtype=torch.int64), None)
+        rows, _ = (self.table_rows(keys[compressed]) if compressed.any()
+                   else (torch.zeros(0, self.levels, dtype=torch.int64), None))
         per_value = torch.full((ids.numel(), rows.shape[1]), -1, dtype=torch.int64)
         per_value[compressed] = rows
         per_value[~compressed, 0] = ids[~compressed]
         used = per_value >= 0
-        counts = used.sum(1)
         lengths = features.lengths().long()
         bags = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
-        new_lengths = torch.zeros_like(lengths).index_add_(0, bags, counts)
+        new_lengths = torch.zeros_like(lengths).index_add_(0, bags, used.sum(1))
         rewritten = KeyedJaggedTensor(keys=features.keys(), values=per_value[used],
                                       lengths=new_lengths.to(features.lengths().dtype), stride=features.stride())
-        return rewritten, keys, compressed
+        return rewritten, keys, compressed, fields
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         self.flush()
-        rewritten, keys, compressed = self.rewrite(features)
+        rewritten, keys, compressed, fields = self.rewrite(features)
         out = pool_outputs(self.fused(rewritten), features, self.feature_names, self.mean_names)
         if self.training:
-            id_gradients.attach(out.values(), features, self.field_index, self.is_mean, keys, compressed, self.dim,
-                                self.observe, batch_part.world_size())
+            world = batch_part.world_size()
+            if self.importance == "batch":
+                id_gradients.attach(out.values(), features, self.field_index, self.is_mean, keys, compressed,
+                                    self.dim, self.observe, world)
+            else:
+                self._attach_lookups(out.values(), features, keys, compressed, world)
         return out
 
     # ----- the online part -----
-    def _weight_slices(self) -> List[torch.Tensor]:
-        """This process's column slices of the table (``tables.column_slices``): migrations'
-        row copies and write-backs act on each of them."""
-        return column_slices(self.fused, TABLE, self.hot_rows + sum(self.hash_rows), "cafe")
+    def _attach_lookups(self, values: torch.Tensor, features: KeyedJaggedTensor, keys: torch.Tensor,
+                        compressed: torch.Tensor, world: int) -> None:
+        """Queue, during the backward of ``values`` (B, F * D), every compressed lookup's (field, key,
+        gradient norm), fields in module order and lookups in global batch order."""
+        if not (values.requires_grad and torch.is_grad_enabled()):
+            return
+        fields, samples, scale = id_gradients.value_layout(features, self.field_index, self.is_mean)
+        chosen = compressed.nonzero().flatten()
+        if not chosen.numel() and world == 1:  # distributed: every rank joins the collective, even with no value
+            return
+        fields, samples, scale, keys = fields[chosen], samples[chosen], scale[chosen], keys[chosen]
+        num_fields = len(self.field_index)
 
-    def _cold_rows(self, keys: torch.Tensor):
-        """(rows (N, L), used (N, L) bool, levels (N,)) of keys as cold ids."""
-        _, scores = self.sketch.lookup(keys)
-        levels = self.levels_of(scores)
-        rows = self.hashed_rows(keys)
-        used = torch.arange(len(self.hash_rows)).unsqueeze(0) < levels.unsqueeze(1)
-        return rows, used, levels
+        def hook(grad: torch.Tensor) -> None:
+            with torch.no_grad():
+                per_value = grad.detach().view(grad.shape[0], num_fields, self.dim)[samples, fields]
+                norms = (per_value * scale.unsqueeze(1)).norm(dim=1)
+                every_field, every_key, every_norm = batch_part.concat_over_ranks([fields, keys, norms], world)
+                order = torch.argsort(every_field, stable=True)  # ranks hold consecutive samples
+                self._pending.append(("lookups", every_field[order], every_key[order], every_norm[order] / world))
+
+        values.register_hook(hook)
+
+    def observe(self, keys: torch.Tensor, norms: torch.Tensor, counts: torch.Tensor) -> None:
+        """``importance: batch``, called in the backward: queue the batch's unique ids with their
+        importance normalised to sum to the batch's number of lookups."""
+        total = norms.sum()
+        scores = norms * (counts.sum().float() / total) if total > 0 else torch.zeros_like(norms)
+        self._pending.append(("unique", None, keys, scores))
+
+    @staticmethod
+    def field_scores(fields: torch.Tensor, norms: torch.Tensor):
+        """[(field's lookups (index tensor), scores g * N_f / sum g)] per field present, in field order."""
+        out = []
+        for f in torch.unique(fields).tolist():
+            where = (fields == f).nonzero().flatten()
+            g = norms[where].float()
+            total = g.sum()
+            out.append((where, g * where.numel() / total if total > 0 else torch.zeros_like(g)))
+        return out
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the queued steps' importance (after the fused optimizer has updated the rows:
+        weights cannot change while FBGEMM's backward still needs them)."""
+        pending, self._pending = self._pending, []
+        for kind, fields, keys, norms in pending:
+            if kind == "lookups":
+                parts = [(keys[where], scores) for where, scores in self.field_scores(fields, norms)]
+            else:
+                parts = [(keys, norms)]
+            if self.promotion == "threshold":
+                for part_keys, scores in parts:
+                    promoted_keys, promoted_rows, demoted_keys, demoted_rows = self.sketch.insert(part_keys, scores)
+                    self._demote(demoted_keys, demoted_rows)
+                    self._promote(promoted_keys, promoted_rows)
+            else:
+                self.sketch.decay(self.decay)
+                if parts:
+                    lost_keys, lost_rows = self.sketch.insert(torch.cat([k for k, _ in parts]),
+                                                              torch.cat([s for _, s in parts]))
+                    self._demote(lost_keys, lost_rows)
+                if int(self.steps + 1) % self.migrate_every == 0:
+                    self.migrate()
+            self.steps += 1
+
+    def to_inference(self) -> nn.Module:
+        self.flush()
+        return super().to_inference()
+
+    def _weight_slices(self) -> List[torch.Tensor]:
+        """This process's column slices of the table (``tables.column_slices``): row copies and
+        write-backs act on each of them."""
+        return column_slices(self.fused, TABLE, self.table_rows_total, "cafe")
 
     def hashed_vectors(self, keys: torch.Tensor) -> torch.Tensor:
         """(N, D) vectors of ``keys`` as cold ids (this rank's columns when the table is sharded)."""
@@ -186,33 +320,20 @@ class CafeEmbedding(FusedIdMapEmbedding):
         """(N, D_i) hashed vectors (sum of the used levels' rows) in the column slice ``weight``."""
         return (weight[rows] * used.unsqueeze(2)).sum(1)
 
-    def observe(self, keys: torch.Tensor, norms: torch.Tensor, counts: torch.Tensor) -> None:
-        """Called in the backward: queue the batch's importance (normalised to sum to its number
-        of lookups). Applied by ``flush`` before the next forward, once the fused optimizer has
-        updated the rows (weights cannot change while FBGEMM's backward still needs them)."""
-        total = norms.sum()
-        scores = norms * (counts.sum().float() / total) if total > 0 else torch.zeros_like(norms)
-        self._pending.append((keys, scores))
-
-    @torch.no_grad()
-    def flush(self) -> None:
-        """Per queued step: decay, insert into the sketch, and migrate on schedule."""
-        pending, self._pending = self._pending, []
-        for keys, scores in pending:
-            self.sketch.decay(self.decay)
-            lost_keys, lost_rows = self.sketch.insert(keys, scores)
-            self._demote(lost_keys, lost_rows)
-            self.steps += 1
-            if int(self.steps) % self.migrate_every == 0:
-                self.migrate()
-
-    def to_inference(self) -> nn.Module:
-        self.flush()
-        return super().to_inference()
+    def _promote(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
+        """Ids that became hot: their hashed vector is copied into their exclusive row."""
+        if not keys.numel():
+            return
+        cold, used, _ = self._cold_rows(keys)
+        for weight in self._weight_slices():
+            weight[rows] = self._hashed_vectors(weight, cold, used)
+        # the row keeps the optimizer state its previous owner left (see methods/cafe.md, "Deviations")
+        self.row_owner[rows] = keys.to(torch.int32)
+        self.migrations["promoted"] += int(keys.numel())
 
     @torch.no_grad()
     def migrate(self) -> Dict[str, int]:
-        """Make the sketch's top-H ids hot; returns {"promoted": k, "demoted": k}."""
+        """``promotion: top_h``: make the sketch's top-H ids hot; returns {"promoted": k, "demoted": k}."""
         promote, demote, threshold = self.sketch.hot_plan(self.hot_rows)
         self.medium_threshold.fill_(threshold)
         keys_flat, rows_flat = self.sketch.keys.view(-1), self.sketch.rows.view(-1)
@@ -220,20 +341,13 @@ class CafeEmbedding(FusedIdMapEmbedding):
         rows_flat[demote] = -1
         free = (self.row_owner < 0).nonzero().flatten()[: promote.numel()]
         assert free.numel() == promote.numel(), "the hot set never exceeds the exclusive rows"
-        if promote.numel():
-            keys = keys_flat[promote].long()
-            rows, used, _ = self._cold_rows(keys)
-            for weight in self._weight_slices():
-                weight[free] = self._hashed_vectors(weight, rows, used)
-            # the row keeps the optimizer state its previous owner left (see methods/cafe.md, "Deviations")
-            rows_flat[promote] = free.to(torch.int32)
-            self.row_owner[free] = keys.to(torch.int32)
-        self.migrations["promoted"] += int(promote.numel())
-        self.migrations["demoted"] += int(demote.numel())
+        rows_flat[promote] = free.to(torch.int32)
+        self._promote(keys_flat[promote].long(), free)
         return {"promoted": int(promote.numel()), "demoted": int(demote.numel())}
 
     def _demote(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Ids leaving the hot set: write their exclusive vectors back, free their rows."""
+        """Ids leaving the hot set free their rows (``write_back``: after writing their exclusive
+        vectors into their hash rows)."""
         if not keys.numel():
             return
         if self.write_back:
@@ -242,15 +356,17 @@ class CafeEmbedding(FusedIdMapEmbedding):
                 delta = (weight[rows] - self._hashed_vectors(weight, levels_rows, used)) / levels.unsqueeze(1).float()
                 weight.index_add_(0, levels_rows[used], delta.unsqueeze(1).expand(-1, used.shape[1], -1)[used])
         self.row_owner[rows] = -1
+        self.migrations["demoted"] += int(keys.numel())
 
     # ----- memory -----
     def memory_report(self) -> MemoryReport:
         weights = self.fused.weight_bytes()
         sketch = self.sketch.nbytes() + self.medium_threshold.numel() * self.medium_threshold.element_size()
         owner = self.row_owner.numel() * self.row_owner.element_size()
+        queue = self.sketch.training_nbytes() if self.promotion == "threshold" else 0
         return MemoryReport(
             inference_bytes=weights + sketch,
-            training_bytes=weights + sketch + owner + self.fused.optimizer_state_bytes(),
+            training_bytes=weights + sketch + owner + queue + self.fused.optimizer_state_bytes(),
             parameters=sum(p.numel() for p in self.fused.fused_parameters()),
             full_bytes=full_embedding_bytes(self.tables, self.dim),
             breakdown={"weights": weights, "sketch": sketch},
@@ -258,46 +374,58 @@ class CafeEmbedding(FusedIdMapEmbedding):
 
 
 class Cafe(CompressionMethod):
-    """Hyperparameters: ``rows`` (auto), ``hot_fraction``, ``sketch_slots_per_hot``, ``hash_levels``,
-    ``medium_fraction``, ``decay``, ``migrate_every``, ``write_back``, ``hash_seed``, ``sketch_replacement``."""
+    """Hyperparameters: ``promotion``, ``threshold``, ``hash_rate``, ``decay``, ``decay_volume``,
+    ``hash_layout``, ``importance``, ``write_back``, ``sketch_slots_per_hot``, ``hash_levels``,
+    ``medium_fraction``, ``migrate_every``, ``sketch_replacement``, ``hash_seed`` (methods/cafe.md)."""
 
     name = "cafe"
     table_backed = True
 
-    def __init__(self, name: Optional[str] = None, rows: Any = "auto", hot_fraction: float = 0.5,
-                 sketch_slots_per_hot: float = 2.0, hash_levels: int = 1, medium_fraction: float = 0.1,
-                 decay: float = 0.98, migrate_every: int = 1, write_back: bool = True, hash_seed: int = 0,
-                 sketch_replacement: str = "decay"):
-        super().__init__(name, rows=rows, hot_fraction=hot_fraction, sketch_slots_per_hot=sketch_slots_per_hot,
-                         hash_levels=hash_levels, medium_fraction=medium_fraction, decay=decay,
-                         migrate_every=migrate_every, write_back=write_back, hash_seed=hash_seed,
-                         sketch_replacement=sketch_replacement)
+    def __init__(self, name: Optional[str] = None, promotion: str = "threshold", threshold: Any = "auto",
+                 hash_rate: Any = "auto", decay: float = 0.99, decay_volume: float = 10.0,
+                 hash_layout: str = "per_field", importance: str = "per_field", write_back: bool = False,
+                 sketch_slots_per_hot: float = 4.0, hash_levels: int = 1, medium_fraction: float = 0.1,
+                 migrate_every: int = 1, sketch_replacement: str = "decay", hash_seed: int = 0):
+        super().__init__(name, promotion=promotion, threshold=threshold, hash_rate=hash_rate, decay=decay,
+                         decay_volume=decay_volume, hash_layout=hash_layout, importance=importance,
+                         write_back=write_back, sketch_slots_per_hot=sketch_slots_per_hot, hash_levels=hash_levels,
+                         medium_fraction=medium_fraction, migrate_every=migrate_every,
+                         sketch_replacement=sketch_replacement, hash_seed=hash_seed)
+        given = {"promotion": promotion, "hash_layout": hash_layout, "importance": importance}
+        for key, allowed in CHOICES.items():
+            if given[key] not in allowed:
+                raise ValueError(f"cafe: {key}={given[key]!r}; allowed: {', '.join(allowed)}")
         if sketch_replacement not in HotSketch.REPLACEMENTS:
             raise ValueError(f"cafe: sketch_replacement={sketch_replacement!r}; allowed: {', '.join(HotSketch.REPLACEMENTS)}")
-        if rows != "auto" and not (isinstance(rows, int) and rows >= 2):
-            raise ValueError(f"cafe: rows must be 'auto' or an integer >= 2, got {rows!r}")
-        if not 0.0 < float(hot_fraction) < 1.0:
-            raise ValueError(f"cafe: hot_fraction must be in (0, 1), got {hot_fraction}")
+        if threshold != "auto" and not (isinstance(threshold, (int, float)) and threshold > 0):
+            raise ValueError(f"cafe: threshold={threshold!r}; allowed: 'auto' (tasks/criteo.json ladder) or a number > 0")
+        if hash_rate != "auto" and not (isinstance(hash_rate, (int, float)) and 0.0 < hash_rate < 1.0):
+            raise ValueError(f"cafe: hash_rate={hash_rate!r}; allowed: 'auto' (tasks/criteo.json ladder) or a number in (0, 1)")
         if float(sketch_slots_per_hot) < 1.0:
-            raise ValueError(f"cafe: sketch_slots_per_hot must be >= 1 (the sketch holds every hot id), got {sketch_slots_per_hot}")
-        if int(hash_levels) not in (1, 2):
-            raise ValueError(f"cafe: hash_levels must be 1 (CAFE) or 2 (multi-level hash embedding), got {hash_levels}")
+            raise ValueError(f"cafe: sketch_slots_per_hot={sketch_slots_per_hot}; allowed: >= 1 (the sketch holds every hot id)")
+        if int(hash_levels) not in (1, 2) or (int(hash_levels) == 2 and hash_layout != "shared"):
+            raise ValueError(f"cafe: hash_levels={hash_levels}; allowed: 1, or 2 (multi-level hash embedding) "
+                             "with hash_layout=shared")
         if not 0.0 < float(decay) <= 1.0:
-            raise ValueError(f"cafe: decay must be in (0, 1], got {decay}")
+            raise ValueError(f"cafe: decay={decay}; allowed: (0, 1]")
+        if not float(decay_volume) > 0.0:
+            raise ValueError(f"cafe: decay_volume={decay_volume}; allowed: > 0")
         if int(migrate_every) < 1:
-            raise ValueError(f"cafe: migrate_every must be >= 1 (steps), got {migrate_every}")
+            raise ValueError(f"cafe: migrate_every={migrate_every}; allowed: an integer >= 1 (steps)")
         if not 0.0 <= float(medium_fraction) <= 1.0:
-            raise ValueError(f"cafe: medium_fraction must be in [0, 1], got {medium_fraction}")
-        self.rows = rows
-        self.settings = {"hot_fraction": float(hot_fraction), "sketch_slots_per_hot": float(sketch_slots_per_hot),
-                         "hash_levels": int(hash_levels), "medium_fraction": float(medium_fraction),
-                         "decay": float(decay), "migrate_every": int(migrate_every), "write_back": bool(write_back),
-                         "hash_seed": int(hash_seed), "sketch_replacement": sketch_replacement}
+            raise ValueError(f"cafe: medium_fraction={medium_fraction}; allowed: [0, 1]")
+        self.threshold, self.hash_rate = threshold, hash_rate
+        self.settings = {"promotion": promotion, "hash_layout": hash_layout, "importance": importance,
+                         "decay": float(decay), "decay_volume": float(decay_volume), "write_back": bool(write_back),
+                         "sketch_slots_per_hot": float(sketch_slots_per_hot), "hash_levels": int(hash_levels),
+                         "medium_fraction": float(medium_fraction), "migrate_every": int(migrate_every),
+                         "sketch_replacement": sketch_replacement, "hash_seed": int(hash_seed)}
 
-    def _hparams(self, compressed: Sequence[str], rows: int, hot: Optional[int] = None) -> Dict[str, Any]:
-        s = self.settings
-        return {"rows": int(rows), "compressed": list(compressed),
-                **layout(rows, s["hot_fraction"], s["hash_levels"], s["sketch_slots_per_hot"], hot), **s}
+    def resolved(self, ratio: float) -> Dict[str, float]:
+        """{"threshold", "hash_rate"}: the given values, ``auto`` ones from the ladder at ``ratio``."""
+        threshold, hash_rate = ladder(ratio)
+        return {"threshold": float(threshold if self.threshold == "auto" else self.threshold),
+                "hash_rate": float(hash_rate if self.hash_rate == "auto" else self.hash_rate)}
 
     @staticmethod
     def _parts(tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any], optimizer: EmbeddingOptimizer):
@@ -311,43 +439,29 @@ class Cafe(CompressionMethod):
 
     def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, _ = split_tables(tables, budget)
-        names = [t.name for t in compressed]
-        total = sum(t.num_embeddings for t in compressed)
+        sizes = [t.num_embeddings for t in compressed]
+        base = {"compressed": [t.name for t in compressed], **self.settings, **self.resolved(budget.compression_ratio)}
         limit = target_bytes(tables, dim, budget)
-        smallest = 1 + self.settings["hash_levels"]
 
-        def bytes_at(rows: int, hot: Optional[int] = None) -> int:
-            parts, sketch, _ = self._parts(tables, dim, self._hparams(names, rows, hot), EmbeddingOptimizer())
+        def hparams_at(ratio: float) -> Dict[str, Any]:
+            return {**base, "layout_ratio": ratio, **layout(sizes, ratio, dim, base)}
+
+        def bytes_at(ratio: float) -> int:
+            parts, sketch, _ = self._parts(tables, dim, hparams_at(ratio), EmbeddingOptimizer())
             return parts["weights"] + sketch
 
-        largest = max(total, smallest)
-        if self.rows != "auto":
-            rows = int(self.rows)
-            if bytes_at(rows) > limit:
-                land(self.name, bytes_at(rows), tables, dim, budget, bytes_at(smallest), bytes_at(largest),
-                     f"rows={rows} gives ratio {bytes_at(rows) / full_embedding_bytes(tables, dim):.4g}")
-        else:
-            rows = max(largest_integer_within(bytes_at, smallest, largest, limit), smallest)
-            # rows cost 4D bytes and a bucket 48, so at tiny budgets moving a row or two between the
-            # exclusive and the hashed part lands closer to the target than the nominal split
-            nominal = max(1, int(round(self.settings["hot_fraction"] * rows)))
-            candidates = [(r, h) for r in range(rows, rows + 3) for h in range(max(1, nominal - 3), nominal + 4)
-                          if r - h >= self.settings["hash_levels"]]
-            fitting = [(bytes_at(r, h), -abs(h - self.settings["hot_fraction"] * r), r, h) for r, h in candidates
-                       if bytes_at(r, h) <= limit]
-            hot = None
-            if fitting:
-                _, _, rows, hot = max(fitting)
-            land(self.name, bytes_at(rows, hot), tables, dim, budget, bytes_at(smallest), bytes_at(largest),
-                 "one exclusive row, one hash row per level and one sketch bucket already exceed the budget"
-                 if bytes_at(smallest) > limit else "")
-            return self._hparams(names, rows, hot)
-        return self._hparams(names, rows)
+        ceiling = max(limit / (FP32_BYTES * dim * max(sum(sizes), 1)), 1.0)
+        ratio = bisect_continuous(bytes_at, 0.0, ceiling, limit)
+        land(self.name, bytes_at(ratio), tables, dim, budget, bytes_at(0.0), bytes_at(1.0),
+             "one exclusive row, one sketch bucket and one hash row per field already exceed the budget"
+             if bytes_at(0.0) > limit else "")
+        return hparams_at(ratio)
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         parts, sketch, rows = self._parts(tables, dim, hparams, optimizer)
-        owner = INT32_BYTES * int(hparams["hot_rows"])
+        hot = int(hparams["hot_rows"])
+        owner = INT32_BYTES * hot + (ThresholdSketch.training_bytes_of(hot) if hparams["promotion"] == "threshold" else 0)
         return MemoryReport(
             inference_bytes=parts["weights"] + sketch,
             training_bytes=parts["weights"] + sketch + owner + parts["optimizer_state"],

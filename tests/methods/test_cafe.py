@@ -1,5 +1,7 @@
-"""CAFE: HotSketch semantics and top-k recall on a Zipf stream, migration (copy-in, write-back,
-row ownership), lookups of hot and cold ids, and budgets down to 1e-4 on a large vocabulary."""
+"""CAFE: the top-H HotSketch's semantics and top-k recall on a Zipf stream, training with the
+default threshold sketch (promotion, demotion at a decay, row ownership), the top-H variant's
+migration (copy-in, write-back), lookups of hot and cold ids, and budgets down to 1e-4 on a large
+vocabulary. Parity with the artifact: test_cafe_parity.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -87,6 +89,11 @@ def one_hot_kjt(a_ids, b_ids):
                              lengths=torch.cat([torch.ones(2 * n, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)]))
 
 
+#: recbench's earlier default, kept as options
+TOP_H = dict(promotion="top_h", hash_layout="shared", importance="batch", write_back=True, sketch_slots_per_hot=2.0,
+             hash_rate=0.5)
+
+
 def assert_consistent(module: CafeEmbedding):
     rows = module.sketch.rows.flatten()
     keys = module.sketch.keys.flatten()
@@ -100,7 +107,7 @@ def assert_consistent(module: CafeEmbedding):
 @pytest.mark.parametrize("levels", [1, 2])
 def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
     tables = specs()
-    module = Cafe(hash_levels=levels, decay=0.9).build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
+    module = Cafe(**TOP_H, hash_levels=levels, decay=0.9).build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
     module.train()
     rng = np.random.default_rng(1)
     hot_ids = torch.arange(10)
@@ -138,9 +145,33 @@ def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
     assert_consistent(module)
 
 
+def test_threshold_sketch_training_promotes_demotes_and_keeps_ownership():
+    tables = specs()
+    method = Cafe(threshold=4, decay=0.5, decay_volume=1.0)
+    module = method.build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
+    module.train()
+    rng = np.random.default_rng(1)
+    for step in range(30):
+        hot = torch.arange(5) + 20 * (step // 15)  # the hot ids change half way
+        a = torch.cat([hot.repeat(4), torch.from_numpy(rng.integers(40, 400, 44))])
+        out = module(one_hot_kjt(a, torch.from_numpy(rng.integers(0, 150, 64))))
+        (out.values() * torch.randn_like(out.values())).sum().backward()
+        module.flush()
+        assert_consistent(module)
+    rows, _ = module.sketch.lookup(module.key_offset[0] + torch.arange(20, 25))
+    assert torch.all(rows >= 0), "ids seen 4 times in every batch are hot"
+    assert module.migrations["demoted"] > 0, "the first hot ids lost their rows at a decay"
+    free = int(module.sketch.queue[1])
+    assert free + int((module.sketch.rows >= 0).sum()) == module.hot_rows, "every row is owned or queued"
+    deployed = module.to_inference()
+    kjt = one_hot_kjt(torch.arange(40), torch.arange(40))
+    with torch.no_grad():
+        assert torch.allclose(deployed(kjt).values(), module.eval()(kjt).values())
+
+
 def test_hot_ids_read_their_exclusive_row_and_cold_ids_their_hash_rows():
     tables = specs()
-    module = Cafe().build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd"))
+    module = Cafe(**TOP_H).build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd"))
     keys = module.key_offset[0] + torch.arange(5)
     module.sketch.insert(keys, torch.full((5,), 10.0))
     module.migrate()
@@ -171,6 +202,10 @@ def test_budgets_down_to_1e_4_on_a_large_vocabulary():
 def test_bad_settings_name_the_key():
     with pytest.raises(ValueError, match="hash_levels"):
         Cafe(hash_levels=3)
-    with pytest.raises(ValueError, match="hot_fraction"):
-        Cafe(hot_fraction=1.5)
+    with pytest.raises(ValueError, match="hash_levels"):
+        Cafe(hash_levels=2)  # needs hash_layout=shared
+    with pytest.raises(ValueError, match="promotion='top_k'"):
+        Cafe(promotion="top_k")
+    with pytest.raises(ValueError, match="hash_rate"):
+        Cafe(hash_rate=1.0)
 
