@@ -86,7 +86,8 @@ class Budget:
     Attributes:
         compression_ratio: target inference_bytes / full_bytes, in (0, 1].
         min_rows_to_compress: fields with fewer rows stay uncompressed (charged in full).
-        tolerance: the solver aims for [1 - tolerance, 1] x the target when the method can.
+        tolerance: a solution below (1 - tolerance) x the target still runs, flagged ``under_budget``;
+            a budget is infeasible only when nothing the method can build fits under it.
     """
 
     compression_ratio: float = 1.0
