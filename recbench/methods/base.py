@@ -50,12 +50,19 @@ class ParamGroup:
         learning_rate: None uses the trainer's rule for ``kind``.
         kind: "dense" (Adam with the dense learning rate) or "sparse" (row-sparse gradients,
             trained with the embedding optimizer's rule and learning rate).
+        optimizer: None uses the kind's default (dense: "adam", sparse: "adagrad"); a reference
+            that trains a group with another rule names it: dense "adam" | "sgd", sparse
+            "adagrad" | "sgd" | "sparse_adam" (``recbench.training.optim.GROUP_OPTIMIZERS``).
+        weight_decay: L2 decay of this group (dense optimizers only; torch's sparse optimizers
+            take none, so a method that decays sparse rows adds the penalty to its loss).
     """
 
     name: str
     params: List[nn.Parameter]
     learning_rate: Optional[float] = None
     kind: str = "dense"
+    optimizer: Optional[str] = None
+    weight_decay: Optional[float] = None
 
 
 class Hook:
