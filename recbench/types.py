@@ -14,7 +14,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from recbench.checks import check_number
+
 FP32_BYTES = 4
+#: ``Budget.sparse_index``: how the index of a pruned (sparse) table is charged
+#: (``recbench.methods.sparse_storage``)
+SPARSE_INDEX_RULES = ("compact", "hetu")
+
+
+def check_sparse_index(value: Any) -> None:
+    """ValueError unless ``value`` is one of SPARSE_INDEX_RULES."""
+    if value not in SPARSE_INDEX_RULES:
+        raise ValueError(f"budget.sparse_index={value!r} is not supported; allowed: {', '.join(SPARSE_INDEX_RULES)}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,16 @@ class Budget:
         min_rows_to_compress: fields with fewer rows stay uncompressed (charged in full).
         tolerance: a solution below (1 - tolerance) x the target still runs, flagged ``under_budget``;
             a budget is infeasible only when nothing the method can build fits under it.
+        sparse_index: how the pruning methods' sparse tables are charged (``SPARSE_INDEX_RULES``):
+            ``compact`` — the bytes recbench stores (cheapest of dense, CSR, COO, bitmap at the
+            narrowest index widths); ``hetu`` — the VLDB 2024 artifact's rule (CSR with int32
+            indices or COO with int32 rows and columns, one 4-byte word per value and per index).
     """
 
     compression_ratio: float = 1.0
     min_rows_to_compress: int = 0
     tolerance: float = 0.1
+    sparse_index: str = "compact"
 
     def __post_init__(self) -> None:
         for key in ("compression_ratio", "tolerance"):
@@ -107,6 +123,7 @@ class Budget:
             raise ValueError(f"budget.min_rows_to_compress must be >= 0, got {self.min_rows_to_compress}")
         if not (0.0 < self.tolerance < 1.0):
             raise ValueError(f"budget.tolerance must be in (0, 1), got {self.tolerance}")
+        check_sparse_index(self.sparse_index)
 
     def target_bytes(self, tables: Sequence[TableSpec], dim: int) -> int:
         return int(self.compression_ratio * full_embedding_bytes(tables, dim))
@@ -218,8 +235,8 @@ class EmbeddingOptimizer:
                 f"optimizer.embedding.kind={self.kind!r} is not supported; allowed: {', '.join(EMBEDDING_OPTIMIZERS)}"
                 " (FBGEMM's fused CPU optimizers; Adam is not available for fused tables on CPU)"
             )
-        if not self.learning_rate > 0:
-            raise ValueError(f"optimizer.embedding.learning_rate must be > 0, got {self.learning_rate}")
+        check_number("optimizer.embedding.learning_rate", self.learning_rate, low=0, low_open=True)
+        check_number("optimizer.embedding.eps", self.eps, low=0)
 
     def state_bytes_per_row(self, dim: int) -> int:
         """fp32 optimizer-state bytes per table row."""

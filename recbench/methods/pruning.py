@@ -10,7 +10,12 @@ rule (``effective``). Fields below ``budget.min_rows_to_compress`` stay whole (`
 Budget: the compressed fields' deployable form is ``sparse_storage.compress`` of the effective
 table at exactly ``nnz`` kept entries, in the cheapest format (dense, CSR, COO or bitmap) with the
 index bytes counted, so the solver targets ``nnz = sparse_storage.max_nnz_within(R, D, target -
-kept bytes)`` — a mask of density d costs more than d of the dense bytes. The deployable mask
+kept bytes, budget.sparse_index)`` — a mask of density d costs more than d of the dense bytes.
+``budget.sparse_index`` is the charging rule of the sparse table: ``compact`` (default) charges the
+bytes stored; ``hetu`` charges Hetu's int32 CSR/COO words (``sparse_storage``), which is then what
+``inference_bytes`` (closed form and ``memory_report``) and the achieved ratio count, while the
+deployable form still stores compactly; the solved hparams carry ``sparse_index`` and, under
+``hetu``, the stored format and bytes (``stored_format``, ``stored_bytes``). The deployable mask
 (``deployable_mask``) always holds exactly ``nnz`` entries: the method's own mask once its schedule
 has reached the target, otherwise the ``nnz`` entries ranked highest by the method's score
 (``keep_scores``); before the target is reached the deployable form is that truncation and
@@ -75,6 +80,8 @@ class PrunedEmbedding(PerIdEmbedding):
     """
 
     breakdown_name = "sparse_table"
+    #: the budget's charging rule of the sparse table (``Budget.sparse_index``; set by ``PruningMethod.build``)
+    sparse_index = "compact"
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str], nnz: int):
         super().__init__(tables, dim, kept)
@@ -167,9 +174,14 @@ class PrunedEmbedding(PerIdEmbedding):
         return [self.weight] + super().sparse_parameters()
 
     def memory_report(self) -> MemoryReport:
+        """Measured from the deployable form; under ``sparse_index='hetu'`` its sparse table is charged
+        by Hetu's rule on the deployed (rows, D, nnz) instead of the compact bytes it holds."""
         report = super().memory_report()
-        report.breakdown.update({f"sparse_table/{k}": v for k, v in
-                                 sparse_storage.layout(self.num_rows, self.dim, self.nnz).breakdown.items()})
+        charged = sparse_storage.layout(self.num_rows, self.dim, int(self.deployable_mask().sum()), self.sparse_index)
+        if self.sparse_index != "compact":
+            report.inference_bytes = charged.bytes + report.breakdown["kept"]
+            report.breakdown[self.breakdown_name] = charged.bytes
+        report.breakdown.update({f"sparse_table/{k}": v for k, v in charged.breakdown.items()})
         return report
 
 
@@ -225,13 +237,18 @@ class PruningMethod(CompressionMethod):
                                    "every field is below min_rows_to_compress")
         rows = sum(t.num_embeddings for t in compressed)
         fixed = kept_bytes(kept, dim)
-        nnz = sparse_storage.max_nnz_within(rows, dim, target_bytes(tables, dim, budget) - fixed)
-        lowest = fixed + sparse_storage.stored_bytes(rows, dim, 1)
-        land(self.name, fixed + sparse_storage.stored_bytes(rows, dim, max(nnz, 1)), tables, dim, budget, lowest,
+        rule = budget.sparse_index
+        nnz = sparse_storage.max_nnz_within(rows, dim, target_bytes(tables, dim, budget) - fixed, rule)
+        lowest = fixed + sparse_storage.stored_bytes(rows, dim, 1, rule)
+        land(self.name, fixed + sparse_storage.stored_bytes(rows, dim, max(nnz, 1), rule), tables, dim, budget, lowest,
              full_embedding_bytes(tables, dim), "" if nnz >= 1 else "not even one entry of the compressed table fits")
+        stored = {}
+        if rule != "compact":  # the charge differs from the bytes the deployable form holds: both recorded
+            compact = sparse_storage.layout(rows, dim, nnz)
+            stored = {"stored_format": compact.format, "stored_bytes": compact.bytes + fixed}
         return {"nnz": int(nnz), "kept": [t.name for t in kept], "rows": int(rows),
-                "density": nnz / (rows * dim), "format": sparse_storage.layout(rows, dim, nnz).format,
-                **self.method_hparams()}
+                "density": nnz / (rows * dim), "format": sparse_storage.layout(rows, dim, nnz, rule).format,
+                "sparse_index": rule, **stored, **self.method_hparams()}
 
     def method_hparams(self) -> Dict[str, Any]:
         """The method's own hyperparameters, passed to the module."""
@@ -249,7 +266,7 @@ class PruningMethod(CompressionMethod):
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         kept = [t for t in tables if t.name in set(hparams["kept"])]
         rows, nnz = int(hparams["rows"]), int(hparams["nnz"])
-        layout = sparse_storage.layout(rows, dim, nnz)
+        layout = sparse_storage.layout(rows, dim, nnz, hparams.get("sparse_index", "compact"))
         fixed = kept_bytes(kept, dim)
         table = rows * dim * FP32_BYTES
         fields = len(tables) - len(kept)
@@ -270,4 +287,6 @@ class PruningMethod(CompressionMethod):
     def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> PrunedEmbedding:
         hp = self.solve(tables, dim, budget)
-        return self.module_class(tables, dim, hp)
+        module = self.module_class(tables, dim, hp)
+        module.sparse_index = hp["sparse_index"]
+        return module

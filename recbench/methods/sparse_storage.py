@@ -22,10 +22,30 @@ fit the budget). ``compress(weight, mask)`` builds the chosen format as a ``Spar
 whose ``state_dict`` holds exactly ``layout(...).bytes`` bytes and whose ``lookup(rows)`` returns
 the masked rows.
 
+Charging rules (``budget.sparse_index``, ``recbench.types.SPARSE_INDEX_RULES``): the bytes above are the
+``compact`` rule, what ``compress`` stores. The ``hetu`` rule charges a pruned table as the VLDB 2024
+artifact does: every stored value and every index is one 4-byte word (fp32 values, int32 indices)
+and the format is CSR or COO only (``HETU_FORMATS``, no dense or bitmap):
+
+* ``csr`` — ``4 * (2 * nnz + rows)``: values + column indices + one row pointer per row (the
+  artifact's density (r·D − 1) / (2D) solves 2·nnz + rows = r·rows·D words; the ``rows + 1``-th
+  pointer it stores is not in that rule);
+* ``coo`` — ``4 * 3 * nnz``: values + row indices + column indices (density r / 3).
+
+The artifact picks CSR when r·D >= 3, else COO; that is the format allowing more entries, so
+``layout(..., sparse_index="hetu")`` (the cheaper of the two, ties: CSR) and ``max_nnz_within``
+reproduce its choice and its entry count. Under ``hetu`` the deployable form is still ``compress``'s
+compact table (no larger than the charge whenever D <= 65536 and rows, nnz < 2**32): the charge is an
+accounting rule, applied to the deployed table's shape and nnz, and the achieved ratio is computed
+under it.
+
 Shapes: weight (R, D), mask (R, D) bool; lookup: rows (N,) int64 -> (N, D) fp32.
 
 References: DESIGN.md section 3 ("Budget and memory": sparse-format indices of pruned tables count
-against the budget); Saad, *Iterative Methods for Sparse Linear Systems* (2003), section 3.4 (CSR/COO).
+against the budget); Saad, *Iterative Methods for Sparse Linear Systems* (2003), section 3.4 (CSR/COO);
+``hetu`` rule: Hsword/Hetu tools/EmbeddingMemoryCompression ``methods/scheduler/switchinference.py``
+(format and density of pep, deeplight, autosrh), ``methods/scheduler/deeplight.py`` (``Pruner``),
+``python/hetu/ndarray.py`` (``ND_Sparse_Array``: int32 indices), commit a1cb1bcaf236c9f1d452733b105997d50c16c9df.
 """
 from __future__ import annotations
 
@@ -36,9 +56,13 @@ import torch
 from torch import nn
 
 from recbench.methods.budget import largest_integer_within
-from recbench.types import FP32_BYTES
+from recbench.types import FP32_BYTES, check_sparse_index
 
 FORMATS = ("dense", "csr", "coo", "bitmap")
+#: the formats the ``hetu`` rule charges (CSR first: it wins ties, as r·D = 3 gives CSR in the artifact)
+HETU_FORMATS = ("csr", "coo")
+#: bytes of one value or index under the ``hetu`` rule (fp32 values, int32 indices)
+HETU_WORD_BYTES = 4
 # (bytes, dtype) of the unsigned index widths, smallest first (int64 is the widest torch index type)
 _WIDTHS = ((1, torch.uint8), (2, torch.uint16), (4, torch.uint32), (8, torch.int64))
 
@@ -70,6 +94,7 @@ class Layout:
         format: one of FORMATS.
         rows, dim, nnz: the table's shape and number of kept entries.
         breakdown: bytes per stored tensor (values, column_indices, row_pointers, row_indices, bitmap).
+        sparse_index: the charging rule the bytes follow (one of SPARSE_INDEX_RULES).
     """
 
     format: str
@@ -77,6 +102,7 @@ class Layout:
     dim: int
     nnz: int
     breakdown: Dict[str, int] = field(default_factory=dict)
+    sparse_index: str = "compact"
 
     @property
     def bytes(self) -> int:
@@ -95,9 +121,13 @@ def _check(rows: int, dim: int, nnz: int) -> None:
         raise ValueError(f"nnz must be in [0, rows * dim = {rows * dim}], got {nnz}")
 
 
-def format_layout(fmt: str, rows: int, dim: int, nnz: int) -> Layout:
-    """The bytes of storing ``nnz`` of a (rows, dim) table in format ``fmt``."""
+def format_layout(fmt: str, rows: int, dim: int, nnz: int, sparse_index: str = "compact") -> Layout:
+    """The bytes of storing ``nnz`` of a (rows, dim) table in format ``fmt`` under the charging
+    rule ``sparse_index`` (module docstring)."""
     _check(rows, dim, nnz)
+    check_sparse_index(sparse_index)
+    if sparse_index == "hetu":
+        return _hetu_layout(fmt, rows, dim, nnz)
     values = nnz * FP32_BYTES
     if fmt == "dense":
         parts = {"values": rows * dim * FP32_BYTES}
@@ -114,23 +144,41 @@ def format_layout(fmt: str, rows: int, dim: int, nnz: int) -> Layout:
     return Layout(fmt, rows, dim, nnz, parts)
 
 
-def layout(rows: int, dim: int, nnz: int) -> Layout:
-    """The cheapest format for ``nnz`` kept entries of a (rows, dim) table (ties: FORMATS order)."""
-    return min((format_layout(f, rows, dim, nnz) for f in FORMATS), key=lambda lay: lay.bytes)
+def _hetu_layout(fmt: str, rows: int, dim: int, nnz: int) -> Layout:
+    word = HETU_WORD_BYTES
+    if fmt == "csr":
+        parts = {"values": nnz * word, "column_indices": nnz * word, "row_pointers": rows * word}
+    elif fmt == "coo":
+        parts = {"values": nnz * word, "row_indices": nnz * word, "column_indices": nnz * word}
+    else:
+        raise ValueError(f"sparse storage format {fmt!r} is not charged under budget.sparse_index='hetu'; "
+                         f"allowed: {', '.join(HETU_FORMATS)}")
+    return Layout(fmt, rows, dim, nnz, parts, "hetu")
 
 
-def stored_bytes(rows: int, dim: int, nnz: int) -> int:
-    """Inference bytes of the cheapest format."""
-    return layout(rows, dim, nnz).bytes
+def layout(rows: int, dim: int, nnz: int, sparse_index: str = "compact") -> Layout:
+    """The cheapest format for ``nnz`` kept entries of a (rows, dim) table under ``sparse_index``
+    (ties: FORMATS order, resp. HETU_FORMATS order)."""
+    check_sparse_index(sparse_index)
+    formats = HETU_FORMATS if sparse_index == "hetu" else FORMATS
+    return min((format_layout(f, rows, dim, nnz, sparse_index) for f in formats), key=lambda lay: lay.bytes)
 
 
-def max_nnz_within(rows: int, dim: int, budget_bytes: int) -> int:
-    """Largest nnz in [0, rows * dim] whose cheapest storage fits ``budget_bytes``; -1 if none does.
+def stored_bytes(rows: int, dim: int, nnz: int, sparse_index: str = "compact") -> int:
+    """Inference bytes of the cheapest format under ``sparse_index`` (``compact``: the bytes stored)."""
+    return layout(rows, dim, nnz, sparse_index).bytes
+
+
+def max_nnz_within(rows: int, dim: int, budget_bytes: int, sparse_index: str = "compact") -> int:
+    """Largest nnz in [0, rows * dim] whose cheapest charge under ``sparse_index`` fits
+    ``budget_bytes``; -1 if none does.
 
     ``stored_bytes`` is non-decreasing in nnz (each format's bytes are), so a bisection is exact.
     """
     _check(rows, dim, 0)
-    return largest_integer_within(lambda nnz: stored_bytes(rows, dim, nnz), 0, rows * dim, budget_bytes)
+    check_sparse_index(sparse_index)
+    return largest_integer_within(lambda nnz: stored_bytes(rows, dim, nnz, sparse_index), 0, rows * dim,
+                                  budget_bytes)
 
 
 class SparseTable(nn.Module):
