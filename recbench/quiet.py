@@ -11,6 +11,9 @@ Each entry states why it is safe to drop:
   WARNING log record of ``torch.fx._symbolic_trace``, emitted the first time TorchRec's
   ``KeyedJaggedTensor``/regroup code calls ``torchrec.fx.tracer.is_fx_tracing``): a deprecation
   notice to TorchRec's developers; recbench neither traces nor exports.
+* mlflow ``Creating initial MLflow database tables...`` and ``Updating database tables`` (INFO
+  records of ``mlflow.store.db.utils``, printed by MLflow's own handler when a SQLite store is
+  created): bookkeeping of a new store file, which recbench creates on purpose.
 
 Call ``quiet_known_warnings()`` first thing in every entry point (CLI mains and the Hydra task
 function, which also runs inside joblib/Ray/submitit workers); it is idempotent.
@@ -32,6 +35,8 @@ KNOWN_WARNINGS: Tuple[Tuple[type, str, str], ...] = (
 #: (logger name, message prefix) of log records to drop
 KNOWN_LOG_RECORDS: Tuple[Tuple[str, str], ...] = (
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"),
+    ("mlflow.store.db.utils", "Creating initial MLflow database tables"),
+    ("mlflow.store.db.utils", "Updating database tables"),
 )
 
 

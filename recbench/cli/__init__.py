@@ -4,3 +4,17 @@
 from recbench.quiet import quiet_known_warnings as _quiet
 
 _quiet()
+
+
+def _register_resolvers() -> None:
+    """``${recbench_pid:}``: this process's id, which keeps two launches in one second apart in
+    ``hydra.sweep.dir`` (conf/config.yaml)."""
+    import os
+
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("recbench_pid"):
+        OmegaConf.register_new_resolver("recbench_pid", lambda: str(os.getpid()))
+
+
+_register_resolvers()

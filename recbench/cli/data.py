@@ -37,7 +37,10 @@ def compose_dataset(name: str, overrides: List[str]):
 
 
 def main(argv: List[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # recbench's own progress at INFO; third-party loggers (FBGEMM announces every library it loads
+    # at INFO on the root logger) only from WARNING up, as in the Hydra jobs (conf/config.yaml)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recbench").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(prog="recbench-data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list dataset protocols")

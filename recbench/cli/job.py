@@ -15,15 +15,17 @@ import subprocess
 import tempfile
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from recbench.checks import check_number
 from recbench.install_check import software_versions
 from recbench.methods import budget as budget_lib
 from recbench.methods.base import InfeasibleBudget
@@ -33,7 +35,7 @@ from recbench.training.inference_cost import inference_cost
 from recbench.training import checkpoint, distributed
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
-from recbench.types import Budget, EmbeddingOptimizer, settings_hash
+from recbench.types import Budget, EmbeddingOptimizer, full_embedding_bytes, settings_hash
 
 log = logging.getLogger("recbench")
 
@@ -58,7 +60,9 @@ OPTIONAL_KEYS = {"trainer.distributed": (None, False), "trainer.sharding_types":
                  "dataset.row_order": ("frequency",),
                  # hashing's per-field layout is the layout its runs had before the key existed
                  # (a method whose numbers change with a new key's default bumps its revision)
-                 "method.layout": ("per_field",)}
+                 "method.layout": ("per_field",),
+                 # pruned tables were always charged at their compact storage before the key existed
+                 "budget.sparse_index": ("compact",)}
 #: degenerate-run rule (DESIGN.md section 4)
 DEGENERATE_AUC_MARGIN = 0.01
 
@@ -142,6 +146,24 @@ def instantiate_without(cfg: DictConfig, drop=("protocol", "name"), **kwargs: An
     return instantiate(container, **kwargs)
 
 
+def instantiate_dataset(cfg: DictConfig):
+    """The dataset protocol of ``cfg``; a bad setting is the protocol's own one-line error
+    (``DatasetError``/``ConfigError``), not Hydra's wrapping of it."""
+    from hydra.errors import InstantiationException
+
+    from recbench.datasets.base import DatasetError
+
+    try:
+        return instantiate_without(cfg.dataset)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, DatasetError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError)):
+            raise ConfigError(f"dataset {cfg.dataset.get('name')!r}: {cause}") from None
+        raise
+
+
 def configure_threads(cfg: DictConfig) -> int:
     threads = cfg.trainer.get("num_threads") or int(os.environ.get("RECBENCH_NUM_THREADS", 0)) or os.cpu_count() or 1
     torch.set_num_threads(int(threads))
@@ -194,31 +216,82 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     tracker run exists (the run is recorded as FAILED with its reason and the error re-raised
     only for configuration errors before tracking starts). ``extra_tags`` (e.g. the Hydra
     overrides and the command that reproduces the job) are added to the run's tags."""
+    settings_of(cfg)  # every value in range before anything is prepared or recorded
     threads = configure_threads(cfg)
-    settings_of(cfg)
     parallel = distributed.current()  # one process, or this rank of a torchrun job (trainer.distributed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(resolved)
-    protocol = instantiate_without(cfg.dataset)
+    protocol = instantiate_dataset(cfg)
     prepared = parallel.first(lambda: protocol.prepare(Path(cfg.paths.data_root)))  # rank 0 builds the cache
     spec = prepared.spec
+    check_against_data(cfg, spec)
     experiment = spec.protocol_id
     tracker = tracker if tracker is not None else instantiate_without(cfg.tracking, drop=("skip_finished",))
     if not parallel.is_main:  # rank 0 records the run
         tracker = InMemoryTracker()
-    if cfg.tracking.get("skip_finished", False):
-        done = parallel.broadcast(tracker.find_finished(experiment, chash) if parallel.is_main else None)
-        if done:
-            log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
-            return JobResult("skipped", {}, done, "already finished with the same resolved config")
-
     run_dir = Path(cfg.paths.run_root) / chash
     run_dir.mkdir(parents=True, exist_ok=True)
+    # one process per job: a second launch of the same job waits here until the first ends, then
+    # finds its FINISHED run (skip) or its checkpoint (resume); rank 0 holds it for a distributed job
+    with (job_lock(run_dir, chash) if parallel.is_main else nullcontext()):
+        if parallel.is_main:
+            closed = tracker.close_orphans(experiment)
+            if closed:
+                log.info("closed %d run(s) of %s left RUNNING by killed processes (now KILLED, with the reason)",
+                         closed, experiment)
+        if cfg.tracking.get("skip_finished", False):
+            done = parallel.broadcast(tracker.find_finished(experiment, chash) if parallel.is_main else None)
+            if done:
+                log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
+                return JobResult("skipped", {}, done, "already finished with the same resolved config")
+        return _run_locked(cfg, prepared, tracker, run_dir, resolved, chash, threads, extra_tags)
+
+
+@contextmanager
+def job_lock(run_dir: Path, chash: str) -> Iterator[None]:
+    """An exclusive lock on ``run_dir/job.lock`` for one job (config hash ``chash``); waits, saying
+    so once, while another process holds it. The lock dies with its process (flock)."""
+    import fcntl
+
+    with open(run_dir / "job.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            log.warning("job %s is running in %s; waiting for it to end", chash, owner)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_locked(cfg: DictConfig, prepared, tracker, run_dir: Path, resolved: Dict[str, Any], chash: str,
+                threads: int, extra_tags: Optional[Dict[str, str]]) -> JobResult:
+    """``run_job`` once the job's lock is held: resume or start the run, train, record."""
+    spec = prepared.spec
+    experiment = spec.protocol_id
+    parallel = distributed.current()
     checkpoint_path = distributed.rank_checkpoint(run_dir / "checkpoint.pt")  # one file per rank when distributed
+    if parallel.is_main:  # half-written checkpoints of killed processes (this job's lock is held)
+        for stale in run_dir.glob("checkpoint*.tmp-*"):
+            stale.unlink(missing_ok=True)
     run_id_file = run_dir / "run_id.txt"
     resume_id = None
     if cfg.trainer.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip() or None
+        if resume_id and parallel.is_main and not tracker.has_run(resume_id):
+            # the store lost the run (replaced, restored from an export): the checkpoint resumes
+            # into a new run that names the old id; its metric history starts at the checkpoint
+            log.warning("run %s named by %s is not in the store; its checkpoint resumes into a new run",
+                        resume_id, run_id_file)
+            extra_tags = {**(extra_tags or {}), "resumed": "true", "resumed_from_run_id": resume_id}
+            resume_id = None
         problem = checkpoint.unreadable(checkpoint_path)
         if problem:  # damaged: the run restarts (a new MLflow run); the killed one is closed with the reason
             aside = checkpoint.set_aside(checkpoint_path)
@@ -250,6 +323,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     run_id = tracker.start_run(experiment, run_name, tags, flatten(resolved), resume_run_id=resume_id)
     if resume_id:
         tracker.set_tags({**owner_tags(), "status": "running", "resumed": "true"})
+        tracker.skip_steps = tracker.logged_steps(run_id) if parallel.is_main else {}
     if parallel.is_main:
         run_id_file.write_text(str(run_id))
     try:
@@ -303,15 +377,18 @@ def settings_of(cfg: DictConfig):
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
         for key in ("resume", "num_threads", "distributed", "sharding_types"):
             trainer_kwargs.pop(key, None)
-        trainer_config = TrainerConfig(seed=int(cfg.seed), **trainer_kwargs)
+        check_number("seed", cfg.seed, integer=True, low=0)
+        trainer_config = TrainerConfig(seed=cfg.seed, **trainer_kwargs)
+        if cfg.trainer.get("num_threads") is not None:
+            check_number("trainer.num_threads", cfg.trainer.num_threads, integer=True, low=1)
+        check_number("model.embedding_dim", cfg.model.embedding_dim, integer=True, low=4)
+        if cfg.model.embedding_dim % 4:
+            raise ValueError(f"model.embedding_dim must be a multiple of 4 (FBGEMM tables), got {cfg.model.embedding_dim}")
+        _check_gate(cfg)
     except TypeError as exc:  # an unknown key in a config group
         raise ConfigError(f"unknown setting: {exc}") from exc
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    if int(cfg.model.embedding_dim) <= 0 or int(cfg.model.embedding_dim) % 4:
-        raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim}: FBGEMM tables need a positive multiple of 4")
-    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
-        raise ConfigError(f"seed must be a non-negative integer, got {cfg.seed!r}")
     try:  # hyperparameters only: cheap, and an unknown or ill-typed method setting fails here
         instantiate(cfg.method)
     except Exception as exc:
@@ -319,6 +396,49 @@ def settings_of(cfg: DictConfig):
         raise ConfigError(f"method {cfg.method.get('name')!r}: {type(cause).__name__}: {cause}") from exc
     distributed.check_settings(bool(cfg.trainer.get("distributed", False)), cfg.trainer.get("sharding_types"))
     return budget, embedding_optimizer, dense_optimizer, trainer_config
+
+
+def _check_gate(cfg: DictConfig) -> None:
+    """A gate only with a mixture-of-experts model, and its k within the model's experts."""
+    model = cfg.model.get("name", "model")
+    experts = cfg.model.get("num_experts")
+    if cfg.get("gate") is None:
+        return
+    if experts is None:
+        raise ValueError(f"gate={cfg.gate.get('name')} needs a mixture-of-experts model (model=dcn_moe or "
+                         f"model=dlrm_moe); model={model} has no gate")
+    check_number("model.num_experts", experts, integer=True, low=1)
+    if cfg.gate.get("k") is not None:
+        check_number("gate.k", cfg.gate.k, integer=True, low=1, high=experts)
+
+
+def check_against_data(cfg: DictConfig, spec) -> None:
+    """Settings that can only be checked against the prepared dataset (before any run is recorded):
+    the model's tasks are targets the dataset has, and the full tables fit in this machine's memory."""
+    from recbench.training.tasks import CLICK
+
+    tasks = list(cfg.model.get("tasks") or [CLICK])
+    unknown = [t for t in tasks if t != CLICK and t not in spec.extra_targets]
+    if unknown:
+        raise ConfigError(f"model.tasks names {unknown}, which {spec.name} does not have; allowed: "
+                          f"{[CLICK, *spec.extra_targets]}")
+    # a lower bound of what any method's job holds at once: the uncompressed tables (every method
+    # starts from or is charged against them) and the pooled embeddings (B, F, D) of one eval batch
+    dim = int(cfg.model.embedding_dim)
+    pooled = int(cfg.trainer.eval_batch_size) * len(spec.tables) * dim * 4
+    needed = full_embedding_bytes(spec.tables, dim) + pooled
+    available = _physical_memory()
+    if available and needed > available:
+        raise ConfigError(f"model.embedding_dim={dim}: {spec.name}'s uncompressed tables plus one evaluation batch "
+                          f"(trainer.eval_batch_size={cfg.trainer.eval_batch_size}) need at least "
+                          f"{needed / 2**30:,.1f} GiB, more than this machine's {available / 2**30:,.1f} GiB of memory")
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:

@@ -383,7 +383,8 @@ def count_outcomes(sweep_dir: Path, expected: int) -> Counter:
 
 
 def run_plan(plan: Plan, jobs: int, root: Path) -> Tuple[int, Counter]:
-    sweep_dir = Path(root) / plan.sweep_id / time.strftime("%Y-%m-%d_%H-%M-%S")
+    # one folder per launch, even for two launches of one sweep in the same second
+    sweep_dir = Path(root) / plan.sweep_id / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
     env = job_environment(plan.sweep_id, jobs)
     code = 0
     for grid in plan.grids:
@@ -488,7 +489,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n" + summary(plan, counts), flush=True)
     if code:
         print(f"recbench-sweep: the Hydra launcher exited with status {code}", file=sys.stderr)
-    return code
+    lost = counts.get("failed", 0) + counts.get("no outcome (killed?)", 0)
+    if lost and not code:
+        print(f"recbench-sweep: {counts.get('failed', 0)} job(s) failed and {counts.get('no outcome (killed?)', 0)} "
+              "left no outcome; relaunch the same command to run them again", file=sys.stderr)
+    return code or (1 if lost else 0)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,49 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
+#: exit status of ``recbench``: 0 every job finished, skipped or was infeasible; 1 a job failed; 2 a bad setting
+EXIT_FAILED, EXIT_USAGE = 1, 2
+
+
+def main() -> int:
+    """The ``recbench`` command: one job, or a multirun (``-m``) whose failed jobs make the exit
+    status non-zero (counted from the sweep's ``outcome.json`` files by ``FailedJobs``)."""
+    FailedJobs.counted = None
+    _hydra_main()
+    if FailedJobs.counted:
+        failed, total = FailedJobs.counted
+        print(f"recbench: {failed} of {total} job(s) of this multirun failed (their outcome.json and MLflow runs "
+              "say why)", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
+class FailedJobs(Callback):
+    """Counts the failed jobs of a multirun from the ``outcome.json`` files of its sweep folder."""
+
+    counted = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        outcomes = list(Path(config.hydra.sweep.dir).glob("*/outcome.json"))
+        failed = sum(1 for path in outcomes if _status(path) == "failed")
+        FailedJobs.counted = (failed, len(outcomes)) if failed else None
+
+
+def _status(path: Path) -> str:
+    try:
+        return str(json.loads(path.read_text()).get("status", "failed"))
+    except (OSError, ValueError):
+        return "failed"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -44,11 +80,13 @@ def main(cfg: DictConfig) -> float:
             return float("nan")
         if _is_user_error(exc) and not os.environ.get("RECBENCH_DEBUG"):
             print(f"recbench: error: {exc}\n(set RECBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USAGE)
         raise
     _write_outcome(outcome, {"status": result.status, "reason": result.reason, "run_id": result.run_id,
                              "overrides": overrides})
     print(format_result(cfg, result), flush=True)
+    if result.status == "failed" and not multirun:
+        sys.exit(EXIT_FAILED)
     return float(result.metrics.get("val/auc", float("nan")))
 
 
@@ -56,9 +94,13 @@ def _is_user_error(exc: BaseException) -> bool:
     """Bad data or impossible settings: a one-line message, not a traceback."""
     from recbench.cli.job import ConfigError
     from recbench.datasets.base import DatasetError
+    from recbench.datasets.storage import CacheCorruptError
+    from recbench.tracking.mlflow_tracker import StoreError
+    from recbench.training.checkpoint import CheckpointWriteError
     from recbench.training.distributed import DistributedSetupError
 
-    return isinstance(exc, (ConfigError, DatasetError, DistributedSetupError, FileNotFoundError))
+    return isinstance(exc, (ConfigError, DatasetError, DistributedSetupError, FileNotFoundError, StoreError,
+                            CheckpointWriteError, CacheCorruptError))
 
 
 def _write_outcome(path: Path, outcome: dict) -> None:

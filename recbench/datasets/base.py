@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import abc
 import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Iterator
 
-from recbench.datasets.storage import SPLITS, CacheWriter, PreparedDataset, load_prepared, try_load
+from recbench.datasets.storage import (SPLITS, CacheWriter, PreparedDataset, load_prepared, remove_stale_builds,
+                                       try_load)
 from recbench.types import settings_hash
 
 log = logging.getLogger(__name__)
@@ -68,11 +70,36 @@ class DatasetProtocol(abc.ABC):
             cached = try_load(directory)
             if cached is not None:
                 return cached
-        log.info("preparing %s into %s", self.protocol_id(), directory)
-        with CacheWriter(directory) as writer:
-            manifest = self.build(writer)
-            check_split_sizes(manifest, self.protocol_id())
-            manifest.setdefault("settings", self.settings())
-            manifest["protocol_id"] = self.protocol_id()
-            writer.commit(manifest)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        with build_lock(directory):
+            if not force:  # another process may have published it while this one waited
+                cached = try_load(directory)
+                if cached is not None:
+                    return cached
+            for path in remove_stale_builds(directory):
+                log.info("removed %s, left by a build that did not finish", path)
+            log.info("preparing %s into %s", self.protocol_id(), directory)
+            with CacheWriter(directory) as writer:
+                manifest = self.build(writer)
+                check_split_sizes(manifest, self.protocol_id())
+                manifest.setdefault("settings", self.settings())
+                manifest["protocol_id"] = self.protocol_id()
+                writer.commit(manifest)
         return load_prepared(directory)
+
+
+@contextmanager
+def build_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``.<directory name>.lock`` held while one process builds that cache."""
+    import fcntl
+
+    with open(directory.with_name(f".{directory.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is preparing %s; waiting for it", directory.name)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -157,14 +157,23 @@ def expand_sources(source: SourceLike, how_to_obtain: str) -> List[Path]:
         else:
             paths.append(Path(text))
     for path in paths:
+        if path.is_dir():
+            raise DatasetError(f"source {path} is a folder; give the data file in it (or a glob such as "
+                               f"{os.path.join(path, '*.txt')!r}). {how_to_obtain}")
         if not path.is_file():
             raise DatasetError(f"source file {path} does not exist. {how_to_obtain}")
     return paths
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
 def open_binary(path: Path):
-    """Open a source for reading bytes; ``.gz`` files are decompressed on the fly."""
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    """Open a source for reading bytes; gzip files (by their magic bytes, whatever their name) are
+    decompressed on the fly."""
+    with open(path, "rb") as probe:
+        compressed = probe.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if compressed else open(path, "rb")
 
 
 def count_lines(path: Path) -> int:

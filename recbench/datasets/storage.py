@@ -11,8 +11,15 @@ Layout of ``<data_root>/<name>/processed/<protocol_id>/``::
     <split>/multi/<field>.offsets.npy  int64 (N+1,)
     <split>/targets/<name>.npy    float32 (N,) extra targets (rating, true_prob, ...)
 
-A cache directory is built under a temporary name and renamed into place only when complete,
-so a crash, a full disk or a permission error never leaves a directory that looks valid.
+A cache directory is built under a temporary name (``.<protocol_id>.tmp-<pid>-*``) and published
+only when complete, so a crash, a full disk or a permission error never leaves a directory that
+looks valid. Publishing renames it to a version folder (``.<protocol_id>.v-<time>-<pid>``) and
+switches the symlink ``<protocol_id>`` to it with one atomic rename, so a reader sees the old
+version or the new one, never a missing directory; a loaded dataset reads from the version it
+resolved, and the previous version is kept (older ones are removed) for readers still on it.
+``DatasetProtocol.prepare`` builds under an exclusive lock (``.<protocol_id>.lock``): a second
+process waiting on it loads what the first published instead of building again, and the lock
+holder removes temporary folders that killed builds left behind.
 Checksums are verified on load (and re-verified whenever a file's size or mtime changes); the
 build stamps the (size, mtime) of the files it has just hashed, so its own first load does not
 hash them a second time.
@@ -26,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
@@ -77,20 +85,32 @@ class PreparedDataset:
     spec: DatasetSpec
     directory: Path
     manifest: Dict[str, Any]
+    #: the version folder ``directory`` pointed to when loaded (files are read from it, so a
+    #: rebuild published meanwhile does not change the data under a running job)
+    version_dir: Optional[Path] = None
 
     def split(self, name: str) -> SplitArrays:
         if name not in SPLITS:
             raise KeyError(f"unknown split {name!r}; allowed: {', '.join(SPLITS)}")
-        root = self.directory / name
+        root = (self.version_dir or self.directory) / name
         multi = [t.name for t in self.spec.tables if t.multi_hot]
         targets = self.manifest.get("targets", [])
+
+        def load(path: Path) -> np.ndarray:
+            try:
+                return np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:  # a header damaged in a way size and mtime do not show
+                raise CacheCorruptError(f"{path}: unreadable ({exc}); run `recbench-data verify "
+                                        f"{self.spec.name}` to re-hash the cache (it is rebuilt on the next "
+                                        "prepare once rejected)") from exc
+
         return SplitArrays(
-            dense=np.load(root / "dense.npy", mmap_mode="r"),
-            sparse=np.load(root / "sparse.npy", mmap_mode="r"),
-            labels=np.load(root / "labels.npy", mmap_mode="r"),
-            multi_values={f: np.load(root / "multi" / f"{f}.values.npy", mmap_mode="r") for f in multi},
-            multi_offsets={f: np.load(root / "multi" / f"{f}.offsets.npy", mmap_mode="r") for f in multi},
-            targets={t: np.load(root / "targets" / f"{t}.npy", mmap_mode="r") for t in targets},
+            dense=load(root / "dense.npy"),
+            sparse=load(root / "sparse.npy"),
+            labels=load(root / "labels.npy"),
+            multi_values={f: load(root / "multi" / f"{f}.values.npy") for f in multi},
+            multi_offsets={f: load(root / "multi" / f"{f}.offsets.npy") for f in multi},
+            targets={t: load(root / "targets" / f"{t}.npy") for t in targets},
         )
 
 
@@ -109,7 +129,8 @@ class CacheWriter:
     def __init__(self, final_dir: Path):
         self.final_dir = Path(final_dir)
         self.final_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.tmp-", dir=self.final_dir.parent))
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.final_dir.name}.tmp-{os.getpid()}-",
+                                             dir=self.final_dir.parent))
         self._memmaps: List[np.memmap] = []
         self._committed = False
 
@@ -145,9 +166,7 @@ class CacheWriter:
             os.fsync(handle.fileno())
         # the files were just hashed from disk: the first load need not hash them again (``verify``)
         (self.tmp_dir / VERIFIED_STAMP).write_text(json.dumps(stamp))
-        if self.final_dir.exists():  # a stale or corrupt cache being rebuilt
-            shutil.rmtree(self.final_dir)
-        os.replace(self.tmp_dir, self.final_dir)
+        publish(self.tmp_dir, self.final_dir)
         self._committed = True
         return self.final_dir
 
@@ -161,6 +180,40 @@ class CacheWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:
             self.abort()
+
+
+def publish(built: Path, final_dir: Path) -> Path:
+    """Make the complete folder ``built`` the cache ``final_dir``: rename it to a version folder and
+    switch the symlink ``final_dir`` to it atomically; keep the version it replaces, remove older
+    ones. Returns the new version folder."""
+    parent, name = final_dir.parent, final_dir.name
+    version = parent / f".{name}.v-{time.time_ns()}-{os.getpid()}"
+    os.replace(built, version)
+    link = parent / f".{name}.link-{os.getpid()}"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(version.name, link)  # relative: the data root can move
+    previous = final_dir.resolve() if final_dir.is_symlink() else None
+    if final_dir.exists() and not final_dir.is_symlink():  # a cache from before versioning (or foreign)
+        os.replace(final_dir, parent / f".{name}.v-0-{os.getpid()}")
+    os.replace(link, final_dir)
+    for old in parent.glob(f".{name}.v-*"):
+        if old != version and old != previous:
+            shutil.rmtree(old, ignore_errors=True)
+    return version
+
+
+def remove_stale_builds(final_dir: Path) -> List[Path]:
+    """Remove the temporary folders and links of builds of ``final_dir`` that ended without
+    publishing (call only while holding the build lock: no other build of it can be running)."""
+    removed = []
+    for path in [*final_dir.parent.glob(f".{final_dir.name}.tmp-*"), *final_dir.parent.glob(f".{final_dir.name}.link-*")]:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def _json_default(value: Any) -> Any:
@@ -252,7 +305,7 @@ def load_prepared(directory: Path, verify_checksums: bool = True) -> PreparedDat
         extra_targets=tuple(manifest.get("targets", [])),
         extras=manifest.get("extras", {}),
     )
-    return PreparedDataset(spec=spec, directory=directory, manifest=manifest)
+    return PreparedDataset(spec=spec, directory=directory, manifest=manifest, version_dir=directory.resolve())
 
 
 def try_load(directory: Path) -> Optional[PreparedDataset]:

@@ -315,6 +315,10 @@ def generate(config: GeneratorConfig, raw_dir: Path) -> GeneratedFiles:
     if files.text.is_file() and files.true_prob.is_file() and files.info.is_file():
         return files
     files.text.parent.mkdir(parents=True, exist_ok=True)
+    for stale in files.text.parent.glob(f"{files.text.stem}.*.tmp-*"):  # left by a killed generation
+        pid = stale.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            stale.unlink(missing_ok=True)
     suffix = f".tmp-{os.getpid()}"
     tmp = GeneratedFiles(*(p.with_name(p.name + suffix) for p in (files.text, files.true_prob, files.info)))
     try:

@@ -120,7 +120,9 @@ def check_ids(features: KeyedJaggedTensor, tables: Sequence[TableSpec]) -> None:
         raise IdOutOfRange(
             f"field {key!r}: id {int(part[int(bad.nonzero()[0])])} is outside [0, {rows[key]}) ({int(bad.sum())} "
             "such id(s) of this field in the batch); allowed: row indices of the protocol's vocabulary, where "
-            "unseen values map to the OOV row 0")
+            "unseen values map to the OOV row 0. If the batch came from a prepared cache, run "
+            "`recbench-data verify <dataset>`: it re-hashes every file (a change that keeps a file's size and "
+            "mtime, such as bit rot, is not seen on load)")
 
 
 def _check_ids_hook(tables: Sequence[TableSpec], module: nn.Module, args) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import re
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -340,14 +341,45 @@ def run_url(ui_url: str, experiment_id: str, run_id: str) -> str:
 def command(row: Row) -> str:
     """The command that reproduces the row (its seeds as one multirun), with the torch thread count
     its runs had when they recorded it: the count is left out of the config hash but changes the
-    order of float reductions, so the numbers repeat bit for bit only with the same count."""
+    order of float reductions, so the numbers repeat bit for bit only with the same count.
+
+    The ``overrides`` tag is split as the shell would and every word is quoted back with
+    ``shlex.join``, so a tag from an imported store can never put shell syntax into the command."""
     if row.overrides:
-        parts = [o for o in row.overrides.split() if not o.startswith("seed=")]
+        try:
+            words = shlex.split(row.overrides)
+        except ValueError:  # unbalanced quotes: not what the CLI writes; keep the words, quoted
+            words = row.overrides.split()
+        parts = [o for o in words if not o.startswith("seed=")]
     else:
         parts = [f"dataset={row.dataset}", f"method={row.method}", f"budget.compression_ratio={row.ratio:g}"]
     parts = with_thread_count(parts, row.num_threads)
     seeds = row.seed_list or ["0"]
-    return " ".join(["recbench", *(["-m"] if len(seeds) > 1 else []), *parts, f"seed={','.join(seeds)}"])
+    return shlex.join(["recbench", *(["-m"] if len(seeds) > 1 else []), *parts, f"seed={','.join(seeds)}"])
+
+
+# what can break out of a table cell or make a link (images need "[" too); "_" and "*" only
+# change emphasis, and escaping them would clutter every method name
+_MARKDOWN_SPECIAL = re.compile(r"([\\`|\[\]])")
+_MARKDOWN_SPECIAL_BUT_CODE = re.compile(r"([\\|\[\]])")
+
+
+def md(text: str, code: bool = False) -> str:
+    """``text`` as literal Markdown table-cell text: HTML escaped; backslash, backtick, ``|`` and
+    brackets backslashed; newlines as spaces. ``code``: recbench's own text whose backticks mark
+    code spans (the stage notes) keeps them."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    special = _MARKDOWN_SPECIAL_BUT_CODE if code else _MARKDOWN_SPECIAL
+    return special.sub(r"\\\1", text).replace("\n", " ")
+
+
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span inside a table cell (a fence longer than any backtick run
+    in it; ``|`` escaped, which GitHub's tables require even in code)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * (longest + 1)
+    body = text.replace("|", "\\|")
+    return f"{fence} {body} {fence}" if longest else f"`{body}`"
 
 
 def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
@@ -365,10 +397,10 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
     out.append("|---|---|---|---|---|---|---|")
     for rec in recommend(rows, protocol):
         best = rec.best
-        out.append(f"| {rec.ratio:g} | {flagged(best) if best else '—'} | "
+        out.append(f"| {rec.ratio:g} | {md(flagged(best)) if best else '—'} | "
                    f"{fmt(best.auc, best.std.get(AUC)) if best else '—'} | {fmt_delta(best.delta_auc) if best else '—'} | "
-                   f"{fmt_bytes(best.mean.get(BYTES)) if best else '—'} | {', '.join(r.label for r in rec.tied) or '—'} | "
-                   f"{', '.join(rec.infeasible) or '—'} |")
+                   f"{fmt_bytes(best.mean.get(BYTES)) if best else '—'} | {md(', '.join(r.label for r in rec.tied)) or '—'} | "
+                   f"{md(', '.join(rec.infeasible)) or '—'} |")
     for ratio in budgets(rows, protocol):
         out.append(f"\n### Budget: compression ratio {ratio:g}\n")
         out.append("| rank | method | seeds | test AUC | Δ AUC vs full | test log loss | inference bytes | achieved ratio "
@@ -378,19 +410,19 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
             links = " ".join(f"[s{s}]({run_url(ui_url, e, i)})" for s, e, i in
                              zip(r.seed_list or ["?"] * len(r.run_ids), r.experiment_ids, r.run_ids))
             if not r.finished:
-                out.append(f"| — | {r.label} | 0 | {r.status}: {r.reason.replace('|', '/')[:160]} | — | — | — | — | — | — | — "
-                           f"| {links} | `{command(r)}` |")
+                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — "
+                           f"| {links} | {md_code(command(r))} |")
                 continue
             out.append(
-                f"| {fmt_rank(r)} | {marked(r)} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
+                f"| {fmt_rank(r)} | {md(marked(r))} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
                 f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt_bytes(r.mean.get(BYTES))} | "
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
-                f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | `{command(r)}` |")
+                f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | {md_code(command(r))} |")
         noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
         under = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.finished and r.under_budget]
         if noted or under:
             out.append("")
-            out.extend(f"† {r.label}: {'; '.join(r.notes)}." for r in noted)
+            out.extend(f"† {md(r.label)}: {md('; '.join(r.notes), code=True)}." for r in noted)
             out.extend(under_budget_legend(r) for r in under)
     out.append(f"\nRules: {rules_text(rows, protocol)}")
     return "\n".join(out)

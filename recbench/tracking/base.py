@@ -89,6 +89,14 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
 
 
 class Tracker(abc.ABC):
+    #: {metric: step} already in the store for the current run when it was resumed: a resumed job
+    #: repeats the steps between its checkpoint and the kill, and those are not logged twice
+    skip_steps: Dict[str, int] = {}
+
+    def unlogged(self, metrics: Mapping[str, float], step: int) -> Dict[str, float]:
+        """``metrics`` without the keys already logged at ``step`` or later (``skip_steps``)."""
+        return {k: v for k, v in metrics.items() if step > self.skip_steps.get(k, -1)}
+
     @abc.abstractmethod
     def start_run(self, experiment: str, run_name: str, tags: Mapping[str, str],
                   params: Mapping[str, Any], resume_run_id: Optional[str] = None) -> str:
@@ -109,6 +117,14 @@ class Tracker(abc.ABC):
     def find_finished(self, experiment: str, config_hash: str) -> Optional[str]:
         """Id of a FINISHED run of ``experiment`` with this config hash, if any."""
         return None
+
+    def has_run(self, run_id: str) -> bool:
+        """Whether the store holds a run with this id (a checkpoint may outlive its store)."""
+        return True
+
+    def logged_steps(self, run_id: str) -> Dict[str, int]:
+        """{metric: last step logged} of a run (a resumed job does not log those steps again)."""
+        return {}
 
     def close_orphans(self, experiment: str) -> int:
         """Mark this host's RUNNING runs of ``experiment`` whose process is gone as KILLED (with the
@@ -154,7 +170,7 @@ class InMemoryTracker(Tracker):
         return run.run_id
 
     def log_metrics(self, metrics, step=0):
-        for key, value in metrics.items():
+        for key, value in self.unlogged(metrics, step).items():
             self.current.metrics.setdefault(key, []).append((step, float(value)))
 
     def set_tags(self, tags):
@@ -165,6 +181,13 @@ class InMemoryTracker(Tracker):
 
     def end_run(self, status=FINISHED):
         self.current.status = status
+
+    def has_run(self, run_id):
+        return any(run.run_id == run_id for run in self.runs)
+
+    def logged_steps(self, run_id):
+        run = next((r for r in self.runs if r.run_id == run_id), None)
+        return {key: max(step for step, _ in values) for key, values in run.metrics.items()} if run else {}
 
     def find_finished(self, experiment, config_hash):
         for run in self.runs:

@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional, TypeVar
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
 from recbench.tracking.base import FINISHED, KILLED, Tracker, orphan_reason
 
@@ -25,20 +25,33 @@ MAX_PARAM_LENGTH = 6000
 _BATCH = 100
 #: retries of a client call that met a busy SQLite database (backoff 0.05 s doubling, capped at 5 s)
 RETRIES = 12
-_TRANSIENT = ("database is locked", "database table is locked", "database schema has changed", "disk i/o error",
-              "unable to open database file")
+_TRANSIENT = ("database is locked", "database table is locked", "database schema has changed")
+#: SQLite errors no retry cures: the store cannot be written (permissions, a full disk, a broken file)
+_PERMANENT = ("readonly database", "database or disk is full", "disk i/o error", "unable to open database file",
+              "file is not a database", "database disk image is malformed")
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-def is_transient(exc: BaseException) -> bool:
-    """A concurrent-writer error of SQLite (worth retrying), judged by the message chain."""
+class StoreError(RuntimeError):
+    """The tracking store cannot be written or read (reported in one line, never retried)."""
+
+
+def _marker(exc: BaseException, markers) -> Optional[str]:
+    """The first of ``markers`` found in the message chain of ``exc``."""
     seen = 0
     while exc is not None and seen < 5:
-        if any(marker in str(exc).lower() for marker in _TRANSIENT):
-            return True
+        text = str(exc).lower()
+        found = next((m for m in markers if m in text), None)
+        if found:
+            return found
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return False
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A concurrent-writer error of SQLite (worth retrying), judged by the message chain."""
+    return _marker(exc, _TRANSIENT) is not None
 
 
 def with_retries(call: Callable[..., T], *args: Any, retries: int = RETRIES, **kwargs: Any) -> T:
@@ -48,6 +61,10 @@ def with_retries(call: Callable[..., T], *args: Any, retries: int = RETRIES, **k
         try:
             return call(*args, **kwargs)
         except Exception as exc:  # MlflowException wraps SQLAlchemy's OperationalError
+            permanent = _marker(exc, _PERMANENT)
+            if permanent:
+                raise StoreError(f"the MLflow store cannot be used ({permanent}): check that the store file "
+                                 "(MLFLOW_TRACKING_URI) and its folder are writable and the disk has space") from exc
             if attempt == retries or not is_transient(exc):
                 raise
             log.debug("MLflow store busy (%s); retry %d in %.2fs", exc, attempt + 1, delay)
@@ -162,7 +179,7 @@ class MLflowTracker(Tracker):
         from mlflow.entities import Metric
 
         now = timestamp or int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, int(step)) for k, v in self.unlogged(metrics, step).items()]
         for i in range(0, len(items), _BATCH):
             with_retries(self.client.log_batch, self.run_id, metrics=items[i:i + _BATCH])
 
@@ -176,6 +193,21 @@ class MLflowTracker(Tracker):
 
     def end_run(self, status: str = FINISHED, end_time: Optional[int] = None) -> None:
         with_retries(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
+
+    def has_run(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            with_retries(self.client.get_run, run_id)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
+
+    def logged_steps(self, run_id: str) -> Dict[str, int]:
+        keys = with_retries(self.client.get_run, run_id).data.metrics
+        return {key: max(m.step for m in with_retries(self.client.get_metric_history, run_id, key)) for key in keys}
 
     def close_orphans(self, experiment: str) -> int:
         experiment_id = self.experiment_id(experiment, create=False)

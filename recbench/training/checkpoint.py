@@ -2,13 +2,15 @@
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts: model and optimizer
 states, progress counters, RNG state and stage results. It is written to a temporary file and
-renamed, so a kill during the write leaves the previous checkpoint intact.
+renamed, so a kill during the write leaves the previous checkpoint intact; before a resume, every
+member's CRC-32 is verified, so damage from outside is detected rather than trained on.
 
 References: DESIGN.md section 8; torch.load(weights_only=True).
 """
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -30,12 +32,22 @@ def checkpointable(value: Any) -> Any:
     return value
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, file size limit, permissions)."""
+
+
 def save_checkpoint(path: Path, payload: Dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk or EFBIG as "unexpected pos"
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"could not write the checkpoint {path} ({type(exc).__name__}: "
+                                   f"{str(exc).splitlines()[0][:200]}); check the free space of its disk and the "
+                                   "file size limit (ulimit -f), or set trainer.checkpoint_every_steps=0") from exc
 
 
 def unreadable(path: Path) -> Optional[str]:
@@ -44,6 +56,12 @@ def unreadable(path: Path) -> Optional[str]:
     from outside (disk, copy, hand edit)."""
     try:
         source = Path(path)
+        # torch.load does not check the archive's CRC-32s, so a flipped byte inside a tensor would
+        # load and silently change the resumed run; zipfile's testzip reads every member and checks it
+        with zipfile.ZipFile(source) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            return f"checksum mismatch in {damaged} (the file changed after it was written)"
         payload = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every load failure is the answer
         return f"{type(exc).__name__}: {exc}".splitlines()[0][:500]

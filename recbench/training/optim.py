@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
+from recbench.checks import check_number
 from recbench.types import EmbeddingOptimizer
 
 
@@ -26,8 +27,8 @@ class DenseOptimizer:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"optimizer.dense.learning_rate must be > 0, got {self.learning_rate}")
+        check_number("optimizer.dense.learning_rate", self.learning_rate, low=0, low_open=True)
+        check_number("optimizer.dense.weight_decay", self.weight_decay, low=0)
 
 
 # optimizer rules a ``ParamGroup`` may name, per kind; the first is the kind's default

@@ -44,8 +44,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from recbench.checks import check_number
 from recbench.datasets.batching import BatchIterator, RecBatch
 from recbench.datasets.storage import PreparedDataset
+from recbench.models.common import ModelParamGroups
 from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
 from recbench.training.distributed import SingleProcess
 from recbench.training.evaluation import binary_metrics
@@ -83,18 +85,20 @@ class TrainerConfig:
     search_cache_mb: float = 512.0
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"trainer.batch_size must be >= 1, got {self.batch_size}")
-        if self.eval_batch_size < 1:
-            raise ValueError(f"trainer.eval_batch_size must be >= 1, got {self.eval_batch_size}")
-        if not (self.max_epochs > 0 or (self.max_steps or 0) > 0):
-            raise ValueError("trainer.max_epochs or trainer.max_steps must be > 0")
-        if self.evals_per_epoch < 1:
-            raise ValueError(f"trainer.evals_per_epoch must be >= 1, got {self.evals_per_epoch}")
-        if self.patience < 1:
-            raise ValueError(f"trainer.patience must be >= 1, got {self.patience}")
-        if not self.search_cache_mb >= 0:
-            raise ValueError(f"trainer.search_cache_mb must be >= 0, got {self.search_cache_mb}")
+        for key in ("batch_size", "eval_batch_size", "evals_per_epoch", "patience", "log_every_steps",
+                    "latency_batch_size", "latency_repeats"):
+            check_number(f"trainer.{key}", getattr(self, key), integer=True, low=1)
+        check_number("trainer.checkpoint_every_steps", self.checkpoint_every_steps, integer=True, low=0)
+        check_number("trainer.seed", self.seed, integer=True, low=0)
+        check_number("trainer.max_epochs", self.max_epochs, low=0)
+        check_number("trainer.min_delta", self.min_delta, low=0)
+        check_number("trainer.search_cache_mb", self.search_cache_mb, low=0)
+        if self.max_steps is not None:  # None: max_epochs decides; a step count must train at least once
+            check_number("trainer.max_steps", self.max_steps, integer=True, low=1)
+        elif not self.max_epochs > 0:
+            raise ValueError(f"trainer.max_epochs must be > 0 when trainer.max_steps is null, got {self.max_epochs!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"trainer.progress must be true or false, got {self.progress!r}")
 
 
 @dataclass
@@ -254,7 +258,7 @@ class Trainer:
 
     # ------------------------------------------------------------- optimizers
     def _make_optimizers(self) -> None:
-        self.optimizers = build_optimizers(self.model, self.model.embedding, self.dense_optimizer,
+        self.optimizers = build_optimizers(self.model, ModelParamGroups(self.model), self.dense_optimizer,
                                            self.embedding_optimizer)
 
     def _optimizer_states(self) -> Dict[str, Any]:

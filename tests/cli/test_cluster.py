@@ -147,10 +147,17 @@ def test_joblib_sweep_with_a_killed_worker_relaunched_loses_and_duplicates_nothi
             for run_dir in (tmp / "runs").glob("*"):
                 if (run_dir / "checkpoint.pt").is_file() and (run_dir / "run_id.txt").is_file():
                     run = MlflowClient(uri).get_run((run_dir / "run_id.txt").read_text().strip())
-                    if run.info.status == "RUNNING" and run.data.tags.get("pid"):
-                        killed = (run.info.run_id, int(run.data.tags["pid"]))
-                        os.kill(killed[1], signal.SIGKILL)  # one worker, not the launcher
+                    if run.info.status != "RUNNING" or not run.data.tags.get("pid"):
+                        continue
+                    # freeze the worker, then kill it only if its job is still unfinished: a toy job
+                    # can end between the look above and the kill (was: flaky, "resumed" None)
+                    pid = int(run.data.tags["pid"])
+                    os.kill(pid, signal.SIGSTOP)
+                    if MlflowClient(uri).get_run(run.info.run_id).info.status == "RUNNING":
+                        killed = (run.info.run_id, pid)
+                        os.kill(pid, signal.SIGKILL)  # one worker, not the launcher
                         break
+                    os.kill(pid, signal.SIGCONT)
         assert killed is not None, (tmp / "first.log").read_text()[-3000:]
         first.wait(timeout=600)
     finally:

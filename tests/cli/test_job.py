@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -212,7 +213,7 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     ("budget.compression_ratio=1.5", "must be in \\(0, 1\\]"),
     ("budget.compression_ratio=-0.1", "must be in \\(0, 1\\]"),
     ("optimizer.embedding.kind=adam", "allowed: sgd, adagrad, rowwise_adagrad"),
-    ("trainer.batch_size=0", "batch_size must be >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size must be an integer >= 1, got 0"),
 ])
 def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override, message):
     from recbench.cli.job import ConfigError
@@ -223,7 +224,7 @@ def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override,
     assert tracker.runs == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "not_a_checkpoint"])
+@pytest.mark.parametrize("damage", ["truncated", "not_a_checkpoint", "flipped_byte"])
 def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp_path, damage):
     """A killed run whose ``checkpoint.pt`` was damaged (truncated; replaced by another file) cannot
     resume: the damaged file is set aside, the killed MLflow run is closed KILLED with the reason,
@@ -245,6 +246,12 @@ def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp
     if damage == "truncated":
         torch.save({"model": {"w": torch.zeros(1000)}, "progress": {"global_step": 3}}, checkpoint)
         checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    elif damage == "flipped_byte":  # still loads with torch.load; only the archive's CRC-32 tells
+        torch.save({"model": {"w": torch.arange(1000.0)}, "progress": {"global_step": 3}}, checkpoint)
+        data = bytearray(checkpoint.read_bytes())
+        data[data.index(torch.arange(1000.0)[500:502].numpy().tobytes())] ^= 1
+        checkpoint.write_bytes(bytes(data))
+        assert torch.load(checkpoint, weights_only=True)["progress"]["global_step"] == 3
     else:
         torch.save({"something": torch.zeros(3)}, checkpoint)
     result = run_job(cfg)
@@ -255,6 +262,67 @@ def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp
     assert closed.info.status == "KILLED" and closed.data.tags["status"] == "killed"
     assert "unreadable" in closed.data.tags["status_reason"] and "checkpoint.pt" in closed.data.tags["status_reason"]
     assert (run_dir / "checkpoint.pt.unreadable").is_file() and not checkpoint.exists()
+
+
+def test_a_checkpoint_whose_run_left_the_store_resumes_into_a_new_run(tmp_path, monkeypatch):
+    """The store lost the run that ``run_id.txt`` names (tracking URI changed, store restored from
+    an export): the job resumes the checkpoint into a new run tagged with the old id, and ends with
+    the numbers of an uninterrupted run (was: "Run with id=... not found" on every attempt)."""
+    from mlflow.tracking import MlflowClient
+
+    import recbench.training.trainer as trainer_module
+
+    reference = run_job(toy_cfg(tmp_path / "reference", "seed=1", "trainer.checkpoint_every_steps=2"),
+                        InMemoryTracker())
+    cfg = toy_cfg(tmp_path, "seed=1", "trainer.checkpoint_every_steps=2", tracking="mlflow")
+    save = trainer_module.save_checkpoint
+
+    def save_then_die(path, payload):  # the process is killed right after its first checkpoint
+        save(path, payload)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(cfg)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    lost_id = next(Path(cfg.paths.run_root).glob("*/run_id.txt")).read_text()
+    cfg.tracking.tracking_uri = f"sqlite:///{tmp_path}/new-store.db"
+    result = run_job(cfg)
+    assert result.status == "finished" and result.run_id != lost_id
+    run = MlflowClient(cfg.tracking.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["resumed_from_run_id"] == lost_id and run.data.tags["resumed"] == "true"
+    assert run.data.metrics["test/auc"] == pytest.approx(reference.metrics["test/auc"], abs=1e-9)
+
+
+def test_two_launches_of_one_job_give_one_run(tmp_path):
+    """Two processes started together on one job: one runs it, the other waits on the job's lock
+    and then skips it as FINISHED (was: two FINISHED runs with one config hash, or the second
+    adopting the first's live run)."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    cfg = toy_cfg(tmp_path, "seed=2", tracking="mlflow")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(OmegaConf.to_yaml(cfg))
+    script = ("import json; from omegaconf import OmegaConf; from recbench.cli.job import run_job; "
+              f"r = run_job(OmegaConf.load({str(cfg_file)!r})); print(json.dumps([r.status, r.run_id]))")
+    # the data is prepared once first, so both processes reach the lock (the cache build has its own)
+    run_job(OmegaConf.merge(cfg, {"seed": 3}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}  # toy_protocol
+    launches = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=env) for _ in range(2)]
+    outputs = [p.communicate(timeout=600) for p in launches]
+    assert all(p.returncode == 0 for p in launches), [err[-2000:] for _, err in outputs]
+    outcomes = sorted(json.loads(out.strip().splitlines()[-1]) for out, _ in outputs)
+    assert [status for status, _ in outcomes] == ["finished", "skipped"]
+    assert outcomes[0][1] == outcomes[1][1]  # the skipped launch names the run the other one finished
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    chash = config_hash(OmegaConf.to_container(cfg, resolve=True))
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], f"tags.config_hash = '{chash}'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
 
 
 def test_the_run_records_the_malformed_lines_its_dataset_build_skipped(tmp_path):
@@ -285,3 +353,30 @@ def test_the_run_records_the_malformed_lines_its_dataset_build_skipped(tmp_path)
     assert facts["malformed_lines"] == 2
     assert [e.split(": ")[0] for e in facts["malformed_examples"]] == [f"{source}:11", f"{source}:501"]
     assert facts["sources"][0]["sha256"]
+
+
+def test_half_written_checkpoints_of_killed_processes_are_removed(tmp_path):
+    cfg = toy_cfg(tmp_path, "seed=4")
+    run_dir = Path(cfg.paths.run_root) / config_hash(OmegaConf.to_container(cfg, resolve=True))
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt.tmp-999999").write_bytes(b"half")
+    assert run_job(cfg, InMemoryTracker()).status == "finished"
+    assert not list(run_dir.glob("*.tmp-*"))
+
+
+def test_a_failed_job_and_a_multirun_with_a_failed_job_exit_non_zero(tmp_path):
+    """Was: ``recbench dataset=synthetic dataset.rows=10`` printed ``status failed`` and exited 0."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db", "RECBENCH_DATA_ROOT": str(tmp_path / "d"),
+           "RECBENCH_RUN_ROOT": str(tmp_path / "r"), "RECBENCH_ARTIFACT_ROOT": str(tmp_path / "a")}
+    base = [sys.executable, "-c", "import sys; from recbench.cli.train import main; sys.exit(main())"]
+    args = ["dataset=synthetic", "trainer.progress=false", f"hydra.run.dir={tmp_path}/o", f"hydra.sweep.dir={tmp_path}/m"]
+    single = subprocess.run([*base, *args, "dataset.rows=10"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert single.returncode != 0, single.stdout[-2000:] + single.stderr[-2000:]
+    multi = subprocess.run([*base, "-m", *args, "dataset.rows=10,11"], env=env, cwd=tmp_path, capture_output=True,
+                           text=True, timeout=600)
+    assert multi.returncode == 1, multi.stdout[-2000:] + multi.stderr[-2000:]
+    assert "2 of 2 job(s) of this multirun failed" in multi.stderr

@@ -188,3 +188,24 @@ def test_non_finite_dense_features_are_rejected_before_caching(tmp_path, value):
     with pytest.raises(DatasetError, match=rf"split 'val': dense feature 2 of row 7 is {value}.*allowed: finite"):
         protocol.prepare(tmp_path)
     assert not protocol.cache_dir(tmp_path).exists()
+
+
+def test_a_folder_as_source_says_so(tmp_path):
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetError, match=r"source .*/data is a folder; give the data file in it \(or a glob such as"):
+        CriteoProtocol(source=str(tmp_path / "data"), chunk_rows=100).prepare(tmp_path / "root")
+
+
+def test_a_gzip_file_without_the_gz_suffix_is_read_as_gzip(tmp_path):
+    """Compression is recognised by the file's magic bytes (was: a UTF-8 error for ``train.txt`` that
+    was gzip); the arrays equal those of the plain file."""
+    import gzip
+
+    lines = "\n".join(criteo_lines(300, seed=5)) + "\n"
+    plain, packed = tmp_path / "plain.txt", tmp_path / "packed.txt"
+    plain.write_text(lines)
+    packed.write_bytes(gzip.compress(lines.encode()))
+    a = CriteoProtocol(source=str(plain), chunk_rows=100).prepare(tmp_path / "a")
+    b = CriteoProtocol(source=str(packed), chunk_rows=100).prepare(tmp_path / "b")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(np.array(a.split(split).sparse), np.array(b.split(split).sparse))

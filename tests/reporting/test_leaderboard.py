@@ -145,3 +145,22 @@ def test_an_under_budget_row_is_marked_in_markdown_csv_and_html_with_a_legend():
     assert escape(UNDER_BUDGET_RULE) in render("t", [], rows, "http://127.0.0.1:5000", "")
     plain = aggregate([record("qr", 0.5, 0, 0.77, 480.0)])
     assert f"Rules: {RULES}" in markdown(plain) and UNDER_BUDGET_RULE not in markdown(plain)
+
+
+def test_tags_from_a_store_cannot_inject_markdown_html_or_shell():
+    """Tags are copied into leaderboard.md escaped, and the command is re-quoted word by word with
+    ``shlex.join`` (was: a ``status_reason`` of ``<svg onload=...>`` appeared raw, and the command
+    column split the raw ``overrides`` tag on whitespace)."""
+    import shlex
+
+    failed = record("hashing", 0.1, 0, 0.0, 0.0, status="failed")
+    failed["status_reason"] = "<svg onload=alert(1)> | `x` [link](http://evil)"
+    failed["overrides"] = "method=hashing 'budget.compression_ratio=0.1' $(touch /tmp/pwned);rm -rf ~ seed=0"
+    runs = [failed, *[record("full", 1.0, s, 0.8, 1000.0) for s in range(2)]]
+    text = markdown(aggregate(runs))
+    assert "<svg" not in text and "&lt;svg onload=alert(1)&gt; \\| \\`x\\` \\[link\\](http://evil)" in text
+    row = by(aggregate(runs), "hashing", 0.1)
+    words = shlex.split(command(row))
+    assert words[:2] == ["recbench", "method=hashing"] and "budget.compression_ratio=0.1" in words
+    assert "$(touch" in words and "/tmp/pwned);rm" in words  # inert words, each quoted for the shell
+    assert "'$(touch'" in command(row) and "'/tmp/pwned);rm'" in command(row)

@@ -50,3 +50,22 @@ def test_ranks_resume_only_from_checkpoints_of_one_step(tmp_path):
         results = [json.loads((tmp_path / str(index) / f"result{r}.json").read_text()) for r in range(2)]
         assert [r["path"] for r in results] == ["checkpoint.rank0-of-2.pt", "checkpoint.rank1-of-2.pt"], name
         assert [r["kept"] for r in results] == [SCENARIOS[name][1]] * 2, name
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    """torch reports a full disk or EFBIG as "inline_container.cc: unexpected pos"; recbench names
+    the file and what to check, and leaves no temporary file."""
+    import pytest
+    import torch
+
+    from recbench.training import checkpoint
+
+    def full_disk(payload, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError, match=r"could not write the checkpoint .*checkpoint.pt "
+                       r"\(RuntimeError: .*unexpected pos.*\); check the free space of its disk and the file size limit"):
+        checkpoint.save_checkpoint(tmp_path / "checkpoint.pt", {"progress": {}})
+    assert list(tmp_path.iterdir()) == []
