@@ -1,8 +1,11 @@
 """``optembed``: OptEmbed — learned row pruning, a dimension supernet, evolutionary search, retrain.
 
-References: Lyu, Tang, Guo, Zhang, He, Liu, Li, "OptEmbed: Learning Optimal Embedding Table for
+References: Lyu, Tang, Zhu, Guo, Zhang, Tang, Liu, "OptEmbed: Learning Optimal Embedding Table for
 Click-through Rate Prediction", CIKM 2022 (arXiv:2208.04482); reference code
-github.com/fuyuanlyu/OptEmbed (models/modules_super.py, supernet.py, evolution.py, retrain.py).
+github.com/fuyuanlyu/OptEmbed @ 0feda5f8d43e570d87ecbcb2847a3c2bfdef7975 (models/modules.py,
+models/modules_super.py, models/layer.py, supernet.py, utils/train_help.py, evolution.py, retrain.py);
+Hsword/Hetu @ a1cb1bcaf236c9f1d452733b105997d50c16c9df tools/EmbeddingMemoryCompression
+(methods/layers/optembed.py, methods/scheduler/optembed.py).
 
 Mechanism, three stages.
 1. ``supernet`` (train): every compressed field f has a learnable threshold t_f (init
@@ -13,6 +16,11 @@ Mechanism, three stages.
    ``threshold_regularization`` * sum_f exp(-t_f) (the paper's alpha), which pushes thresholds up.
    At the same time, each (sample, field) draws a dim d uniformly in 1..D and only the first d
    dims of its pooled embedding are used, so every sub-dimension of the table is trained.
+   Training regime (utils/train_help.py ``get_optimizer``): the thresholds have their own plain SGD
+   (``threshold_optimizer``, lr ``threshold_learning_rate``); the table is in the Adam of the dense
+   parameters at their learning rate with L2 ``table_weight_decay`` (torch's Adam: g + wd * e on
+   every row, every step), so rows a batch seldom touches decay towards 0 and fall under t_f
+   (``TableTraining``). Init (``init``): Xavier-uniform over the table of all fields' rows.
 2. ``search`` (search stage, no gradients): ``recbench.methods.evolutionary`` over per-field dims
    in [1, dim_cap], each candidate scored by the supernet's validation AUC with the candidate's
    dims and the rows the budget affords at those dims (below).
@@ -20,7 +28,8 @@ Mechanism, three stages.
    id -> row remap; each field uses its searched dims; rows are rewound to their initial values
    (the reference code retrains from the supernet's saved initialisation: a lottery ticket; here the
    initialisation is regenerated from ``init_seed``), dense layers are re-initialised and the
-   optimizers reset.
+   optimizers reset; the table is trained as in the supernet (the reference's retrain.py uses the
+   same lr and wd).
 
 Budget (``recbench.methods.row_subset``): the deployable form stores the kept rows' dim prefixes,
 an index (the cheaper of an R-entry remap at the width holding K and the K sorted kept ids) and
@@ -39,6 +48,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> pooled (B, F, D) x dim masks ->
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -52,10 +62,78 @@ from recbench.methods import batch_part, row_subset
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup, check_ids
 from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.evolutionary import evolutionary_search
-from recbench.methods.per_id import BagPooling, PerIdEmbedding, value_fields
+from recbench.methods.per_id import BagPooling, PerIdEmbedding, tensor_bytes, value_fields
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec, full_embedding_bytes
 
 INT64_BYTES = 8
+THRESHOLD_OPTIMIZERS = ("sgd", "adam")
+TABLE_OPTIMIZERS = ("adam", "sparse_adam", "adagrad")
+INITS = ("xavier", "hetu", "dlrm")
+
+
+@dataclass(frozen=True)
+class TableTraining:
+    """How the stacked (R, D) table is trained (supernet and retrain).
+
+    ``optimizer``: "adam" — one Adam with the dense parameters (dense (R, D) gradient each step),
+    L2 ``weight_decay`` on every row as torch's Adam applies it (g + wd * e); "sparse_adam" — Adam
+    on the rows a batch touches (``torch.optim.SparseAdam``), the L2 term 0.5 * wd * ||e_x||^2 of
+    the unique touched rows added to the loss (the same g + wd * e on those rows, none on the
+    others); "adagrad" — the trainer's embedding rule (row-sparse Adagrad), no decay.
+    ``learning_rate`` None: the dense learning rate ("adam"), the embedding one ("adagrad").
+    """
+
+    optimizer: str = "adam"
+    learning_rate: Optional[float] = None
+    weight_decay: float = 0.0
+
+    @property
+    def dense_gradient(self) -> bool:
+        return self.optimizer == "adam"
+
+    def group(self, table: nn.Parameter) -> ParamGroup:
+        if self.optimizer == "adam":
+            return ParamGroup("table", [table], learning_rate=self.learning_rate, optimizer="adam",
+                              weight_decay=self.weight_decay)
+        if self.optimizer == "sparse_adam":
+            return ParamGroup("table", [table], learning_rate=self.learning_rate, kind="sparse", optimizer="sparse_adam")
+        return ParamGroup("table", [table], learning_rate=self.learning_rate, kind="sparse")
+
+    def lookup(self, rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """(N,) rows -> (N, D) with the gradient layout the optimizer takes (dense for "adam")."""
+        return F.embedding(rows, table, sparse=not self.dense_gradient)
+
+    def penalty(self, touched: Optional[torch.Tensor], table: torch.Tensor) -> torch.Tensor:
+        """0.5 * wd * sum ||e_x||^2 over the unique ``touched`` rows ("sparse_adam"; else 0)."""
+        if self.optimizer != "sparse_adam" or not self.weight_decay or touched is None:
+            return table.new_zeros(())
+        rows = F.embedding(torch.unique(touched), table, sparse=True)
+        return 0.5 * self.weight_decay * (rows ** 2).sum()
+
+    def state_bytes(self, table_bytes: int) -> int:
+        """Optimizer state (+ the dense gradient for "adam") of a table of ``table_bytes``."""
+        return {"adam": 3, "sparse_adam": 2, "adagrad": 1}[self.optimizer] * table_bytes
+
+
+def table_training(hparams: Mapping[str, Any]) -> TableTraining:
+    """The ``TableTraining`` of solved hyperparameters."""
+    return TableTraining(hparams["table_optimizer"], hparams["table_learning_rate"], float(hparams["table_weight_decay"]))
+
+
+def initial_table(sizes: Sequence[int], all_sizes: Sequence[int], dim: int, init: str, seed: int) -> torch.Tensor:
+    """(sum(sizes), D) initial rows of the stacked table (compressed fields' sizes), drawn from ``seed``.
+
+    ``all_sizes``: every field's rows (the reference's one table spans all fields).
+    xavier: U(+-sqrt(6 / (sum all_sizes + D))), Xavier-uniform over that table (fuyuanlyu/OptEmbed);
+    hetu: U(+-sqrt(1 / max all_sizes)) (Hetu's default initializer); dlrm: U(+-1/sqrt(n_f)) per field.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    if not sizes:
+        return torch.zeros(0, dim)
+    if init == "dlrm":
+        return torch.cat([torch.rand(n, dim, generator=generator) * (2 / n ** 0.5) - 1 / n ** 0.5 for n in sizes])
+    bound = math.sqrt(6 / (sum(all_sizes) + dim)) if init == "xavier" else math.sqrt(1 / max(all_sizes))
+    return torch.rand(int(sum(sizes)), dim, generator=generator) * (2 * bound) - bound
 
 
 class LongTailStep(torch.autograd.Function):
@@ -90,6 +168,47 @@ class _Stacked(PerIdEmbedding):
         self.compressed_sizes, self.num_rows = sizes, int(sum(sizes))
 
 
+class _Trainable(_Stacked):
+    """A stacked table ``self.weight`` (set by the subclass) trained as ``table_training`` says."""
+
+    def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str], table_training: TableTraining):
+        super().__init__(tables, dim, kept)
+        self.table_training = table_training
+        self._touched: Optional[torch.Tensor] = None  # rows of the last training lookup (lazy L2)
+
+    def lookup_rows(self, rows: torch.Tensor, touched: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N,) table rows -> (N, D); while training, remembers the rows the batch uses (``touched``,
+        default ``rows``) for the lazy L2 term."""
+        if self.training and torch.is_grad_enabled():
+            self._touched = rows if touched is None else touched
+        return self.table_training.lookup(rows, self.weight)
+
+    def extra_loss(self) -> torch.Tensor:
+        touched, self._touched = self._touched, None
+        return self.table_training.penalty(touched, self.weight)
+
+    def sparse_parameters(self) -> List[nn.Parameter]:
+        return ([] if self.table_training.dense_gradient else [self.weight]) + super().sparse_parameters()
+
+    def param_groups(self) -> List[ParamGroup]:
+        kept = [ParamGroup("embedding", [self.kept_table], kind="sparse")] if self.kept_table is not None else []
+        return [self.table_training.group(self.weight)] + kept
+
+    def memory_report(self) -> MemoryReport:
+        """Tensors held + optimizer state: the table's (``TableTraining.state_bytes``), Adagrad's for
+        the kept fields' table, and the other parameters' (``dense_state_bytes``)."""
+        report = super().memory_report()  # counts state + 2 x dense + 1 x sparse parameters
+        table, kept = tensor_bytes([self.weight]), tensor_bytes([self.kept_table]) if self.kept_table is not None else 0
+        others = [p for p in self.parameters() if p.requires_grad and p is not self.weight and p is not self.kept_table]
+        training = (tensor_bytes(self.state_dict().values()) + self.table_training.state_bytes(table) + kept
+                    + self.dense_state_bytes(tensor_bytes(others)))
+        return dataclasses.replace(report, training_bytes=training)
+
+    def dense_state_bytes(self, dense_bytes: int) -> int:
+        """Optimizer state of the parameters besides the tables (Adam: 2 x)."""
+        return 2 * dense_bytes
+
+
 @dataclass
 class SearchLookup:
     """``OptEmbedSupernet.precompute``'s state of one batch: values (N, D) at the full dim, their
@@ -117,7 +236,7 @@ class OptEmbedInference(_Stacked):
         return self.table.lookup(self.row_offset[fields] + ids, self.compressed_position[fields])
 
 
-class OptEmbedSupernet(_Stacked):
+class OptEmbedSupernet(_Trainable):
     """Stage 1-2 module: thresholds + dimension supernet over one stacked (R, D) table.
 
     Training forward: threshold-masked rows, pooled, then a random dim prefix per (sample, field).
@@ -128,10 +247,11 @@ class OptEmbedSupernet(_Stacked):
     breakdown_name = "rows"
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]):
-        super().__init__(tables, dim, hparams["kept"])
+        super().__init__(tables, dim, hparams["kept"], table_training(hparams))
         self.dim_cap, self.row_budget = int(hparams["dim_cap"]), int(hparams["row_budget_bytes"])
         self.regularization = float(hparams["threshold_regularization"])
         self.threshold_learning_rate = float(hparams["threshold_learning_rate"])
+        self.threshold_optimizer, self.init = hparams["threshold_optimizer"], hparams["init"]
         self.thresholds = nn.Parameter(torch.full((len(self.compressed_sizes),), float(hparams["threshold_init"])))
         self.register_buffer("init_seed", torch.tensor(int(hparams["init_seed"]), dtype=torch.int64))
         self.weight = nn.Parameter(self.initial_rows())
@@ -140,16 +260,14 @@ class OptEmbedSupernet(_Stacked):
         self._ranking: Optional[Tuple[Any, torch.Tensor, Any]] = None  # (state, row_scores, rank_rows)
 
     def initial_rows(self) -> torch.Tensor:
-        """(R, D) the initial table, regenerated from ``init_seed`` (DLRM init per field)."""
-        generator = torch.Generator().manual_seed(int(self.init_seed))
-        parts = [torch.rand(n, self.dim, generator=generator) * (2 / n ** 0.5) - 1 / n ** 0.5
-                 for n in self.compressed_sizes]
-        return torch.cat(parts) if parts else torch.zeros(0, self.dim)
+        """(R, D) the initial table (``init``), regenerated from ``init_seed``."""
+        return initial_table(self.compressed_sizes, [t.num_embeddings for t in self.tables], self.dim, self.init,
+                             int(self.init_seed))
 
     # ----- lookup -----
     def encode(self, fields, ids):
         rows = self.row_offset[fields] + ids
-        values = F.embedding(rows, self.weight, sparse=True)
+        values = self.lookup_rows(rows)
         position = self.compressed_position[fields]
         if self.training:
             margin = values.abs().sum(1) - self.thresholds[position]
@@ -233,24 +351,25 @@ class OptEmbedSupernet(_Stacked):
 
     # ----- optimisation -----
     def extra_loss(self) -> torch.Tensor:
-        return self.regularization * torch.exp(-self.thresholds).sum()
-
-    def sparse_parameters(self) -> List[nn.Parameter]:
-        return [self.weight] + super().sparse_parameters()
+        return super().extra_loss() + self.regularization * torch.exp(-self.thresholds).sum()
 
     def param_groups(self) -> List[ParamGroup]:
-        return [ParamGroup("embedding", self.sparse_parameters(), kind="sparse"),
-                ParamGroup("thresholds", [self.thresholds], learning_rate=self.threshold_learning_rate)]
+        return super().param_groups() + [ParamGroup("thresholds", [self.thresholds], optimizer=self.threshold_optimizer,
+                                                    learning_rate=self.threshold_learning_rate)]
+
+    def dense_state_bytes(self, dense_bytes: int) -> int:
+        """The thresholds' optimizer state: none for SGD, 2 x for Adam."""
+        return 0 if self.threshold_optimizer == "sgd" else 2 * dense_bytes
 
 
-class OptEmbedRetrain(_Stacked):
+class OptEmbedRetrain(_Trainable):
     """Stage 3 module: kept rows only, (K, D) with per-field dim prefixes; remap as a buffer."""
 
     breakdown_name = "rows"
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str], keep: torch.Tensor,
-                 dims: torch.Tensor, initial: torch.Tensor):
-        super().__init__(tables, dim, kept)
+                 dims: torch.Tensor, initial: torch.Tensor, table_training: TableTraining):
+        super().__init__(tables, dim, kept, table_training)
         remap = torch.full((self.num_rows,), -1, dtype=torch.int64)
         remap[keep] = torch.arange(int(keep.sum()))
         self.register_buffer("remap", remap)
@@ -260,7 +379,7 @@ class OptEmbedRetrain(_Stacked):
 
     def encode(self, fields, ids):
         position = self.remap[self.row_offset[fields] + ids]
-        values = F.embedding(position.clamp(min=0), self.weight, sparse=True)
+        values = self.lookup_rows(position.clamp(min=0), touched=position[position >= 0])
         dims = self.field_dims[self.compressed_position[fields]]
         present = (torch.arange(self.dim).unsqueeze(0) < dims.unsqueeze(1)) & (position >= 0).unsqueeze(1)
         return values * present
@@ -269,9 +388,6 @@ class OptEmbedRetrain(_Stacked):
         table = row_subset.RowSubsetTable(self.weight, self.remap >= 0, self.row_field, self.field_dims, compact=True)
         kept = self.kept_table.detach() if self.kept_table is not None else None
         return OptEmbedInference(self.tables, self.dim, self.kept_names, table, kept).eval()
-
-    def sparse_parameters(self) -> List[nn.Parameter]:
-        return [self.weight] + super().sparse_parameters()
 
 
 class SupernetReport(Hook):
@@ -296,12 +412,16 @@ class OptEmbed(CompressionMethod):
 
     def __init__(self, name: Optional[str] = None, dim_cap: Any = "auto", threshold_init: float = 0.0,
                  threshold_regularization: float = 3e-4, threshold_learning_rate: float = 3e-4,
-                 mutation_num: int = 10, crossover_num: int = 10, mutation_prob: float = 0.1,
+                 threshold_optimizer: str = "sgd", table_optimizer: str = "adam",
+                 table_learning_rate: Optional[float] = None, table_weight_decay: float = 5e-5,
+                 init: str = "xavier", mutation_num: int = 10, crossover_num: int = 10, mutation_prob: float = 0.1,
                  search_iterations: int = 30, top_k: int = 15, search_seed: int = 0, init_seed: int = 0,
                  supernet_max_epochs: Optional[float] = None, retrain_max_epochs: Optional[float] = None):
         super().__init__(name, dim_cap=dim_cap, threshold_init=threshold_init,
                          threshold_regularization=threshold_regularization,
-                         threshold_learning_rate=threshold_learning_rate, mutation_num=mutation_num,
+                         threshold_learning_rate=threshold_learning_rate, threshold_optimizer=threshold_optimizer,
+                         table_optimizer=table_optimizer, table_learning_rate=table_learning_rate,
+                         table_weight_decay=table_weight_decay, init=init, mutation_num=mutation_num,
                          crossover_num=crossover_num, mutation_prob=mutation_prob,
                          search_iterations=search_iterations, top_k=top_k, search_seed=search_seed,
                          init_seed=init_seed, supernet_max_epochs=supernet_max_epochs,
@@ -311,12 +431,27 @@ class OptEmbed(CompressionMethod):
         if threshold_regularization < 0 or not threshold_learning_rate > 0:
             raise ValueError("method 'optembed': threshold_regularization must be >= 0 and threshold_learning_rate > 0, "
                              f"got {threshold_regularization} and {threshold_learning_rate}")
+        for key, value, allowed in (("threshold_optimizer", threshold_optimizer, THRESHOLD_OPTIMIZERS),
+                                    ("table_optimizer", table_optimizer, TABLE_OPTIMIZERS), ("init", init, INITS)):
+            if value not in allowed:
+                raise ValueError(f"method 'optembed': {key}={value!r}; allowed: {', '.join(allowed)}")
+        if table_learning_rate is not None and not table_learning_rate > 0:
+            raise ValueError(f"method 'optembed': table_learning_rate={table_learning_rate!r}; allowed: null or > 0")
+        if table_learning_rate is None and table_optimizer == "sparse_adam":
+            raise ValueError("method 'optembed': table_learning_rate=None with table_optimizer='sparse_adam'; allowed: "
+                             "a number > 0 (null would take the embedding optimizer's Adagrad learning rate)")
+        if table_weight_decay < 0 or (table_weight_decay and table_optimizer == "adagrad"):
+            raise ValueError(f"method 'optembed': table_weight_decay={table_weight_decay!r}; allowed: >= 0, "
+                             "and 0 with table_optimizer=adagrad (the trainer's sparse Adagrad takes no decay)")
         from recbench.methods.evolutionary import _check
 
         _check(1, 1, int(mutation_num), int(crossover_num), float(mutation_prob), int(search_iterations), int(top_k))
         self.dim_cap = dim_cap
         self.threshold_init, self.threshold_regularization = float(threshold_init), float(threshold_regularization)
         self.threshold_learning_rate = float(threshold_learning_rate)
+        self.regime = {"threshold_optimizer": threshold_optimizer, "table_optimizer": table_optimizer,
+                         "table_learning_rate": None if table_learning_rate is None else float(table_learning_rate),
+                         "table_weight_decay": float(table_weight_decay), "init": init}
         self.search = {"mutation_num": int(mutation_num), "crossover_num": int(crossover_num),
                        "mutation_prob": float(mutation_prob), "iterations": int(search_iterations),
                        "top_k": int(top_k), "seed": int(search_seed)}
@@ -352,7 +487,7 @@ class OptEmbed(CompressionMethod):
         return {"dim_cap": cap, "row_capacity": capacity, "rows": rows, "row_budget_bytes": available,
                 "kept": [t.name for t in kept], "threshold_init": self.threshold_init,
                 "threshold_regularization": self.threshold_regularization,
-                "threshold_learning_rate": self.threshold_learning_rate, "init_seed": self.init_seed}
+                "threshold_learning_rate": self.threshold_learning_rate, "init_seed": self.init_seed, **self.regime}
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
@@ -360,9 +495,12 @@ class OptEmbed(CompressionMethod):
         rows, cap, capacity = int(hparams["rows"]), int(hparams["dim_cap"]), int(hparams["row_capacity"])
         fields, fixed = len(tables) - len(kept), kept_bytes(kept, dim)
         table = row_subset.subset_bytes(rows, capacity, capacity * cap, fields)
-        weight = rows * dim * FP32_BYTES
-        # supernet state: table + thresholds + init seed + kept table; Adagrad (table, kept), Adam (thresholds)
-        training = weight + fields * FP32_BYTES + INT64_BYTES + fixed + weight + fixed + 2 * fields * FP32_BYTES
+        weight, thresholds = rows * dim * FP32_BYTES, fields * FP32_BYTES
+        threshold_state = 0 if hparams["threshold_optimizer"] == "sgd" else 2 * thresholds
+        # supernet state: table + thresholds + init seed + kept table, + optimizer state: the table's
+        # (TableTraining.state_bytes), Adagrad's (kept table), the thresholds' (SGD: none, Adam: 2 x)
+        training = (weight + thresholds + INT64_BYTES + fixed + table_training(hparams).state_bytes(weight) + fixed
+                    + threshold_state)
         return MemoryReport(inference_bytes=table + fixed, training_bytes=training,
                             parameters=rows * dim + fields + fixed // FP32_BYTES,
                             full_bytes=full_embedding_bytes(tables, dim), breakdown={"rows": table, "kept": fixed})
@@ -409,4 +547,5 @@ class OptEmbed(CompressionMethod):
         if "keep" not in stage_result or not isinstance(module, OptEmbedSupernet):
             return module
         keep, dims = stage_result["keep"].bool(), stage_result["dims"].long()
-        return OptEmbedRetrain(module.tables, module.dim, module.kept_names, keep, dims, module.initial_rows()[keep])
+        return OptEmbedRetrain(module.tables, module.dim, module.kept_names, keep, dims, module.initial_rows()[keep],
+                               module.table_training)
