@@ -1,99 +1,178 @@
 """``autosrh``: AutoSrh — frequency-grouped, dimension-wise soft selection, pruned to the budget.
 
 References: Kong, Cheng, Shen, Huang, "AutoSrh: An Embedding Dimensionality Search Framework for
-Tabular Data Prediction", IEEE TKDE 35(7), 2023 (doi:10.1109/TKDE.2022.3186387); its conference
-predecessor Cheng, Shen, Huang, "Differentiable Neural Input Search for Recommender Systems"
-(DNIS), arXiv:2006.04466.
+Tabular Data Prediction", IEEE TKDE 35(7), 2023 (doi:10.1109/TKDE.2022.3186387); Hsword/Hetu
+``tools/EmbeddingMemoryCompression/methods/layers/autosrh.py``, ``methods/scheduler/autosrh.py``,
+``models/load_data.py`` (``get_whole_frequency_grouping``) and ``run_compressed.py`` (nsplit 6,
+alpha_l1 1e-5, alpha_lr 1e-3), commit a1cb1bcaf236c9f1d452733b105997d50c16c9df.
 
-Mechanism. Each compressed field's ids are sorted by training frequency (ties by id) and split
-into ``num_groups`` groups of equal size (fewer when the field has fewer rows), so ids of similar
-frequency share a group. Every group g has a soft selection vector alpha_g in R^D (init
-``selection_init``); during stage ``search`` the embedding of id x in group g is e_x * alpha_g, and
-the loss adds ``selection_l1`` * sum |alpha| so that unimportant (group, dim) pairs shrink. Then
-``rebuild`` prunes: the (group, dim) pairs with the smallest |alpha| are removed for every id of
-the group, until the kept entries fit the budget — the pair at the cut is kept for its ids with the
-largest |e_x alpha_g| (so exactly ``nnz`` entries remain) — and stage ``retrain`` trains the masked
-table (``retrain_init``: ``scratch`` re-draws the table and re-initialises the dense layers,
-``inherit`` keeps the searched weights with alpha folded in), with fresh optimizer state; the mask
-is re-applied after every step.
+Mechanism (``schedule: hetu``, the default, as Hetu's ``AutoSrhOverallTrainer``). The compressed
+rows of every field are split, over the whole feature space, into ``num_groups`` frequency groups
+(``grouping: global``: ascending training count, group boundaries on count changes). Every group g
+has a selection vector alpha_g in R^D (init 1). Three stages, each starting from the previous
+stage's best validation checkpoint with fresh optimizer state:
+
+* ``warmup``: the plain table and the dense layers train as ``full`` does.
+* ``search``: the embedding of id x in group g is e_x * alpha_g. Each step is one training batch
+  that updates the embedding table only (dense layers frozen), then one validation batch (in
+  order, cycling) that updates alpha only: g = dL_val/dalpha + ``selection_l1`` * sign(alpha),
+  normalised per group by its mean |g| over the D dims (+1e-8), an SGD step of
+  ``selection_learning_rate``, then alpha clipped to [0, 1].
+* ``retrain``: alpha frozen, table and dense layers train on e_x * alpha_g. The deployable table is
+  then one magnitude prune of e_x * alpha_g: the ``nnz`` largest |entries| are kept.
+
+``schedule: joint`` is a single-level variant: alpha joins the table and dense
+layers on the training loss (its own Adam group, unclipped, no warm-up), then the (group, dim) pairs
+with the smallest |alpha| are removed until the kept entries fit (the pair at the cut keeps its ids
+with the largest |e_x alpha_g|) and the masked table retrains (``retrain_init``). ``grouping:
+per_field`` is its grouping: each field's ids by descending count in ``num_groups`` equal parts.
 
 Budget: the deployable table is the pruned (R, D) table in the cheapest sparse format
 (``sparse_storage``: dense, CSR, COO or bitmap, index bytes counted), at exactly ``nnz`` entries
-(``PruningMethod``); the selection weights are training-only (folded into the table).
-
-Deviation (see methods/autosrh.md): the paper updates alpha on validation batches (bi-level,
-first-order alternating); here alpha is trained jointly with the table on the training loss
-(single-level), so the validation split stays reserved for early stopping and model selection.
+(``PruningMethod``); alpha is training-only (folded into the table).
 
 Shapes: KJT (F keys, B bags) -> per-id (N, D) * alpha (N, D) -> KeyedTensor (B, F * D); alpha (G, D).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import math
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import nn
 
+from recbench.datasets.batching import BatchIterator
 from recbench.methods.base import Hook, ParamGroup
 from recbench.methods.mixed_dim import frequency_order
 from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
+from recbench.training.tasks import training_loss
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
-RETRAIN_INITS = ("scratch", "inherit")
+SCHEDULES = ("hetu", "joint")
+GROUPINGS = ("global", "per_field")
+RETRAIN_INITS = ("inherit", "scratch")
+WARMUP, SEARCH, RETRAIN = 0, 1, 2
+#: Hetu adds 1e-8 to the per-group mean |gradient| before dividing by it
+NORMALISATION_EPS = 1e-8
 
 
-def frequency_groups(tables: Sequence[TableSpec], num_groups: int) -> torch.Tensor:
-    """(R,) int64 group of every stacked row: per field, ids by descending training count split
-    into ``min(num_groups, n_f)`` equal-size groups; group ids are global (field after field)."""
-    groups, offset = [], 0
+def whole_space_groups(counts: np.ndarray, num_groups: int) -> np.ndarray:
+    """(R,) int64 group of every row from its training count (R,): Hetu's
+    ``get_whole_frequency_grouping``. Rows by ascending count; group g takes the next
+    ``(rows left) / (groups left)`` rows, its end moved to the nearer edge of the run of equal counts
+    it falls in (the upper edge on a tie), or the whole run of the smallest count left when that run
+    alone is at least as long; rows left after the last group join it. Group 0 is the rarest. Ties
+    never straddle a boundary, so the tie order of the sort does not matter; fewer groups are used
+    when the rows run out first (Hetu asserts instead)."""
+    counts = np.asarray(counts)
+    n = counts.size
+    order = np.argsort(counts, kind="stable")
+    ranked = counts[order]
+    group = np.zeros(n, dtype=np.int64)
+    start = 0
+    for g in range(num_groups):
+        if start >= n:
+            break
+        share = (n - start) / (num_groups - g)
+        run_end = int(np.searchsorted(ranked, ranked[start], side="right"))
+        if run_end - start >= share:
+            end = run_end
+        else:
+            cut = start + int(share) - 1
+            low = int(np.searchsorted(ranked, ranked[cut], side="left"))
+            high = int(np.searchsorted(ranked, ranked[cut], side="right"))
+            end = high if high - cut <= cut - low + 1 else low
+        group[order[start:end]] = g
+        start = end
+    group[order[start:]] = num_groups - 1
+    return group
+
+
+def frequency_groups(tables: Sequence[TableSpec], num_groups: int, grouping: str = "global") -> Tuple[torch.Tensor, int]:
+    """((R,) int64 group of every stacked row, number of groups G): ``global`` — Hetu's groups over
+    the stacked rows of every field (``whole_space_groups``, G = ``num_groups``); ``per_field`` — per
+    field, ids by descending training count split into ``min(num_groups, n_f)`` equal-size groups,
+    numbered field after field."""
     for t in tables:
         if t.counts is None:
             raise ValueError(f"method 'autosrh' groups ids by training frequency, but field {t.name!r} has no "
                              "counts (TableSpec.counts)")
+    if not tables:
+        return torch.zeros(0, dtype=torch.int64), 0
+    if grouping == "global":
+        counts = np.concatenate([np.asarray(t.counts) for t in tables])
+        return torch.from_numpy(whole_space_groups(counts, num_groups)), int(num_groups)
+    groups, offset = [], 0
+    for t in tables:
         k = min(num_groups, t.num_embeddings)
         group = np.empty(t.num_embeddings, dtype=np.int64)
         for g, ids in enumerate(np.array_split(frequency_order(t), k)):
             group[ids] = offset + g
         groups.append(group)
         offset += k
-    return torch.from_numpy(np.concatenate(groups)) if groups else torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.concatenate(groups)), offset
 
 
-def group_count(tables: Sequence[TableSpec], num_groups: int) -> int:
+def group_count(tables: Sequence[TableSpec], num_groups: int, grouping: str = "global") -> int:
+    if grouping == "global":
+        return int(num_groups) if tables else 0
     return int(sum(min(num_groups, t.num_embeddings) for t in tables))
 
 
+@torch.no_grad()
+def normalised_clipped_sgd_(alpha: torch.Tensor, grad: torch.Tensor, learning_rate: float) -> None:
+    """Hetu's alpha update in place, alpha and grad (G, D): alpha -= lr * grad / (mean_d |grad| + 1e-8)
+    per group (row), then alpha clipped to [0, 1]."""
+    scale = grad.abs().mean(dim=-1, keepdim=True) + NORMALISATION_EPS
+    alpha.sub_(learning_rate * (grad / scale)).clamp_(0.0, 1.0)
+
+
 class AutoSrhEmbedding(PrunedEmbedding):
-    """Soft-selected table (search) / masked table (retrain). forward: KJT -> (B, F * D)."""
+    """Table with a per-(group, dim) selection; phases warmup / search / retrain. forward: KJT -> (B, F * D)."""
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]):
         super().__init__(tables, dim, hparams["kept"], hparams["nnz"])
         compressed = [t for t in self.tables if t.name not in self.kept_names]
-        self.register_buffer("row_group", frequency_groups(compressed, int(hparams["num_groups"])), persistent=False)
-        groups = group_count(compressed, int(hparams["num_groups"]))
-        self.selection = nn.Parameter(torch.full((groups, dim), float(hparams["selection_init"])))
-        self.register_buffer("retraining", torch.zeros((), dtype=torch.bool))
+        self.schedule, self.retrain_init = hparams["schedule"], hparams["retrain_init"]
+        row_group, groups = frequency_groups(compressed, int(hparams["num_groups"]), hparams["grouping"])
+        self.register_buffer("row_group", row_group, persistent=False)
+        # hetu: alpha is stepped by ``SelectionStep`` only (never by an optimizer); joint: its own Adam group
+        self.selection = nn.Parameter(torch.full((groups, dim), float(hparams["selection_init"])),
+                                      requires_grad=self.schedule == "joint")
+        self.register_buffer("phase", torch.tensor(WARMUP if self.schedule == "hetu" else SEARCH, dtype=torch.int8))
         self.selection_l1 = float(hparams["selection_l1"])
         self.selection_learning_rate = float(hparams["selection_learning_rate"])
-        self.retrain_init = hparams["retrain_init"]
+
+    @property
+    def retraining(self) -> bool:
+        return int(self.phase) == RETRAIN
+
+    def masked_retrain(self) -> bool:
+        """joint's retrain: the table under its pair mask, alpha no longer used."""
+        return self.schedule == "joint" and self.retraining
 
     def effective(self, rows, fields, values):
-        if bool(self.retraining):
+        if int(self.phase) == WARMUP:
+            return values
+        if self.masked_retrain():
             return values * self.mask[rows]
         return values * self.selection[self.row_group[rows]]
 
     @torch.no_grad()
     def effective_table(self) -> torch.Tensor:
-        if bool(self.retraining):
+        if int(self.phase) == WARMUP or self.masked_retrain():
             return self.weight * self.mask
         return self.weight * self.selection[self.row_group]
 
     @torch.no_grad()
     def keep_scores(self) -> torch.Tensor:
-        """(R, D) float64: the rank of the entry's (group, dim) pair by |alpha| (ascending), plus
-        |e_x alpha_g| scaled into [0, 1) to order the ids within a pair."""
-        if bool(self.retraining):
+        """(R, D) float64 ranking of the deployable entries. hetu: |e_x alpha_g| (Hetu's magnitude
+        prune). joint: the rank of the entry's (group, dim) pair by |alpha| (ascending), plus
+        |e_x alpha_g| scaled into [0, 1) to order the ids within a pair; |weight| once retraining."""
+        if self.schedule == "hetu":
+            return self.effective_table().abs().double()
+        if self.retraining:
             return self.weight.abs()
         strength = self.selection.abs().double().flatten()
         pair_rank = torch.empty_like(strength)
@@ -112,47 +191,177 @@ class AutoSrhEmbedding(PrunedEmbedding):
         return ~kept
 
     @torch.no_grad()
-    def start_retraining(self) -> None:
-        """Freeze the mask (exactly ``nnz`` entries: the largest-|alpha| pairs) and reset the table."""
-        mask = top_k_mask(self.keep_scores(), self.nnz)
-        if self.retrain_init == "inherit":
-            self.weight.copy_(self.effective_table() * mask)
-        else:
-            for position, size in enumerate(self.compressed_sizes()):
-                start = self.field_start(position)
+    def advance(self) -> None:
+        """The next phase. Into retrain: joint freezes its pair mask (exactly ``nnz`` entries, the
+        largest-|alpha| pairs); ``retrain_init=scratch`` re-draws the table (DLRM init per field),
+        ``inherit`` keeps it (joint: with alpha folded in)."""
+        phase = int(self.phase)
+        if phase == RETRAIN:
+            return
+        if phase + 1 == RETRAIN and self.schedule == "joint":
+            mask = top_k_mask(self.keep_scores(), self.nnz)
+            if self.retrain_init == "inherit":
+                self.weight.copy_(self.effective_table() * mask)
+            self.mask.copy_(mask)
+        self.phase.fill_(phase + 1)
+        if phase + 1 != RETRAIN:
+            return
+        if self.retrain_init == "scratch":
+            start = 0
+            for size in self.compressed_sizes():
                 bound = 1.0 / size ** 0.5
                 self.weight[start:start + size].uniform_(-bound, bound)
-            self.weight.mul_(mask)
-        self.mask.copy_(mask)
-        self.retraining.fill_(True)
+                start += size
+            self.weight.mul_(self.mask)
 
     def compressed_sizes(self) -> List[int]:
         return [t.num_embeddings for t in self.tables if t.name not in self.kept_names]
 
-    def field_start(self, position: int) -> int:
-        return int(sum(self.compressed_sizes()[:position]))
+    def selection_step(self, data_loss: Callable[[], torch.Tensor],
+                       reduce: Callable[[torch.Tensor], torch.Tensor] = lambda grad: grad) -> None:
+        """One alpha step of Hetu's search (``AutoSrhTrainer``'s ``alpha`` node): the gradient (G, D) of
+        ``data_loss()`` (a scalar computed through this module; ``reduce`` averages it over ranks)
+        plus ``selection_l1`` * sign(alpha), then ``normalised_clipped_sgd_``. Only alpha changes."""
+        alpha, trained = self.selection, self.selection.requires_grad
+        alpha.requires_grad_(True)
+        try:
+            (grad,) = torch.autograd.grad(data_loss(), [alpha])
+        finally:
+            alpha.requires_grad_(trained)
+        grad = reduce(grad) + self.selection_l1 * torch.sign(alpha.detach())
+        normalised_clipped_sgd_(alpha.data, grad, self.selection_learning_rate)
 
     def extra_loss(self) -> torch.Tensor:
-        if bool(self.retraining) or self.selection_l1 == 0:
+        """``selection_l1`` * sum |alpha| during the search (hetu: a constant of the table's step,
+        logged with the loss as in Hetu; alpha's step adds its gradient itself)."""
+        if int(self.phase) != SEARCH or self.selection_l1 == 0:
             return torch.zeros(())
         return self.selection_l1 * self.selection.abs().sum()
 
     def param_groups(self) -> List[ParamGroup]:
         groups = [g for g in super().param_groups() if g.name != "decoder"]
-        return groups + [ParamGroup("selection", [self.selection], learning_rate=self.selection_learning_rate)]
+        if self.schedule == "joint":
+            groups.append(ParamGroup("selection", [self.selection], learning_rate=self.selection_learning_rate))
+        return groups
+
+    def memory_report(self) -> MemoryReport:
+        report = super().memory_report()
+        if not self.selection.requires_grad:  # hetu: alpha is a parameter stepped outside any optimizer
+            report.parameters += self.selection.numel()
+        return report
+
+
+# --------------------------------------------------------------------------------------------- hooks
+class RestoreBest(Hook):
+    """Stages ``warmup`` and ``search`` end on their best validation checkpoint (the trainer's rule:
+    val AUC above the best + ``min_delta``), which Hetu loads for the next stage. After a resume
+    inside such a stage the snapshot is gone and the last weights are used."""
+
+    STAGES = ("warmup", "search")
+
+    def __init__(self):
+        self.best_auc, self.best_state = -math.inf, None
+
+    def on_stage_start(self, context: Any) -> None:
+        self.best_auc, self.best_state = -math.inf, None
+
+    def on_eval_end(self, context: Any, metrics: Mapping[str, float]) -> Optional[bool]:
+        if context.stage.name in self.STAGES and metrics["auc"] > self.best_auc + context.trainer.config.min_delta:
+            self.best_auc = metrics["auc"]
+            self.best_state = {k: v.detach().clone() for k, v in context.model.state_dict().items()}
+        return None
+
+    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        if context.stage.name not in self.STAGES:
+            return None
+        restored = self.best_state is not None
+        if restored:
+            context.model.load_state_dict(self.best_state)
+        self.best_state = None
+        return {"restored_best": float(restored)}
+
+
+class FrozenDense(Hook):
+    """Stage ``search``: only the embedding module's parameters train (Hetu's ``embed`` step holds
+    the table's update alone); the model's other parameters get no gradient, so no optimizer moves them."""
+
+    def __init__(self):
+        self.frozen: List[nn.Parameter] = []
+
+    def on_stage_start(self, context: Any) -> None:
+        if context.stage.name == "search":
+            own = {id(p) for p in context.embedding.parameters()}
+            self.frozen = [p for p in context.model.parameters() if p.requires_grad and id(p) not in own]
+            for p in self.frozen:
+                p.requires_grad_(False)
+
+    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
+        for p in self.frozen:
+            p.requires_grad_(True)
+        self.frozen = []
+        return None
+
+
+class SelectionStep(Hook):
+    """Stage ``search`` (hetu): after every training step, one alpha step on the next validation batch
+    (in order, ``trainer.batch_size`` rows, the incomplete last batch dropped, cycling; the position
+    follows the stage step, so a resumed stage continues where it was)."""
+
+    def __init__(self):
+        self.batches = None
+
+    def on_stage_start(self, context: Any) -> None:
+        self.batches = None
+
+    def validation_batch(self, context: Any):
+        trainer = context.trainer
+        split = trainer.split("val")
+        size = trainer.config.batch_size
+        iterator = trainer.parallel.iterate(BatchIterator(trainer.dataset.spec, split, size,
+                                                          drop_last=len(split) >= size))
+        count = len(iterator)
+        step = context.stage_step - 1
+        if self.batches is None or step % count == 0:
+            self.batches = iterator.epoch(step // count, step % count)
+        return next(self.batches)
+
+    def on_step_end(self, context: Any) -> Optional[bool]:
+        module = context.embedding
+        if context.stage.name != "search" or not isinstance(module, AutoSrhEmbedding) or int(module.phase) != SEARCH:
+            return None
+        batch = self.validation_batch(context)
+        model = getattr(context.model, "inner", None) or context.model  # distributed: outside DDP
+        parallel = context.trainer.parallel
+
+        def validation_loss() -> torch.Tensor:
+            with parallel.placement(batch):
+                output = model(batch.dense_features, batch.sparse_features)
+            return training_loss(model, output, batch, parallel.row_scale(batch))
+
+        def rank_mean(grad: torch.Tensor) -> torch.Tensor:  # one process: grad itself
+            return torch.stack(parallel.concat_ranks([grad])[0].split(grad.shape[0])).mean(0)
+
+        module.selection_step(validation_loss, rank_mean)
+        return None
 
 
 class SelectionReport(Hook):
-    """Stage artifacts of the search: the selection weights, the pruned (group, dim) pairs, the mask's density."""
+    """Stage artifacts of the search: alpha and its range; joint adds the pruned (group, dim) pairs
+    and the mask's density."""
 
     def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
         module = context.embedding
         if context.stage.name != "search" or not isinstance(module, AutoSrhEmbedding):
             return None
-        pruned = module.pruned_pairs()
-        return {**pruning_stage_result(module, True), "selection": module.selection.detach().clone(),
-                "pruned_pairs": pruned, "pruned_pair_fraction": float(pruned.float().mean()),
-                "selection_abs_mean": float(module.selection.abs().mean())}
+        alpha = module.selection.detach()
+        result = {"selection": alpha.clone(), "selection_abs_mean": float(alpha.abs().mean()),
+                  "selection_min": float(alpha.min()), "selection_max": float(alpha.max()),
+                  "selection_zero_fraction": float((alpha == 0).float().mean())}
+        if module.schedule == "joint":
+            pruned = module.pruned_pairs()
+            result.update({**pruning_stage_result(module, True), "pruned_pairs": pruned,
+                           "pruned_pair_fraction": float(pruned.float().mean())})
+        return result
 
 
 class AutoSrh(PruningMethod):
@@ -160,54 +369,69 @@ class AutoSrh(PruningMethod):
 
     name = "autosrh"
     module_class = AutoSrhEmbedding
+    #: see the card's "Revisions"
+    revision = 2
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", num_groups: int = 10,
-                 selection_init: float = 1.0, selection_l1: float = 1e-4, selection_learning_rate: float = 1e-3,
-                 retrain_init: str = "scratch", search_max_epochs: Optional[float] = None,
+    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", schedule: str = "hetu",
+                 grouping: str = "global", num_groups: int = 6, selection_init: float = 1.0,
+                 selection_l1: float = 1e-5, selection_learning_rate: float = 1e-3, retrain_init: str = "inherit",
+                 warmup_max_epochs: Optional[float] = None, search_max_epochs: Optional[float] = None,
                  retrain_max_epochs: Optional[float] = None):
-        super().__init__(name, nnz=nnz, num_groups=num_groups, selection_init=selection_init,
-                         selection_l1=selection_l1, selection_learning_rate=selection_learning_rate,
-                         retrain_init=retrain_init, search_max_epochs=search_max_epochs,
+        super().__init__(name, nnz=nnz, schedule=schedule, grouping=grouping, num_groups=num_groups,
+                         selection_init=selection_init, selection_l1=selection_l1,
+                         selection_learning_rate=selection_learning_rate, retrain_init=retrain_init,
+                         warmup_max_epochs=warmup_max_epochs, search_max_epochs=search_max_epochs,
                          retrain_max_epochs=retrain_max_epochs)
         from recbench.methods.budget import check_auto
 
         check_auto(self.name, "nnz", nnz)
-        if int(num_groups) < 1:
-            raise ValueError(f"method 'autosrh': num_groups must be >= 1, got {num_groups}")
-        if selection_l1 < 0 or not selection_learning_rate > 0:
-            raise ValueError(f"method 'autosrh': selection_l1 must be >= 0 and selection_learning_rate > 0, got "
-                             f"{selection_l1} and {selection_learning_rate}")
-        if retrain_init not in RETRAIN_INITS:
-            raise ValueError(f"method 'autosrh': retrain_init={retrain_init!r}; allowed: {', '.join(RETRAIN_INITS)}")
-        self.num_groups, self.selection_init = int(num_groups), float(selection_init)
-        self.selection_l1, self.selection_learning_rate = float(selection_l1), float(selection_learning_rate)
-        self.retrain_init = retrain_init
+        for key, value, allowed in (("schedule", schedule, SCHEDULES), ("grouping", grouping, GROUPINGS),
+                                    ("retrain_init", retrain_init, RETRAIN_INITS)):
+            if value not in allowed:
+                raise ValueError(f"method 'autosrh': {key}={value!r}; allowed: {', '.join(allowed)}")
+        if isinstance(num_groups, bool) or int(num_groups) != num_groups or int(num_groups) < 1:
+            raise ValueError(f"method 'autosrh': num_groups={num_groups!r}; allowed: an integer >= 1")
+        if not selection_l1 >= 0:
+            raise ValueError(f"method 'autosrh': selection_l1={selection_l1!r}; allowed: a number >= 0")
+        if not selection_learning_rate > 0:
+            raise ValueError(f"method 'autosrh': selection_learning_rate={selection_learning_rate!r}; "
+                             "allowed: a number > 0")
+        self.schedule, self.grouping, self.num_groups = schedule, grouping, int(num_groups)
+        self.selection_init, self.selection_l1 = float(selection_init), float(selection_l1)
+        self.selection_learning_rate, self.retrain_init = float(selection_learning_rate), retrain_init
+        self.warmup_max_epochs = warmup_max_epochs
         self.search_max_epochs, self.retrain_max_epochs = search_max_epochs, retrain_max_epochs
 
     def method_hparams(self) -> Dict[str, Any]:
-        return {"num_groups": self.num_groups, "selection_init": self.selection_init,
-                "selection_l1": self.selection_l1, "selection_learning_rate": self.selection_learning_rate,
-                "retrain_init": self.retrain_init}
+        return {"schedule": self.schedule, "grouping": self.grouping, "num_groups": self.num_groups,
+                "selection_init": self.selection_init, "selection_l1": self.selection_l1,
+                "selection_learning_rate": self.selection_learning_rate, "retrain_init": self.retrain_init}
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         report = super().memory(tables, dim, hparams, optimizer)
         compressed = [t for t in tables if t.name not in set(hparams["kept"])]
-        selection = group_count(compressed, int(hparams["num_groups"])) * dim
-        # alpha (Adam: 2 moments) + the phase flag; training-only, folded into the deployable table
-        report.training_bytes += 3 * selection * FP32_BYTES + 1
+        selection = group_count(compressed, int(hparams["num_groups"]), hparams["grouping"]) * dim
+        # alpha (joint: + Adam's 2 moments; hetu: plain SGD, no state) + the int8 phase; training-only
+        copies = 3 if hparams["schedule"] == "joint" else 1
+        report.training_bytes += copies * selection * FP32_BYTES + 1
         report.parameters += selection
         return report
 
     def stages(self) -> List[Stage]:
-        return [Stage("search", max_epochs=self.search_max_epochs),
-                Stage("retrain", max_epochs=self.retrain_max_epochs, reset_optimizer=True,
-                      reinit=self.retrain_init == "scratch")]
+        retrain = Stage("retrain", max_epochs=self.retrain_max_epochs, reset_optimizer=True,
+                        reinit=self.retrain_init == "scratch")
+        if self.schedule == "joint":
+            return [Stage("search", max_epochs=self.search_max_epochs), retrain]
+        return [Stage("warmup", max_epochs=self.warmup_max_epochs),
+                Stage("search", max_epochs=self.search_max_epochs, reset_optimizer=True), retrain]
 
     def hooks(self) -> List[Hook]:
-        return [MaskHook(), SelectionReport()]
+        if self.schedule == "joint":
+            return [MaskHook(), SelectionReport()]
+        return [RestoreBest(), FrozenDense(), SelectionStep(), SelectionReport()]
 
     def rebuild(self, module: AutoSrhEmbedding, stage_result: Mapping[str, Any]) -> AutoSrhEmbedding:
-        if isinstance(module, AutoSrhEmbedding) and not bool(module.retraining):
-            module.start_retraining()
+        if isinstance(module, AutoSrhEmbedding):
+            module.advance()
         return module
