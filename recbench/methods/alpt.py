@@ -1,16 +1,23 @@
 """``alpt``: Adaptive Low-Precision Training — integer rows with learned step sizes.
 
 References: Li, Guo, Hou, Zhang, Tang, Tang, Zhang & Li, "Adaptive Low-Precision Training for
-Embeddings in Click-Through Rate Prediction", AAAI 2023 (arXiv:2212.05735); the step-size
-gradient of Esser et al., "Learned Step Size Quantization" (LSQ), ICLR 2020.
+Embeddings in Click-Through Rate Prediction", AAAI 2023 (arXiv:2212.05735); Hsword/Hetu
+``tools/EmbeddingMemoryCompression/methods/scheduler/alpt.py`` and ``methods/layers/alpt.py``,
+``run_compressed.py`` (commit a1cb1bcaf236c9f1d452733b105997d50c16c9df); the step-size gradient
+of Esser et al., "Learned Step Size Quantization" (LSQ), ICLR 2020.
 
 Mechanism: as ``lpt`` (integer rows only, de-quantized for the lookup, optimizer step on the
 touched rows inside the backward, stochastic rounding on write), but the step size Delta (one per
-row, as in the paper, or one per field) is learned: its gradient is LSQ's straight-through
-estimate at the updated rows, scaled by 1 / sqrt(N Q_P), and a separate parameter group steps it
-with ``scale_learning_rate``; the updated rows are then rounded with the new Delta
-(``on_step_end`` hook) — the paper's alternating update of weights and step sizes. Step sizes
-start at LSQ's 2 mean|w| / sqrt(Q_P) of the initial draw. See ``recbench.methods.low_precision``.
+row, as in the paper and Hetu, or one per field) is learned: its gradient is LSQ's
+straight-through estimate at the updated rows, scaled by Hetu's 1 / sqrt(B D Q_P) (B the batch's
+samples; ``gradient_scale: rows`` is recbench's earlier 1 / sqrt(N Q_P), N the values sharing the
+step in the batch), and an optimizer of its own steps it: Adam (the paper's optimizer; Hetu builds
+the step sizes' optimizer from the run's optimizer class, sparse Adam for per-row steps) at
+``scale_learning_rate`` = 2e-5 (Hetu's ``scale_lr``); ``scale_optimizer: adagrad`` puts per-row
+steps in the sparse Adagrad group (recbench's earlier rule). The updated rows are then rounded with
+the new Delta (``on_step_end`` hook) — the alternating update of weights and step sizes. Step
+sizes start at Hetu's constant ``init_scale`` 0.01 (``step_init``; ``lsq`` = LSQ's 2 mean|w| /
+sqrt(Q_P) of the initial draw, recbench's earlier init). See ``recbench.methods.low_precision``.
 Budget: bytes = packed integer rows (D * b / 8 per row, INT4 two and INT2 four values per byte)
 + fp32 step sizes (4 bytes per row or per field) (+ kept fields in fp32); per-field precision from
 ``levels`` (default 16, 8, 4, 2) as in ``lpt``. With D = 16 and per-row steps the reachable
@@ -26,12 +33,18 @@ from recbench.methods.low_precision import LowPrecisionMethod
 
 class ALPT(LowPrecisionMethod):
     """Hyperparameters: ``bits`` (auto | 16 | 8 | 4 | 2), ``levels``, ``granularity`` (row | field),
-    ``scale_learning_rate`` (the step sizes' own learning rate)."""
+    ``scale_learning_rate`` (the step sizes' own learning rate), ``step_init`` (a number | lsq),
+    ``gradient_scale`` (batch | rows), ``scale_optimizer`` (adam | adagrad)."""
 
     name = "alpt"
     learnable = True
     allowed_levels = (16, 8, 4, 2)
+    #: 3: Hetu's step-gradient scale 1/sqrt(B D Q_P), Adam on the step sizes and init_scale 0.01
+    #: (methods/alpt.md, Deviations)
+    revision = 3
 
     def __init__(self, name: Optional[str] = None, bits: Any = "auto", levels: Sequence[int] = (16, 8, 4, 2),
-                 granularity: str = "row", scale_learning_rate: float = 2e-5):
-        super().__init__(name, bits, levels, granularity=granularity, scale_learning_rate=scale_learning_rate)
+                 granularity: str = "row", scale_learning_rate: float = 2e-5, step_init: Any = 0.01,
+                 gradient_scale: str = "batch", scale_optimizer: str = "adam"):
+        super().__init__(name, bits, levels, granularity=granularity, scale_learning_rate=scale_learning_rate,
+                         step_init=step_init, gradient_scale=gradient_scale, scale_optimizer=scale_optimizer)

@@ -1,24 +1,31 @@
 """``deeplight``: DeepLight — progressive magnitude pruning of the embedding to a target sparsity.
 
 References: Deng, Pan, Zhou, Kong, Flores, Lin, "DeepLight: Deep Lightweight Feature Interactions
-for Accelerating CTR Predictions in Ad Serving", WSDM 2021 (arXiv:2002.06987).
+for Accelerating CTR Predictions in Ad Serving", WSDM 2021 (arXiv:2002.06987); Hsword/Hetu
+``tools/EmbeddingMemoryCompression/methods/layers/deeplight.py`` and ``methods/scheduler/deeplight.py``
+(commit a1cb1bcaf236c9f1d452733b105997d50c16c9df).
 
-Mechanism: after ``warmup_epochs`` of dense training, every ``prune_every`` steps the table keeps
-only its largest-magnitude entries (one global threshold over all compressed fields, as the
-paper's stacked-embedding threshold) at the paper's damped schedule
+Mechanism: after ``warmup_epochs`` of dense training, every ``prune_every`` steps (and at
+every epoch boundary of the pruning phase, as the reference) the table keeps only its
+largest-magnitude entries (one global threshold over all compressed fields, as the paper's
+stacked-embedding threshold) at the damped schedule
 
     s_t = S * (1 - damping^(t / time_constant)),   t = steps since the warm-up ended,
 
-with the paper's ``damping = 0.99`` and ``prune_every = 10`` (the reference code prunes every 10
-iterations with ``0.99^(iterations / 100)``). That schedule only approaches S, so the time
-constant is set from ``pruning_epochs`` (T steps) such that S - s_T = ``tolerance`` (1e-3):
-``time_constant = T ln(damping) / ln(tolerance / S)``; the hook ends stage ``prune`` at the first
-pruning step within ``tolerance`` of the target. ``rebuild`` then fixes the mask at exactly
-``nnz`` entries (the largest magnitudes among the surviving ones: at most ``tolerance * R * D``
-more entries pruned) and stage ``finetune`` keeps training with that mask (early stopping on
-validation AUC; the test checkpoint is always at the target). Pruned weights stay zero: the
-lookup multiplies by the mask (so they get no gradient) and the mask is re-applied to the
-touched rows after every optimizer step.
+with the reference's ``damping = 0.99``, ``time_constant = 100`` and ``prune_every = 10``
+(Hsword/Hetu ``tools/EmbeddingMemoryCompression/methods/layers/deeplight.py``: ``prune_rate *
+(1 - 0.99 ** (n_iter / 100.))`` when ``n_iter % 10 == 0 or n_iter % batch_num == 0``). The
+hook ends stage ``prune`` at the first pruning step whose relative deviation 1 - s_t / S is
+within ``tolerance`` (1e-3, Hetu's ``stop_deviation``: t = 100 log_0.99(1e-3) ~ 68,700 steps,
+whatever the dataset). ``time_constant: auto`` is recbench's earlier variant: the time constant
+is rescaled so that the schedule ends after ``pruning_epochs`` (T steps) within an absolute
+``tolerance`` of S, ``time_constant = T ln(damping) / ln(tolerance / S)``, pruning every
+``prune_every`` steps only. ``rebuild`` then fixes the mask at exactly ``nnz`` entries (the
+largest magnitudes among the surviving ones: at most ``tolerance * R * D`` more entries pruned)
+and stage ``finetune`` keeps training with that mask (early stopping on validation AUC; the test
+checkpoint is always at the target). Pruned weights stay zero: the lookup multiplies by the mask
+(so they get no gradient) and the mask is re-applied to the touched rows after every optimizer
+step.
 
 Budget: ``nnz`` is the largest number of kept entries whose cheapest sparse storage (values +
 indices, ``sparse_storage``) fits the target; S = 1 - nnz / (R D).
@@ -38,6 +45,9 @@ from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, 
                                       top_k_mask)
 from recbench.types import Stage, TableSpec
 
+#: epoch cap of a prune stage whose schedule is given in steps (the hook ends the stage)
+UNCAPPED_EPOCHS = 1e6
+
 
 def damped_sparsity(step: int, target: float, damping: float, time_constant: float) -> float:
     """DeepLight's schedule s_t = S (1 - damping^(t / time_constant)) (0 for t <= 0)."""
@@ -47,7 +57,7 @@ def damped_sparsity(step: int, target: float, damping: float, time_constant: flo
 
 
 def time_constant_for(steps: int, target: float, damping: float, tolerance: float) -> float:
-    """The time constant at which s_steps = target - tolerance (the schedule's end)."""
+    """The time constant at which s_steps = target - tolerance (``time_constant: auto``'s end)."""
     if target <= tolerance:
         return 1.0  # already within tolerance at the first pruning step
     return steps * math.log(damping) / math.log(tolerance / target)
@@ -89,14 +99,20 @@ class ScheduleHook(Hook):
         m, module = self.method, context.embedding
         steps_per_epoch = math.ceil(len(context.trainer.split("train")) / context.trainer.config.batch_size)
         warmup = int(round(m.warmup_epochs * steps_per_epoch))
-        horizon = max(1, int(round(m.pruning_epochs * steps_per_epoch)))
         t = context.stage_step - warmup
-        if t <= 0 or t % m.prune_every:
+        rescaled = m.time_constant == "auto"
+        if t <= 0 or (t % m.prune_every and (rescaled or t % steps_per_epoch)):
             return None
         target = module.target_sparsity()
-        sparsity = damped_sparsity(t, target, m.damping, time_constant_for(horizon, target, m.damping, m.tolerance))
+        if rescaled:
+            horizon = max(1, int(round(m.pruning_epochs * steps_per_epoch)))
+            sparsity = damped_sparsity(t, target, m.damping, time_constant_for(horizon, target, m.damping, m.tolerance))
+            deviation = target - sparsity
+        else:
+            sparsity = damped_sparsity(t, target, m.damping, m.time_constant)
+            deviation = m.damping ** (t / m.time_constant)  # 1 - s_t / S (Hetu's stop_deviation)
         module.prune_to(sparsity)
-        if target - sparsity <= m.tolerance:
+        if deviation <= m.tolerance:
             self.reached = True
             return True
         return None
@@ -116,14 +132,16 @@ class DeepLight(PruningMethod):
     module_class = DeepLightEmbedding
 
     #: 2: schedule inside the first epoch by default (0.5 + 0.5, was 1 + 2) and the fine-tune keeps
-    #: the pruned model when fine-tuning only lowers validation AUC (methods/deeplight.md, Revisions)
-    revision = 2
+    #: the pruned model when fine-tuning only lowers validation AUC; 3: the reference's time constant
+    #: 100 and relative stop deviation (methods/deeplight.md, Revisions)
+    revision = 3
 
     def __init__(self, name: Optional[str] = None, nnz: Any = "auto", warmup_epochs: float = 0.5,
-                 pruning_epochs: float = 0.5, prune_every: int = 10, damping: float = 0.99,
-                 tolerance: float = 1e-3):
-        super().__init__(name, nnz=nnz, warmup_epochs=warmup_epochs, pruning_epochs=pruning_epochs,
-                         prune_every=prune_every, damping=damping, tolerance=tolerance)
+                 time_constant: Any = 100.0, pruning_epochs: float = 0.5, prune_every: int = 10,
+                 damping: float = 0.99, tolerance: float = 1e-3):
+        super().__init__(name, nnz=nnz, warmup_epochs=warmup_epochs, time_constant=time_constant,
+                         pruning_epochs=pruning_epochs, prune_every=prune_every, damping=damping,
+                         tolerance=tolerance)
         check_auto(self.name, "nnz", nnz)
         if warmup_epochs < 0:
             raise ValueError(f"method 'deeplight': warmup_epochs must be >= 0, got {warmup_epochs}")
@@ -135,14 +153,21 @@ class DeepLight(PruningMethod):
             raise ValueError(f"method 'deeplight': damping must be in (0, 1), got {damping}")
         if not 0 < tolerance < 1:
             raise ValueError(f"method 'deeplight': tolerance must be in (0, 1), got {tolerance}")
+        if time_constant != "auto" and (isinstance(time_constant, (bool, str)) or not time_constant > 0):
+            raise ValueError(f"method 'deeplight': time_constant must be 'auto' (rescaled from pruning_epochs) "
+                             f"or a number of steps > 0, got {time_constant!r}")
+        self.time_constant = time_constant if time_constant == "auto" else float(time_constant)
         self.warmup_epochs, self.pruning_epochs = float(warmup_epochs), float(pruning_epochs)
         self.prune_every, self.damping, self.tolerance = int(prune_every), float(damping), float(tolerance)
 
     def stages(self) -> List[Stage]:
         # the hook ends the stage at the schedule's end; the cap leaves room for the last pruning step
-        # the finetune's first checkpoint is the pruned model itself (evaluate_at_start): when
-        # fine-tuning only over-fits (data seen again), early stopping keeps the pruned model
-        return [Stage("prune", max_epochs=self.warmup_epochs + self.pruning_epochs + 0.5, early_stopping=False),
+        # (a fixed time constant's schedule is in steps: its stage has no epoch cap of its own, only
+        # trainer.max_steps); the finetune's first checkpoint is the pruned model itself
+        # (evaluate_at_start): when fine-tuning only over-fits (data seen again), early stopping
+        # keeps the pruned model
+        cap = self.pruning_epochs + 0.5 if self.time_constant == "auto" else UNCAPPED_EPOCHS
+        return [Stage("prune", max_epochs=self.warmup_epochs + cap, early_stopping=False),
                 Stage("finetune", evaluate_at_start=True)]
 
     def hooks(self) -> List[Hook]:

@@ -21,9 +21,10 @@ by (seed, t, r, c) (``counter_uniform``; the seed is torch's seed when the modul
 seed and t are buffers saved in checkpoints), so a row's rounding does not depend on the
 other rows of the batch or on how the batch is split across ranks. With a learned step size (ALPT) the backward also returns dL/dDelta by the LSQ estimator
 evaluated at the updated rows, dQ(w'; Delta)/dDelta = round(v) - v for v = w'/Delta inside
-[-Q_N, Q_P], -Q_N below, Q_P above, times G, scaled by 1 / sqrt(N * Q_P) (N = values sharing the
-step in the batch); the trainer's optimizer steps Delta with its own learning rate
-(``param_groups``) and the rows are committed (rounded with the *updated* Delta) by the
+[-Q_N, Q_P], -Q_N below, Q_P above, times G, scaled by Hetu's 1 / sqrt(B * D * Q_P) (B = the
+batch's samples; ``gradient_scale="batch"``) or LSQ's 1 / sqrt(N * Q_P) (N = values sharing the
+step in the batch; ``"rows"``); the trainer's optimizer (``scale_optimizer``) steps Delta with its
+own learning rate (``param_groups``) and the rows are committed (rounded with the *updated* Delta) by the
 ``on_step_end`` hook, as in ALPT's alternating update.
 
 Distributed runs (``trainer.distributed=true``): the integer rows, step sizes and optimizer
@@ -57,6 +58,12 @@ from recbench.methods.per_id import PerIdEmbedding, tensor_bytes
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 GRANULARITIES = ("field", "row")
+#: ALPT's step-size gradient scale: "batch" = 1 / sqrt(B D Q_P) with B the batch's samples (Hetu's
+#: ``scale_factor``); "rows" = LSQ's 1 / sqrt(N Q_P) with N the values sharing the step in the batch
+GRADIENT_SCALES = ("batch", "rows")
+#: ALPT's step-size optimizer: "adam" (the paper's and Hetu's, the run's optimizer class: sparse Adam
+#: for per-row steps) or "adagrad" (per-row steps in the sparse Adagrad group; per-field steps are Adam)
+SCALE_OPTIMIZERS = ("adam", "adagrad")
 MIN_STEP = 1e-12
 #: the rounding noise's key held in training (int64 seed and write counter)
 NOISE_KEY_BYTES = 16
@@ -184,16 +191,23 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         fixed_range: LPT's representable range: step = fixed_range / Q_P(b).
         scale_learning_rate: ALPT's step-size learning rate (its own param group).
         optimizer: the embedding optimizer rule applied to the touched rows in the backward.
+        step_init: ALPT's initial step: "lsq" (2 mean|w| / sqrt(Q_P) of the initial draw) or a number
+            (Hetu's constant ``init_scale``).
+        gradient_scale: ALPT's step-gradient scale, one of ``GRADIENT_SCALES``.
+        scale_optimizer: ALPT's step-size optimizer, one of ``SCALE_OPTIMIZERS``.
     """
 
     breakdown_name = "integer_rows"
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, bits: Mapping[str, int], kept: Sequence[str],
                  learnable: bool, granularity: str, fixed_range: float, scale_learning_rate: float,
-                 optimizer: EmbeddingOptimizer):
+                 optimizer: EmbeddingOptimizer, step_init: Any = "lsq", gradient_scale: str = "rows",
+                 scale_optimizer: str = "adagrad"):
         super().__init__(tables, dim, kept)
         self.learnable, self.granularity = bool(learnable), granularity
         self.scale_learning_rate = float(scale_learning_rate)
+        self.step_init, self.gradient_scale, self.scale_optimizer = step_init, gradient_scale, scale_optimizer
+        self._batch_size = 1  # samples of the last training forward's global batch, for gradient_scale="batch"
         self.optimizer_spec = optimizer
         compressed = [t for t in self.tables if t.name not in set(self.kept_names)]
         self.compressed_names = [t.name for t in compressed]
@@ -242,6 +256,8 @@ class LowPrecisionEmbedding(PerIdEmbedding):
             q_p = q_range(self.bits[t.name])[1]
             if not self.learnable:
                 step = torch.full((t.num_embeddings, 1), fixed_range / q_p)
+            elif self.step_init != "lsq":  # a constant initial step (Hetu's init_scale)
+                step = torch.full((t.num_embeddings, 1), float(self.step_init))
             elif self.granularity == "row":  # LSQ's initialisation: 2 mean|w| / sqrt(Q_P)
                 step = 2.0 * weights.abs().mean(1, keepdim=True) / q_p ** 0.5
             else:
@@ -317,6 +333,14 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         per row sparse (R, 1))."""
         q_low, q_high = self.q_low[fields].unsqueeze(1), self.q_high[fields].unsqueeze(1)
         per_row = (grad * lsq_step_derivative(updated, step_rows, q_low, q_high)).sum(1)
+        if self.gradient_scale == "batch":  # Hetu: 1 / sqrt(B D Q_P), B the (global) batch's samples
+            samples = self._batch_size
+            if self.granularity == "row":
+                scale = (samples * self.dim * q_high.squeeze(1)) ** -0.5
+                return torch.sparse_coo_tensor(rows.unsqueeze(0), (per_row * scale).unsqueeze(1),
+                                               size=shape, check_invariants=False).coalesce()
+            total = torch.zeros(shape).index_add_(0, fields, per_row)
+            return total * (samples * self.dim * self.q_high.clamp(min=1.0)) ** -0.5
         if self.granularity == "row":
             scale = (self.dim * q_high.squeeze(1)) ** -0.5
             return torch.sparse_coo_tensor(rows.unsqueeze(0), (per_row * scale).unsqueeze(1),
@@ -348,6 +372,14 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         self._pending = None  # updates staged before a checkpoint load belong to a discarded step
         super()._load_from_state_dict(*args, **kwargs)
 
+    def forward(self, features):
+        """As ``PerIdEmbedding.forward``; first records B, the samples of the (global) batch, for
+        ``gradient_scale="batch"`` (a distributed rank adds up every rank's part)."""
+        if self.learnable and self.gradient_scale == "batch" and self.training:
+            samples, world = torch.tensor(int(features.stride())), batch_part.world_size()
+            self._batch_size = int(batch_part.sum_over_ranks(samples, world))
+        return super().forward(features)
+
     def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         self.commit()
         compressed = self.compressed_index[fields]
@@ -369,13 +401,17 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         groups = [ParamGroup("embedding", super().sparse_parameters(), kind="sparse")] if self.kept_table is not None else []
         if self.learnable:
             kind = "sparse" if self.granularity == "row" else "dense"
-            groups.append(ParamGroup("step_sizes", [self.step], learning_rate=self.scale_learning_rate, kind=kind))
+            rule = "sparse_adam" if kind == "sparse" and self.scale_optimizer == "adam" else None
+            groups.append(ParamGroup("step_sizes", [self.step], learning_rate=self.scale_learning_rate, kind=kind,
+                                     optimizer=rule))
         return groups
 
     # ----- memory and deployment -----
     def memory_report(self) -> MemoryReport:
         report = super().memory_report()
         report.parameters += self.num_rows * self.dim  # the integer entries are trained too
+        if self.learnable and self.granularity == "row" and self.scale_optimizer == "adam":
+            report.training_bytes += tensor_bytes([self.step])  # sparse Adam: 2 state values per step
         return report
 
     def to_inference(self) -> nn.Module:
@@ -409,10 +445,14 @@ class LowPrecisionMethod(CompressionMethod):
     revision = 2
 
     def __init__(self, name: Optional[str], bits: Any, levels: Sequence[int], granularity: str = "field",
-                 fixed_range: float = 1.0, scale_learning_rate: float = 1.0, **hyperparameters: Any):
+                 fixed_range: float = 1.0, scale_learning_rate: float = 1.0, step_init: Any = "lsq",
+                 gradient_scale: str = "rows", scale_optimizer: str = "adagrad", **hyperparameters: Any):
         super().__init__(name, bits=bits, levels=list(levels), **hyperparameters)
         if self.learnable:
             self.hyperparameters.update(granularity=granularity, scale_learning_rate=scale_learning_rate)
+            if (step_init, gradient_scale, scale_optimizer) != ("lsq", "rows", "adagrad"):
+                self.hyperparameters.update(step_init=step_init, gradient_scale=gradient_scale,
+                                            scale_optimizer=scale_optimizer)
         else:
             self.hyperparameters.update(fixed_range=fixed_range)
         self.levels = sorted({int(b) for b in (levels or self.allowed_levels)}, reverse=True)
@@ -425,6 +465,18 @@ class LowPrecisionMethod(CompressionMethod):
             raise ValueError(f"method {self.name!r}: granularity={granularity!r}; allowed: {', '.join(GRANULARITIES)}")
         if not float(fixed_range) > 0 or not float(scale_learning_rate) > 0:
             raise ValueError(f"method {self.name!r}: fixed_range and scale_learning_rate must be > 0")
+        if step_init != "lsq" and (isinstance(step_init, (bool, str)) or not float(step_init) > 0):
+            raise ValueError(f"method {self.name!r}: step_init must be 'lsq' or a number > 0, got {step_init!r}")
+        if gradient_scale not in GRADIENT_SCALES:
+            raise ValueError(f"method {self.name!r}: gradient_scale={gradient_scale!r}; allowed: {', '.join(GRADIENT_SCALES)}")
+        if scale_optimizer not in SCALE_OPTIMIZERS:
+            raise ValueError(f"method {self.name!r}: scale_optimizer={scale_optimizer!r}; allowed: "
+                             f"{', '.join(SCALE_OPTIMIZERS)}")
+        if self.learnable and granularity == "field" and scale_optimizer == "adagrad":
+            raise ValueError(f"method {self.name!r}: scale_optimizer='adagrad' needs granularity='row' "
+                             "(per-field step sizes are a dense parameter, trained by Adam)")
+        self.step_init = step_init if step_init == "lsq" else float(step_init)
+        self.gradient_scale, self.scale_optimizer = gradient_scale, scale_optimizer
         self.bits = bits
         self.granularity = granularity if self.learnable else "field"
         self.fixed_range, self.scale_learning_rate = float(fixed_range), float(scale_learning_rate)
@@ -483,8 +535,10 @@ class LowPrecisionMethod(CompressionMethod):
         rows = sum(t.num_embeddings for t in compressed)
         steps = self._step_bytes(compressed)
         state = rows * optimizer_state_width(optimizer.kind, dim) * FP32_BYTES
-        # step sizes: Adam (2 x) per field, sparse Adagrad (1 x) per row; kept tables: Adagrad (1 x)
-        step_state = (0 if not self.learnable else steps if self.granularity == "row" else 2 * steps)
+        # step sizes: Adam (2 x) per field or per row (sparse Adam), sparse Adagrad (1 x) per row;
+        # kept tables: Adagrad (1 x)
+        adagrad_steps = self.granularity == "row" and self.scale_optimizer == "adagrad"
+        step_state = (0 if not self.learnable else steps if adagrad_steps else 2 * steps)
         return MemoryReport(
             inference_bytes=inference,
             training_bytes=inference + state + step_state + fixed + NOISE_KEY_BYTES,
@@ -497,7 +551,8 @@ class LowPrecisionMethod(CompressionMethod):
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> LowPrecisionEmbedding:
         hp = self.solve(tables, dim, budget)
         return LowPrecisionEmbedding(tables, dim, hp["bits"], hp["kept"], self.learnable, self.granularity,
-                                     self.fixed_range, self.scale_learning_rate, optimizer)
+                                     self.fixed_range, self.scale_learning_rate, optimizer, self.step_init,
+                                     self.gradient_scale, self.scale_optimizer)
 
     def hooks(self) -> List[Hook]:
         return [CommitRows()] if self.learnable else []
