@@ -139,3 +139,20 @@ class EmbeddingModel(nn.Module):
     def forward_memo(self, memo: ForwardMemo):
         """``forward`` of the batch ``memo`` was made from, with the embedding module as it is now."""
         return self.head(self.interact(memo.dense, forward_precomputed(self.embedding, memo.embedding)), memo.sparse)
+
+
+class ModelParamGroups:
+    """The optimizer view of a model: its embedding module's fused parameters and parameter
+    groups, plus the groups the model itself declares (``model.dense_param_groups()``, e.g. MoE
+    gates with a learning rate of their own). Passed to ``build_optimizers`` in place of the
+    embedding module; a model without such groups adds none."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.embedding = model, model.embedding
+
+    def fused_parameters(self):
+        return self.embedding.fused_parameters()
+
+    def param_groups(self):
+        own = getattr(self.model, "dense_param_groups", None)
+        return list(self.embedding.param_groups()) + (list(own()) if own is not None else [])
