@@ -1,34 +1,42 @@
 """``pep``: Plug-in Embedding Pruning — learnable soft thresholds, then lottery-ticket retraining.
 
-References: Liu, Li, Guo, Ren, Tang, Li, "Learnable Embedding Sizes for Recommender Systems",
-ICLR 2021 (arXiv:2101.07577).
+References: Liu, Gao, Chen, Jin, Li, "Learnable Embedding Sizes for Recommender Systems", ICLR 2021
+(arXiv:2101.07577); code ssui-liu/learnable-embed-sizes-for-RecSys@e4d07d2 (``models/pep_embedding.py``,
+``engine.py``, ``train_ml-1m.py``, ``utils/train.py``); Hsword/Hetu@a1cb1bc
+``tools/EmbeddingMemoryCompression/methods/layers/pep.py``, ``methods/scheduler/pep.py``.
 
-Mechanism (paper Eq. 4-6): the embedding actually used is the soft-thresholded weight
-``w_hat = sign(w) * relu(|w| - g(s))`` with ``g = sigmoid`` and a learnable threshold ``s`` whose
-granularity is ``global`` (one scalar), ``dimension`` (D), ``field`` (one per compressed field) or
-``field_dimension`` (F_c, D). ``s`` starts at ``threshold_init`` (the paper's -15: g(s) ~ 3e-7) and
-is trained jointly with the table by the task loss plus ``threshold_weight_decay`` * ||s||^2 / 2
-(the reference code's L2 on every parameter: it pulls s towards 0, raising the threshold); the
-thresholds are their own parameter group (Adam, ``threshold_learning_rate``). Adam moves s by at
-most its learning rate per step, so ``threshold_learning_rate="auto"`` is ``|threshold_init| /
-(search_epochs * steps per epoch)``: the step count in which that pull can carry s from its
-initial value to 0 (g = 0.5, every usual entry pruned) — the target is reached inside the search
-whatever the dataset's size (the reference's fixed 1e-3 assumes Criteo's ~40k steps per epoch).
-An optional ``embedding_weight_decay`` * ||batch entries||^2 / 2 (a sum over the batch's
-lookups, so a row is decayed once per occurrence) is off by default: on ``synthetic`` it shrank
-the most frequent rows' entries ~100-fold, lowering the search model and dropping those fields
-from the mask (methods/pep.md, Revisions).
+Mechanism (paper Eq. 4-6): the embedding used in stage ``search`` is the soft-thresholded weight
+``w_hat = sign(w) * relu(|w| - g(s))`` with ``g = sigmoid`` and a learnable threshold ``s`` of
+granularity ``feature_dim`` (one per id and dimension, (R, D): the reference's default),
+``feature`` (R, 1), ``field_dim`` (F_c, D), ``field`` (F_c, 1), ``dimension`` (1, D) or ``global``
+(1, 1). ``s`` starts at ``threshold_init`` (-15 in the reference's MovieLens config, -150 on
+Criteo/Avazu and in Hetu). The reference trains everything with one Adam (lr 1e-3) whose coupled
+weight decay 1e-5 is what pulls ``s`` towards 0 (raising the threshold) and shrinks rarely seen
+rows. Here:
+
+* thresholds: their own group, Adam at ``threshold_learning_rate`` with coupled weight decay
+  ``threshold_weight_decay``. ``threshold_optimizer=adam`` keeps per-id thresholds dense (every
+  row's ``s`` is decayed at every step, as in the reference; a dense (R, D) gradient per step);
+  ``sparse_adam`` gathers them with row-sparse gradients (lazy Adam, the L2 of the batch's rows in
+  the loss: only rows a batch touches move, as in Hetu). ``threshold_learning_rate="auto"`` is
+  ``|threshold_init| / (search_epochs * steps per epoch)`` (a ramp of ``s`` to 0 within the search).
+* table: ``table_optimizer=adam`` (dense Adam, ``table_learning_rate``, coupled ``table_weight_decay``
+  on every row each step: the reference), ``sparse_adam`` (lazy Adam on the batch's rows, their L2
+  in the loss) or ``protocol`` (the protocol's row-sparse embedding optimizer, Adagrad, L2 of the
+  batch's rows in the loss). Uncompressed (kept) fields always use the protocol's optimizer.
+
 Stage ``search`` ends as soon as the sparsity of ``w_hat`` reaches the target (a hook checks it
-every ``sparsity_check_interval`` steps and requests the stage end). Then ``rebuild`` freezes the
-mask — the ``nnz`` entries with the largest margin ``|w| - g(s)``, i.e. every surviving entry plus
-the closest-to-surviving ones if the last step overshot — rewinds the table to its saved initial
+every ``sparsity_check_interval`` steps) or at its epoch cap. ``rebuild`` freezes the mask — the
+``nnz`` entries with the largest margin ``|w| - g(s)`` — rewinds the table to its saved initial
 weights (lottery ticket, ``initial_weight`` buffer) and stage ``retrain`` trains ``w * mask`` with
 the dense layers re-initialised and fresh optimizer state.
 
 Budget: ``nnz`` is the largest number of kept entries whose cheapest sparse storage (values +
-indices, ``sparse_storage``) fits the target; the target sparsity is ``1 - nnz / (R D)``.
+indices, ``sparse_storage``) fits the target; the target sparsity is ``1 - nnz / (R D)``. The
+thresholds, their Adam state and the initial table are training-only bytes.
 
-Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D); s broadcast to (N, D).
+Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D); thresholds gathered to
+(N, D) or (N, 1) / (1, D) broadcast against the (N, D) weights.
 """
 from __future__ import annotations
 
@@ -36,20 +44,40 @@ import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from recbench.methods import batch_part
 from recbench.methods.base import Hook, ParamGroup
 from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, mask_artifacts, pruning_stage_result,
                                       top_k_mask)
-from recbench.types import FP32_BYTES, Stage, TableSpec
+from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
-GRANULARITIES = ("global", "dimension", "field", "field_dimension")
+#: the reference's threshold types (models/pep_embedding.py); ``field_dimension`` is the old name of field_dim
+GRANULARITIES = ("feature_dim", "feature", "field_dim", "field", "dimension", "global")
+ALIASES = {"field_dimension": "field_dim"}
+PER_ID = ("feature_dim", "feature")
+THRESHOLD_OPTIMIZERS = ("adam", "sparse_adam")
+TABLE_OPTIMIZERS = ("adam", "sparse_adam", "protocol")
 
 
-def threshold_shape(granularity: str, num_fields: int, dim: int):
-    return {"global": (1, 1), "dimension": (1, dim), "field": (num_fields, 1),
-            "field_dimension": (num_fields, dim)}[granularity]
+def threshold_shape(granularity: str, rows: int, num_fields: int, dim: int):
+    """Shape of ``s`` for ``rows`` stacked compressed rows of ``num_fields`` fields."""
+    return {"feature_dim": (rows, dim), "feature": (rows, 1), "field_dim": (num_fields, dim),
+            "field": (num_fields, 1), "dimension": (1, dim), "global": (1, 1)}[granularity]
+
+
+def _bad(key: str, value: Any, allowed: Sequence[str]) -> ValueError:
+    return ValueError(f"method 'pep': {key}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+def row_l2(table: nn.Parameter, rows: torch.Tensor) -> torch.Tensor:
+    """0.5 * sum of squares of the distinct ``rows`` of ``table`` (row-sparse gradient ``table[rows]``):
+    the coupled weight decay of the rows a batch touches. Distributed, each row is counted once over
+    the ranks and scaled by W against the gradient average (``batch_part``)."""
+    unique = torch.unique(rows)
+    unique = unique[batch_part.first_holder(unique, batch_part.world_size())]
+    return 0.5 * F.embedding(unique, table, sparse=True).pow(2).sum() * batch_part.batch_sum_scale()
 
 
 class PEPEmbedding(PrunedEmbedding):
@@ -58,12 +86,14 @@ class PEPEmbedding(PrunedEmbedding):
     def __init__(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]):
         super().__init__(tables, dim, hparams["kept"], hparams["nnz"])
         self.granularity = hparams["granularity"]
+        self.threshold_optimizer = hparams["threshold_optimizer"]
         self.threshold_learning_rate = float(hparams["threshold_learning_rate"])
         self.threshold_weight_decay = float(hparams["threshold_weight_decay"])
-        self.embedding_weight_decay = float(hparams["embedding_weight_decay"])
-        self._batch_values: Optional[torch.Tensor] = None  # the last training batch's gathered rows
+        self.table_optimizer = hparams["table_optimizer"]
+        self.table_learning_rate = float(hparams["table_learning_rate"])
+        self.table_weight_decay = float(hparams["table_weight_decay"])
         fields = len(self.tables) - len(self.kept_names)
-        self.threshold = nn.Parameter(torch.full(threshold_shape(self.granularity, fields, dim),
+        self.threshold = nn.Parameter(torch.full(threshold_shape(self.granularity, self.num_rows, fields, dim),
                                                  float(hparams["threshold_init"])))
         self.register_buffer("initial_weight", self.weight.detach().clone())
         self.register_buffer("retraining", torch.zeros((), dtype=torch.bool))
@@ -72,22 +102,41 @@ class PEPEmbedding(PrunedEmbedding):
             torch.arange(fields), torch.tensor([t.num_embeddings for t in self.tables if t.name not in self.kept_names])),
             persistent=False)
 
-    def gate(self, fields_of_rows: torch.Tensor) -> torch.Tensor:
-        """g(s) broadcast to (N, D) for the given compressed-field positions (N,)."""
-        g = torch.sigmoid(self.threshold)
-        return g[fields_of_rows] if g.shape[0] > 1 else g.expand(fields_of_rows.numel(), -1)
+    # ----- thresholds -----
+    def gate(self, rows: torch.Tensor) -> torch.Tensor:
+        """g(s) of the given stacked rows (N,): (N, D), (N, 1), (1, D) or (1, 1), broadcastable to (N, D)."""
+        if self.granularity in PER_ID:
+            s = F.embedding(rows, self.threshold, sparse=self.threshold_optimizer == "sparse_adam")
+        elif self.granularity.startswith("field"):
+            s = self.threshold[self.row_field[rows]]
+        else:
+            s = self.threshold
+        return torch.sigmoid(s)
+
+    @torch.no_grad()
+    def full_gate(self) -> torch.Tensor:
+        """g(s) for every stacked row, broadcastable to (R, D)."""
+        s = self.threshold[self.row_field] if self.granularity.startswith("field") else self.threshold
+        return torch.sigmoid(s)
+
+    # ----- lookup -----
+    def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.row_offset[fields] + ids
+        if self.training:
+            self._touched = rows
+        # table_optimizer=adam: a dense gradient, so coupled weight decay reaches every row each step
+        values = F.embedding(rows, self.weight, sparse=self.table_optimizer != "adam")
+        return self.effective(rows, fields, values)
 
     def effective(self, rows, fields, values):
-        if self.training:
-            self._batch_values = values
         if bool(self.retraining):
             return values * self.mask[rows]
-        return torch.sign(values) * torch.relu(values.abs() - self.gate(self.compressed_position[fields]))
+        return torch.sign(values) * torch.relu(values.abs() - self.gate(rows))
 
     @torch.no_grad()
     def margin(self) -> torch.Tensor:
         """(R, D) |w| - g(s): positive where an entry survives the soft threshold."""
-        return self.weight.abs() - self.gate(self.row_field)
+        return self.weight.abs() - self.full_gate()
 
     @torch.no_grad()
     def effective_table(self) -> torch.Tensor:
@@ -116,22 +165,43 @@ class PEPEmbedding(PrunedEmbedding):
         self.weight.copy_(self.initial_weight * self.mask)
         self.retraining.fill_(True)
 
+    # ----- optimisation -----
     def extra_loss(self) -> torch.Tensor:
-        """Search: L2 on s and on the batch's table entries (the reference code's weight decay)."""
+        """Coupled weight decay of row-sparse groups as an L2 on the rows the batch touched: the
+        table (``sparse_adam``/``protocol``; both stages) and the thresholds (``sparse_adam``; search)."""
         loss = torch.zeros(())
-        if bool(self.retraining):
+        rows = self._touched
+        if rows is None:
             return loss
-        if self.threshold_weight_decay:
-            loss = loss + 0.5 * self.threshold_weight_decay * (self.threshold ** 2).sum()
-        if self.embedding_weight_decay and self._batch_values is not None:
-            # a sum over the batch: distributed, this rank's rows weighted so that ranks add up to it
-            loss = loss + 0.5 * self.embedding_weight_decay * (self._batch_values ** 2).sum() * batch_part.batch_sum_scale()
-            self._batch_values = None
+        if self.table_weight_decay and self.table_optimizer != "adam":
+            loss = loss + self.table_weight_decay * row_l2(self.weight, rows)
+        if self.threshold_weight_decay and self.threshold_optimizer == "sparse_adam" and not bool(self.retraining):
+            loss = loss + self.threshold_weight_decay * row_l2(self.threshold, rows)
         return loss
 
     def param_groups(self) -> List[ParamGroup]:
-        groups = [g for g in super().param_groups() if g.name != "decoder"]
-        return groups + [ParamGroup("thresholds", [self.threshold], learning_rate=self.threshold_learning_rate)]
+        kept = [ParamGroup("kept", [self.kept_table], kind="sparse")] if self.kept_table is not None else []
+        if self.table_optimizer == "protocol":
+            table = ParamGroup("embedding", [self.weight], kind="sparse")
+        elif self.table_optimizer == "sparse_adam":
+            table = ParamGroup("embedding", [self.weight], self.table_learning_rate, kind="sparse",
+                               optimizer="sparse_adam")
+        else:
+            table = ParamGroup("embedding", [self.weight], self.table_learning_rate, optimizer="adam",
+                               weight_decay=self.table_weight_decay)
+        if self.threshold_optimizer == "sparse_adam":
+            thresholds = ParamGroup("thresholds", [self.threshold], self.threshold_learning_rate, kind="sparse",
+                                    optimizer="sparse_adam")
+        else:
+            thresholds = ParamGroup("thresholds", [self.threshold], self.threshold_learning_rate, optimizer="adam",
+                                    weight_decay=self.threshold_weight_decay)
+        return [table, thresholds] + kept
+
+    def memory_report(self) -> MemoryReport:
+        report = super().memory_report()  # counts the table's optimizer state once (Adagrad)
+        if self.table_optimizer != "protocol":  # Adam: two state values per entry
+            report.training_bytes += self.weight.numel() * FP32_BYTES
+        return report
 
 
 class SparsityHook(Hook):
@@ -184,61 +254,83 @@ class PEP(PruningMethod):
     name = "pep"
     module_class = PEPEmbedding
 
-    #: 2: threshold learning rate scaled to the protocol's steps ("auto") and no L2 on the batch's
-    #: table entries by default (methods/pep.md, Revisions)
-    revision = 2
+    #: 3: the reference's regime by default (per-id thresholds, Adam 1e-3 with weight decay 1e-5 on
+    #: thresholds and table); revision 2's is granularity=field_dim threshold_learning_rate=auto
+    #: threshold_weight_decay=1e-2 table_optimizer=protocol table_weight_decay=0 (methods/pep.md)
+    revision = 3
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", granularity: str = "field_dimension",
-                 threshold_init: float = -15.0, threshold_learning_rate: Any = "auto", search_epochs: float = 1.0,
-                 threshold_weight_decay: float = 1e-2, embedding_weight_decay: float = 0.0,
-                 sparsity_check_interval: int = 10,
-                 search_max_epochs: Optional[float] = None):
+    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", granularity: str = "feature_dim",
+                 threshold_init: float = -15.0, threshold_optimizer: str = "adam", threshold_learning_rate: Any = 1e-3,
+                 threshold_weight_decay: float = 1e-5, search_epochs: float = 1.0, table_optimizer: str = "adam",
+                 table_learning_rate: float = 1e-3, table_weight_decay: float = 1e-5,
+                 sparsity_check_interval: int = 10, search_max_epochs: Optional[float] = None):
+        granularity = ALIASES.get(granularity, granularity)
         super().__init__(name, nnz=nnz, granularity=granularity, threshold_init=threshold_init,
-                         threshold_learning_rate=threshold_learning_rate, search_epochs=search_epochs,
-                         threshold_weight_decay=threshold_weight_decay, embedding_weight_decay=embedding_weight_decay,
-                         sparsity_check_interval=sparsity_check_interval, search_max_epochs=search_max_epochs)
+                         threshold_optimizer=threshold_optimizer, threshold_learning_rate=threshold_learning_rate,
+                         threshold_weight_decay=threshold_weight_decay, search_epochs=search_epochs,
+                         table_optimizer=table_optimizer, table_learning_rate=table_learning_rate,
+                         table_weight_decay=table_weight_decay, sparsity_check_interval=sparsity_check_interval,
+                         search_max_epochs=search_max_epochs)
         from recbench.methods.budget import check_auto
 
         check_auto(self.name, "nnz", nnz)
         if granularity not in GRANULARITIES:
-            raise ValueError(f"method 'pep': granularity={granularity!r} is not supported; allowed: "
-                             f"{', '.join(GRANULARITIES)}")
+            raise _bad("granularity", granularity, GRANULARITIES)
+        if threshold_optimizer not in THRESHOLD_OPTIMIZERS:
+            raise _bad("threshold_optimizer", threshold_optimizer, THRESHOLD_OPTIMIZERS)
+        if threshold_optimizer == "sparse_adam" and granularity not in PER_ID:
+            raise ValueError(f"method 'pep': threshold_optimizer='sparse_adam' needs per-id thresholds "
+                             f"(granularity {' or '.join(PER_ID)}), got granularity={granularity!r}")
+        if table_optimizer not in TABLE_OPTIMIZERS:
+            raise _bad("table_optimizer", table_optimizer, TABLE_OPTIMIZERS)
         if isinstance(threshold_learning_rate, str):
             check_auto(self.name, "threshold_learning_rate", threshold_learning_rate)
         elif not threshold_learning_rate > 0:
             raise ValueError(f"method 'pep': threshold_learning_rate must be > 0 or 'auto', got {threshold_learning_rate}")
+        if not table_learning_rate > 0:
+            raise ValueError(f"method 'pep': table_learning_rate must be > 0, got {table_learning_rate}")
         if not search_epochs > 0:
             raise ValueError(f"method 'pep': search_epochs must be > 0, got {search_epochs}")
         if not threshold_init < 0:
             raise ValueError(f"method 'pep': threshold_init must be < 0 (g(s) = sigmoid(s) < 0.5 at the start), "
                              f"got {threshold_init}")
-        for key, value in (("threshold_weight_decay", threshold_weight_decay), ("embedding_weight_decay", embedding_weight_decay)):
+        for key, value in (("threshold_weight_decay", threshold_weight_decay), ("table_weight_decay", table_weight_decay)):
             if value < 0:
                 raise ValueError(f"method 'pep': {key} must be >= 0, got {value}")
         if int(sparsity_check_interval) < 1:
             raise ValueError(f"method 'pep': sparsity_check_interval must be >= 1, got {sparsity_check_interval}")
         self.granularity, self.threshold_init = granularity, float(threshold_init)
+        self.threshold_optimizer, self.table_optimizer = threshold_optimizer, table_optimizer
         self.auto_threshold_learning_rate = isinstance(threshold_learning_rate, str)
         # "auto": a placeholder until the search stage knows its steps per epoch (SparsityHook)
         self.threshold_learning_rate = 0.01 if self.auto_threshold_learning_rate else float(threshold_learning_rate)
         self.search_epochs, self.threshold_weight_decay = float(search_epochs), float(threshold_weight_decay)
-        self.embedding_weight_decay = float(embedding_weight_decay)
+        self.table_learning_rate, self.table_weight_decay = float(table_learning_rate), float(table_weight_decay)
         self.sparsity_check_interval = int(sparsity_check_interval)
         self.search_max_epochs = None if search_max_epochs is None else float(search_max_epochs)
 
     def method_hparams(self) -> Dict[str, Any]:
         return {"granularity": self.granularity, "threshold_init": self.threshold_init,
+                "threshold_optimizer": self.threshold_optimizer,
                 "threshold_learning_rate": self.threshold_learning_rate,
-                "threshold_weight_decay": self.threshold_weight_decay,
-                "embedding_weight_decay": self.embedding_weight_decay}
+                "threshold_weight_decay": self.threshold_weight_decay, "table_optimizer": self.table_optimizer,
+                "table_learning_rate": self.table_learning_rate, "table_weight_decay": self.table_weight_decay}
 
     def dense_parameters(self, rows: int, dim: int, num_compressed_fields: int) -> int:
-        shape = threshold_shape(self.granularity, num_compressed_fields, dim)
+        # the thresholds (Adam or SparseAdam: two fp32 state values each, as a dense group)
+        shape = threshold_shape(self.granularity, rows, num_compressed_fields, dim)
         return shape[0] * shape[1]
 
     def extra_state(self, rows: int, dim: int, num_compressed_fields: int) -> int:
         # thresholds + the saved initial table (lottery-ticket rewind) + the phase flag
         return self.dense_parameters(rows, dim, num_compressed_fields) * FP32_BYTES + rows * dim * FP32_BYTES + 1
+
+    def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
+               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
+        report = super().memory(tables, dim, hparams, optimizer)  # the table's state counted once (Adagrad)
+        if hparams.get("table_optimizer", self.table_optimizer) != "protocol":
+            report.training_bytes += int(hparams["rows"]) * dim * FP32_BYTES  # Adam's second state value
+        return report
 
     def stages(self) -> List[Stage]:
         return [Stage("search", max_epochs=self.search_max_epochs, early_stopping=False),

@@ -1,4 +1,4 @@
-"""PEP, DeepLight and DSL against their papers' rules, on direct module calls and toy training runs."""
+"""DeepLight and DSL against their papers' rules, on direct module calls and toy training runs (PEP: test_pep.py)."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,6 @@ from recbench.methods import sparse_storage
 from recbench.methods.base import Hook
 from recbench.methods.deeplight import DeepLight, damped_sparsity, time_constant_for
 from recbench.methods.dsl import DSL, prune_fraction
-from recbench.methods.pep import PEP
 from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
@@ -50,112 +49,6 @@ def test_target_nnz_counts_index_bytes():
     target = int(0.1 * rows * DIM * 4)
     assert sparse_storage.stored_bytes(rows, DIM, hp["nnz"]) <= target < sparse_storage.stored_bytes(rows, DIM, hp["nnz"] + 1)
     assert hp["density"] < 0.1  # index overhead: a mask of density d costs more than d of the dense bytes
-
-
-# ---------------------------------------------------------------- PEP
-@pytest.mark.parametrize("granularity", ["global", "dimension", "field", "field_dimension"])
-def test_pep_soft_threshold_and_its_gradient(granularity):
-    module = PEP(granularity=granularity, threshold_init=-3.5).build(TABLES, DIM, Budget(compression_ratio=0.5))
-    with torch.no_grad():
-        module.threshold.add_(torch.randn_like(module.threshold) * 0.3)
-    fields = torch.tensor([0, 0, 1, 2, 1])
-    ids = torch.tensor([3, 499, 7, 59, 7])
-    out = module.encode(fields, ids)
-    rows = module.row_offset[fields] + ids
-    w = module.weight.detach()[rows]
-    s = module.threshold.detach()
-    index = fields if s.shape[0] > 1 else torch.zeros_like(fields)
-    g = torch.sigmoid(s)[index].expand(len(ids), DIM)
-    assert torch.allclose(out, torch.sign(w) * torch.relu(w.abs() - g))  # w_hat = sign(w) relu(|w| - g(s))
-    assert 0 < int((out == 0).sum()) < out.numel()
-    coefficients = torch.randn(out.shape)
-    (out * coefficients).sum().backward()
-    # dL/ds = -sigmoid'(s) * sum over surviving entries of sign(w) * dL/dw_hat
-    per_entry = -(torch.sigmoid(s) * (1 - torch.sigmoid(s)))[index].expand(len(ids), DIM) \
-        * torch.sign(w) * coefficients * (w.abs() > g)
-    expected = torch.zeros_like(s)
-    if s.shape == (1, 1):
-        expected += per_entry.sum()
-    elif s.shape[0] == 1:
-        expected += per_entry.sum(0, keepdim=True)
-    elif s.shape[1] == 1:
-        expected.index_add_(0, fields, per_entry.sum(1, keepdim=True))
-    else:
-        expected.index_add_(0, fields, per_entry)
-    assert torch.allclose(module.threshold.grad, expected, atol=1e-7)
-    groups = {g.name: g for g in module.param_groups()}
-    assert groups["thresholds"].params == [module.threshold] and groups["thresholds"].learning_rate == 0.01
-    assert groups["embedding"].kind == "sparse"
-
-
-def test_pep_rewind_freezes_exactly_nnz_by_margin():
-    module = PEP(threshold_init=-3.0).build(TABLES, DIM, Budget(compression_ratio=0.5))
-    initial = module.initial_weight.clone()
-    with torch.no_grad():
-        module.weight.mul_(3.0).add_(0.01)  # "trained"
-    margin = module.margin()
-    module.start_retraining()
-    assert int(module.mask.sum()) == module.nnz
-    kept_margins, dropped_margins = margin[module.mask], margin[~module.mask]
-    assert float(kept_margins.min()) >= float(dropped_margins.max())
-    assert torch.equal(module.weight.detach(), initial * module.mask)  # lottery-ticket rewind
-    out = module.encode(torch.tensor([0, 1]), torch.tensor([5, 6]))
-    rows = module.row_offset[torch.tensor([0, 1])] + torch.tensor([5, 6])
-    assert torch.equal(out, (initial * module.mask)[rows])
-
-
-def test_pep_search_stage_ends_at_target_sparsity(toy_dataset):
-    method = PEP(threshold_learning_rate=0.2, threshold_weight_decay=1.0, embedding_weight_decay=0.05, sparsity_check_interval=1,
-                 search_max_epochs=3)
-    trainer = trainer_for(toy_dataset, method, 0.5, max_epochs=1)
-    module = trainer.model.embedding
-    ends = []
-
-    class Watch(Hook):
-        def on_stage_end(self, context):
-            if context.stage.name == "search":
-                ends.append((context.stage_step, module.sparsity(), module.target_sparsity()))
-
-    trainer.hooks.append(Watch())
-    trainer.fit()
-    step, sparsity, target = ends[0]
-    sparsity_hook = trainer.hooks[1]
-    assert sparsity_hook.reached
-    assert sparsity >= target
-    steps_per_epoch = math.ceil(len(trainer.split("train")) / 64)
-    assert step < 3 * steps_per_epoch  # ended by the hook, not by its cap
-    assert bool(module.retraining) and int(module.mask.sum()) == module.nnz
-    assert int(((module.weight != 0) & ~module.mask).sum()) == 0
-    assert_mask_artifacts(trainer.stage_results[1], module)  # the frozen mask of the retrain stage
-    assert trainer.model.embedding.memory_report().inference_bytes == \
-        method.memory(toy_dataset.spec.tables, DIM, method.solve(toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.5))).inference_bytes
-
-
-def test_pep_default_search_reaches_target_within_its_epochs(toy_dataset):
-    """Revision 2: with the defaults the thresholds' learning rate is |threshold_init| / (search_epochs *
-    steps per epoch), so the search reaches the target sparsity inside a 2-epoch protocol (revision 1's
-    fixed 0.01 moved s by at most 0.01 per step: on synthetic 200k rows 0.1% sparsity of a 95.6% target)."""
-    method = PEP()  # revision 1's defaults (0.01, embedding L2 1e-3): 0.1% sparsity here, target 59%
-    trainer = trainer_for(toy_dataset, method, 0.5, max_epochs=2)
-    module = trainer.model.embedding
-    trainer.fit()
-    steps_per_epoch = math.ceil(len(trainer.split("train")) / 64)
-    hook = trainer.hooks[1]
-    assert hook.learning_rate == pytest.approx(15.0 / steps_per_epoch)
-    search = trainer.stage_results[0]
-    assert hook.reached and search["target_reached"] == 1.0 and search["sparsity"] >= search["target_sparsity"]
-    assert search["threshold_learning_rate"] == pytest.approx(hook.learning_rate)
-    assert bool(module.retraining) and int(module.mask.sum()) == module.nnz
-
-
-def assert_mask_artifacts(result, module):
-    """A stage result carries the mask (packed bits) and its nonzeros per compressed field."""
-    rows, dim = module.mask.shape
-    unpacked = np.unpackbits(result["mask_bits"].numpy())[:rows * dim].reshape(rows, dim)
-    assert np.array_equal(unpacked.astype(bool), module.mask.numpy())
-    per_field = result["nonzeros_per_field"]
-    assert len(per_field) == len(module.tables) - len(module.kept_names)
-    assert int(per_field.sum()) == int(((module.weight * module.mask) != 0).sum()) <= module.nnz
 
 
 # ---------------------------------------------------------------- DeepLight

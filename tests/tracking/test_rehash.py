@@ -46,22 +46,24 @@ def test_stale_hashes_are_rewritten_once_and_the_old_values_kept(tmp_path, capsy
 
 
 def test_a_run_keeps_the_revision_it_was_made_with(tmp_path):
-    """``pep`` is at revision 2: its revision-1 runs (tag ``method_revision`` 1, or no tag: runs from
-    before the tag) must keep a hash that a re-launched sweep does not take for a revision-2 run."""
+    """``pep`` is past revision 1: its revision-1 runs (tag ``method_revision`` 1, or no tag: runs
+    from before the tag) must keep a hash that a re-launched sweep does not take for a current run."""
     from mlflow.tracking import MlflowClient
+
+    from recbench.methods.pep import PEP
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     resolved = {"method": {"_target_": "recbench.methods.pep.PEP", "name": "pep"}, "seed": 0,
                 "dataset": {"name": "toy"}}
     revision_1 = {"config_hash": config_hash(resolved, revision=1), "group_hash": group_hash(resolved, revision=1)}
-    assert revision_1["config_hash"] != config_hash(resolved)  # the current code is at revision 2
+    assert PEP.revision > 1 and revision_1["config_hash"] != config_hash(resolved)
     record(tmp_path, uri, "tagged", resolved, {**revision_1, "method_revision": "1"})
     record(tmp_path, uri, "untagged", resolved, dict(revision_1))
-    record(tmp_path, uri, "revision-2", resolved, {"config_hash": config_hash(resolved),
-                                                   "group_hash": group_hash(resolved), "method_revision": "2"})
+    record(tmp_path, uri, "current", resolved, {"config_hash": config_hash(resolved),
+                                                "group_hash": group_hash(resolved), "method_revision": str(PEP.revision)})
     summary = rehash_runs(uri)
     assert (len(summary.rewritten), summary.unchanged) == (0, 3)
     client = MlflowClient(uri)
     hashes = {r.info.run_name: r.data.tags["config_hash"]
               for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
-    assert hashes["tagged"] == hashes["untagged"] == revision_1["config_hash"] != hashes["revision-2"]
+    assert hashes["tagged"] == hashes["untagged"] == revision_1["config_hash"] != hashes["current"]
