@@ -1,9 +1,17 @@
 """The gate contract and the pieces gates share (smooth-step, tree paths, entropy).
 
-A gate maps the representation x (B, W) an over-arch consumes (and, for hash routing, the
-batch's sparse features) to expert weights (B, E) on the simplex: non-negative, summing to 1,
-with at most k non-zeros per sample at inference. ``forward`` returns a ``GateOutput`` of the
-weights and the gate's regularisation loss (0 outside training).
+A gate maps its routing input x (B, W) (and, for hash routing, the batch's sparse features) to
+expert weights (B, E) on the simplex: non-negative, summing to 1, with at most k non-zeros per
+sample at inference. ``forward`` returns a ``GateOutput`` of the weights and the gate's
+regularisation loss (0 outside training).
+
+Routing input (``input``): ``embeddings`` (default, as the COMET reference routes on its bottom's
+output, the concatenated sparse-field embeddings: x (B, F * D)), a list of field names (those
+fields' embeddings, (B, len * D); the reference's MovieLens has only ``[user, item]``), or
+``over_arch`` (the interaction output the experts consume, (B, W)). The MoE over-arch passes
+every available input; the gate picks its own. ``lr`` gives the gate's parameters an Adam
+learning rate of their own (``MixtureOfExpertsArch.dense_param_groups``); null trains them
+with the dense learning rate.
 
 Every gate computes *components* (B, C, E): C non-negative rows whose total mass is 1 (one row
 per selector of DSelect-k, per tree of COMET, per hash function; one row for softmax and Top-k).
@@ -24,13 +32,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-#: probabilities below this are exact zeros when turned into log-weights (the COMET reference's rule)
-ZERO_PROBABILITY = 1e-5
+#: routing inputs a gate may name besides a list of field names
+ROUTING_INPUTS = ("embeddings", "over_arch")
 
 
 @dataclass
@@ -98,8 +106,16 @@ def most_probable(probabilities: torch.Tensor) -> torch.Tensor:
 
 
 def entropy(probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Shannon entropy over the last axis (same leading shape); 0 log 0 = 0."""
+    """-sum p log(p + eps) over the last axis (same leading shape), the references' entropy with
+    their EPSILON = 1e-6 (COMET ``model/gates/comet.py``, DSelect-k ``dselect_k_moe.py``)."""
     return -(probabilities * torch.log(probabilities + eps)).sum(dim=-1)
+
+
+def saturated(activations: torch.Tensor) -> torch.Tensor:
+    """(B, ...) smooth-step outputs -> (B,) the fraction of each sample's activations that are
+    exactly 0 or 1 (no gradient reaches a saturated node)."""
+    flat = activations.flatten(1)
+    return ((flat == 0) | (flat == 1)).float().mean(dim=1)
 
 
 class Gate(nn.Module):
@@ -107,7 +123,8 @@ class Gate(nn.Module):
 
     Args:
         num_experts: E (>= 2).
-        input_dim: W, the width of the representation routed on.
+        input_dim: W, the width of the routing input; or a mapping {routing input: width} with
+            "embeddings" (F * D, all sparse fields) and "over_arch" (the MoE over-arch passes both).
         k: at most k non-zero weights per sample at inference (1 <= k <= E).
         feature_names: the sparse fields of the batch, in KeyedJaggedTensor order (hash routing).
         name: the config's ``name`` (must equal the class's).
@@ -118,6 +135,8 @@ class Gate(nn.Module):
         local_search_entropy_reg: weight of the permutation's entropy regulariser.
         local_search_noise: scale of the Gumbel noise added to the permutation logits.
         local_search_tau_initial / local_search_tau_final: Sinkhorn temperature, annealed log-linearly.
+        input: the routing input: "embeddings" | "over_arch" | a list of field names (see the module docstring).
+        lr: the Adam learning rate of the gate's parameters (null: the dense learning rate).
 
     Subclasses set ``name`` and ``sparse_in_training`` and implement ``num_components`` and
     ``components``.
@@ -128,24 +147,30 @@ class Gate(nn.Module):
     #: (so the over-arch may compute only the selected experts while training too)
     sparse_in_training = False
 
-    def __init__(self, num_experts: int, input_dim: int, k: Optional[int] = None,
+    def __init__(self, num_experts: int, input_dim: Union[int, Mapping[str, int]], k: Optional[int] = None,
                  feature_names: Sequence[str] = (), name: Optional[str] = None,
                  local_search: bool = False, local_search_steps: int = 1000,
-                 local_search_per_component: bool = True, local_search_entropy_reg: float = 1e-4,
+                 local_search_per_component: bool = False, local_search_entropy_reg: float = 1e-4,
                  local_search_noise: float = 0.0, local_search_tau_initial: float = 1e-3,
-                 local_search_tau_final: float = 1e-7):
+                 local_search_tau_final: float = 1e-7, input: Union[str, Sequence[str]] = "embeddings",
+                 lr: Optional[float] = None):
         super().__init__()
         if name is not None and name != self.name:
             raise ValueError(f"conf/gate config names {name!r} but its _target_ is the {self.name!r} gate; "
                              "the config file name, `name` and the class must agree")
-        num_experts, input_dim = int(num_experts), int(input_dim)
+        self.feature_names = list(feature_names)
+        self.routing_input, self.fields = self._routing(input)
+        input_dim = self._input_width(input_dim)
+        if lr is not None and not (isinstance(lr, (int, float)) and lr > 0):
+            raise ValueError(f"gate {self.name!r}: lr must be a positive number or null (the dense learning rate), got {lr!r}")
+        self.learning_rate = None if lr is None else float(lr)
+        num_experts = int(num_experts)
         if num_experts < 2:
             raise ValueError(f"gate {self.name!r}: num_experts must be >= 2, got {num_experts}")
         k = num_experts if k is None else int(k)
         if not 1 <= k <= num_experts:
             raise ValueError(f"gate {self.name!r}: k must be in [1, num_experts={num_experts}], got {k}")
         self.num_experts, self.input_dim, self.k = num_experts, input_dim, k
-        self.feature_names = list(feature_names)
         self.local_search: Optional[nn.Module] = None
         if local_search:
             from recbench.gates.local_search import PermutationLocalSearch
@@ -154,6 +179,48 @@ class Gate(nn.Module):
                 num_experts, self.num_components if local_search_per_component else 1, steps=local_search_steps,
                 entropy_reg=local_search_entropy_reg, noise=local_search_noise,
                 tau_initial=local_search_tau_initial, tau_final=local_search_tau_final)
+
+    def _routing(self, spec) -> Tuple[str, Optional[List[int]]]:
+        """``input`` -> (the routing input the MoE over-arch passes, field indices to keep or None)."""
+        if isinstance(spec, str):
+            if spec not in ROUTING_INPUTS:
+                raise ValueError(f"gate {self.name!r}: input must be one of {list(ROUTING_INPUTS)} or a list of "
+                                 f"sparse field names, got {spec!r}")
+            return spec, None
+        names = [str(f) for f in spec]
+        unknown = [f for f in names if f not in self.feature_names]
+        if not names or unknown or len(set(names)) != len(names):
+            raise ValueError(f"gate {self.name!r}: input {names} must list distinct sparse fields of "
+                             f"{self.feature_names} (or be one of {list(ROUTING_INPUTS)})")
+        return "embeddings", [self.feature_names.index(f) for f in names]
+
+    def _input_width(self, input_dim) -> int:
+        """The width of the routing input this gate reads (after its field selection)."""
+        if isinstance(input_dim, Mapping):
+            if input_dim.get(self.routing_input) is None:
+                raise ValueError(f"gate {self.name!r}: input={self.routing_input!r} is not available here "
+                                 f"(available: {sorted(k for k, v in input_dim.items() if v is not None)})")
+            input_dim = input_dim[self.routing_input]
+        input_dim = int(input_dim)
+        if self.fields is not None:
+            if input_dim % len(self.feature_names):
+                raise ValueError(f"gate {self.name!r}: embeddings width {input_dim} is not a multiple of the "
+                                 f"{len(self.feature_names)} sparse fields")
+            self.field_dim = input_dim // len(self.feature_names)
+            input_dim = self.field_dim * len(self.fields)
+        return input_dim
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The routing input (B, F * D) or (B, W) -> the part this gate reads (B, input_dim)."""
+        if self.fields is None:
+            return x
+        index = torch.as_tensor(self.fields, device=x.device)
+        return x.view(x.shape[0], len(self.feature_names), self.field_dim).index_select(1, index).flatten(1)
+
+    def saturated_fraction(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """(B,) the fraction of each sample's smooth-step nodes that are exactly 0 or 1 (None for
+        gates without smooth-steps)."""
+        return None
 
     @property
     def num_components(self) -> int:
@@ -175,6 +242,7 @@ class Gate(nn.Module):
 
         ``hard`` (default: not training) selects the deployable routing."""
         hard = (not self.training) if hard is None else bool(hard)
+        x = self.select(x)
         components, loss = self.components(x, features, hard)
         if self.local_search is not None:
             components, permutation_loss = self.local_search(components)
@@ -186,7 +254,8 @@ class Gate(nn.Module):
         return GateOutput(weights, loss)
 
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, input_dim={self.input_dim}, k={self.k}"
+        return (f"num_experts={self.num_experts}, input_dim={self.input_dim}, k={self.k}, "
+                f"input={self.routing_input if self.fields is None else self.fields}, lr={self.learning_rate}")
 
 
 class SmoothStepGate(Gate):
@@ -198,14 +267,21 @@ class SmoothStepGate(Gate):
                  entropy_reg: float = 0.1, **kwargs):
         super().__init__(num_experts, input_dim, k=k, **kwargs)
         if not gamma > 0:
-            raise ValueError(f"gate.gamma must be > 0, got {gamma}")
+            raise ValueError(f"gate {self.name!r}: gamma must be > 0, got {gamma}")
         if entropy_reg < 0:
-            raise ValueError(f"gate.entropy_reg must be >= 0, got {entropy_reg}")
+            raise ValueError(f"gate {self.name!r}: entropy_reg must be >= 0, got {entropy_reg}")
         self.gamma, self.entropy_reg = float(gamma), float(entropy_reg)
 
     @property
     def num_components(self) -> int:
         return self.k
+
+    def node_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, k, N) the smooth-step outputs of the k components' N nodes (tree nodes or code bits)."""
+        raise NotImplementedError
+
+    def saturated_fraction(self, x: torch.Tensor) -> torch.Tensor:
+        return saturated(self.node_activations(self.select(x)))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, gamma={self.gamma:g}, entropy_reg={self.entropy_reg:g}"

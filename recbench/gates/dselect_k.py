@@ -14,9 +14,14 @@ sum_i 1 / (mass selector i puts on real experts), which keeps selectors off unus
 
 Inference routes each selector to its most probable expert (identical once it is binary).
 
+Shapes: x (B, W) -> bits (B, k, m), selectors (B, k, E), weights (B, E).
+
 References: Hazimeh et al., "DSelect-k: Differentiable Selection in the Mixture of Experts with
-Applications to Multi-Task Learning", NeurIPS 2021 (eq. 2-5, section 3.2), and its reference
-implementation (google-research/dselect_k_moe).
+Applications to Multi-Task Learning", NeurIPS 2021 (eq. 2-5, section 3.2);
+google-research/google-research ``dselect_k_moe/dselect_k_moe.py`` (commit
+ccc94ce348360ddcd41c749d4088d468ccfd1eaf) and its adaptation in mazumder-lab/COMET
+``model/gates/dselect_k.py`` (commit cf272760f49b17fe0989d58a25a8409a71f130f7; entropy averaged
+over the batch).
 """
 from __future__ import annotations
 
@@ -51,10 +56,13 @@ class DSelectKGate(SmoothStepGate):
         for parameter in self.w_logits.parameters():
             nn.init.uniform_(parameter, -0.05, 0.05)
 
+    def node_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, k, m) the smooth-step activation of each selector's code bits."""
+        return smooth_step(self.z_logits(x).view(-1, self.k, self.num_bits), self.gamma)
+
     def selectors(self, x: torch.Tensor) -> torch.Tensor:
         """(B, k, E) the single-expert selectors' training-form outputs (mass on real experts only)."""
-        bits = smooth_step(self.z_logits(x).view(-1, self.k, self.num_bits), self.gamma)
-        return route_products(bits, self.codes)
+        return route_products(self.node_activations(x), self.codes)
 
     def components(self, x, features, hard):
         selectors = self.selectors(x)

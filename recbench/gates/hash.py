@@ -40,8 +40,9 @@ class HashGate(Gate):
     name = "hash"
     sparse_in_training = True
 
-    def __init__(self, num_experts: int, input_dim: int, k: Optional[int] = 1, field: Optional[str] = None,
+    def __init__(self, num_experts: int, input_dim, k: Optional[int] = 1, field: Optional[str] = None,
                  seed: int = 0, **kwargs):
+        kwargs.setdefault("input", "over_arch")  # routes on ids; the dense input is never read
         super().__init__(num_experts, input_dim, k=k, **kwargs)
         if not self.feature_names:
             raise ValueError("gate 'hash' needs the batch's sparse field names (the model passes its embedding's)")

@@ -7,7 +7,9 @@ is learned jointly with the gate as a relaxed (doubly stochastic) matrix from Gu
     P = Sinkhorn((log_alpha + noise * Gumbel) / tau, n_iter),
 
 with the temperature tau annealed log-linearly from ``tau_initial`` to ``tau_final`` and the
-Sinkhorn iterations from 20 to 150 over ``steps`` training steps, plus an entropy regulariser on P.
+Sinkhorn iterations from 20 to 150 (truncated to an integer) over ``steps`` training steps, plus
+the entropy regulariser of P and of its row-normalised form. One permutation is shared by the
+components (the reference's ``learn_k_permutations: false``) unless one per component is asked.
 After ``steps`` (and always at inference) the last relaxed matrix is rounded to the nearest hard
 permutation (Hungarian algorithm on -P) and frozen, so the learned order costs nothing at
 inference and keeps every gate's <= k non-zeros. A doubly stochastic P preserves each
@@ -17,8 +19,9 @@ Shapes: components (B, C, E) -> permuted (B, C, E); log_alpha (P, E, E) with P =
 component) or 1 (shared).
 
 References: Ibrahim et al., "COMET: Learning Cardinality Constrained Mixture of Experts with
-Trees and Local Search", KDD 2023 (section 4, permutation local search); Mena et al., "Learning
-Latent Permutations with Gumbel-Sinkhorn Networks", ICLR 2018.
+Trees and Local Search", KDD 2023 (section 4, permutation local search); mazumder-lab/COMET
+``model/permutations/learn_permutations.py`` (commit cf272760f49b17fe0989d58a25a8409a71f130f7);
+Mena et al., "Learning Latent Permutations with Gumbel-Sinkhorn Networks", ICLR 2018.
 """
 from __future__ import annotations
 
@@ -39,6 +42,14 @@ def sinkhorn(log_alpha: torch.Tensor, iterations: int) -> torch.Tensor:
         log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=2, keepdim=True)
         log_alpha = log_alpha - torch.logsumexp(log_alpha, dim=1, keepdim=True)
     return log_alpha.exp()
+
+
+def permutation_entropy(matrix: torch.Tensor) -> torch.Tensor:
+    """The reference's regulariser of relaxed permutations (P, E, E) -> scalar: the mean over P of
+    the summed entropy of the entries plus that of the row-normalised matrix (the two differ
+    because Sinkhorn ends on a column normalisation)."""
+    rows = matrix / matrix.sum(dim=-1, keepdim=True)
+    return entropy(matrix).sum(dim=-1).mean() + entropy(rows).sum(dim=-1).mean()
 
 
 def nearest_permutation(matrix: torch.Tensor) -> torch.Tensor:
@@ -89,7 +100,7 @@ class PermutationLocalSearch(nn.Module):
         fraction = min(max(step / self.steps, 0.0), 1.0)
         log_tau = math.log10(self.tau_initial) + (math.log10(self.tau_final) - math.log10(self.tau_initial)) * fraction
         low, high = SINKHORN_ITERATIONS
-        return 10.0 ** log_tau, int(round(low + (high - low) * fraction))
+        return 10.0 ** log_tau, int(low + (high - low) * fraction)  # the reference casts to int32: truncation
 
     def permutation(self) -> torch.Tensor:
         """The hard permutation(s) (P, E, E) used after the window and at inference (cached until
@@ -107,11 +118,11 @@ class PermutationLocalSearch(nn.Module):
             tau, iterations = self.schedule(int(self.step))
             logits = self.log_alpha
             if self.noise > 0:
-                uniform = torch.rand_like(logits).clamp_(1e-20, 1.0)
-                logits = logits - self.noise * torch.log(-torch.log(uniform))
+                gumbel = -torch.log(-torch.log(torch.rand_like(logits) + 1e-20) + 1e-20)
+                logits = logits + self.noise * gumbel
             matrix = sinkhorn(logits / tau, iterations)
             self.relaxed.copy_(matrix.detach())
-            loss = self.entropy_reg * entropy(matrix).sum(dim=-1).mean()
+            loss = self.entropy_reg * permutation_entropy(matrix)
         else:  # a hard permutation is a gather: expert f takes the weight of its source e (P[e, f] = 1)
             source = self.permutation().argmax(dim=1).to(components.device)  # (P, E)
             index = source.unsqueeze(0).expand(components.shape[0], components.shape[1], -1)

@@ -1,4 +1,5 @@
-"""``topk``: the noisily gated Top-k mixture of experts of Shazeer et al.
+"""``topk``: the noisily gated Top-k mixture of experts of Shazeer et al.; ``topk_plain``: the
+Top-k baseline of the COMET reference (no noise, no balancing loss).
 
 H(x) = x W_g + eps * softplus(x W_noise) with eps ~ N(0, 1) in training only; the k largest
 entries of H are kept and the weights are their softmax (zeros elsewhere), so the routing is
@@ -9,8 +10,16 @@ sum over the batch of P(H_e(x) stays in the top k when only e's noise is redrawn
 
 W_g and W_noise start at zero (the paper's initialisation: equal logits, random top-k by noise).
 
+``topk_plain`` is the COMET reference's Top-k (``topk.json``: ``"jitter": false``, no load
+balancing): H(x) = x W_g + b, W_g Glorot-uniform, b = 0 (Keras' defaults there), top k, softmax
+over them; no noise and no regularisation.
+
+Shapes: x (B, W) -> logits (B, E) -> weights (B, E) with k non-zeros per row.
+
 References: Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
-Mixture-of-Experts Layer", ICLR 2017 (eq. 3-5, 6-10 and appendix A).
+Mixture-of-Experts Layer", ICLR 2017 (eq. 3-5, 6-10 and appendix A); mazumder-lab/COMET
+``model/gates/topk.py``, ``config/model_config/movielens2M/topk.json`` (commit
+cf272760f49b17fe0989d58a25a8409a71f130f7).
 """
 from __future__ import annotations
 
@@ -41,16 +50,25 @@ class TopKGate(Gate):
 
     name = "topk"
     sparse_in_training = True
+    #: the gate logits' bias and initialisation ("zeros" or "glorot")
+    bias, init = False, "zeros"
 
-    def __init__(self, num_experts: int, input_dim: int, k: Optional[int] = 2, noisy: bool = True,
+    def __init__(self, num_experts: int, input_dim, k: Optional[int] = 2, noisy: bool = True,
                  importance_weight: float = 0.01, load_weight: float = 0.01, **kwargs):
         super().__init__(num_experts, input_dim, k=k, **kwargs)
         self.noisy = bool(noisy)
         self.importance_weight, self.load_weight = float(importance_weight), float(load_weight)
-        self.w_gate = nn.Linear(self.input_dim, self.num_experts, bias=False)
-        self.w_noise = nn.Linear(self.input_dim, self.num_experts, bias=False)
-        nn.init.zeros_(self.w_gate.weight)
-        nn.init.zeros_(self.w_noise.weight)
+        self.w_gate = nn.Linear(self.input_dim, self.num_experts, bias=self.bias)
+        if self.init == "glorot":
+            nn.init.xavier_uniform_(self.w_gate.weight)
+        else:
+            nn.init.zeros_(self.w_gate.weight)
+        if self.bias:
+            nn.init.zeros_(self.w_gate.bias)
+        self.w_noise = None
+        if self.noisy:
+            self.w_noise = nn.Linear(self.input_dim, self.num_experts, bias=False)
+            nn.init.zeros_(self.w_noise.weight)
 
     def components(self, x, features, hard):
         clean = self.w_gate(x)
@@ -83,3 +101,14 @@ class TopKGate(Gate):
         prob_if_in = normal.cdf((clean - threshold_if_in) / std)
         prob_if_out = normal.cdf((clean - threshold_if_out) / std)
         return torch.where(is_in, prob_if_in, prob_if_out)
+
+
+class TopKPlainGate(TopKGate):
+    """The COMET reference's Top-k: x (B, W) -> weights (B, E) with exactly k non-zeros; logits
+    x W_g + b (Glorot-uniform W_g, zero b), no noise, no balancing loss."""
+
+    name = "topk_plain"
+    bias, init = True, "glorot"
+
+    def __init__(self, num_experts: int, input_dim, k: Optional[int] = 2, **kwargs):
+        super().__init__(num_experts, input_dim, k=k, noisy=False, importance_weight=0.0, load_weight=0.0, **kwargs)

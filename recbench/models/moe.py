@@ -5,7 +5,11 @@ interaction output x (B, W) (``top_mlp`` without its final 1-unit layer, ReLU af
 layer), one gate per task (built by the injected gate factory, ``recbench.gates``) and one linear
 head per task:
 
-    y_t(x) = head_t( sum_e g_t(x)_e * expert_e(x) ),  t in tasks.
+    y_t(x) = head_t( sum_e g_t(r)_e * expert_e(x) ),  t in tasks,
+
+where the gates' routing input r is by default the concatenated sparse-field embeddings
+(B, F * D), as the COMET reference routes on its bottom's output (``gate.input=over_arch``: r = x).
+Gates with their own learning rate (``gate.lr``) form their own Adam group (``dense_param_groups``).
 
 Tasks: ``click`` (the click logit, always present) and regressions on the dataset's extra
 targets (``rating`` on MovieLens), with loss weights ``task_loss_weights`` (1.0 by default); the model
@@ -26,12 +30,13 @@ KDD 2023 and Hazimeh et al., "DSelect-k", NeurIPS 2021 (MovieLens: click + ratin
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from recbench.methods.base import ParamGroup
 from recbench.models.dcn import DCNv2
 from recbench.models.dlrm import DLRM
 
@@ -80,12 +85,16 @@ class MixtureOfExpertsArch(nn.Module):
         expert_layers: the towers' layer sizes.
         tasks: the task names; must contain "click".
         task_loss_weights: {task: loss weight} (missing tasks: 1.0).
-        feature_names: the sparse fields (hash routing).
+        feature_names: the sparse fields (hash routing, gates routing on named fields).
+        embedding_features: F * D, the width of the concatenated sparse-field embeddings the gates
+            may route on (``input=embeddings``); None when the arch is used without them (then
+            only ``input=over_arch`` gates can be built).
     """
 
     def __init__(self, in_features: int, gate: Callable[..., nn.Module], num_experts: int,
                  expert_layers: Sequence[int], tasks: Sequence[str] = (CLICK,),
-                 task_loss_weights: Optional[Mapping[str, float]] = None, feature_names: Sequence[str] = ()):
+                 task_loss_weights: Optional[Mapping[str, float]] = None, feature_names: Sequence[str] = (),
+                 embedding_features: Optional[int] = None):
         super().__init__()
         tasks = [str(t) for t in tasks]
         if CLICK not in tasks or len(set(tasks)) != len(tasks):
@@ -96,7 +105,8 @@ class MixtureOfExpertsArch(nn.Module):
             raise ValueError(f"model.task_loss_weights names {unknown}, which are not in model.tasks={tasks}")
         self.task_weights = {task: float(weights.get(task, 1.0)) for task in tasks}
         self.experts = ExpertBank(num_experts, in_features, expert_layers)
-        self.gates = nn.ModuleDict({task: gate(num_experts=num_experts, input_dim=in_features,
+        widths = {"over_arch": in_features, "embeddings": embedding_features}
+        self.gates = nn.ModuleDict({task: gate(num_experts=num_experts, input_dim=widths,
                                                feature_names=list(feature_names)) for task in tasks})
         self.heads = nn.ModuleDict({task: nn.Linear(self.experts.out_features, 1) for task in tasks})
         self._extra_loss = torch.zeros(())
@@ -123,9 +133,28 @@ class MixtureOfExpertsArch(nn.Module):
         scaled = weights[:, rows, experts].unsqueeze(-1) * outputs.unsqueeze(0)  # (T, pairs, H)
         return x.new_zeros(weights.shape[0], x.shape[0], self.experts.out_features).index_add(1, rows, scaled)
 
-    def forward(self, x: torch.Tensor, features=None) -> Dict[str, torch.Tensor]:
+    def dense_param_groups(self) -> List[ParamGroup]:
+        """The gates' parameters grouped by their own learning rate (gates with ``lr`` set); the
+        other parameters train with the dense learning rate."""
+        by_lr: Dict[float, List[nn.Parameter]] = {}
+        for gate in self.gates.values():
+            if gate.learning_rate is not None:
+                by_lr.setdefault(gate.learning_rate, []).extend(gate.parameters())
+        return [ParamGroup(f"gate_lr_{lr:g}", params, learning_rate=lr) for lr, params in by_lr.items() if params]
+
+    @staticmethod
+    def routing(gate: nn.Module, x: torch.Tensor, embeddings: Optional[torch.Tensor]) -> torch.Tensor:
+        """The routing input ``gate`` reads: the over-arch input x (B, W) or the embeddings (B, F * D)."""
+        if gate.routing_input == "over_arch":
+            return x
+        if embeddings is None:
+            raise ValueError(f"gate {gate.name!r} routes on the sparse-field embeddings, which were not passed")
+        return embeddings
+
+    def forward(self, x: torch.Tensor, features=None, embeddings: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+        """x (B, W) the over-arch input, features the batch's KJT, embeddings (B, F * D) -> {task: (B,)}."""
         conditional = not self.training or self.sparse_training  # decided before the gates advance their steps
-        outputs = [gate(x, features) for gate in self.gates.values()]
+        outputs = [gate(self.routing(gate, x, embeddings), features) for gate in self.gates.values()]
         self._extra_loss = sum((o.loss for o in outputs), torch.zeros((), device=x.device))
         weights = torch.stack([o.weights for o in outputs])  # (T, B, E)
         mixed = self.mix(x, weights, conditional=conditional)
@@ -135,19 +164,22 @@ class MixtureOfExpertsArch(nn.Module):
         return self._extra_loss
 
     @torch.no_grad()
-    def diagnostics(self, x: torch.Tensor, features=None) -> Dict[str, float]:
+    def diagnostics(self, x: torch.Tensor, features=None, embeddings: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """Sums over the batch (divide by B for per-sample means) of the routing at inference:
         experts computed, each gate's non-zeros, whether its training-form (soft) routing was
-        already <= k-sparse and how many samples it routes to each expert (its load; a collapsed
+        already <= k-sparse, the fraction of its smooth-step nodes saturated at exactly 0 or 1
+        (DSelect-k, COMET) and how many samples it routes to each expert (its load; a collapsed
         gate sends every sample to the same experts), plus the over-arch's FLOPs (gates, computed
         experts, heads)."""
         was_training = self.training
         self.eval()
         try:
             with FlopCounterMode(display=False) as counter:
-                self(x, features)
-            hard = {task: gate(x, features, hard=True).weights for task, gate in self.gates.items()}
-            soft = {task: gate(x, features, hard=False).weights for task, gate in self.gates.items()}
+                self(x, features, embeddings)
+            routed = {task: self.routing(gate, x, embeddings) for task, gate in self.gates.items()}
+            hard = {task: gate(routed[task], features, hard=True).weights for task, gate in self.gates.items()}
+            soft = {task: gate(routed[task], features, hard=False).weights for task, gate in self.gates.items()}
+            saturation = {task: gate.saturated_fraction(routed[task]) for task, gate in self.gates.items()}
         finally:
             self.train(was_training)
         stats = {"moe/flops_per_sample": float(counter.get_total_flops()),
@@ -155,6 +187,8 @@ class MixtureOfExpertsArch(nn.Module):
         for task, gate in self.gates.items():
             stats[f"moe/{task}/nonzeros_per_sample"] = float((hard[task] > 0).sum())
             stats[f"moe/{task}/exactly_sparse_fraction"] = float(((soft[task] > 0).sum(-1) <= gate.k).sum())
+            if saturation[task] is not None:
+                stats[f"moe/{task}/saturated_fraction"] = float(saturation[task].sum())
             for e, routed in enumerate((hard[task] > 0).sum(0).tolist()):  # load: share of samples per expert
                 stats[f"moe/{task}/load/expert_{e:02d}"] = float(routed)
         return stats
@@ -175,6 +209,14 @@ def over_arch_width(over: nn.Module) -> int:
     return next(m for m in over.modules() if isinstance(m, nn.Linear)).in_features
 
 
+class MoEInput(NamedTuple):
+    """What the MoE head reads: x (B, W) the interaction output the experts consume, embeddings
+    (B, F * D) the concatenated sparse-field embeddings (the gates' default routing input)."""
+
+    x: torch.Tensor
+    embeddings: torch.Tensor
+
+
 class MoEModelMixin:
     """Replaces a base model's ``over`` by a ``MixtureOfExpertsArch``; forward -> {task: (B,)}."""
 
@@ -182,7 +224,15 @@ class MoEModelMixin:
         width = over_arch_width(self.over)
         del self.over
         self.moe = MixtureOfExpertsArch(width, gate, num_experts, expert_tower(top_mlp, expert_layers), tasks,
-                                        task_loss_weights, getattr(self.embedding, "feature_names", ()))
+                                        task_loss_weights, getattr(self.embedding, "feature_names", ()),
+                                        embedding_features=self.num_sparse * self.embedding_dim)
+
+    def interact(self, dense_out: torch.Tensor, embedded) -> MoEInput:
+        """The base model's over-arch input plus the sparse-field embeddings (B, F * D) the gates may route on."""
+        return MoEInput(super().interact(dense_out, embedded), embedded.values())
+
+    def dense_param_groups(self) -> List[ParamGroup]:
+        return self.moe.dense_param_groups()
 
     @property
     def task_weights(self) -> Dict[str, float]:
@@ -191,8 +241,8 @@ class MoEModelMixin:
     #: hash gates route on the ids (``EmbeddingModel.memo`` keeps the KJT for them)
     head_reads_sparse = True
 
-    def head(self, representation: torch.Tensor, sparse) -> Dict[str, torch.Tensor]:
-        return self.moe(representation, sparse)
+    def head(self, representation: MoEInput, sparse) -> Dict[str, torch.Tensor]:
+        return self.moe(representation.x, sparse, representation.embeddings)
 
     def extra_loss(self) -> torch.Tensor:
         return self.moe.extra_loss()
@@ -202,7 +252,8 @@ class MoEModelMixin:
         was_training = self.training
         self.eval()
         try:
-            return self.moe.diagnostics(self.representation(dense, sparse), sparse)
+            representation = self.representation(dense, sparse)
+            return self.moe.diagnostics(representation.x, sparse, representation.embeddings)
         finally:
             self.train(was_training)
 

@@ -53,8 +53,9 @@ def test_local_search_learns_the_expert_order_a_hash_gate_cannot():
 
 def test_soft_permutations_keep_the_simplex_and_the_window_ends_in_a_frozen_hard_permutation():
     torch.manual_seed(1)
+    assert COMETGate(8, 12, k=2, local_search=True).local_search.num_permutations == 1  # shared by default
     gate = COMETGate(8, 12, k=2, local_search=True, local_search_steps=10, local_search_noise=0.1,
-                     local_search_tau_initial=0.5, local_search_tau_final=0.05)
+                     local_search_tau_initial=0.5, local_search_tau_final=0.05, local_search_per_component=True)
     search = gate.local_search
     assert search.num_permutations == 2  # one per tree
     optimizer = torch.optim.Adam(gate.parameters(), lr=1e-2)
@@ -82,7 +83,7 @@ def test_soft_permutations_keep_the_simplex_and_the_window_ends_in_a_frozen_hard
     weights = gate(x).weights
     assert ((weights > 0).sum(-1) <= 2).all()
     # the learned order survives a checkpoint round trip
-    fresh = COMETGate(8, 12, k=2, local_search=True, local_search_steps=10)
+    fresh = COMETGate(8, 12, k=2, local_search=True, local_search_steps=10, local_search_per_component=True)
     fresh.load_state_dict(gate.state_dict())
     fresh.eval()
     torch.testing.assert_close(fresh(x).weights, weights)

@@ -43,9 +43,9 @@ def test_conditional_computation_equals_the_dense_mixture_on_the_selected_expert
     torch.manual_seed(0)
     batch, width = 128, 20
     arch = MixtureOfExpertsArch(width, gate_factory(name), num_experts=8, expert_layers=[16, 12],
-                                tasks=["click", "rating"], feature_names=FIELDS).eval()
-    x, features = torch.randn(batch, width), kjt(batch)
-    weights = torch.stack([g(x, features).weights for g in arch.gates.values()])  # (T, B, E)
+                                tasks=["click", "rating"], feature_names=FIELDS, embedding_features=2 * 6).eval()
+    x, features, embeddings = torch.randn(batch, width), kjt(batch), torch.randn(batch, 2 * 6)
+    weights = torch.stack([g(arch.routing(g, x, embeddings), features).weights for g in arch.gates.values()])  # (T, B, E)
     with FlopCounterMode(display=False) as sparse_counter:
         sparse = arch.mix(x, weights, conditional=True)
     dense_outputs = arch.experts.dense(x)  # every expert on every row: (E, B, H)
@@ -57,13 +57,14 @@ def test_conditional_computation_equals_the_dense_mixture_on_the_selected_expert
     assert sparse_counter.get_total_flops() == pairs * per_row + mixing
     if name != "softmax":
         assert pairs <= batch * 2 * 2  # two tasks, k = 2 each
-    outputs = arch(x, features)
+    outputs = arch(x, features, embeddings)
     assert set(outputs) == {"click", "rating"} and outputs["click"].shape == (batch,)
 
 
 def test_sparse_training_path_has_the_dense_gradients():
     torch.manual_seed(0)
-    arch = MixtureOfExpertsArch(10, gate_factory("topk"), num_experts=6, expert_layers=[8], tasks=["click"]).train()
+    arch = MixtureOfExpertsArch(10, gate_factory("topk", "gate.input=over_arch"), num_experts=6, expert_layers=[8],
+                                tasks=["click"]).train()
     assert arch.sparse_training
     x = torch.randn(32, 10)
     weights = torch.softmax(torch.randn(1, 32, 6), -1) * (torch.rand(1, 32, 6) > 0.5)
@@ -74,9 +75,10 @@ def test_sparse_training_path_has_the_dense_gradients():
         grads.append([p.grad.clone() for p in arch.experts.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    comet = MixtureOfExpertsArch(10, gate_factory("comet"), 6, [8], ["click"])
+    comet = MixtureOfExpertsArch(10, gate_factory("comet", "gate.input=over_arch"), 6, [8], ["click"])
     assert not comet.sparse_training  # soft routing in training: all experts computed
-    searched = MixtureOfExpertsArch(10, gate_factory("topk", "gate.local_search=true", "gate.local_search_steps=2"),
+    searched = MixtureOfExpertsArch(10, gate_factory("topk", "gate.input=over_arch", "gate.local_search=true",
+                                                     "gate.local_search_steps=2"),
                                     6, [8], ["click"]).train()
     flags = []
     for _ in range(3):
@@ -118,10 +120,48 @@ def test_moe_models_replace_the_over_arch_and_report_routing(cls):
     assert 0 <= stats["moe/click/exactly_sparse_fraction"] <= 24 and stats["moe/flops_per_sample"] > 0
     load = [stats[f"moe/click/load/expert_{e:02d}"] for e in range(4)]
     assert sum(load) == stats["moe/click/nonzeros_per_sample"]
+    assert 0 <= stats["moe/click/saturated_fraction"] <= 24  # smooth-step nodes at exactly 0 or 1 (a sum over the batch)
     with pytest.raises(ValueError, match="model.tasks must name 'click'"):
         cls(full_embedding(), 3, 2, 8, [16, 8], [32, 16, 1], gate=gate_factory("softmax"), tasks=["rating"])
     with pytest.raises(ValueError, match="not in model.tasks"):
         cls(full_embedding(), 3, 2, 8, [16, 8], [32, 16, 1], gate=gate_factory("softmax"), task_loss_weights={"ctr": 1})
+
+
+@pytest.mark.parametrize("cls", [DLRMMoE, DCNMoE])
+def test_gates_route_on_the_embeddings_and_train_with_their_own_learning_rate(cls):
+    """The COMET reference routes on its bottom's output, the concatenated sparse-field embeddings,
+    and trains the gates with Adam at a learning rate from [5e-5, 5e-4]; ``gate.input=over_arch``
+    keeps the interaction output as routing input, ``gate.lr=null`` the dense learning rate."""
+    from recbench.models.common import ModelParamGroups
+    from recbench.training.optim import DenseOptimizer, build_optimizers
+    from recbench.types import EmbeddingOptimizer
+
+    torch.manual_seed(0)
+    args = dict(num_dense=3, num_sparse=2, embedding_dim=8, bottom_mlp=[16, 8], top_mlp=[32, 16, 1], num_experts=4)
+    model = cls(full_embedding(), gate=gate_factory("comet"), **args)
+    gate = model.moe.gates["click"]
+    assert gate.routing_input == "embeddings" and gate.input_dim == 2 * 8 and gate.learning_rate == 1.6e-4
+    dense, sparse = torch.randn(24, 3), kjt(24)
+    seen = {}
+    gate.register_forward_pre_hook(lambda module, inputs: seen.setdefault("x", inputs[0]))
+    model(dense, sparse)
+    torch.testing.assert_close(seen["x"], model.embedding(sparse).values())
+    optimizers = build_optimizers(model, ModelParamGroups(model), DenseOptimizer(3e-3), EmbeddingOptimizer())
+    groups = {g["name"]: g for g in optimizers["dense"].param_groups}
+    assert groups["dense"]["lr"] == 3e-3 and groups["gate_lr_0.00016"]["lr"] == 1.6e-4
+    assert {id(p) for p in groups["gate_lr_0.00016"]["params"]} == {id(p) for p in gate.parameters()}
+    old = cls(full_embedding(), gate=gate_factory("comet", "gate.input=over_arch", "gate.lr=null"), **args)
+    assert old.moe.gates["click"].input_dim == old.moe.experts.weights[0].shape[1]
+    assert old.dense_param_groups() == []
+    named = cls(full_embedding(), gate=gate_factory("dselect_k", "gate.input=[item]"), **args).moe.gates["click"]
+    embeddings = model.embedding(sparse).values()
+    assert named.input_dim == 8 and torch.equal(named.select(embeddings), embeddings[:, 8:])
+    with pytest.raises(ValueError, match="input must be one of"):
+        cls(full_embedding(), gate=gate_factory("comet", "gate.input=dense"), **args)
+    with pytest.raises(ValueError, match="must list distinct sparse fields"):
+        cls(full_embedding(), gate=gate_factory("comet", "gate.input=[movie]"), **args)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        cls(full_embedding(), gate=gate_factory("comet", "gate.lr=0"), **args)
 
 
 def test_multi_task_loss_is_the_weighted_sum_plus_the_gate_regularisation():
