@@ -84,6 +84,9 @@ def test_rebuild_releases_ddp_and_hooks_and_keeps_sharded_tables(toy_dataset, on
     del wrapped
     assert old_ddp() is None  # the old reducer (and its autograd hooks) is gone
     assert rewrapped.embedding.weight is weight and len(weight._post_accumulate_grad_hooks) == 1
+    for _ in method.stages()[2:]:  # the first rebuild above left the first stage; on to retrain
+        rewrapped = parallel.rebuild(rewrapped, lambda embedding: method.rebuild(embedding, {}))
+        assert rewrapped.embedding.weight is weight and len(weight._post_accumulate_grad_hooks) == 1
     assert bool(rewrapped.embedding.retraining)
 
     tables = multistage_ranks.TwoStageFull()
