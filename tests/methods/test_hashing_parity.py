@@ -180,4 +180,6 @@ def test_vldb2024_preset_runs_the_artifacts_hash(entry):
 def test_vldb2024_preset_settings_leave_other_methods_alone():
     cfg = compose_config("experiment=vldb2024_criteo_kaggle", "method=qr")
     assert "layout" not in cfg.method
-    assert OmegaConf.to_container(cfg.method_settings) == {"hashing": {"layout": "global", "hash_function": "modulo"}}
+    settings = OmegaConf.to_container(cfg.method_settings)
+    assert settings["hashing"] == {"layout": "global", "hash_function": "modulo"}
+    assert OmegaConf.to_container(cfg.method) == OmegaConf.to_container(compose_config("method=qr").method)

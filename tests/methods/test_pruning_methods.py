@@ -51,6 +51,16 @@ def test_target_nnz_counts_index_bytes():
     assert hp["density"] < 0.1  # index overhead: a mask of density d costs more than d of the dense bytes
 
 
+def assert_mask_artifacts(result, module):
+    """A stage result carries the mask (packed bits) and its nonzeros per compressed field."""
+    rows, dim = module.mask.shape
+    unpacked = np.unpackbits(result["mask_bits"].numpy())[:rows * dim].reshape(rows, dim)
+    assert np.array_equal(unpacked.astype(bool), module.mask.numpy())
+    per_field = result["nonzeros_per_field"]
+    assert len(per_field) == len(module.tables) - len(module.kept_names)
+    assert int(per_field.sum()) == int(((module.weight * module.mask) != 0).sum()) <= module.nnz
+
+
 # ---------------------------------------------------------------- DeepLight
 def test_deeplight_schedule_reaches_target_within_tolerance():
     target, damping, tol, horizon = 0.9429, 0.99, 1e-3, 624
