@@ -241,3 +241,29 @@ class EmbeddingOptimizer:
     def state_bytes_per_row(self, dim: int) -> int:
         """fp32 optimizer-state bytes per table row."""
         return {"sgd": 0, "adagrad": dim * FP32_BYTES, "rowwise_adagrad": FP32_BYTES}[self.kind]
+
+
+@dataclass
+class ParamGroup:
+    """A named group of non-fused trainable parameters (declared by embedding modules and models,
+    e.g. MoE gates; optimised by ``recbench.training.optim.build_optimizers``).
+
+    Attributes:
+        name: e.g. "embedding", "thresholds", "scales".
+        params: the parameters.
+        learning_rate: None uses the trainer's rule for ``kind``.
+        kind: "dense" (Adam with the dense learning rate) or "sparse" (row-sparse gradients,
+            trained with the embedding optimizer's rule and learning rate).
+        optimizer: None uses the kind's default (dense: "adam", sparse: "adagrad"); a reference
+            that trains a group with another rule names it: dense "adam" | "sgd", sparse
+            "adagrad" | "sgd" | "sparse_adam" (``recbench.training.optim.GROUP_OPTIMIZERS``).
+        weight_decay: L2 decay of this group (dense optimizers only; torch's sparse optimizers
+            take none, so a method that decays sparse rows adds the penalty to its loss).
+    """
+
+    name: str
+    params: List[Any]  # torch.nn.Parameter (types imports no torch)
+    learning_rate: Optional[float] = None
+    kind: str = "dense"
+    optimizer: Optional[str] = None
+    weight_decay: Optional[float] = None

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, ParamGroup, Stage, TableSpec  # noqa: F401 (ParamGroup: re-exported)
 
 
 class InfeasibleBudget(Exception):
@@ -38,31 +38,6 @@ class InfeasibleBudget(Exception):
             f"method {method!r} cannot reach compression_ratio={requested:g}; reachable range is "
             f"[{min_ratio:.3g}, {max_ratio:.3g}]{detail}"
         )
-
-
-@dataclass
-class ParamGroup:
-    """A named group of non-fused trainable parameters.
-
-    Attributes:
-        name: e.g. "embedding", "thresholds", "scales".
-        params: the parameters.
-        learning_rate: None uses the trainer's rule for ``kind``.
-        kind: "dense" (Adam with the dense learning rate) or "sparse" (row-sparse gradients,
-            trained with the embedding optimizer's rule and learning rate).
-        optimizer: None uses the kind's default (dense: "adam", sparse: "adagrad"); a reference
-            that trains a group with another rule names it: dense "adam" | "sgd", sparse
-            "adagrad" | "sgd" | "sparse_adam" (``recbench.training.optim.GROUP_OPTIMIZERS``).
-        weight_decay: L2 decay of this group (dense optimizers only; torch's sparse optimizers
-            take none, so a method that decays sparse rows adds the penalty to its loss).
-    """
-
-    name: str
-    params: List[nn.Parameter]
-    learning_rate: Optional[float] = None
-    kind: str = "dense"
-    optimizer: Optional[str] = None
-    weight_decay: Optional[float] = None
 
 
 class Hook:

@@ -36,9 +36,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from recbench.methods.base import ParamGroup
 from recbench.models.dcn import DCNv2
 from recbench.models.dlrm import DLRM
+from recbench.types import ParamGroup
 
 CLICK = "click"
 
