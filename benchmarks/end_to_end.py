@@ -35,7 +35,7 @@ and its time in training steps (``train/seconds``). Figures:
     python benchmarks/end_to_end.py                     # both grids, jobs 1 and 2
     python benchmarks/end_to_end.py --grids smoke --methods full hashing --jobs 1 2
 
-References: recbench.cli.sweep; DESIGN.md sections 5 and 6.
+References: recbench.cli.sweep; docs/architecture.md sections 5 and 6.
 """
 from __future__ import annotations
 
@@ -63,10 +63,9 @@ def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads:
     shutil.copytree(MOVIELENS_RAW, raw)
     env = dict(os.environ, MLFLOW_TRACKING_URI=f"sqlite:///{root}/mlflow.db", RECBENCH_ARTIFACT_ROOT=str(root / "art"),
                RECBENCH_DATA_ROOT=str(root / "data"), RECBENCH_RUN_ROOT=str(root / "runs"), TQDM_DISABLE="1")
-    for name in ("RECBENCH_SWEEP_ID", "RECBENCH_NUM_THREADS", "OMP_NUM_THREADS"):
-        env.pop(name, None)
-    if job_threads:  # a sequential sweep keeps the user's choice; parallel ones get cores // jobs anyway
-        env["RECBENCH_NUM_THREADS"] = str(job_threads)
+    env.pop("OMP_NUM_THREADS", None)
+    if job_threads and jobs == 1:  # a sequential sweep keeps the user's choice; parallel ones get cores // jobs
+        extra = [*extra, f"trainer.num_threads={job_threads}"]
     command = [str(Path(sys.executable).parent / "recbench-sweep"), preset, *extra, "--jobs", str(jobs),
                "--root", str(root / "sweeps"), "--sweep-id", f"bench-jobs{jobs}"]
     start = time.perf_counter()
@@ -81,7 +80,7 @@ def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads:
 PROCESS_COST = """
 import json, time
 start = time.process_time()
-import recbench.cli.job
+import recbench.runs.job
 imported = time.process_time()
 from recbench.tracking.mlflow_tracker import init_store
 init_store({uri!r})
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--leaderboard-methods", nargs="+", default=["hashing", "qr"],
                         help="methods of the leaderboard slice (ratio 0.1, seed 0; full is added as the reference)")
     parser.add_argument("--job-threads", type=int, default=1,
-                        help="RECBENCH_NUM_THREADS of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
+                        help="trainer.num_threads of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
                              "2 cores; 0: the sweep's default, all cores)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary sweep folders")
     harness.add_common_arguments(parser, rounds=1, warmup=0)

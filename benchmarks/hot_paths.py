@@ -19,7 +19,7 @@ the code it replaced (kept below as the reference), side by side on the same inp
 
     python benchmarks/hot_paths.py
 
-References: recbench.training.trainer, recbench.training.optim, recbench.methods.tables.
+References: recbench.training.trainer, recbench.training.optim, recbench.methods.blocks.tables.
 """
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ from omegaconf import OmegaConf
 
 from recbench.bench import harness
 from recbench.bench.workloads import criteo_batches, criteo_like_tables
-from recbench.cli.job import instantiate_without, settings_of
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.settings import instantiate_without, settings_of
+from recbench.runs.config import CONFIG_DIR
 from recbench.datasets.batching import BatchIterator
 from recbench.methods.full import FullEmbedding
-from recbench.training.tasks import training_loss
+from recbench.models.tasks import training_loss
 from recbench.training.trainer import Trainer
 from recbench.types import EmbeddingOptimizer
 
@@ -51,7 +51,8 @@ def movielens_trainer(data_root: Path, overrides=()):
     budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
     method = instantiate_without(cfg.method, drop=())
     torch.manual_seed(0)
-    embedding = method.build(list(prepared.spec.tables), int(cfg.model.embedding_dim), budget, embedding_optimizer)
+    tables, dim = list(prepared.spec.tables), int(cfg.model.embedding_dim)
+    embedding = method.build(tables, dim, method.solve(tables, dim, budget, embedding_optimizer), embedding_optimizer)
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=prepared.spec.num_dense,
                                 num_sparse=len(prepared.spec.tables))
     trainer = Trainer(trainer_config, model, method, prepared, dense_optimizer, embedding_optimizer)

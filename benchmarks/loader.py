@@ -16,7 +16,7 @@ protocol that is read every epoch does); a cold read from disk is a different, s
     python benchmarks/loader.py                     # 2*10^6 rows (320 MB), batch 4096
     python benchmarks/loader.py --rows 500000 --batches 5
 
-References: recbench.datasets.batching; DESIGN.md section 6 ("Batches are built vectorised from
+References: recbench.datasets.batching; docs/architecture.md section 6 ("Batches are built vectorised from
 memory-mapped arrays; no per-sample Python in the hot path").
 """
 from __future__ import annotations

@@ -15,14 +15,14 @@ Each step runs in a fresh Python subprocess that reports its wall time, CPU time
 all threads), peak resident set size (``VmHWM``) and the 1-minute load average. Figures:
 rows per CPU-second ratio (robust on a shared machine) and elapsed rows/s ratio (target >= 3),
 peak RSS ratio (target <= 1: no higher). With several sizes, the peak-RSS growth with file size
-is noted (DESIGN.md section 6: peak memory does not grow with the file size). The data-line
+is noted (docs/architecture.md section 6: peak memory does not grow with the file size). The data-line
 count and sha256 of the raw file are computed once (``checksum`` step) and cached for both.
 
     python benchmarks/preprocessing.py                        # 10^6 lines, 3 rounds (~4 min on 2 cores)
     python benchmarks/preprocessing.py --rows 1000000 10000000 --rounds 1
     recbench-bench preprocessing
 
-References: DESIGN.md section 6; recbench.datasets.preprocessing; recbench.datasets.synthetic.
+References: docs/architecture.md section 6; recbench.datasets.text.pipeline; recbench.datasets.synthetic.
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def child(step: str, rows: int, work: Path, chunk_rows: int) -> Dict[str, Any]:
         files = generate(GeneratorConfig(rows=rows), work / "synthetic" / "raw")
         facts = {"raw_bytes": files.text.stat().st_size}
     elif step == "checksum":
-        from recbench.datasets.preprocessing import describe_source
+        from recbench.datasets.text.sources import describe_source
 
         text = generated_files(GeneratorConfig(rows=rows), work / "synthetic" / "raw").text
         facts = {"lines": describe_source(text).lines}

@@ -38,9 +38,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from recbench.bench import harness
-from recbench.cli.job import instantiate_without, settings_of
-from recbench.cli.train import CONFIG_DIR
-from recbench.methods import row_subset
+from recbench.runs.settings import instantiate_without, settings_of
+from recbench.runs.config import CONFIG_DIR
+from recbench.methods.blocks import row_subset
 from recbench.training.trainer import TrainContext, Trainer
 
 
@@ -54,7 +54,8 @@ def optembed_trainer(data_root: Path, dataset: str, ratio: float, overrides=(), 
     method = instantiate_without(cfg.method, drop=(), **method_settings)
     torch.manual_seed(0)
     tables = list(prepared.spec.tables)
-    embedding = method.build(tables, int(cfg.model.embedding_dim), budget, embedding_optimizer)
+    dim = int(cfg.model.embedding_dim)
+    embedding = method.build(tables, dim, method.solve(tables, dim, budget, embedding_optimizer), embedding_optimizer)
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=prepared.spec.num_dense,
                                 num_sparse=len(tables))
     with torch.no_grad():  # spread rows and thresholds out, as after training

@@ -22,7 +22,7 @@ which carries the machine's load: runs of one method measured 12 s and 95 s at d
 
 Without runs of a sweep in the store (a fresh clone) it writes nothing and says so.
 
-References: recbench.reporting.runs (records); DESIGN.md section 6.
+References: recbench.reporting.runs (records); docs/architecture.md section 6.
 """
 from __future__ import annotations
 

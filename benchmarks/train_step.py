@@ -20,7 +20,7 @@ time / ``full``'s (hashing, unified, mixed_dim <= 1.15; qr <= 1.3).
     python benchmarks/train_step.py --methods all        # every conf/method/*.yaml (dhe takes ~25x full)
     recbench-bench train_step --scale 0.01 --model dcn
 
-References: DESIGN.md section 6; recbench.bench.harness.
+References: docs/architecture.md section 6; recbench.bench.harness.
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from hydra import compose, initialize_config_dir
 
 from recbench.bench import harness
 from recbench.bench.workloads import EmbeddingBagReference, criteo_batches, criteo_like_tables, dlrm, train_step
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
 from recbench.methods.base import InfeasibleBudget
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer
@@ -64,12 +64,12 @@ def build_method(name, tables, ratio, model_name):
     candidates = sorted(set(FALLBACK_RATIOS) | {ratio, 1.0}, key=lambda x: abs(math.log(x / ratio)))
     for r in candidates:
         try:
-            method.solve(tables, DIM, Budget(compression_ratio=r))
+            plan = method.solve(tables, DIM, Budget(compression_ratio=r))
         except InfeasibleBudget:
             continue
         torch.manual_seed(0)
         optimizer = EmbeddingOptimizer()
-        embedding = method.build(tables, DIM, Budget(compression_ratio=r), optimizer)
+        embedding = method.build(tables, DIM, plan, optimizer)
         model = dlrm(embedding, len(tables), DIM, model_name)
         return model, build_optimizers(model, embedding, DenseOptimizer(), optimizer), r
     raise RuntimeError(f"{name}: no feasible ratio among {candidates}")

@@ -14,6 +14,10 @@ Each entry states why it is safe to drop:
 * mlflow ``Creating initial MLflow database tables...`` and ``Updating database tables`` (INFO
   records of ``mlflow.store.db.utils``, printed by MLflow's own handler when a SQLite store is
   created): bookkeeping of a new store file, which recbench creates on purpose.
+* mlflow ``SQLAlchemy database error. The following exception is caught`` (an ERROR record of
+  ``mlflow.store.db.utils`` carrying the whole SQLAlchemy traceback, ~90 lines): MLflow logs it and
+  then raises the same error as an ``MlflowException``, which recbench turns into one line naming
+  the cause (``recbench.tracking.mlflow_tracker.StoreError``) or retries when it is transient.
 
 Call ``quiet_known_warnings()`` first thing in every entry point (CLI mains and the Hydra task
 function, which also runs inside joblib/Ray/submitit workers); it is idempotent.
@@ -37,6 +41,7 @@ KNOWN_LOG_RECORDS: Tuple[Tuple[str, str], ...] = (
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both fx.symbolic_trace and torch.export"),
     ("mlflow.store.db.utils", "Creating initial MLflow database tables"),
     ("mlflow.store.db.utils", "Updating database tables"),
+    ("mlflow.store.db.utils", "SQLAlchemy database error. The following exception is caught"),
 )
 
 

@@ -3,13 +3,13 @@
 Nothing here imports torch modules or other recbench packages: ``types`` is the root of the
 dependency graph (``types`` <- ``datasets``, ``methods``, ``gates``, ``models`` <- ``training`` <- ``cli``).
 
-References: DESIGN.md section 3 (contracts) and section 4a (protocols).
+References: docs/architecture.md section 3 (contracts) and section 4a (protocols).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -18,7 +18,7 @@ from recbench.checks import check_number
 
 FP32_BYTES = 4
 #: ``Budget.sparse_index``: how the index of a pruned (sparse) table is charged
-#: (``recbench.methods.sparse_storage``)
+#: (``recbench.methods.blocks.sparse_storage``)
 SPARSE_INDEX_RULES = ("compact", "hetu")
 
 
@@ -125,8 +125,10 @@ class Budget:
             raise ValueError(f"budget.tolerance must be in (0, 1), got {self.tolerance}")
         check_sparse_index(self.sparse_index)
 
-    def target_bytes(self, tables: Sequence[TableSpec], dim: int) -> int:
-        return int(self.compression_ratio * full_embedding_bytes(tables, dim))
+
+def under_budget(achieved_ratio: float, budget: Budget) -> bool:
+    """Whether a solved ratio lands below ``(1 - tolerance)`` x the requested ratio (tag ``under_budget``)."""
+    return achieved_ratio < (1.0 - budget.tolerance) * budget.compression_ratio
 
 
 @dataclass
@@ -160,6 +162,45 @@ class MemoryReport:
             "emb/bytes_full": float(self.full_bytes),
             "emb/compression_ratio": float(self.compression_ratio),
         }
+
+
+class InfeasibleBudget(Exception):
+    """The method cannot reach the requested budget: a recorded, skipped run, not a crash."""
+
+    def __init__(self, method: str, requested: float, min_ratio: float, max_ratio: float, reason: str = ""):
+        self.method, self.requested = method, requested
+        self.min_ratio, self.max_ratio = min_ratio, max_ratio
+        detail = f": {reason}" if reason else ""
+        super().__init__(
+            f"method {method!r} cannot reach compression_ratio={requested:g}; reachable range is "
+            f"[{min_ratio:.3g}, {max_ratio:.3g}]{detail}"
+        )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a method's budget solver decided for one job, solved once (``CompressionMethod.solve``);
+    ``build`` builds exactly this plan and the job logs it.
+
+    Attributes:
+        method: the method's name.
+        hparams: the solved, concrete hyperparameters (no ``auto`` left); read-only by convention.
+        memory: the closed-form memory of ``hparams`` (``CompressionMethod.memory``).
+        requested_ratio: ``budget.compression_ratio``.
+        under_budget: the solution lands below (1 - tolerance) x the requested ratio (the run goes
+            ahead at the ratio it reaches, tagged ``under_budget=true``).
+    """
+
+    method: str
+    hparams: Mapping[str, Any]
+    memory: MemoryReport
+    requested_ratio: float
+    under_budget: bool
+
+    @property
+    def achieved_ratio(self) -> float:
+        """Closed-form inference bytes / full fp32 bytes of the solved hyperparameters."""
+        return self.memory.compression_ratio
 
 
 @dataclass(frozen=True)
@@ -207,10 +248,6 @@ def settings_hash(settings: Mapping[str, Any], length: int = 10) -> str:
     """Stable short hash of a JSON-serialisable settings mapping."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:length]
-
-
-def dataclass_dict(obj: Any) -> Dict[str, Any]:
-    return asdict(obj)
 
 
 EMBEDDING_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RECBENCH_NUM_THREADS", "2")
 # FBGEMM checks every index in tests (production relies on check_ids alone; tables.skip_bounds_check)
 os.environ.setdefault("RECBENCH_FBGEMM_BOUNDS_CHECK", "fatal")
 

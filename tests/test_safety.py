@@ -1,4 +1,4 @@
-"""Safety rules (DESIGN.md section 8), checked over the source: checkpoints load with
+"""Safety rules (docs/architecture.md section 8), checked over the source: checkpoints load with
 ``weights_only=True``; no shell string is built (no ``shell=True``, ``os.system``, ``os.popen``);
 the MLflow UI of ``make dashboard`` binds to 127.0.0.1."""
 from __future__ import annotations

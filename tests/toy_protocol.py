@@ -5,9 +5,12 @@ Kept out of ``conftest.py`` so that Hydra configs can name it as ``toy_protocol.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from recbench.datasets.base import DatasetProtocol
 from recbench.datasets.storage import CacheWriter, spec_to_manifest, write_split
@@ -59,3 +62,26 @@ class ToyProtocol(DatasetProtocol):
         spec = DatasetSpec(self.name, self.protocol_id(), self.num_dense, tables,
                            {"train": cut[0], "val": cut[1] - cut[0], "test": n - cut[1]})
         return spec_to_manifest(spec)
+
+
+#: the tiny protocol as a dataset config, and a composed job config over it (tests of whole jobs)
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+TOY = {
+    "_target_": "toy_protocol.ToyProtocol",
+    "rows": 2000,
+    "protocol": {"batch_size": 64, "embedding_dim": 8, "bottom_mlp": [16, 8], "top_mlp": [16, 1],
+                 "dense_learning_rate": 0.001, "embedding_learning_rate": 0.1, "max_epochs": 2,
+                 "evals_per_epoch": 2, "patience": 3},
+}
+
+
+def toy_cfg(tmp_path, *overrides, tracking="memory"):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=[f"tracking={tracking}", *overrides])
+    cfg = OmegaConf.to_container(cfg)
+    cfg["dataset"] = dict(TOY)
+    cfg["paths"] = {"data_root": str(tmp_path / "data"), "run_root": str(tmp_path / "runs")}
+    cfg["trainer"].update({"progress": False, "latency_repeats": 2, "num_threads": cfg["trainer"].get("num_threads") or 2})
+    if tracking == "mlflow":
+        cfg["tracking"].update({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")})
+    return OmegaConf.create(cfg)

@@ -2,7 +2,7 @@
 
 Every performance figure of recbench is a ratio between a candidate (recbench's code) and a
 reference (a straightforward implementation, a library routine or a machine limit) measured in
-the same process, or back to back, on the same inputs (DESIGN.md section 6). This module holds
+the same process, or back to back, on the same inputs (docs/architecture.md section 6). This module holds
 the pieces every script in ``benchmarks/`` shares:
 
 - ``interleaved``: warm-up calls, then ``rounds`` rounds in which every workload runs once
@@ -17,7 +17,7 @@ the pieces every script in ``benchmarks/`` shares:
   table of ``benchmarks/README.md`` (between ``<!-- results:begin -->`` and ``<!-- results:end -->``)
   from every result file.
 
-References: DESIGN.md section 6 (performance claims are ratios measured side by side).
+References: docs/architecture.md section 6 (performance claims are ratios measured side by side).
 """
 from __future__ import annotations
 

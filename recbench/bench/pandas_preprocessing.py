@@ -20,7 +20,7 @@ pay the same for it. The data-line count comes from the same cached source descr
 uses. The reference assumes a well-formed file (it skips recbench's malformed-line and UTF-8
 checks, which favours it). Its arrays are checked equal to recbench's on the benchmark's file.
 
-References: recbench.datasets.preprocessing (the rules); pandas ``read_csv(chunksize=...)``.
+References: recbench.datasets.text.pipeline (the rules); pandas ``read_csv(chunksize=...)``.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from recbench.datasets.preprocessing import SplitAssigner, describe_source
 from recbench.datasets.storage import SPLITS
+from recbench.datasets.text.sources import describe_source
+from recbench.datasets.text.splits import SplitAssigner
 
 FNV_OFFSET, FNV_PRIME, MASK64 = 0xCBF29CE484222325, 0x100000001B3, (1 << 64) - 1
 HEX_DIGITS = frozenset("0123456789abcdef")

@@ -1,6 +1,8 @@
 """recbench's command-line entry points (thin shells over the library)."""
 # Every command (and every sweep worker, which imports its task function from here) starts quiet:
 # known third-party notices are dropped by message and module (recbench.quiet says which and why).
+import argparse
+
 from recbench.quiet import quiet_known_warnings as _quiet
 
 _quiet()
@@ -18,3 +20,11 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``<prog>: error: ...``, exit 2) with a
+    pointer to ``--help``, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

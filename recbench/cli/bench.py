@@ -10,17 +10,16 @@ named), then regenerates the summary table of ``benchmarks/README.md`` from ever
     recbench-bench --quick               # every benchmark at toy sizes, results in a temp folder
     recbench-bench lookup --scale 0.05   # options after the names go to the benchmarks
 
-References: DESIGN.md section 6 (ratios measured side by side).
+References: docs/architecture.md section 6 (ratios measured side by side).
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 import time
 import traceback
-from pathlib import Path
 
+from recbench.cli import OneLineParser
 from recbench.bench import harness
 
 BENCH_DIR = harness.BENCH_DIR
@@ -31,7 +30,7 @@ def available():
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="recbench-bench", description="recbench performance harness")
+    parser = OneLineParser(prog="recbench-bench", description="recbench performance harness")
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(available())})")
     args, rest = parser.parse_known_args(argv)
     names = args.names or available()

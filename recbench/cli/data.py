@@ -7,11 +7,10 @@
 
 Dataset names are the files of ``conf/dataset/`` (the registry); overrides are Hydra overrides.
 
-References: DESIGN.md sections 2 and 7.
+References: docs/architecture.md sections 2 and 7.
 """
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -19,7 +18,8 @@ import sys
 from pathlib import Path
 from typing import List
 
-from recbench.cli.train import CONFIG_DIR
+from recbench.cli import OneLineParser
+from recbench.runs.config import CONFIG_DIR
 
 
 def dataset_names() -> List[str]:
@@ -41,7 +41,7 @@ def main(argv: List[str] | None = None) -> int:
     # at INFO on the root logger) only from WARNING up, as in the Hydra jobs (conf/config.yaml)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("recbench").setLevel(logging.INFO)
-    parser = argparse.ArgumentParser(prog="recbench-data", description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(prog="recbench-data", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list dataset protocols")
     for command in ("fetch", "prepare", "info", "verify"):
@@ -55,8 +55,8 @@ def main(argv: List[str] | None = None) -> int:
         print("\n".join(dataset_names()))
         return 0
 
-    from recbench.cli.job import instantiate_without
-    from recbench.datasets.base import DatasetError
+    from recbench.runs.settings import instantiate_without
+    from recbench.datasets.errors import DatasetError
 
     cfg = compose_dataset(args.dataset, args.overrides)
     data_root = Path(cfg.paths.data_root)
@@ -75,6 +75,10 @@ def main(argv: List[str] | None = None) -> int:
             from recbench.datasets.storage import CacheCorruptError, verify
 
             directory = protocol.cache_dir(data_root)
+            if not directory.exists():
+                print(f"recbench-data: {args.dataset} ({protocol.protocol_id()}) is not prepared under {data_root}: "
+                      f"nothing to verify; run `recbench-data prepare {args.dataset}` first", file=sys.stderr)
+                return 2
             try:
                 manifest = verify(directory, full=True)
             except CacheCorruptError as exc:

@@ -6,11 +6,10 @@
 Writes, per dataset, ``reports/<dataset>/``: ``leaderboard.md``, ``leaderboard.csv``, a self-contained
 ``index.html`` (tables + figures embedded) and ``pareto.png``/``budgets.png``; prints the tables.
 
-References: DESIGN.md section 5; ``recbench.reporting``.
+References: docs/architecture.md section 5; ``recbench.reporting``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shlex
 import sys
@@ -18,8 +17,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from recbench.cli import OneLineParser
 from recbench.reporting.report import build_reports
 from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
+from recbench.tracking.schema import parse_ratio
 from recbench.tracking.mlflow_tracker import resolve_tracking_uri
 
 
@@ -46,7 +47,7 @@ def coverage(records) -> str:
     seeds = defaultdict(set)
     for r in records:
         if r.get("status") == "finished":
-            seeds[(r.get("protocol"), r.get("method"), r.get("compression_ratio"))].add(r.get("seed"))
+            seeds[(r.get("protocol"), r.get("method"), repr(parse_ratio(r.get("compression_ratio"))))].add(r.get("seed"))
     counts = Counter(len(s) for s in seeds.values())
     if not counts:
         return "seeds per finished row: no finished run"
@@ -63,7 +64,7 @@ def of_protocol(tag, wanted: str) -> bool:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="recbench-report", description="leaderboards from MLflow runs")
+    parser = OneLineParser(prog="recbench-report", description="leaderboards from MLflow runs")
     parser.add_argument("--dataset", default=None, help="dataset name (default: every dataset in the store)")
     parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
     parser.add_argument("--exclude-sweep-id", action="append", default=[], metavar="SWEEP_ID",

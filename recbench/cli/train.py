@@ -1,7 +1,7 @@
 """``recbench``: train and evaluate one (dataset, model, method, budget, seed) job, or a
 multirun sweep of them (``recbench -m ...``), tracking each job as one MLflow run.
 
-References: Hydra (``hydra.main``), DESIGN.md section 7.
+References: Hydra (``hydra.main``), docs/architecture.md section 7.
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from recbench.gates.settings import override_error
+from recbench.runs.config import CONFIG_DIR, override_problem
+
 
 
 #: exit status of ``recbench``: 0 every job finished, skipped or was infeasible; 1 a job failed; 2 a bad setting
@@ -27,6 +29,10 @@ def main() -> int:
     """The ``recbench`` command: one job, or a multirun (``-m``) whose failed jobs make the exit
     status non-zero (counted from the sweep's ``outcome.json`` files by ``FailedJobs``)."""
     FailedJobs.counted = None
+    moved = override_error(sys.argv[1:]) or override_problem(sys.argv[1:])
+    if moved:
+        print(f"recbench: error: {moved}", file=sys.stderr)
+        return EXIT_USAGE
     _hydra_main()
     if FailedJobs.counted:
         failed, total = FailedJobs.counted
@@ -59,7 +65,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from recbench.cli.job import format_result, run_job
+    from recbench.runs.job import run_job
+    from recbench.runs.result import format_result
     from recbench.training import distributed
 
     hydra_cfg = HydraConfig.get()
@@ -92,8 +99,8 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Bad data or impossible settings: a one-line message, not a traceback."""
-    from recbench.cli.job import ConfigError
-    from recbench.datasets.base import DatasetError
+    from recbench.runs.settings import ConfigError
+    from recbench.datasets.errors import DatasetError
     from recbench.datasets.storage import CacheCorruptError
     from recbench.tracking.mlflow_tracker import StoreError
     from recbench.training.checkpoint import CheckpointWriteError

@@ -12,7 +12,7 @@ Rules: ``id`` is dropped; the label is ``click`` (0/1); ``hour`` becomes two cat
 column is categorical (23 tables in total). No dense features: dense arrays have shape (N, 0).
 A line whose ``hour`` is not 8 digits forming a valid date and an hour 00-23 is malformed.
 Everything else (keys, thresholds, OOV row 0, hash cap, malformed-line policy, splits) is the
-shared pipeline of ``recbench.datasets.preprocessing``.
+shared pipeline of ``recbench.datasets.text.pipeline``.
 
 Splits: ``random`` 8:1:1 by ``split_seed`` (default); ``dlrm_chunks`` with ``num_chunks``
 equal chunks in file order (default 10, about one per day since the file is sorted by hour),
@@ -37,19 +37,13 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import polars as pl
 
-from recbench.datasets.base import DatasetError, DatasetProtocol
-from recbench.datasets.preprocessing import (
-    FieldCheck,
-    MISSING_KEY,
-    LineFormat,
-    PipelineConfig,
-    SourceFile,
-    SourceLike,
-    TextPipeline,
-    describe_source,
-    expand_sources,
-)
+from recbench.datasets.base import DatasetProtocol
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.storage import CacheWriter
+from recbench.datasets.text.formats import FieldCheck, LineFormat
+from recbench.datasets.text.keys import MISSING_KEY
+from recbench.datasets.text.pipeline import PipelineConfig, TextPipeline
+from recbench.datasets.text.sources import SourceFile, SourceLike, describe_source, expand_sources
 
 COLUMNS = ("id", "click", "hour", "C1", "banner_pos", "site_id", "site_domain", "site_category", "app_id",
            "app_domain", "app_category", "device_id", "device_ip", "device_model", "device_type",

@@ -5,25 +5,23 @@ hold everything that changes the numbers (source checksum, preprocessing rules, 
 label rule); the protocol id is the name plus a hash of them, so a changed rule never reuses a
 stale cache.
 
-References: DESIGN.md sections 2, 3 ("Tables and datasets"), 4a and 8.
+References: docs/architecture.md sections 2, 3 ("Tables and datasets"), 4a and 8.
 """
 from __future__ import annotations
 
 import abc
+import fcntl
 import logging
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
-from recbench.datasets.storage import (SPLITS, CacheWriter, PreparedDataset, load_prepared, remove_stale_builds,
-                                       try_load)
+from recbench.datasets.errors import DatasetError
+from recbench.datasets.storage import (SPLITS, CacheWriter, PreparedDataset, load_prepared, remove_dead_pid_temps,
+                                       remove_stale_builds, try_load)
 from recbench.types import settings_hash
 
 log = logging.getLogger(__name__)
-
-
-class DatasetError(ValueError):
-    """Bad input data: the message names the file, line and field and what is allowed."""
 
 
 def check_split_sizes(manifest: Dict[str, Any], protocol_id: str) -> None:
@@ -69,6 +67,7 @@ class DatasetProtocol(abc.ABC):
         if not force:
             cached = try_load(directory)
             if cached is not None:
+                clean_leftovers(directory)
                 return cached
         directory.parent.mkdir(parents=True, exist_ok=True)
         with build_lock(directory):
@@ -88,11 +87,28 @@ class DatasetProtocol(abc.ABC):
         return load_prepared(directory)
 
 
+def clean_leftovers(directory: Path) -> None:
+    """Remove what killed processes left next to a published cache: unfinished builds of it (only
+    when no build of it runs now: the build lock is free) and ``raw/*.tmp-<pid>`` files of dead pids."""
+    for path in remove_dead_pid_temps(directory.parent.parent / "raw"):
+        log.info("removed %s, left by a killed process", path)
+    if not any(directory.parent.glob(f".{directory.name}.tmp-*")):
+        return
+    with open(directory.with_name(f".{directory.name}.lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a build is running: its temporary folder is not a leftover
+            return
+        try:
+            for path in remove_stale_builds(directory):
+                log.info("removed %s, left by a build that did not finish", path)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 @contextmanager
 def build_lock(directory: Path) -> Iterator[None]:
     """An exclusive lock on ``.<directory name>.lock`` held while one process builds that cache."""
-    import fcntl
-
     with open(directory.with_name(f".{directory.name}.lock"), "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

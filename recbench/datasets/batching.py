@@ -4,13 +4,13 @@ One batch = one fancy-index gather per array (no per-sample Python). Sparse feat
 ``KeyedJaggedTensor`` with keys in ``DatasetSpec.tables`` order; single-hot fields have length
 1 per sample, multi-hot fields their bag sizes.
 
-References: torchrec.datasets.utils.Batch; DESIGN.md sections 2 and 6.
+References: torchrec.datasets.utils.Batch; docs/architecture.md sections 2 and 6.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Sequence
+from typing import Dict, Iterator
 
 import numpy as np
 import torch

@@ -15,7 +15,7 @@ Both sources share one line format: tab-separated, no header, 40 columns::
 Tables are ``C1``..``C26`` (row 0 = OOV; rows 1..V in ascending key order, i.e. sorted hex
 token, by default), 13 dense features ``log(max(x, 0) + 1)`` with missing
 -> 0. Every rule (thresholds, hash cap, split, malformed-line policy) and the sha256 and line
-count of every source file are in the protocol id; see ``recbench.datasets.preprocessing``
+count of every source file are in the protocol id; see ``recbench.datasets.text.pipeline``
 for the exact rules. The data is never downloaded by recbench (Criteo's licence terms apply):
 the user supplies the files, see ``datasets/criteo/README.md``.
 
@@ -37,18 +37,12 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from recbench.datasets.base import DatasetError, DatasetProtocol
-from recbench.datasets.preprocessing import (
-    LineFormat,
-    PipelineConfig,
-    RowExtra,
-    SourceFile,
-    SourceLike,
-    TextPipeline,
-    describe_source,
-    expand_sources,
-)
+from recbench.datasets.base import DatasetProtocol
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.storage import CacheWriter
+from recbench.datasets.text.formats import LineFormat
+from recbench.datasets.text.pipeline import PipelineConfig, TextPipeline
+from recbench.datasets.text.sources import RowExtra, SourceFile, SourceLike, describe_source, expand_sources
 
 DENSE_FIELDS = tuple(f"I{i}" for i in range(1, 14))
 SPARSE_FIELDS = tuple(f"C{i}" for i in range(1, 27))

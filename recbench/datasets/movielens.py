@@ -18,7 +18,7 @@ Sources (both give the same protocol arrays; only the source checksum in the id 
 
 - ``recbole`` (default, offline-friendly): the atomic files shipped inside the PyPI wheel
   ``recbole==1.2.1`` at ``recbole/dataset_example/ml-100k/``; ``fetch`` downloads the wheel with
-  pip, extracts only those files and verifies their sha256 against the constants below.
+  pip, extracts only those files and verifies their sha256 (``movielens_fetch``).
 - ``grouplens``: the original ``u.data``, ``u.user`` and ``u.item`` from a directory the user
   gives (``grouplens_dir``).
 
@@ -37,21 +37,29 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
 
-from recbench.datasets.base import DatasetError, DatasetProtocol
+from recbench.datasets.base import DatasetProtocol
+from recbench.datasets.errors import DatasetError
+from recbench.datasets.movielens_fetch import (
+    RECBOLE_FILES,
+    RECBOLE_REQUIREMENT,
+    checksum_problems,
+    fetch_recbole,
+    verify_recbole_files,
+)
+from recbench.datasets.movielens_parsing import (
+    GENRES,
+    GROUPLENS_FILES,
+    RATINGS,
+    RawMovieLens,
+    load_grouplens,
+    load_recbole,
+)
 from recbench.datasets.storage import (
     FORMAT_VERSION,
     CacheWriter,
@@ -65,34 +73,8 @@ from recbench.types import DatasetSpec, TableSpec
 log = logging.getLogger(__name__)
 
 DATASET_DIR = "movielens100k"  # <data_root>/movielens100k/raw holds the fetched files
-# Bump whenever a rule in this module changes the arrays without changing a setting.
+# Bump whenever a rule of this protocol (here or in movielens_parsing) changes the arrays without changing a setting.
 PROTOCOL_FORMAT_VERSION = 1
-
-RECBOLE_REQUIREMENT = "recbole==1.2.1"
-RECBOLE_WHEEL_FOLDER = "recbole/dataset_example/ml-100k"
-# sha256 of the files inside recbole-1.2.1-py3-none-any.whl
-# (wheel sha256 9c9948202011f37eb0a7c6768129313f00d6403ad221ec940d5e2d5d5f33a407).
-RECBOLE_FILES: Dict[str, str] = {
-    "ml-100k.inter": "4edb74e2a81178c2ba9ff381495f754f996c4aea351b1272ca36b43da0935eff",
-    "ml-100k.user": "4f670007d9cfbeb9807e757209af1555b9bcc186bde25e767f67cb67c6dd5972",
-    "ml-100k.item": "51d7cdf777ce5c0f5b32c1d947a4a81fe07d75e78abbe761e0cd4d0756064532",
-}
-
-# u.genre order: the 19 flag columns of u.item, and the genres' row order in the table.
-GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance",
-    "Sci-Fi", "Thriller", "War", "Western",
-)
-# u.occupation
-OCCUPATIONS = (
-    "administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
-    "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other", "programmer",
-    "retired", "salesman", "scientist", "student", "technician", "writer",
-)
-GENDERS = ("F", "M")
-RATINGS = (1, 2, 3, 4, 5)
-AGE_RANGE = (0, 130)
 
 SINGLE_HOT_FIELDS = ("user", "item", "age", "gender", "occupation", "zip", "release_year")
 MULTI_HOT_FIELD = "genres"
@@ -101,11 +83,8 @@ DENSE_FEATURES = ("age", "release_year")
 SPLIT_RULES = ("random", "temporal")
 SOURCES = ("recbole", "grouplens")
 
-_TITLE_YEAR = r".*\((\d{4})\)"  # greedy: the last "(yyyy)" of a title
-
-
 # ----------------------------------------------------------------------------------------------
-# fetching and verifying the raw files
+# the raw files
 # ----------------------------------------------------------------------------------------------
 
 
@@ -114,333 +93,9 @@ def raw_dir_of(data_root: Path) -> Path:
     return Path(data_root) / DATASET_DIR / "raw"
 
 
-def _checksum_problems(directory: Path, expected: Mapping[str, str]) -> Tuple[List[str], Dict[str, str]]:
-    """(missing file names, {name: actual sha256} of files whose checksum differs)."""
-    missing, mismatched = [], {}
-    for name, digest in expected.items():
-        path = directory / name
-        if not path.is_file():
-            missing.append(name)
-            continue
-        actual = sha256_file(path)
-        if actual != digest:
-            mismatched[name] = actual
-    return missing, mismatched
-
-
-def _mismatch_error(directory: Path, expected: Mapping[str, str], mismatched: Mapping[str, str]) -> DatasetError:
-    lines = [
-        f"{directory / name}: sha256 mismatch (expected {expected[name]}, got {actual})"
-        for name, actual in mismatched.items()
-    ]
-    return DatasetError(
-        "; ".join(lines)
-        + ". The file was modified or is not the recbole==1.2.1 copy of MovieLens-100K; delete it"
-        " and run `recbench-data fetch movielens100k` (or call fetch(data_root, force=True))."
-    )
-
-
-def verify_recbole_files(raw_dir: Path) -> Dict[str, str]:
-    """Check that every RecBole file is present with its known sha256; return the checksums."""
-    raw_dir = Path(raw_dir)
-    missing, mismatched = _checksum_problems(raw_dir, RECBOLE_FILES)
-    if missing:
-        raise DatasetError(
-            f"{raw_dir}: missing {', '.join(missing)}; run `recbench-data fetch movielens100k`"
-            " or prepare() the protocol, which fetches them"
-        )
-    if mismatched:
-        raise _mismatch_error(raw_dir, RECBOLE_FILES, mismatched)
-    return dict(RECBOLE_FILES)
-
-
-def fetch_recbole(raw_dir: Path, force: bool = False, python: str = sys.executable) -> Path:
-    """Download the ``recbole==1.2.1`` wheel with pip and extract only its MovieLens-100K files.
-
-    Does nothing when every file is already present with its known checksum. The files are
-    extracted into a temporary directory next to ``raw_dir``, verified, then renamed into place,
-    so ``raw_dir`` never holds a partial or unverified file. A present file with a wrong
-    checksum is an error unless ``force`` (then it is replaced).
-    """
-    raw_dir = Path(raw_dir)
-    missing, mismatched = _checksum_problems(raw_dir, RECBOLE_FILES)
-    if not missing and not mismatched:
-        return raw_dir
-    if mismatched and not force:
-        raise _mismatch_error(raw_dir, RECBOLE_FILES, mismatched)
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=raw_dir.parent) as tmp:
-        download_dir, staging = Path(tmp) / "download", Path(tmp) / "staging"
-        staging.mkdir()
-        command = [
-            python, "-m", "pip", "download", RECBOLE_REQUIREMENT,
-            "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d", str(download_dir),
-        ]
-        log.info("movielens100k: downloading the %s wheel with pip to extract MovieLens-100K", RECBOLE_REQUIREMENT)
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
-            raise DatasetError(
-                f"`{' '.join(command)}` failed with exit code {result.returncode}:\n{tail}\n"
-                "PyPI must be reachable through pip; otherwise set source=grouplens and"
-                " grouplens_dir to a directory holding u.data, u.user and u.item."
-            )
-        wheels = sorted(download_dir.glob("recbole-*.whl"))
-        if len(wheels) != 1:
-            raise DatasetError(f"{download_dir}: expected one recbole wheel after pip download, found {wheels}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            for name in RECBOLE_FILES:
-                member = f"{RECBOLE_WHEEL_FOLDER}/{name}"
-                try:
-                    source = wheel.open(member)
-                except KeyError as exc:
-                    raise DatasetError(f"{wheels[0].name}: has no member {member}") from exc
-                with source, open(staging / name, "wb") as target:
-                    shutil.copyfileobj(source, target)
-        _, bad = _checksum_problems(staging, RECBOLE_FILES)
-        if bad:
-            raise _mismatch_error(staging, RECBOLE_FILES, bad)
-        for name in RECBOLE_FILES:
-            os.replace(staging / name, raw_dir / name)
-    log.info("movielens100k: verified %s in %s", ", ".join(RECBOLE_FILES), raw_dir)
-    return raw_dir
-
-
 def fetch(data_root: Path, force: bool = False) -> Path:
     """Fetch the default (RecBole) source into ``<data_root>/movielens100k/raw``; return that path."""
     return fetch_recbole(raw_dir_of(data_root), force=force)
-
-
-# ----------------------------------------------------------------------------------------------
-# parsing: both sources -> one normalised form
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class RawMovieLens:
-    """Normalised source tables.
-
-    interactions: user, item (int64), rating (int64), timestamp (int64), line (file line number).
-    users: indexed by user id: age (int64), gender, occupation, zip (str).
-    items: indexed by item id: release_year (Int64, <NA> when unknown).
-    item_genres: one row per (item, genre) pair: item (int64), genre (str).
-    files: the source files by role ("interactions", "users", "items"), for error messages.
-    """
-
-    interactions: pd.DataFrame
-    users: pd.DataFrame
-    items: pd.DataFrame
-    item_genres: pd.DataFrame
-    files: Dict[str, Path]
-
-
-def _read_delimited(
-    path: Path, separator: str, columns: Sequence[str], encoding: str, header: bool
-) -> pd.DataFrame:
-    """Read a delimited text file as strings; every line must have exactly len(columns) fields.
-
-    With ``header``, the first line names the columns (any order, extra columns ignored) and
-    ``columns`` are selected by name. The result has a ``line`` column (1-based file line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetError(f"{path}: file not found")
-    try:
-        text = path.read_bytes().decode(encoding)
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path}: not valid {encoding} text ({exc})") from exc
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    first_line = 1
-    if header:
-        if not lines:
-            raise DatasetError(f"{path}: empty file (expected a header line)")
-        names = lines[0].rstrip("\r").split(separator)
-        lost = [c for c in columns if c not in names]
-        if lost:
-            raise DatasetError(f"{path}:1: header lacks column(s) {lost}; found {names}")
-        lines, first_line, width = lines[1:], 2, len(names)
-    else:
-        names, width = list(columns), len(columns)
-    series = pd.Series(lines, dtype=object).str.rstrip("\r")
-    numbers = np.arange(first_line, first_line + len(series))
-    field_counts = series.str.count(re.escape(separator)).to_numpy() + 1
-    bad = np.flatnonzero(field_counts != width)
-    if len(bad):
-        first = int(bad[0])
-        raise DatasetError(
-            f"{path}:{numbers[first]}: expected {width} {separator!r}-separated columns, found"
-            f" {field_counts[first]} ({len(bad)} malformed line(s) in the file)"
-        )
-    if len(series) == 0:
-        raise DatasetError(f"{path}: no data lines")
-    table = series.str.split(separator, expand=True, regex=False)
-    table.columns = names
-    out = table[list(columns)].copy()
-    out["line"] = numbers
-    return out.reset_index(drop=True)
-
-
-def _fail_rows(path: Path, frame: pd.DataFrame, bad: np.ndarray, column: str, field: str, allowed: str) -> None:
-    """Raise a DatasetError naming the first row flagged in ``bad`` (a boolean mask)."""
-    rows = np.flatnonzero(bad)
-    if len(rows):
-        first = rows[0]
-        raise DatasetError(
-            f"{path}:{frame['line'].iat[first]}: field {field!r} has value {frame[column].iat[first]!r};"
-            f" allowed: {allowed} ({len(rows)} bad row(s) in the file)"
-        )
-
-
-#: the largest integer bound a field may have: float64 (the parse below) holds every integer up to
-#: 2**53 exactly, so a larger id or timestamp would be rounded or wrapped silently
-MAX_EXACT_INTEGER = 2**53
-
-
-def _integers(path: Path, frame: pd.DataFrame, column: str, field: str, low: int, high: Optional[int] = None) -> np.ndarray:
-    """Parse a column of decimal integers in [low, high] (a trailing ``.0`` is accepted);
-    ``high=None`` means ``MAX_EXACT_INTEGER``."""
-    text = frame[column].str.strip()
-    numbers = pd.to_numeric(text.where(text.str.fullmatch(r"[+-]?\d+(\.0*)?"), None), errors="coerce")
-    values = numbers.to_numpy(dtype=np.float64, na_value=np.nan)
-    high = MAX_EXACT_INTEGER if high is None else high
-    bad = np.isnan(values) | (values < low) | (values > high)
-    allowed = f"integers in [{low}, {high}]"
-    _fail_rows(path, frame, bad, column, field, allowed)
-    return values.astype(np.int64)
-
-
-def _choice(path: Path, frame: pd.DataFrame, column: str, field: str, allowed: Sequence[str]) -> pd.Series:
-    values = frame[column].str.strip()
-    _fail_rows(path, frame, ~values.isin(allowed).to_numpy(), column, field, ", ".join(map(str, allowed)))
-    return values
-
-
-def _unique_ids(path: Path, frame: pd.DataFrame, column: str, ids: np.ndarray, field: str) -> None:
-    duplicated = pd.Series(ids).duplicated().to_numpy()
-    _fail_rows(path, frame, duplicated, column, field, "each id once per file")
-
-
-def _title_years(titles: pd.Series) -> pd.Series:
-    return pd.to_numeric(titles.str.extract(_TITLE_YEAR, expand=False), errors="coerce").astype("Int64")
-
-
-def _normalise_users(path: Path, frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    user_column, age_column, gender_column, occupation_column, zip_column = columns
-    ids = _integers(path, frame, user_column, "user", 1)
-    _unique_ids(path, frame, user_column, ids, "user")
-    return pd.DataFrame(
-        {
-            "age": _integers(path, frame, age_column, "age", *AGE_RANGE),
-            "gender": _choice(path, frame, gender_column, "gender", GENDERS).to_numpy(),
-            "occupation": _choice(path, frame, occupation_column, "occupation", OCCUPATIONS).to_numpy(),
-            "zip": frame[zip_column].str.strip().str.upper().to_numpy(),
-        },
-        index=pd.Index(ids, name="user"),
-    )
-
-
-def _normalise_interactions(path: Path, frame: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    user_column, item_column, rating_column, timestamp_column = columns
-    rating = _integers(path, frame, rating_column, "rating", RATINGS[0], RATINGS[-1])
-    return pd.DataFrame(
-        {
-            "user": _integers(path, frame, user_column, "user", 1),
-            "item": _integers(path, frame, item_column, "item", 1),
-            "rating": rating,
-            "timestamp": _integers(path, frame, timestamp_column, "timestamp", 0),
-            "line": frame["line"].to_numpy(),
-        }
-    )
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """How one source lays out its three files (names by role, separators, columns)."""
-
-    files: Mapping[str, str]
-    separators: Mapping[str, str]
-    encoding: str
-    header: bool
-    interaction_columns: Tuple[str, ...]  # user, item, rating, timestamp
-    user_columns: Tuple[str, ...]  # user, age, gender, occupation, zip
-    item_columns: Tuple[str, ...]  # item id first
-
-
-RECBOLE_LAYOUT = _Layout(
-    files={"interactions": "ml-100k.inter", "users": "ml-100k.user", "items": "ml-100k.item"},
-    separators={"interactions": "\t", "users": "\t", "items": "\t"},
-    encoding="utf-8",
-    header=True,
-    interaction_columns=("user_id:token", "item_id:token", "rating:float", "timestamp:float"),
-    user_columns=("user_id:token", "age:token", "gender:token", "occupation:token", "zip_code:token"),
-    item_columns=("item_id:token", "movie_title:token_seq", "release_year:token", "class:token_seq"),
-)
-GROUPLENS_LAYOUT = _Layout(
-    files={"interactions": "u.data", "users": "u.user", "items": "u.item"},
-    separators={"interactions": "\t", "users": "|", "items": "|"},
-    encoding="latin-1",
-    header=False,
-    interaction_columns=("user", "item", "rating", "timestamp"),
-    user_columns=("user", "age", "gender", "occupation", "zip"),
-    item_columns=("item", "title", "release_date", "video_release_date", "imdb_url")
-    + tuple(f"genre_{i}" for i in range(len(GENRES))),
-)
-GROUPLENS_FILES = tuple(GROUPLENS_LAYOUT.files.values())
-
-
-def _read_source(directory: Path, layout: _Layout):
-    """Parse interactions and users, and read the item file: (files, interactions, users, item frame, item ids)."""
-    files = {role: Path(directory) / name for role, name in layout.files.items()}
-
-    def read(role: str, columns: Sequence[str]) -> pd.DataFrame:
-        return _read_delimited(files[role], layout.separators[role], columns, layout.encoding, layout.header)
-
-    interactions = _normalise_interactions(
-        files["interactions"], read("interactions", layout.interaction_columns), layout.interaction_columns
-    )
-    users = _normalise_users(files["users"], read("users", layout.user_columns), layout.user_columns)
-    frame = read("items", layout.item_columns)
-    item_ids = _integers(files["items"], frame, layout.item_columns[0], "item", 1)
-    _unique_ids(files["items"], frame, layout.item_columns[0], item_ids, "item")
-    return files, interactions, users, frame, item_ids
-
-
-def load_recbole(raw_dir: Path) -> RawMovieLens:
-    """Parse the RecBole atomic files (tab-separated, typed headers, UTF-8)."""
-    files, interactions, users, frame, item_ids = _read_source(raw_dir, RECBOLE_LAYOUT)
-    # RecBole's release_year is the title's "(yyyy)"; two titles were split differently
-    # ("unkonwn" and "V"), so the year falls back to a "(yyyy)" left in its title.
-    year_token = frame["release_year:token"].str.strip()
-    years = pd.to_numeric(year_token.where(year_token.str.fullmatch(r"\d{4}"), None), errors="coerce").astype("Int64")
-    years = years.fillna(_title_years(frame["movie_title:token_seq"]))
-    tokens = frame["class:token_seq"].str.strip().str.split(" ")
-    per_item = tokens.str.len().to_numpy()
-    pairs = pd.DataFrame(
-        {
-            "item": np.repeat(item_ids, per_item),
-            "genre": np.concatenate(tokens.to_numpy()),
-            "line": np.repeat(frame["line"].to_numpy(), per_item),
-        }
-    )
-    pairs = pairs[pairs["genre"] != ""].reset_index(drop=True)
-    _fail_rows(files["items"], pairs, ~pairs["genre"].isin(GENRES).to_numpy(), "genre", "genres", ", ".join(GENRES))
-    items = pd.DataFrame({"release_year": years.to_numpy()}, index=pd.Index(item_ids, name="item"))
-    return RawMovieLens(interactions, users, items, pairs[["item", "genre"]], files)
-
-
-def load_grouplens(directory: Path) -> RawMovieLens:
-    """Parse the original GroupLens files: u.data (tab), u.user and u.item ('|', latin-1)."""
-    files, interactions, users, frame, item_ids = _read_source(directory, GROUPLENS_LAYOUT)
-    flag_columns = GROUPLENS_LAYOUT.item_columns[5:]
-    flags = np.stack(
-        [_integers(files["items"], frame, c, f"genres flag {g!r}", 0, 1) for g, c in zip(GENRES, flag_columns)], axis=1
-    )
-    item_rows, genre_columns = np.nonzero(flags)
-    pairs = pd.DataFrame({"item": item_ids[item_rows], "genre": np.asarray(GENRES, dtype=object)[genre_columns]})
-    items = pd.DataFrame({"release_year": _title_years(frame["title"]).to_numpy()}, index=pd.Index(item_ids, name="item"))
-    return RawMovieLens(interactions, users, items, pairs, files)
 
 
 def _lookup(index: pd.Index, ids: np.ndarray, raw: RawMovieLens, field: str, role: str) -> np.ndarray:
@@ -627,7 +282,7 @@ class MovieLens100K(DatasetProtocol):
         """Verify (fetching the RecBole files if they are missing) and parse the source."""
         if self.source == "grouplens":
             assert self.grouplens_dir is not None
-            _, mismatched = _checksum_problems(self.grouplens_dir, self.source_sha256())
+            _, mismatched = checksum_problems(self.grouplens_dir, self.source_sha256())
             if mismatched:
                 raise DatasetError(f"{self.grouplens_dir}: {', '.join(mismatched)} changed while preparing")
             return load_grouplens(self.grouplens_dir)
@@ -635,7 +290,7 @@ class MovieLens100K(DatasetProtocol):
         if root is None:
             raise DatasetError("movielens100k: no data root; call prepare(data_root)")
         raw_dir = raw_dir_of(root)
-        missing, _ = _checksum_problems(raw_dir, RECBOLE_FILES)
+        missing, _ = checksum_problems(raw_dir, RECBOLE_FILES)
         if missing:
             log.info("movielens100k: %s missing in %s; fetching them from PyPI (%s)", ", ".join(missing), raw_dir, RECBOLE_REQUIREMENT)
             fetch_recbole(raw_dir)

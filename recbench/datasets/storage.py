@@ -24,23 +24,27 @@ Checksums are verified on load (and re-verified whenever a file's size or mtime 
 build stamps the (size, mtime) of the files it has just hashed, so its own first load does not
 hash them a second time.
 
-References: DESIGN.md sections 2, 3 ("Tables and datasets") and 8.
+References: docs/architecture.md sections 2, 3 ("Tables and datasets") and 8.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
+from recbench.datasets.errors import DatasetError
 from recbench.types import DatasetSpec, TableSpec
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 VERIFIED_STAMP = ".verified.json"
@@ -216,6 +220,27 @@ def remove_stale_builds(final_dir: Path) -> List[Path]:
     return removed
 
 
+def remove_dead_pid_temps(folder: Path) -> List[Path]:
+    """Remove the files ``*.tmp-<pid>`` in ``folder`` whose writing process is gone (a kill mid-write)."""
+    removed = []
+    for path in Path(folder).glob("*.tmp-*") if Path(folder).is_dir() else []:
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -316,14 +341,8 @@ def try_load(directory: Path) -> Optional[PreparedDataset]:
     try:
         return load_prepared(directory)
     except CacheCorruptError as exc:
-        import logging
-
-        logging.getLogger(__name__).warning("cache rejected, rebuilding: %s", exc)
+        log.warning("cache rejected, rebuilding: %s", exc)
         return None
-
-
-def iter_splits() -> Iterator[str]:
-    return iter(SPLITS)
 
 
 def write_split(
@@ -342,8 +361,6 @@ def write_split(
     dense = dense.astype(np.float32, copy=False)
     bad = ~np.isfinite(dense)
     if bad.any():
-        from recbench.datasets.base import DatasetError  # base imports this module
-
         row, column = (int(i[0]) for i in np.nonzero(bad))
         raise DatasetError(f"split {split!r}: dense feature {column} of row {row} is {float(dense[row, column])} "
                            f"({int(bad.sum())} non-finite value(s)); allowed: finite numbers")

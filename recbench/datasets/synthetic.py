@@ -63,10 +63,11 @@ from scipy.special import expit
 from sklearn.metrics import log_loss, roc_auc_score
 from tqdm.auto import tqdm
 
-from recbench.datasets.base import DatasetError, DatasetProtocol
+from recbench.datasets.base import DatasetProtocol
 from recbench.datasets.criteo import CriteoProtocol, DENSE_FIELDS, KAGGLE_CARDINALITIES, SPARSE_FIELDS, criteo_config
-from recbench.datasets.preprocessing import NpyStreamWriter
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.storage import CacheWriter, PreparedDataset
+from recbench.datasets.text.writer import NpyStreamWriter
 from recbench.types import settings_hash
 
 log = logging.getLogger(__name__)

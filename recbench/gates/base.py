@@ -1,4 +1,4 @@
-"""The gate contract and the pieces gates share (smooth-step, tree paths, entropy).
+"""The gate contract: ``Gate`` and ``SmoothStepGate`` (their tensor functions: ``recbench.gates.functional``).
 
 A gate maps its routing input x (B, W) (and, for hash routing, the batch's sparse features) to
 expert weights (B, E) on the simplex: non-negative, summing to 1, with at most k non-zeros per
@@ -16,8 +16,8 @@ with the dense learning rate.
 Every gate computes *components* (B, C, E): C non-negative rows whose total mass is 1 (one row
 per selector of DSelect-k, per tree of COMET, per hash function; one row for softmax and Top-k).
 The weights are the components summed over C. COMET+'s permutation local search
-(``local_search=True``, ``recbench.gates.local_search``) permutes the expert axis of every
-component with a learned permutation before the sum, so it applies to every gate.
+(``gate.local_search.enabled=true``, ``recbench.gates.local_search``) permutes the expert axis of
+every component with a learned permutation before the sum, so it applies to every gate.
 
 Inference (``hard=True``, the default in eval mode) is the deployable routing: gates whose
 training-form routing is soft until it converges (DSelect-k, COMET) route each selector/tree to
@@ -30,12 +30,15 @@ Mixture of Experts with Applications to Multi-Task Learning", NeurIPS 2021 (smoo
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
+
+from recbench.gates.functional import saturated
+from recbench.gates.local_search import PermutationLocalSearch
+from recbench.gates.settings import LocalSearchSettings
 
 #: routing inputs a gate may name besides a list of field names
 ROUTING_INPUTS = ("embeddings", "over_arch")
@@ -49,75 +52,6 @@ class GateOutput:
     loss: torch.Tensor
 
 
-def smooth_step(z: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Hazimeh et al.'s smooth-step: 0 for z <= -gamma/2, 1 for z >= gamma/2, and the cubic
-    -2 z^3 / gamma^3 + 3 z / (2 gamma) + 1/2 in between (C^1, so gradients flow in the middle and
-    vanish exactly where the step is saturated)."""
-    half = gamma / 2.0
-    cubic = (-2.0 / gamma**3) * z**3 + (3.0 / (2.0 * gamma)) * z + 0.5
-    return torch.where(z <= -half, torch.zeros_like(z), torch.where(z >= half, torch.ones_like(z), cubic))
-
-
-def heap_paths(num_leaves: int) -> torch.Tensor:
-    """Root-to-leaf routes of a binary tree with ``num_leaves`` leaves in heap order.
-
-    Internal nodes are 0 .. L-2 (children of n: 2n+1 left, 2n+2 right), leaves L-1 .. 2L-2, leaf
-    j is expert j. Returns int8 (L, L-1): +1 where the path to leaf j goes left at node n, -1
-    where it goes right, 0 where n is not on the path. With L = 2^m this is the complete tree of
-    depth m; otherwise leaves sit at depths floor/ceil(log2 L)."""
-    if num_leaves < 2:
-        raise ValueError(f"a routing tree needs at least 2 leaves, got {num_leaves}")
-    paths = torch.zeros(num_leaves, num_leaves - 1, dtype=torch.int8)
-    for leaf in range(num_leaves):
-        node = num_leaves - 1 + leaf
-        while node > 0:
-            parent = (node - 1) // 2
-            paths[leaf, parent] = 1 if node == 2 * parent + 1 else -1
-            node = parent
-    return paths
-
-
-def binary_codes(num_experts: int) -> torch.Tensor:
-    """int8 (E, m), m = ceil(log2 E): +1 where bit b (most significant first) of i is 1, -1 where 0.
-
-    DSelect-k's single-expert selector gives expert i the product over bits of s_b (bit 1) or
-    1 - s_b (bit 0); in ``route_products``' convention a bit 1 is "left" (factor s)."""
-    bits = max(1, math.ceil(math.log2(num_experts)))
-    codes = torch.tensor([[1 if (i >> (bits - 1 - b)) & 1 else -1 for b in range(bits)] for i in range(num_experts)],
-                         dtype=torch.int8)
-    return codes
-
-
-def route_products(probabilities: torch.Tensor, routes: torch.Tensor) -> torch.Tensor:
-    """Probability of reaching each leaf.
-
-    probabilities: (B, C, N) probability of going left at each of N decisions, for C routers.
-    routes: (L, N) int8, +1 left / -1 right / 0 not on the route.
-    Returns (B, C, L): the product along each route (exact zeros where a factor is 0)."""
-    p = probabilities.unsqueeze(2)  # (B, C, 1, N)
-    factors = torch.where(routes == 1, p, torch.where(routes == -1, 1.0 - p, torch.ones_like(p)))
-    return factors.prod(dim=-1)
-
-
-def most_probable(probabilities: torch.Tensor) -> torch.Tensor:
-    """One-hot (same shape) of the argmax over the last axis: the deployable form of a soft router."""
-    index = probabilities.argmax(dim=-1, keepdim=True)
-    return torch.zeros_like(probabilities).scatter_(-1, index, 1.0)
-
-
-def entropy(probabilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """-sum p log(p + eps) over the last axis (same leading shape), the references' entropy with
-    their EPSILON = 1e-6 (COMET ``model/gates/comet.py``, DSelect-k ``dselect_k_moe.py``)."""
-    return -(probabilities * torch.log(probabilities + eps)).sum(dim=-1)
-
-
-def saturated(activations: torch.Tensor) -> torch.Tensor:
-    """(B, ...) smooth-step outputs -> (B,) the fraction of each sample's activations that are
-    exactly 0 or 1 (no gradient reaches a saturated node)."""
-    flat = activations.flatten(1)
-    return ((flat == 0) | (flat == 1)).float().mean(dim=1)
-
-
 class Gate(nn.Module):
     """Base of every gate.
 
@@ -128,13 +62,8 @@ class Gate(nn.Module):
         k: at most k non-zero weights per sample at inference (1 <= k <= E).
         feature_names: the sparse fields of the batch, in KeyedJaggedTensor order (hash routing).
         name: the config's ``name`` (must equal the class's).
-        local_search: learn a permutation of the expert order per component (COMET+).
-        local_search_steps: training steps over which the permutation is learned; afterwards it is
-            frozen at the nearest hard permutation.
-        local_search_per_component: one permutation per component (tree/selector/hash); else one shared.
-        local_search_entropy_reg: weight of the permutation's entropy regulariser.
-        local_search_noise: scale of the Gumbel noise added to the permutation logits.
-        local_search_tau_initial / local_search_tau_final: Sinkhorn temperature, annealed log-linearly.
+        local_search: COMET+'s learned permutation of the expert order, a ``LocalSearchSettings``
+            or the mapping ``gate.local_search`` of its fields (None: disabled).
         input: the routing input: "embeddings" | "over_arch" | a list of field names (see the module docstring).
         lr: the Adam learning rate of the gate's parameters (null: the dense learning rate).
 
@@ -149,10 +78,8 @@ class Gate(nn.Module):
 
     def __init__(self, num_experts: int, input_dim: Union[int, Mapping[str, int]], k: Optional[int] = None,
                  feature_names: Sequence[str] = (), name: Optional[str] = None,
-                 local_search: bool = False, local_search_steps: int = 1000,
-                 local_search_per_component: bool = False, local_search_entropy_reg: float = 1e-4,
-                 local_search_noise: float = 0.0, local_search_tau_initial: float = 1e-3,
-                 local_search_tau_final: float = 1e-7, input: Union[str, Sequence[str]] = "embeddings",
+                 local_search: Union[LocalSearchSettings, Mapping[str, Any], None] = None,
+                 input: Union[str, Sequence[str]] = "embeddings",
                  lr: Optional[float] = None):
         super().__init__()
         if name is not None and name != self.name:
@@ -171,14 +98,8 @@ class Gate(nn.Module):
         if not 1 <= k <= num_experts:
             raise ValueError(f"gate {self.name!r}: k must be in [1, num_experts={num_experts}], got {k}")
         self.num_experts, self.input_dim, self.k = num_experts, input_dim, k
-        self.local_search: Optional[nn.Module] = None
-        if local_search:
-            from recbench.gates.local_search import PermutationLocalSearch
-
-            self.local_search = PermutationLocalSearch(
-                num_experts, self.num_components if local_search_per_component else 1, steps=local_search_steps,
-                entropy_reg=local_search_entropy_reg, noise=local_search_noise,
-                tau_initial=local_search_tau_initial, tau_final=local_search_tau_final)
+        self.local_search = PermutationLocalSearch.of(LocalSearchSettings.of(local_search), num_experts,
+                                                      self.num_components)
 
     def _routing(self, spec) -> Tuple[str, Optional[List[int]]]:
         """``input`` -> (the routing input the MoE over-arch passes, field indices to keep or None)."""

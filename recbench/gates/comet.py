@@ -29,7 +29,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from recbench.gates.base import SmoothStepGate, entropy, heap_paths, most_probable, route_products, smooth_step
+from recbench.gates.base import SmoothStepGate
+from recbench.gates.functional import entropy, heap_paths, most_probable, route_products, smooth_step
 
 
 class COMETGate(SmoothStepGate):

@@ -30,7 +30,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from recbench.gates.base import SmoothStepGate, binary_codes, entropy, most_probable, route_products, smooth_step
+from recbench.gates.base import SmoothStepGate
+from recbench.gates.functional import binary_codes, entropy, most_probable, route_products, smooth_step
 
 
 class DSelectKGate(SmoothStepGate):

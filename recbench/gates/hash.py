@@ -8,7 +8,7 @@ multi-hot field routes on the first id of its bag; an empty bag routes as the OO
 
 References: Roller et al., "Hash Layers For Large Sparse Models", NeurIPS 2021 (random hash
 routing; k functions generalise its top-1 routing to k experts); the hash family is
-``recbench.methods.hashing_fns.universal`` (Carter & Wegman 1979).
+``recbench.methods.blocks.hashing_fns.universal`` (Carter & Wegman 1979).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from recbench.gates.base import Gate
-from recbench.methods.hashing_fns import draw, universal
+from recbench.methods.blocks.hashing_fns import draw, universal
 
 
 def first_ids(features, field: str) -> torch.Tensor:

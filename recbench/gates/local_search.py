@@ -15,6 +15,9 @@ permutation (Hungarian algorithm on -P) and frozen, so the learned order costs n
 inference and keeps every gate's <= k non-zeros. A doubly stochastic P preserves each
 component's mass (its columns sum to 1), so the weights stay on the simplex throughout.
 
+Settings: ``recbench.gates.settings.LocalSearchSettings`` (the config mapping ``gate.local_search``):
+``enabled``, ``steps``, ``per_component``, ``entropy_reg``, ``noise``, ``tau_initial``, ``tau_final``.
+
 Shapes: components (B, C, E) -> permuted (B, C, E); log_alpha (P, E, E) with P = C (one per
 component) or 1 (shared).
 
@@ -26,12 +29,14 @@ Mena et al., "Learning Latent Permutations with Gumbel-Sinkhorn Networks", ICLR 
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from recbench.gates.base import entropy
+from recbench.gates.functional import entropy
+from recbench.gates.settings import LocalSearchSettings
 
 SINKHORN_ITERATIONS = (20, 150)
 
@@ -73,15 +78,17 @@ class PermutationLocalSearch(nn.Module):
         tau_initial, tau_final: Sinkhorn temperatures at the start and end of the window.
     """
 
-    def __init__(self, num_experts: int, num_permutations: int, steps: int = 1000, entropy_reg: float = 1e-4,
-                 noise: float = 0.0, tau_initial: float = 1e-3, tau_final: float = 1e-7):
+    def __init__(self, num_experts: int, num_permutations: int, steps: int = LocalSearchSettings.steps,
+                 entropy_reg: float = LocalSearchSettings.entropy_reg, noise: float = LocalSearchSettings.noise,
+                 tau_initial: float = LocalSearchSettings.tau_initial,
+                 tau_final: float = LocalSearchSettings.tau_final):
         super().__init__()
         if num_permutations < 1:
             raise ValueError(f"num_permutations must be >= 1, got {num_permutations}")
         if steps < 1:
-            raise ValueError(f"gate.local_search_steps must be >= 1, got {steps}")
+            raise ValueError(f"gate.local_search.steps must be >= 1, got {steps}")
         if not (tau_initial > 0 and tau_final > 0):
-            raise ValueError(f"gate.local_search_tau_initial/final must be > 0, got {tau_initial}, {tau_final}")
+            raise ValueError(f"gate.local_search.tau_initial/tau_final must be > 0, got {tau_initial}, {tau_final}")
         self.num_experts, self.num_permutations = int(num_experts), int(num_permutations)
         self.steps, self.entropy_reg, self.noise = int(steps), float(entropy_reg), float(noise)
         self.tau_initial, self.tau_final = float(tau_initial), float(tau_final)
@@ -90,6 +97,16 @@ class PermutationLocalSearch(nn.Module):
         # the last relaxed permutation (identity before training): its rounding is the inference permutation
         self.register_buffer("relaxed", torch.eye(self.num_experts).expand(shape).clone())
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def of(cls, settings: LocalSearchSettings, num_experts: int,
+           num_components: int) -> Optional["PermutationLocalSearch"]:
+        """The learned permutation(s) of a gate with ``num_components`` components (None when disabled)."""
+        if not settings.enabled:
+            return None
+        return cls(num_experts, settings.num_permutations(num_components), steps=settings.steps,
+                   entropy_reg=settings.entropy_reg, noise=settings.noise,
+                   tau_initial=settings.tau_initial, tau_final=settings.tau_final)
 
     @property
     def learning(self) -> bool:

@@ -9,7 +9,7 @@ to its pool row, or to its field's fallback row when it owns none (-1). The fall
 paper's zero vector by default (``fallback: zero``: the row is held at 0) or a trained shared
 row per field (``fallback: shared``). Importance (the paper's EI = access frequency x gradient
 magnitude, as a decayed running sum): after every backward each id of the batch adds the L2 norm
-of its row gradient d loss / d e_id (``recbench.methods.id_gradients``; available for ids without
+of its row gradient d loss / d e_id (``recbench.methods.blocks.id_gradients``; available for ids without
 a row too), and every ``decay_every`` steps all scores are multiplied by ``decay``. Ids of
 different fields are compared by their score relative to their field's ``quantile`` (0.95, the
 paper's EI / EI_95th(feature)); with ``normalize: none`` raw scores are compared. Every
@@ -41,13 +41,13 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import batch_part, id_gradients
+from recbench.methods.blocks import batch_part, id_gradients
 from recbench.methods.base import CompressionMethod, Hook
-from recbench.methods.budget import land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.per_id import value_fields, with_values
-from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
+from recbench.methods.blocks.budget import land, largest_integer_within, split_tables, target_bytes
+from recbench.methods.blocks.per_id import value_fields, with_values
+from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
                                      column_slices, pool_outputs)
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 FALLBACKS = ("zero", "shared")
 NORMALIZATIONS = ("field_quantile", "none")
@@ -291,7 +291,7 @@ class AdaEmbed(CompressionMethod):
         extra = INT32_BYTES * pool_rows + FP32_BYTES * ids + INT64_BYTES
         return {"weights": parts["weights"], "map": map_bytes, "state": parts["optimizer_state"], "extra": extra}
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, _ = split_tables(tables, budget)
         names = [t.name for t in compressed]
         total = sum(t.num_embeddings for t in compressed)
@@ -326,9 +326,9 @@ class AdaEmbed(CompressionMethod):
             breakdown={"weights": b["weights"], "map": b["map"]},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> AdaEmbedEmbedding:
-        hparams = self.solve(tables, dim, budget)
+        hparams = plan.hparams
         return AdaEmbedEmbedding(tables, dim, hparams["pool_rows"], hparams["compressed"], self.fallback, self.decay,
                                  self.quantile, optimizer)
 

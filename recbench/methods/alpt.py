@@ -17,7 +17,7 @@ the step sizes' optimizer from the run's optimizer class, sparse Adam for per-ro
 steps in the sparse Adagrad group (recbench's earlier rule). The updated rows are then rounded with
 the new Delta (``on_step_end`` hook) — the alternating update of weights and step sizes. Step
 sizes start at Hetu's constant ``init_scale`` 0.01 (``step_init``; ``lsq`` = LSQ's 2 mean|w| /
-sqrt(Q_P) of the initial draw, recbench's earlier init). See ``recbench.methods.low_precision``.
+sqrt(Q_P) of the initial draw, recbench's earlier init). See ``recbench.methods.families.low_precision``.
 Budget: bytes = packed integer rows (D * b / 8 per row, INT4 two and INT2 four values per byte)
 + fp32 step sizes (4 bytes per row or per field) (+ kept fields in fp32); per-field precision from
 ``levels`` (default 16, 8, 4, 2) as in ``lpt``. With D = 16 and per-row steps the reachable
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from recbench.methods.low_precision import LowPrecisionMethod
+from recbench.methods.families.low_precision import LowPrecisionFamily
 
 
-class ALPT(LowPrecisionMethod):
+class ALPT(LowPrecisionFamily):
     """Hyperparameters: ``bits`` (auto | 16 | 8 | 4 | 2), ``levels``, ``granularity`` (row | field),
     ``scale_learning_rate`` (the step sizes' own learning rate), ``step_init`` (a number | lsq),
     ``gradient_scale`` (batch | rows), ``scale_optimizer`` (adam | adagrad)."""

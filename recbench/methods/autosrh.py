@@ -29,7 +29,7 @@ per_field`` is its grouping: each field's ids by descending count in ``num_group
 
 Budget: the deployable table is the pruned (R, D) table in the cheapest sparse format
 (``sparse_storage``: dense, CSR, COO or bitmap, index bytes counted), at exactly ``nnz`` entries
-(``PruningMethod``); alpha is training-only (folded into the table).
+(``PruningFamily``); alpha is training-only (folded into the table).
 
 Shapes: KJT (F keys, B bags) -> per-id (N, D) * alpha (N, D) -> KeyedTensor (B, F * D); alpha (G, D).
 """
@@ -45,8 +45,8 @@ from torch import nn
 from recbench.datasets.batching import BatchIterator
 from recbench.methods.base import Hook, ParamGroup
 from recbench.methods.mixed_dim import frequency_order
-from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, pruning_stage_result, top_k_mask
-from recbench.training.tasks import training_loss
+from recbench.methods.families.pruning import MaskHook, PrunedEmbedding, PruningFamily, pruning_stage_result, top_k_mask
+from recbench.models.tasks import training_loss
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
 SCHEDULES = ("hetu", "joint")
@@ -364,7 +364,7 @@ class SelectionReport(Hook):
         return result
 
 
-class AutoSrh(PruningMethod):
+class AutoSrh(PruningFamily):
     """Hyperparameters: see ``conf/method/autosrh.yaml`` and ``methods/autosrh.md``."""
 
     name = "autosrh"
@@ -382,7 +382,7 @@ class AutoSrh(PruningMethod):
                          selection_learning_rate=selection_learning_rate, retrain_init=retrain_init,
                          warmup_max_epochs=warmup_max_epochs, search_max_epochs=search_max_epochs,
                          retrain_max_epochs=retrain_max_epochs)
-        from recbench.methods.budget import check_auto
+        from recbench.methods.blocks.budget import check_auto
 
         check_auto(self.name, "nnz", nnz)
         for key, value, allowed in (("schedule", schedule, SCHEDULES), ("grouping", grouping, GROUPINGS),

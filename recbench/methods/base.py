@@ -1,43 +1,31 @@
 """The compression-method contract.
 
-A method is two objects (DESIGN.md section 3):
+A method is two objects (docs/architecture.md section 3):
 
 * ``CompressionMethod`` — instantiated by Hydra from ``conf/method/<name>.yaml`` with
   hyperparameters only. ``solve`` turns ``auto`` hyperparameters into values that meet the
-  budget, ``memory`` is the closed-form byte count, ``build`` returns the embedding module,
+  budget and returns them as a ``Plan`` with their closed-form ``memory``; ``build`` returns the
+  embedding module of that plan,
   ``stages``/``hooks``/``rebuild`` drive multi-stage schedules inside the one trainer loop.
 * ``EmbeddingModule`` — an ``nn.Module`` with TorchRec's embedding-bag-collection interface:
   ``forward(KeyedJaggedTensor) -> KeyedTensor`` with one ``dim``-wide output per field, plus
   ``extra_loss``, ``param_groups``, ``fused_optimizer``, ``memory_report`` and ``to_inference``.
 
-References: DESIGN.md section 3 ("Compression method", "Budget and memory", "Stages and hooks").
+References: docs/architecture.md section 3 ("Compression method", "Budget and memory", "Stages and hooks").
 """
 from __future__ import annotations
 
 import abc
 import copy
 import functools
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, ParamGroup, Stage, TableSpec  # noqa: F401 (ParamGroup: re-exported)
-
-
-class InfeasibleBudget(Exception):
-    """The method cannot reach the requested budget: a recorded, skipped run, not a crash."""
-
-    def __init__(self, method: str, requested: float, min_ratio: float, max_ratio: float, reason: str = ""):
-        self.method, self.requested = method, requested
-        self.min_ratio, self.max_ratio = min_ratio, max_ratio
-        detail = f": {reason}" if reason else ""
-        super().__init__(
-            f"method {method!r} cannot reach compression_ratio={requested:g}; reachable range is "
-            f"[{min_ratio:.3g}, {max_ratio:.3g}]{detail}"
-        )
+from recbench.types import (Budget, EmbeddingOptimizer, InfeasibleBudget, MemoryReport, ParamGroup,  # noqa: F401
+                            Plan, Stage, TableSpec, under_budget)  # (InfeasibleBudget, ParamGroup: re-exported)
 
 
 class Hook:
@@ -196,14 +184,15 @@ class CompressionMethod(abc.ABC):
     """Base of every compression method (hyperparameters only; instantiated by Hydra).
 
     Subclasses set ``name`` (one identifier for file, config, card, MLflow tag and leaderboard
-    row) and implement ``solve``, ``memory`` and ``build``.
+    row) and implement ``solve_hparams``, ``memory`` and ``build``; ``solve`` is the one public
+    entry to the budget solver (it returns the ``Plan``).
     """
 
     name: str = "method"
     #: True when ``build`` looks up plain TorchRec/FBGEMM tables (fused lookups, shardable).
     table_backed: bool = True
     #: Bumped when a fix changes the numbers a configuration produces. A revision above 1 enters
-    #: the run's config hash (``recbench.cli.job.config_hash``), so a re-launched sweep re-runs the
+    #: the run's config hash (``recbench.runs.identity.config_hash``), so a re-launched sweep re-runs the
     #: runs an older revision finished instead of skipping them; revision 1 leaves hashes as they were.
     #: Each bump is listed in the method's card ("Revisions").
     revision: int = 1
@@ -220,8 +209,20 @@ class CompressionMethod(abc.ABC):
         self.hyperparameters: Dict[str, Any] = dict(hyperparameters)
 
     # ----- budget -----
+    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+              optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> Plan:
+        """The job's one call to the budget solver: the plan ``build`` builds and the job logs.
+
+        Pure: ``solve_hparams`` (raises InfeasibleBudget) and the closed-form ``memory`` of its
+        result, with the requested ratio and the ``under_budget`` verdict.
+        """
+        hparams = self.solve_hparams(tables, dim, budget)
+        memory = self.memory(tables, dim, hparams, optimizer)
+        return Plan(self.name, hparams, memory, budget.compression_ratio,
+                    under_budget(memory.compression_ratio, budget))
+
     @abc.abstractmethod
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         """Pure: concrete hyperparameters meeting the budget, or raise InfeasibleBudget."""
 
     @abc.abstractmethod
@@ -231,9 +232,10 @@ class CompressionMethod(abc.ABC):
 
     # ----- module -----
     @abc.abstractmethod
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> EmbeddingModule:
-        """Build the embedding module for these tables at this budget."""
+        """Build the embedding module of ``plan`` (this method's ``solve`` result) for these tables;
+        never solves the budget again."""
 
     # ----- schedule -----
     def stages(self) -> List[Stage]:
@@ -245,17 +247,3 @@ class CompressionMethod(abc.ABC):
     def rebuild(self, module: EmbeddingModule, stage_result: Mapping[str, Any]) -> EmbeddingModule:
         """Between stages: return the module for the next stage (default: unchanged)."""
         return module
-
-    def compatible_with(self, model_name: str) -> Optional[str]:
-        """None when the method works with ``model_name``, else the reason it does not."""
-        return None
-
-
-@dataclass
-class SolvedBudget:
-    """What the solver decided, for logging next to the requested ratio."""
-
-    hparams: Dict[str, Any]
-    memory: MemoryReport
-    requested_ratio: float
-    extras: Dict[str, Any] = field(default_factory=dict)

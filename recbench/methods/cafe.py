@@ -55,14 +55,14 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import batch_part, hashing_fns, id_gradients
+from recbench.methods.blocks import batch_part, hashing_fns, id_gradients
 from recbench.methods.base import CompressionMethod
-from recbench.methods.budget import bisect_continuous, land, split_tables, target_bytes
-from recbench.methods.hot_sketch import SLOT_BYTES, HotSketch, ThresholdSketch
-from recbench.methods.per_id import value_fields
-from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
+from recbench.methods.blocks.budget import bisect_continuous, land, split_tables, target_bytes
+from recbench.methods.blocks.hot_sketch import SLOT_BYTES, HotSketch, ThresholdSketch
+from recbench.methods.blocks.per_id import value_fields
+from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes,
                                      column_slices, pool_outputs)
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 TABLE = "cafe"
 SLOTS_PER_BUCKET = 4
@@ -437,7 +437,7 @@ class Cafe(CompressionMethod):
         sketch = SLOT_BYTES * SLOTS_PER_BUCKET * int(hparams["buckets"]) + FP32_BYTES
         return parts, sketch, sum(t.rows for t in physical)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, _ = split_tables(tables, budget)
         sizes = [t.num_embeddings for t in compressed]
         base = {"compressed": [t.name for t in compressed], **self.settings, **self.resolved(budget.compression_ratio)}
@@ -469,6 +469,6 @@ class Cafe(CompressionMethod):
             breakdown={"weights": parts["weights"], "sketch": sketch},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> CafeEmbedding:
-        return CafeEmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+        return CafeEmbedding(tables, dim, plan.hparams, optimizer)

@@ -11,7 +11,7 @@ compressed fields are one global table of R = sum_f n_f rows (field f's id x is 
 offset_f + x), initialised U(-1/sqrt(max_f n_f), +1/sqrt(max_f n_f)). Stage ``pretrain`` trains it;
 at its end the best validation checkpoint is restored and the table, cut into blocks of
 ``block_rows`` consecutive global rows (the last one zero-padded), is deduplicated by
-``recbench.methods.dedup_lsh.deduplicate_blocks`` (L2 LSH r = ``lsh_r``, ``lsh_l`` tables of
+``recbench.methods.blocks.dedup_lsh.deduplicate_blocks`` (L2 LSH r = ``lsh_r``, ``lsh_l`` tables of
 ``lsh_k`` hashes; a block merges into an earlier-visited candidate when at least ``sim`` of its
 elements differ by at most ``fp``; one representative kept; stop at the budget's block count, the
 rest merged nearest first when the criterion runs out). ``rebuild`` then stores only the kept
@@ -45,13 +45,14 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, split_tables, target_bytes
-from recbench.methods.dedup_lsh import L2LSH, deduplicate_blocks
+from recbench.methods.blocks.budget import kept_bytes, split_tables, target_bytes
+from recbench.methods.blocks.dedup_lsh import L2LSH, deduplicate_blocks
 from recbench.methods.full import FullEmbedding
-from recbench.methods.per_id import value_fields, with_values
-from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, PooledCollection,
+from recbench.methods.blocks.per_id import value_fields, with_values
+from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, PooledCollection,
                                      closed_form_table_bytes, physical_tables)
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec, full_embedding_bytes
+from recbench.types import (FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, Stage,
+                            TableSpec, full_embedding_bytes)
 
 STORED = "dedup_blocks"
 GLOBAL = "dedup_table"
@@ -465,7 +466,7 @@ class Dedup(CompressionMethod):
         stored = unique * block_rows * dim * FP32_BYTES if comp else 0
         return int(index + stored + kept_bytes([t for t in tables if t.name not in set(names)], dim))
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         names = [t.name for t in compressed]
         limit = target_bytes(tables, dim, budget)
@@ -524,9 +525,9 @@ class Dedup(CompressionMethod):
             full_bytes=full_embedding_bytes(tables, dim), breakdown={"deduplicated": inference},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> nn.Module:
-        hparams = self.solve(tables, dim, budget)
+        hparams = plan.hparams
         if self.algorithm == "hetu":
             return DedupEmbedding(tables, dim, hparams, optimizer)
         return SimHashDedupEmbedding(tables, dim, hparams, optimizer)

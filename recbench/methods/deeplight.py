@@ -35,13 +35,13 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
 from recbench.methods.base import Hook
-from recbench.methods.budget import check_auto
-from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, mask_artifacts, pruning_stage_result,
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, mask_artifacts, pruning_stage_result,
                                       top_k_mask)
 from recbench.types import Stage, TableSpec
 
@@ -125,7 +125,7 @@ class ScheduleHook(Hook):
         return pruning_stage_result(context.embedding, self.reached)
 
 
-class DeepLight(PruningMethod):
+class DeepLight(PruningFamily):
     """Hyperparameters: see ``conf/method/deeplight.yaml`` and ``methods/deeplight.md``."""
 
     name = "deeplight"

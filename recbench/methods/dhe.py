@@ -8,7 +8,7 @@ run_compressed.py (commit a1cb1bc, the VLDB 2024 artifact).
 Mechanism (Hetu's defaults): id x of field f is encoded by k = ``num_hashes`` (1024) hashes
 h_j(x) = ((a_j x + b_j) mod p_j) mod m, m = ``hash_buckets`` (10^6), with a_j, b_j uniform in
 [1, m) and p_j a random prime in [m, 2^31) (the next prime after a uniform start), drawn per field (``hash_family: hetu``; ``universal`` is
-recbench's Carter-Wegman family with p = 2^31 - 1, ``recbench.methods.hashing_fns``). Each hash is
+recbench's Carter-Wegman family with p = 2^31 - 1, ``recbench.methods.blocks.hashing_fns``). Each hash is
 transformed to a real: ``uniform``, 2 h / (m - 1) - 1 on [-1, 1]; ``gaussian``, Box-Muller on the
 pairs (u_{2i}, u_{2i+1}), u = max(h / (m - 1), 1e-12), written back to columns 2i (cos) and 2i + 1
 (sin). The dense (N, k) encoding is deterministic and storage-free. A decoder —
@@ -17,7 +17,7 @@ Linear(h, D) — maps it to the D-dim embedding. ``layout: per_field`` (Hetu's u
 one decoder per field; ``layout: shared`` one decoder for all fields (per-field hash salts).
 Init (``init: hetu``): every Linear weight uniform(+-sqrt(1 / max_f n_f)) (the trainer's
 default initialiser), biases 0; ``init: torch`` keeps PyTorch's Linear init.
-Each id is decoded, then the bag is pooled (``recbench.methods.per_id``): pooled encodings are
+Each id is decoded, then the bag is pooled (``recbench.methods.blocks.per_id``): pooled encodings are
 never decoded. Each decoder runs on the batch's unique (field, id) pairs of its fields and the
 result is gathered back to the N values: every layer is row-wise except BatchNorm, whose training
 statistics are weighted by each unique id's occurrence count (``count_weighted_batch_norm``) —
@@ -41,12 +41,12 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple
 import torch
 from torch import nn
 
-from recbench.methods import hashing_fns
+from recbench.methods.blocks import hashing_fns
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.budget import check_auto
-from recbench.methods.per_id import PerIdEmbedding
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.blocks.per_id import PerIdEmbedding
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 DISTRIBUTIONS = ("uniform", "gaussian")
 ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU}
@@ -306,7 +306,7 @@ class Dhe(CompressionMethod):
         decoded = [t for t in compressed if kept_bytes([t], dim) > one]
         return decoded, [t for t in compressed if kept_bytes([t], dim) <= one]
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         if not compressed:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0,
@@ -350,9 +350,9 @@ class Dhe(CompressionMethod):
             breakdown={"decoder": inference - fixed, "kept": fixed},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> DheEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         return DheEmbedding(tables, dim, hp["width"], self.hidden_layers, self.num_hashes, self.hash_buckets,
                             self.distribution, self.activation, self.batch_norm, hp["kept"], self.hash_seed,
                             self.layout, self.hash_family, self.init)

@@ -8,7 +8,7 @@ a soft-to-hard assignment — softmax over dot-product logits with a straight-th
 (``assignment: softmax``, DPQ-SX) or the nearest codeword with a straight-through copy and
 VQ-VAE losses (``assignment: vq``, DPQ-VQ). The deployable form keeps only the codes (bit-packed
 at ceil(log2 K) bits) and the value codebooks. Training keeps the full query table, as in the
-paper (its bytes are in the training bytes). See ``recbench.methods.product_quantization``.
+paper (its bytes are in the training bytes). See ``recbench.methods.families.product_quantization``.
 Budget: ``parts`` (a divisor of D) and ``codewords`` K solved from the budget: for every P the
 largest K within the target; the landing pair with the most code bits per row wins.
 Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from recbench.methods.product_quantization import ProductQuantizationMethod
+from recbench.methods.families.product_quantization import ProductQuantizationFamily
 
 
-class DPQ(ProductQuantizationMethod):
+class DPQ(ProductQuantizationFamily):
     """Hyperparameters: ``parts``, ``codewords`` (auto or integers), ``assignment`` (softmax | vq),
     ``codebooks`` (shared | per_field), ``normalize_logits``, ``temperature``, ``commitment``."""
 

@@ -49,8 +49,8 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 import torch
 
 from recbench.methods.base import Hook
-from recbench.methods.budget import check_auto
-from recbench.methods.pruning import MaskHook, PrunedEmbedding, PruningMethod, top_k_mask
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.families.pruning import MaskHook, PrunedEmbedding, PruningFamily, top_k_mask
 from recbench.types import Stage, TableSpec
 
 SCOPES = ("field", "global")
@@ -191,7 +191,7 @@ class PruneRegrowHook(Hook):
         return {"density": module.density(), "mask_updates": self.updates, "entries_moved": self.moved}
 
 
-class DSL(PruningMethod):
+class DSL(PruningFamily):
     """Hyperparameters: see ``conf/method/dsl.yaml`` and ``methods/dsl.md``."""
 
     name = "dsl"

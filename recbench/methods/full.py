@@ -14,8 +14,8 @@ from typing import Any, Dict, Mapping, Sequence
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec
+from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec
 
 
 class FullEmbedding(FusedIdMapEmbedding):
@@ -33,7 +33,7 @@ class FullEmbedding(FusedIdMapEmbedding):
 class Full(CompressionMethod):
     name = "full"
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         if budget.compression_ratio < 1.0:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0,
                                    "the uncompressed baseline always uses the full fp32 tables")
@@ -43,7 +43,6 @@ class Full(CompressionMethod):
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         return table_memory(physical_tables(tables, dim, {}), tables, dim, optimizer)
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FullEmbedding:
-        self.solve(tables, dim, budget)
         return FullEmbedding(tables, dim, optimizer)

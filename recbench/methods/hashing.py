@@ -7,7 +7,7 @@ models/load_data.py at a1cb1bcaf236c9f1d452733b105997d50c16c9df (the VLDB 2024 a
 Layouts (``layout``):
 - ``per_field`` (default): field f with n_f ids owns an (m_f, D) fp32 table, m_f <= n_f; id x is
   looked up at row h_f(x), with h_f drawn from the universal family ((a_f x + b_f) mod p) mod m_f
-  (salted per field, ``recbench.methods.hashing_fns``) or plain x mod m_f (``hash_function: modulo``).
+  (salted per field, ``recbench.methods.blocks.hashing_fns``) or plain x mod m_f (``hash_function: modulo``).
   Budget (``allocation``): ``cap`` (default) m_f = min(n_f, M) with the largest integer M whose
   bytes fit — only fields larger than M are hashed, as DLRM's ``--max-ind-range`` does on Criteo;
   ``proportional`` m_f = min(n_f, ceil(r * n_f)) (at least 1) with r bisected. A field whose m_f
@@ -33,14 +33,14 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import hashing_fns
+from recbench.methods.blocks import hashing_fns
 from recbench.methods.base import CompressionMethod
-from recbench.methods.budget import (bisect_continuous, check_auto, kept_bytes, land, largest_integer_within,
+from recbench.methods.blocks.budget import (bisect_continuous, check_auto, kept_bytes, land, largest_integer_within,
                                     split_tables, target_bytes)
-from recbench.methods.per_id import value_fields, with_values
-from recbench.methods.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, physical_tables,
+from recbench.methods.blocks.per_id import value_fields, with_values
+from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, physical_tables,
                                      table_memory)
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec
 
 #: name of the one shared table of ``layout: global``
 GLOBAL_TABLE = "hashing_global"
@@ -186,7 +186,7 @@ class Hashing(CompressionMethod):
         ``--max-ind-range``), small fields keep one row per id."""
         return {t.name: max(1, min(t.num_embeddings, int(cap))) for t in compressed}
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         common = {"layout": self.layout, "hash_function": self.hash_function, "hash_seed": self.hash_seed}
         if self.layout == "global":
             return {**self.solve_global(tables, dim, budget), **common}
@@ -239,9 +239,9 @@ class Hashing(CompressionMethod):
                                 optimizer)
         return table_memory(physical_tables(tables, dim, hparams["rows"]), tables, dim, optimizer)
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FusedIdMapEmbedding:
-        hparams = self.solve(tables, dim, budget)
+        hparams = plan.hparams
         if self.layout == "global":
             return GlobalHashingEmbedding(tables, dim, hparams["global_rows"], hparams["kept"], self.hash_function,
                                           self.hash_seed, optimizer)

@@ -7,7 +7,7 @@ Yuen, "Training with Low-precision Embedding Tables", NeurIPS 2018 Systems for M
 Mechanism: every compressed field stores its rows only as b-bit integers with one fixed step size
 Delta_b = ``fixed_range`` / (2^(b-1) - 1); lookups de-quantize (Delta q), the row-sparse gradient
 of the touched rows is applied by the embedding optimizer inside the backward and the rows are
-written back with unbiased stochastic rounding (``recbench.methods.low_precision``). No fp32
+written back with unbiased stochastic rounding (``recbench.methods.families.low_precision``). No fp32
 master copy exists, in training or at inference.
 Budget: bytes = packed integer rows (D * b / 8 per row) + 4 bytes of step size per field (+ kept
 fields in fp32); per-field precision from ``levels`` (default INT16 and INT8): the largest uniform
@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from recbench.methods.low_precision import LowPrecisionMethod
+from recbench.methods.families.low_precision import LowPrecisionFamily
 
 
-class LPT(LowPrecisionMethod):
+class LPT(LowPrecisionFamily):
     """Hyperparameters: ``bits`` (auto | 16 | 8), ``levels`` (precisions ``auto`` may use),
     ``fixed_range`` (the representable range +-fixed_range; INT8 step 1.27 / 127 = 0.01)."""
 

@@ -4,7 +4,7 @@ References: Kang, Cheng, Chen, Yi, Lin, Hong & Chi, "Learning Multi-granular Qua
 Embeddings for Large-Vocab Categorical Features in Recommender Systems", WWW 2020
 (arXiv:2002.08530).
 
-Mechanism: DPQ (``recbench.methods.product_quantization``; DPQ-VQ by default, as in the paper)
+Mechanism: DPQ (``recbench.methods.families.product_quantization``; DPQ-VQ by default, as in the paper)
 where the rows of each field are split by training frequency (``TableSpec.counts``): the top
 ``head_fraction`` (10%) may use all K codewords, the rest only the first K_tail (the paper's
 256 / 64). Deployable form: head codes at ceil(log2 K) bits and tail codes at ceil(log2 K_tail)
@@ -21,11 +21,11 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from recbench.methods.product_quantization import ProductQuantizationMethod, head_rows
+from recbench.methods.families.product_quantization import ProductQuantizationFamily, head_rows
 from recbench.types import TableSpec
 
 
-class MGQE(ProductQuantizationMethod):
+class MGQE(ProductQuantizationFamily):
     """Hyperparameters: ``parts`` (auto | int), ``codewords`` (K, auto | int), ``tail_codewords``
     (auto | int < K), ``head_fraction``, plus DPQ's ``assignment``, ``codebooks``,
     ``normalize_logits``, ``temperature``, ``commitment``."""

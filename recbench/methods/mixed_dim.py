@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import budget as budget_lib
+from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod, EmbeddingModule, InfeasibleBudget, ParamGroup
-from recbench.methods.projection import Projections, projection_bytes, projection_parameters
-from recbench.methods.projection import _key as _pkey  # ParameterDict key of a name holding "."
-from recbench.methods.tables import FusedTables, PhysicalTable
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.projection import Projections, projection_bytes, projection_parameters
+from recbench.methods.blocks.projection import _key as _pkey  # ParameterDict key of a name holding "."
+from recbench.methods.blocks.tables import FusedTables, PhysicalTable
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 REMAP_BYTES = 4  # int32 frequency rank per id, held only by fields split into several blocks
 ALPHA_RANGE = (0.0, 1.0)  # Hetu's bisection interval
@@ -362,7 +362,7 @@ class MixedDim(CompressionMethod):
                 "rounding": self.rounding, "min_dim": self.min_dim, "init": self.init,
                 "dims": out_dims, "block_rows": out_rows}
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         popularity = self.popularities(tables, budget)
         target = budget_lib.target_bytes(tables, dim, budget)
         full = full_embedding_bytes(tables, dim)
@@ -404,6 +404,6 @@ class MixedDim(CompressionMethod):
             breakdown={"weights": int(weights), "projections": int(projections), "remap": int(remap)},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MixedDimEmbedding:
-        return MixedDimEmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+        return MixedDimEmbedding(tables, dim, plan.hparams, optimizer)

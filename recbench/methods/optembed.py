@@ -21,7 +21,7 @@ Mechanism, three stages.
    parameters at their learning rate with L2 ``table_weight_decay`` (torch's Adam: g + wd * e on
    every row, every step), so rows a batch seldom touches decay towards 0 and fall under t_f
    (``TableTraining``). Init (``init``): Xavier-uniform over the table of all fields' rows.
-2. ``search`` (search stage, no gradients): ``recbench.methods.evolutionary`` over per-field dims
+2. ``search`` (search stage, no gradients): ``recbench.methods.blocks.evolutionary`` over per-field dims
    in [1, dim_cap], each candidate scored by the supernet's validation AUC with the candidate's
    dims and the rows the budget affords at those dims (below).
 3. ``retrain`` (train): the kept rows are physically removed into a compact (K, D) table with an
@@ -31,7 +31,7 @@ Mechanism, three stages.
    optimizers reset; the table is trained as in the supernet (the reference's retrain.py uses the
    same lr and wd).
 
-Budget (``recbench.methods.row_subset``): the deployable form stores the kept rows' dim prefixes,
+Budget (``recbench.methods.blocks.row_subset``): the deployable form stores the kept rows' dim prefixes,
 an index (the cheaper of an R-entry remap at the width holding K and the K sorted kept ids) and
 three int64 per field. The solver fixes ``dim_cap`` (``auto``: ceil(D * sqrt(ratio)), so rows and
 dims share the compression on a log scale; raised when even all rows at the cap fit) and the row
@@ -58,12 +58,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import batch_part, row_subset
+from recbench.methods.blocks import batch_part, row_subset
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup, check_ids
-from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.evolutionary import evolutionary_search
-from recbench.methods.per_id import BagPooling, PerIdEmbedding, tensor_bytes, value_fields
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Stage, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
+from recbench.methods.blocks.evolutionary import evolutionary_search
+from recbench.methods.blocks.per_id import BagPooling, PerIdEmbedding, tensor_bytes, value_fields
+from recbench.types import (FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, Stage,
+                            TableSpec, full_embedding_bytes)
 
 INT64_BYTES = 8
 THRESHOLD_OPTIMIZERS = ("sgd", "adam")
@@ -443,7 +444,7 @@ class OptEmbed(CompressionMethod):
         if table_weight_decay < 0 or (table_weight_decay and table_optimizer == "adagrad"):
             raise ValueError(f"method 'optembed': table_weight_decay={table_weight_decay!r}; allowed: >= 0, "
                              "and 0 with table_optimizer=adagrad (the trainer's sparse Adagrad takes no decay)")
-        from recbench.methods.evolutionary import _check
+        from recbench.methods.blocks.evolutionary import _check
 
         _check(1, 1, int(mutation_num), int(crossover_num), float(mutation_prob), int(search_iterations), int(top_k))
         self.dim_cap = dim_cap
@@ -459,7 +460,7 @@ class OptEmbed(CompressionMethod):
         self.supernet_max_epochs, self.retrain_max_epochs = supernet_max_epochs, retrain_max_epochs
 
     # ----- budget -----
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         if not compressed:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0,
@@ -505,9 +506,9 @@ class OptEmbed(CompressionMethod):
                             parameters=rows * dim + fields + fixed // FP32_BYTES,
                             full_bytes=full_embedding_bytes(tables, dim), breakdown={"rows": table, "kept": fixed})
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> OptEmbedSupernet:
-        return OptEmbedSupernet(tables, dim, self.solve(tables, dim, budget))
+        return OptEmbedSupernet(tables, dim, plan.hparams)
 
     # ----- schedule -----
     def stages(self) -> List[Stage]:

@@ -47,9 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbench.methods import batch_part
+from recbench.methods.blocks import batch_part
 from recbench.methods.base import Hook, ParamGroup
-from recbench.methods.pruning import (MaskHook, PrunedEmbedding, PruningMethod, mask_artifacts, pruning_stage_result,
+from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, mask_artifacts, pruning_stage_result,
                                       top_k_mask)
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
@@ -248,7 +248,7 @@ class SparsityHook(Hook):
                 **({"threshold_learning_rate": self.learning_rate} if self.learning_rate is not None else {})}
 
 
-class PEP(PruningMethod):
+class PEP(PruningFamily):
     """Hyperparameters: see ``conf/method/pep.yaml`` and ``methods/pep.md``."""
 
     name = "pep"
@@ -271,7 +271,7 @@ class PEP(PruningMethod):
                          table_optimizer=table_optimizer, table_learning_rate=table_learning_rate,
                          table_weight_decay=table_weight_decay, sparsity_check_interval=sparsity_check_interval,
                          search_max_epochs=search_max_epochs)
-        from recbench.methods.budget import check_auto
+        from recbench.methods.blocks.budget import check_auto
 
         check_auto(self.name, "nnz", nnz)
         if granularity not in GRANULARITIES:

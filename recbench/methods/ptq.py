@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import budget as budget_lib
+from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
-from recbench.methods.tables import closed_form_table_bytes, physical_tables, skip_bounds_check
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.tables import closed_form_table_bytes, physical_tables, skip_bounds_check
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 LEVELS = (32, 16, 8, 4, 2)
 SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per quantized row
@@ -174,7 +174,7 @@ class PTQ(CompressionMethod):
     def _total(self, tables: Sequence[TableSpec], dim: int, bits: Mapping[str, int]) -> int:
         return sum(table_bytes(t.num_embeddings, dim, bits[t.name]) for t in tables)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         if dim % 8:
             raise ValueError(f"ptq: D={dim} must be a multiple of 8 (INT2 packs 4 values per byte, FBGEMM rows)")
         compressed, kept = budget_lib.split_tables(tables, budget)
@@ -216,6 +216,6 @@ class PTQ(CompressionMethod):
             full_bytes=full_embedding_bytes(tables, dim), breakdown={"quantized_rows": int(inference)},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> PTQEmbedding:
-        return PTQEmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+        return PTQEmbedding(tables, dim, plan.hparams, optimizer)

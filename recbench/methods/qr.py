@@ -39,10 +39,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import budget as budget_lib
+from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod, EmbeddingModule, InfeasibleBudget
-from recbench.methods.tables import FusedTables, PhysicalTable
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.tables import FusedTables, PhysicalTable
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 OPERATIONS = ("mult", "add", "concat")
 PARTITION_RULES = ("shared_collisions", "per_field_largest")
@@ -345,7 +345,7 @@ class QR(CompressionMethod):
             out[t.name] = max(m, m0)
         return out
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         partition_dim(dim, self.operation, self.partitions)  # concat: D must split
         target = budget_lib.target_bytes(tables, dim, budget)
         compressed, _ = budget_lib.split_tables(tables, budget)
@@ -406,6 +406,6 @@ class QR(CompressionMethod):
             full_bytes=full_embedding_bytes(tables, dim), breakdown={"weights": int(weights)},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> QREmbedding:
-        return QREmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+        return QREmbedding(tables, dim, plan.hparams, optimizer)

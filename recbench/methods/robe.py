@@ -10,7 +10,7 @@ i reads A[(h_{f,c}(x) + i mod Z) mod M] with c = floor(i / Z) and h_{f,c} a univ
 sign hash g_{f,i}(x) in {-1, +1} multiplies each element (``sign_hash``). The lookup is a gather
 with sparse gradients (``F.embedding(..., sparse=True)`` over A viewed as (M, 1)), so no dense
 gradient of A is ever built; A is a "sparse" parameter group (Adagrad). A bag pools the per-id
-vectors (``recbench.methods.per_id``).
+vectors (``recbench.methods.blocks.per_id``).
 Budget: M is the knob: inference bytes = M * 4 (+ kept fields in full); M = floor(remaining / 4),
 so the ratio lands on the target up to 4 bytes. Training bytes = 2 x (Adagrad state of the array).
 Shapes: KJT (F keys, N values) -> indices (N, D) into A -> per-id (N, D) -> KeyedTensor (B, F * D).
@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbench.methods import hashing_fns
+from recbench.methods.blocks import hashing_fns
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
-from recbench.methods.budget import check_auto
-from recbench.methods.per_id import PerIdEmbedding
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, land, split_tables, target_bytes
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.blocks.per_id import PerIdEmbedding
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 
 class RobeEmbedding(PerIdEmbedding):
@@ -94,7 +94,7 @@ class Robe(CompressionMethod):
             raise ValueError(f"method 'robe': block_size must be >= 1, got {block_size}")
         self.block_size, self.sign_hash, self.hash_seed = int(block_size), bool(sign_hash), int(hash_seed)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         if not compressed:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0,
@@ -120,7 +120,7 @@ class Robe(CompressionMethod):
             breakdown={"array": array, "kept": fixed},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> RobeEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         return RobeEmbedding(tables, dim, hp["size"], hp["block_size"], hp["sign_hash"], hp["kept"], self.hash_seed)

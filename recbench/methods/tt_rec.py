@@ -42,10 +42,10 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import budget as budget_lib
+from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod, EmbeddingModule, ParamGroup
-from recbench.methods.tables import FusedTables, PhysicalTable
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.tables import FusedTables, PhysicalTable
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 MAX_RANK = 1024
 INITS = ("hetu", "fbtt", "variance_matched")
@@ -247,7 +247,7 @@ class TTRec(CompressionMethod):
     def _hparams(self, tables, dim, budget, rank: int) -> Dict[str, Any]:
         return {"rank": int(rank), "tt_fields": tt_fields(tables, dim, budget, rank), "init": self.init}
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         target = budget_lib.target_bytes(tables, dim, budget)
 
         def total(rank: int) -> int:
@@ -277,6 +277,6 @@ class TTRec(CompressionMethod):
             breakdown={"tt_cores": int(cores), "weights": int(plain)},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> TTRecEmbedding:
-        return TTRecEmbedding(tables, dim, self.solve(tables, dim, budget), optimizer)
+        return TTRecEmbedding(tables, dim, plan.hparams, optimizer)

@@ -20,12 +20,12 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods import hashing_fns
+from recbench.methods.blocks import hashing_fns
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
-from recbench.methods.budget import check_auto
-from recbench.methods.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, check_fbgemm_dim, table_memory
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec
+from recbench.methods.blocks.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, check_fbgemm_dim, table_memory
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec
 
 SHARED = "unified_shared"
 
@@ -118,7 +118,7 @@ class Unified(CompressionMethod):
         check_auto(self.name, "rows", rows)
         self.probes, self.hash_seed = int(probes), int(hash_seed)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         width = probe_width(dim, self.probes)
         compressed, kept = split_tables(tables, budget)
         kept_names = [t.name for t in kept]
@@ -141,7 +141,7 @@ class Unified(CompressionMethod):
         physical = physical_tables(tables, dim, hparams["rows"], hparams["probes"], hparams["kept"])
         return table_memory(physical, tables, dim, optimizer)
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> UnifiedEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         return UnifiedEmbedding(tables, dim, hp["rows"], hp["probes"], hp["kept"], self.hash_seed, optimizer)

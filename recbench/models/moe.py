@@ -14,7 +14,7 @@ Gates with their own learning rate (``gate.lr``) form their own Adam group (``de
 Tasks: ``click`` (the click logit, always present) and regressions on the dataset's extra
 targets (``rating`` on MovieLens), with loss weights ``task_loss_weights`` (1.0 by default); the model
 returns {task: (B,)} and its gates' regularisation through ``extra_loss()``
-(``recbench.training.tasks``). With one softmax gate and one expert this is the base model.
+(``recbench.models.tasks``). With one softmax gate and one expert this is the base model.
 
 Conditional computation: at inference (and in training when every gate is exactly sparse with
 no gradient through zero weights: Top-k, hash) expert e runs only on the rows some task's gate

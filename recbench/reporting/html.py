@@ -1,7 +1,7 @@
 """A self-contained HTML report: tables and figures (PNG embedded as base64), inline CSS, no
 network resource (links to MLflow runs are plain anchors, loaded only when clicked).
 
-References: DESIGN.md section 1 (``reporting/``: HTML rendering).
+References: docs/architecture.md section 1 (``reporting/``: HTML rendering).
 """
 from __future__ import annotations
 

@@ -9,19 +9,19 @@ sweep skip every job they hold (same ``config_hash`` tag, status FINISHED) and m
 ``recbench-report`` and the dashboard show them beside new runs. A sweep spread over several
 machines or sessions thus resumes from what was committed.
 
-An imported run holds the record's tags (``reporting.runs.RECORD_TAGS``), its params (the flattened
+An imported run holds the record's tags (``tracking.schema.RECORD_TAGS``), its params (the flattened
 resolved config, when the record has them), the final value of every metric (logged at step 0), its
 MLflow status and start/end times, and two tags of its own: ``imported_from_run_id`` (the run id in
 the store it was exported from) and ``imported_from`` (the file name). It holds no metric histories
 or artifacts (stage masks, chosen dims, ``config.yaml``): those stay in the original store, so
-``recbench.tracking.rehash`` lists imported runs as "without config" and leaves them alone. A record whose run is still RUNNING in the export (a job
+``recbench.runs.rehash`` lists imported runs as "without config" and leaves them alone. A record whose run is still RUNNING in the export (a job
 killed before the export) is imported as KILLED, so a re-launch runs that job again.
 
 Idempotent: a record whose run id is in the store, or that an earlier import already brought in
 (tag ``imported_from_run_id``, deleted runs included), is skipped; an imported run exported again
 keeps the run id of its first store, so records that travelled through several stores meet as one. ``--dry-run`` only counts.
 
-References: DESIGN.md section 5 (tracking, sweep bookkeeping); ``recbench.reporting.runs`` (the record format).
+References: docs/architecture.md section 5 (tracking, sweep bookkeeping); ``recbench.reporting.runs`` (the record format).
 """
 from __future__ import annotations
 
@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Sequence, Set
 
-from recbench.reporting.runs import RECORD_TAGS, load_records
+from recbench.reporting.runs import load_records
+from recbench.tracking.schema import RECORD_TAGS
 from recbench.tracking.base import KILLED
 from recbench.tracking.mlflow_tracker import MLflowTracker, resolve_tracking_uri, with_retries
 

@@ -25,7 +25,7 @@ Rules (stated in every report):
   achieved ratio; it is ranked with its budget like any other row and marked, with a legend line
   under the table (column ``under_budget`` in the CSV).
 
-References: DESIGN.md sections 4 (seeds, mean +- std) and 5 (tags, metric keys).
+References: docs/architecture.md sections 4 (seeds, mean +- std) and 5 (tags, metric keys).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from recbench.tracking.base import with_thread_count
+from recbench.tracking.schema import parse_ratio
 
 AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", "emb/compression_ratio"
 SPEED, LATENCY, BAYES = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc"
@@ -164,7 +165,7 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
     """Rows of every (protocol, method, ratio, config group), scored: ranks, ties, delta vs full, Pareto."""
     groups: Dict[Tuple[str, str, float, str], List[Dict[str, Any]]] = defaultdict(list)
     for record in records:
-        key = (record.get("protocol", ""), record.get("method", ""), _float(record.get("compression_ratio")),
+        key = (record.get("protocol", ""), record.get("method", ""), parse_ratio(record.get("compression_ratio")),
                record.get("group_hash", "") or "")
         groups[key].append(record)
     rows = []

@@ -8,7 +8,7 @@ marker pair in every figure (``method_styles``), legends sit outside the plottin
 front's points are labelled, and the budget curves are small multiples (one panel per method, with the
 best AUC of any method at each budget behind it for context) instead of 20 curves in one axes.
 
-References: DESIGN.md section 1 (``reporting/``: Pareto fronts, plots).
+References: docs/architecture.md section 1 (``reporting/``: Pareto fronts, plots).
 """
 from __future__ import annotations
 

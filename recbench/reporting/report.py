@@ -1,7 +1,7 @@
 """Build the report folders: ``<out>/<dataset>/`` with leaderboard.md, leaderboard.csv, index.html
 (self-contained) and the PNG figures, from run records (MLflow or exported JSON).
 
-References: DESIGN.md sections 1 and 5; ``reporting.leaderboard`` (scoring), ``reporting.plots``,
+References: docs/architecture.md sections 1 and 5; ``reporting.leaderboard`` (scoring), ``reporting.plots``,
 ``reporting.html``.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ A record is a flat dict: run id, experiment (the dataset protocol id), status, t
 (method, model, dataset, protocol, compression_ratio, seed, sweep_id, status, ...), the
 final value of every metric and the run's params (the flattened resolved config).
 
-References: DESIGN.md section 5 ("Tracking").
+References: docs/architecture.md section 5 ("Tracking schema"); ``recbench.tracking.schema``.
 """
 from __future__ import annotations
 
@@ -15,12 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from recbench.tracking.base import orphan_reason
-
-RECORD_TAGS = ("method", "model", "dataset", "protocol", "dataset_protocol_id", "compression_ratio", "seed",
-               "sweep_id", "status", "status_reason", "config_hash", "group_hash", "git_commit", "achieved_ratio", "under_budget",
-               "overrides", "command", "num_threads", "host", "pid", "process_start", "software",
-               "imported_from", "imported_from_run_id")  # the last two: runs brought in by import_records
-
+from recbench.tracking.schema import RECORD_TAGS
 
 def machine_local(value: str) -> bool:
     """Whether a param value names a place on the machine that ran the job (an absolute path, a

@@ -4,7 +4,7 @@ Metric keys are ``split/metric`` (``val/auc``, ``test/auc``, ``emb/compression_r
 tags identify the run (method, model, dataset protocol id, compression ratio, seed, sweep id,
 git commit, status and its reason).
 
-References: DESIGN.md section 5.
+References: docs/architecture.md section 5.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ creates MLflow's schema, which MLflow does not serialise across processes, so it
 exclusive file lock (``<db>.lock``); every client call retries with exponential backoff when SQLite
 reports "database is locked" (a write lost to a concurrent writer is rolled back, never half-done).
 
-References: MLflow tracking API (``mlflow.tracking.MlflowClient``), DESIGN.md section 5.
+References: MLflow tracking API (``mlflow.tracking.MlflowClient``), docs/architecture.md section 5.
 """
 from __future__ import annotations
 
@@ -102,9 +102,14 @@ def init_store(uri: str):
     """An ``MlflowClient`` whose store (schema included) exists; safe to call from parallel processes."""
     from mlflow.tracking import MlflowClient
 
-    with store_lock(uri):  # MlflowClient may build the store (and its schema) on construction
-        client = MlflowClient(tracking_uri=uri)
-        with_retries(client.search_experiments, max_results=1)  # creates/migrates the schema once
+    try:
+        with store_lock(uri):  # MlflowClient may build the store (and its schema) on construction
+            client = MlflowClient(tracking_uri=uri)
+            with_retries(client.search_experiments, max_results=1)  # creates/migrates the schema once
+    except OSError as exc:  # the store's folder is read-only, missing or full: before MLflow is reached
+        raise StoreError(f"the MLflow store {sqlite_path(uri) or uri} cannot be used ({exc.strerror or exc}): check "
+                         "that the store file (MLFLOW_TRACKING_URI) and its folder are writable and the disk has "
+                         "space") from exc
     return client
 
 

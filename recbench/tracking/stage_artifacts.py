@@ -6,7 +6,7 @@ by a summary (shape, dtype, the ``.npz`` key holding it and, for small ones, its
 ``stages.json`` stays readable for a 10^6-row mask; ``write_stage_result`` writes
 ``stage<k>_<name>.json`` and, when the result holds arrays, ``stage<k>_<name>.npz``.
 
-References: DESIGN.md section 5 (artifacts of a run).
+References: docs/architecture.md section 5 (artifacts of a run).
 """
 from __future__ import annotations
 

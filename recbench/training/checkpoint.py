@@ -5,7 +5,7 @@ states, progress counters, RNG state and stage results. It is written to a tempo
 renamed, so a kill during the write leaves the previous checkpoint intact; before a resume, every
 member's CRC-32 is verified, so damage from outside is detected rather than trained on.
 
-References: DESIGN.md section 8; torch.load(weights_only=True).
+References: docs/architecture.md section 8; torch.load(weights_only=True).
 """
 from __future__ import annotations
 

@@ -20,13 +20,9 @@ embedding gradients by W in its all-to-all backward (``comm_ops.GRADIENT_DIVISIO
 parameter gets the gradient of the global mean loss: the same update as one process with the
 same global batch, up to float summation order.
 
-Sharding types (checked against TorchRec 1.8): ``FusedEmbeddingBagCollectionSharder`` offers
-data_parallel, table_wise, column_wise and table_column_wise on CPU (row_wise and
-table_row_wise on CUDA only). data_parallel is not offered here: it replicates the table with a
-dense kernel whose whole-table gradient DDP all-reduces (DESIGN.md section 6 forbids dense table
-gradients), and on CPU TorchRec 1.8 builds that DDP with ``device_ids=[cpu]``, which torch
-rejects. Sparse (row-sparse gradient) parameters of custom-lookup methods are kept out of DDP,
-whose bucket views cannot hold sparse tensors, and are all-reduced by a gradient hook instead.
+Sharding types, the DMP wrapper and shard/whole-tensor moves are in ``recbench.training.sharding``.
+Sparse (row-sparse gradient) parameters of custom-lookup methods are kept out of DDP, whose bucket
+views cannot hold sparse tensors, and are all-reduced by a gradient hook instead.
 
 Stages. Between two stages the trainer calls ``rebuild(model, fn)``: ``_release`` removes the
 sparse-gradient hooks (their handles) and DMP's DDP (its reducer's autograd hooks go with it; that
@@ -41,7 +37,7 @@ stages run on every rank on identical replicas (same seed; a search stage's vali
 gathered global one); ``check_replicas`` compares every finished stage's result and every
 replicated parameter and buffer across ranks (SHA-256 fingerprints) and raises ``RankDivergence``
 naming what differs. What a module computes from "the batch" is kept equal to one process by
-``recbench.methods.batch_part`` (per-sample random draws: this rank's rows of the global draw;
+``recbench.methods.blocks.batch_part`` (per-sample random draws: this rank's rows of the global draw;
 sums over the batch's lookups in ``extra_loss``: weighted by W; quantities a module computes from
 the whole batch in its forward or backward, e.g. LPT's row updates, DPQ's batch-norm statistics,
 CAFE's sketch: joined over ranks there) and ``concat_ranks`` (per-row values a hook needs from the
@@ -58,13 +54,12 @@ each rank checkpoints its own shards (``checkpoint.rank<r>-of-<W>.pt``); a kille
 when every rank's checkpoint is of the same step (same world size), else it restarts.
 
 References: TorchRec ``DistributedModelParallel``, ``EmbeddingShardingPlanner``; PyTorch
-``DistributedDataParallel``; DESIGN.md sections 4 and 6.
+``DistributedDataParallel``; docs/architecture.md ("Distributed training").
 """
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import logging
 import os
 import weakref
@@ -79,38 +74,11 @@ import torch.distributed as dist
 from torch import nn
 
 from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
+from recbench.training.sharding import (DistributedSetupError, LocalShardOptimizer, RankDivergence, ShardedModel,
+                                       SparseAwareDataParallel, all_reduce_sparse_gradients, check_sharding_types,
+                                       fingerprint, full_tensor, fused_sharder, load_shards, sparse_parameters)
 
 log = logging.getLogger(__name__)
-
-#: sharding types the planner may choose on CPU (TorchRec 1.8's fused sharder, data_parallel excluded)
-SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
-_NOT_OFFERED = {
-    "data_parallel": "it replicates the table with a dense kernel whose whole-table gradient is all-reduced "
-                     "(dense table gradients are not allowed), and TorchRec 1.8 cannot build it on CPU",
-    "row_wise": "TorchRec 1.8 offers it on CUDA only",
-    "table_row_wise": "TorchRec 1.8 offers it on CUDA only",
-}
-
-
-class DistributedSetupError(RuntimeError):
-    """A distributed run that cannot start: the message says what is missing or not allowed."""
-
-
-def check_sharding_types(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
-    """The sharding types the planner may choose from (None: every type offered on CPU)."""
-    allowed = SHARDING_TYPES
-    if names is None:
-        return allowed
-    chosen = tuple(str(n) for n in names)
-    if not chosen:
-        raise DistributedSetupError("trainer.sharding_types is empty; allowed: " + ", ".join(allowed))
-    for name in chosen:
-        if name not in allowed:
-            why = f" ({_NOT_OFFERED[name]})" if name in _NOT_OFFERED else ""
-            raise DistributedSetupError(
-                f"trainer.sharding_types: {name!r} is not available{why}; "
-                f"allowed: {', '.join(allowed)}")
-    return chosen
 
 
 @dataclass
@@ -143,7 +111,7 @@ class SingleProcess:
 
     def placement(self, batch: RecBatch):
         """Context of a training forward and its regulariser: where ``batch`` sits in the global batch
-        (``recbench.methods.batch_part``)."""
+        (``recbench.methods.blocks.batch_part``)."""
         return contextlib.nullcontext()
 
     def reduce_value(self, loss: torch.Tensor) -> float:
@@ -215,46 +183,6 @@ class RankIterator:
         return self.epoch(0)
 
 
-class ShardedModel(nn.Module):
-    """The trainer's view of a ``DistributedModelParallel`` model.
-
-    forward(dense (B, num_dense), sparse KJT) -> logits (B,) through DMP (sharded lookups +
-    DDP); ``embedding``, ``state_dict`` and ``load_state_dict`` are the wrapped model's (sharded
-    tables appear as ``ShardedTensor``s holding this rank's shards).
-    """
-
-    def __init__(self, dmp: nn.Module, model: nn.Module):
-        super().__init__()
-        self.dmp = dmp
-        object.__setattr__(self, "inner", model)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "embedding":
-            raise DistributedSetupError(
-                "a distributed run replaces the embedding module only between stages, through the method's "
-                "rebuild (the trainer calls ProcessGroupParallel.rebuild, which re-wraps the model); a hook that "
-                "swaps the module inside a stage needs one process")
-        super().__setattr__(name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:  # embedding, extra_loss, task_weights, ...: the wrapped model's
-            return getattr(self.inner, name)
-
-    def forward(self, dense: torch.Tensor, sparse) -> torch.Tensor:
-        return self.dmp(dense, sparse)
-
-    def state_dict(self, *args, **kwargs):
-        """The wrapped model's state with each sharded table as this rank's shards (plain tensors,
-        keys ``<key>.__shard<i>``): what best-state snapshots and per-rank checkpoints hold."""
-        return localize(self.inner.state_dict(*args, **kwargs))
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Inverse of ``state_dict``: shards are copied in place, the rest loaded normally."""
-        return self.inner.load_state_dict(restore(self.inner.state_dict(), state_dict), strict=strict)
-
-
 class ProcessGroupParallel(SingleProcess):
     """Strategy of one rank in an initialised default process group."""
 
@@ -274,7 +202,7 @@ class ProcessGroupParallel(SingleProcess):
         return batch.weights * (self.world_size / batch.global_size)
 
     def placement(self, batch: LocalBatch):
-        from recbench.methods import batch_part
+        from recbench.methods.blocks import batch_part
 
         return batch_part.placement(batch.start, batch.global_size, self.world_size)
 
@@ -347,7 +275,7 @@ class ProcessGroupParallel(SingleProcess):
         configs = {path: (m.embedding_bag_configs(), m.optimizer_type(), m.optimizer_kwargs())
                    for path, m in plain.items()}
         types = check_sharding_types(sharding_types)
-        sharder = _fused_sharder(types)
+        sharder = fused_sharder(types)
         topology = TopologyFactory.create_topology(
             TrainerConfig(world_size=self.world_size,
                           local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))),
@@ -355,16 +283,16 @@ class ProcessGroupParallel(SingleProcess):
         planner = EmbeddingShardingPlanner(topology=topology)
         plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
         initial = {path: {k: v.detach().clone() for k, v in m.state_dict().items()} for path, m in plain.items()}
-        sparse = _sparse_parameters(model)
+        sparse = sparse_parameters(model)
         dmp = DistributedModelParallel(model, device=self.device, plan=plan, sharders=[sharder],
-                                       data_parallel_wrapper=_DataParallel(sparse))
+                                       data_parallel_wrapper=SparseAwareDataParallel(sparse))
         for path, state in initial.items():  # the sharded kernels start from FBGEMM's own init otherwise
             sharded = model.get_submodule(path)
-            _load_shards(sharded, state)
+            load_shards(sharded, state)
             self._collections.append((sharded, configs[path]))
             owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
             owner.fused_optimizer = lambda sharded=sharded: LocalShardOptimizer(sharded.fused_optimizer)
-        self._hooks = _all_reduce_sparse_gradients(sparse, self.world_size)
+        self._hooks = all_reduce_sparse_gradients(sparse, self.world_size)
         if self.is_main and plain:
             log.info("sharding plan over %d ranks:\n%s", self.world_size, plan)
         elif self.is_main:
@@ -429,7 +357,7 @@ class ProcessGroupParallel(SingleProcess):
             path = where.get(id(sharded))
             if path is None:  # dropped by a rebuild
                 continue
-            state = {key: _full_tensor(value) for key, value in sharded.state_dict().items()}
+            state = {key: full_tensor(value) for key, value in sharded.state_dict().items()}
             plain = FusedEmbeddingBagCollection(tables=configs, optimizer_type=optimizer_type,
                                                 optimizer_kwargs=optimizer_kwargs, device=self.device)
             with torch.no_grad():
@@ -449,8 +377,8 @@ class ProcessGroupParallel(SingleProcess):
         (SHA-256 of every entry) are compared; a difference raises ``RankDivergence`` naming the
         entries that differ, instead of training on silently different replicas."""
         state = {f"state/{k}": v for k, v in model.state_dict().items() if ".__shard" not in k}
-        mine = {**{f"result/{k}": _fingerprint(v) for k, v in result.items()},
-                **{k: _fingerprint(v) for k, v in state.items()}}
+        mine = {**{f"result/{k}": fingerprint(v) for k, v in result.items()},
+                **{k: fingerprint(v) for k, v in state.items()}}
         everyone: List[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, mine)
         differ = sorted(k for k in set().union(*everyone) if len({str(r.get(k)) for r in everyone}) > 1)
@@ -459,173 +387,6 @@ class ProcessGroupParallel(SingleProcess):
             raise RankDivergence(f"{where}: the {self.world_size} ranks disagree on {shown}; every rank must compute "
                                  "the same stage result and replicated state (a hook or search stage that reads "
                                  "only this rank's part of a batch cannot run distributed as it is)")
-
-
-class RankDivergence(RuntimeError):
-    """Ranks of a distributed run hold different replicas of what must be identical."""
-
-
-def _fingerprint(value: Any) -> str:
-    """SHA-256 of a (nested) stage-result value or tensor, bit-exact for floats."""
-    digest = hashlib.sha256()
-
-    def feed(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            t = v.detach().cpu().contiguous()
-            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(v, np.ndarray):
-            digest.update(f"A{v.dtype}{v.shape}".encode() + np.ascontiguousarray(v).tobytes())
-        elif isinstance(v, dict):
-            for key in sorted(v, key=str):
-                digest.update(f"K{key!r}".encode())
-                feed(v[key])
-        elif isinstance(v, (list, tuple)):
-            digest.update(f"L{len(v)}".encode())
-            for item in v:
-                feed(item)
-        elif isinstance(v, float):
-            digest.update(b"F" + np.float64(v).tobytes())
-        else:
-            digest.update(f"V{type(v).__name__}{v!r}".encode())
-
-    feed(value)
-    return digest.hexdigest()
-
-
-def _fused_sharder(types: Sequence[str]):
-    from torchrec.distributed.fused_embeddingbag import FusedEmbeddingBagCollectionSharder
-
-    class Sharder(FusedEmbeddingBagCollectionSharder):
-        def sharding_types(self, compute_device_type: str) -> List[str]:
-            return [t for t in super().sharding_types(compute_device_type) if t in types]
-
-    return Sharder()
-
-
-def _sparse_parameters(model: nn.Module) -> List[nn.Parameter]:
-    embedding = getattr(model, "embedding", None)
-    if embedding is None or not hasattr(embedding, "param_groups"):
-        return []
-    return [p for group in embedding.param_groups() if group.kind == "sparse" for p in group.params]
-
-
-class _DataParallel:
-    """DMP's data-parallel wrapper: DDP over every unsharded parameter except row-sparse ones."""
-
-    def __init__(self, sparse: Sequence[nn.Parameter]):
-        self.sparse_ids = {id(p) for p in sparse}
-
-    def wrap(self, dmp, env, device) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-        from torchrec.distributed.model_parallel import DistributedModelParallel
-
-        module = dmp._dmp_wrapped_module
-        ignore = set(DistributedModelParallel._sharded_parameter_names(module))
-        ignore |= {name for name, p in module.named_parameters() if id(p) in self.sparse_ids}
-        if not (set(dict(module.named_parameters())) - ignore):
-            return
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
-        dmp._dmp_wrapped_module = DistributedDataParallel(
-            module, device_ids=None if device.type == "cpu" else [device], process_group=env.process_group,
-            broadcast_buffers=False, static_graph=True, gradient_as_bucket_view=False)
-
-
-def _all_reduce_sparse_gradients(params: Sequence[nn.Parameter], world_size: int) -> List[Any]:
-    """Average row-sparse gradients over ranks as soon as each is accumulated (same order on every
-    rank: every rank runs the same backward graph). Ranks start from identical values (same seed).
-    Returns the hooks' handles (removed when the model is released, so that a parameter that
-    survives a rebuild is never averaged twice)."""
-    handles = []
-    for param in params:
-        def hook(p: torch.Tensor) -> None:
-            grad = p.grad.coalesce() if p.grad.is_sparse else p.grad
-            work = dist.all_reduce(grad, async_op=True)
-            work.wait()
-            p.grad = work.result()[0] / world_size if grad.is_sparse else grad / world_size
-        handles.append(param.register_post_accumulate_grad_hook(hook))
-    return handles
-
-
-def _load_shards(sharded: nn.Module, full_state: Dict[str, torch.Tensor]) -> None:
-    """Copy whole tensors into this rank's shards of a sharded module's state."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    with torch.no_grad():
-        for key, value in sharded.state_dict().items():
-            if isinstance(value, ShardedTensor):
-                for shard in value.local_shards():
-                    index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
-                                                                  shard.metadata.shard_sizes))
-                    shard.tensor.copy_(full_state[key][index])
-            else:
-                value.copy_(full_state[key])
-
-
-def localize(state: Dict[str, Any]) -> Dict[str, Any]:
-    """A (nested) state dict with every ShardedTensor replaced by its local shard tensors."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    out: Dict[str, Any] = {}
-    for key, value in state.items():
-        if isinstance(value, ShardedTensor):
-            for i, shard in enumerate(value.local_shards()):
-                out[f"{key}.__shard{i}"] = shard.tensor
-        elif isinstance(value, dict):
-            out[key] = localize(value)
-        else:
-            out[key] = value
-    return out
-
-
-def restore(live: Dict[str, Any], saved: Dict[str, Any]) -> Dict[str, Any]:
-    """Copy the local shards in ``saved`` (from ``localize``) into ``live``'s ShardedTensors in place;
-    returns ``live`` with the other entries taken from ``saved`` (a state dict ready to load)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    out: Dict[str, Any] = {}
-    with torch.no_grad():
-        for key, value in live.items():
-            if isinstance(value, ShardedTensor):
-                for i, shard in enumerate(value.local_shards()):
-                    shard.tensor.copy_(saved[f"{key}.__shard{i}"])
-                out[key] = value
-            elif isinstance(value, dict) and isinstance(saved.get(key), dict):
-                out[key] = restore(value, saved[key])
-            else:
-                out[key] = saved[key] if key in saved else value
-    return out
-
-
-class LocalShardOptimizer:
-    """A sharded collection's fused optimizer with ``state_dict``/``load_state_dict`` over this
-    rank's shards (plain tensors: checkpoints load with ``weights_only=True``)."""
-
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.optimizer, name)
-
-    def state_dict(self) -> Dict[str, Any]:
-        return localize(self.optimizer.state_dict())
-
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        restore(self.optimizer.state_dict(), state)  # in place: the live state tensors are the kernels'
-
-
-def _full_tensor(value: Any) -> Any:
-    """A ShardedTensor -> the whole tensor on every rank (each element owned by exactly one rank)."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
-    if not isinstance(value, ShardedTensor):
-        return value
-    full = torch.zeros(value.size(), dtype=value.dtype)
-    for shard in value.local_shards():
-        index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
-        full[index] = shard.tensor.detach().to("cpu", full.dtype)
-    dist.all_reduce(full)
-    return full
 
 
 def rank_checkpoint(path: Path) -> Path:

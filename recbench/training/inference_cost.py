@@ -1,46 +1,60 @@
-"""Compute per sample at inference, measured on a whole split.
+"""Compute per sample at inference, counted during the final test evaluation.
 
 ``infer/flops_per_sample``: the floating-point operations of one forward of the deployable model
 (the embedding's ``to_inference()`` form, the model in eval mode, so a mixture of experts runs
 only its selected experts), counted by ``torch.utils.flop_counter.FlopCounterMode`` over every
-batch of the split and divided by its rows. FlopCounterMode counts the matmul family (mm, addmm,
-bmm, baddbmm, ...; a multiply-add is 2 FLOPs); element-wise ops and embedding lookups are not
-counted. A model with ``diagnostics(dense, sparse) -> {key: sum over the batch}`` (the MoE
+batch of the test split and divided by its rows. FlopCounterMode counts the matmul family (mm,
+addmm, bmm, baddbmm, ...; a multiply-add is 2 FLOPs); element-wise ops and embedding lookups are
+not counted. A model with ``diagnostics(dense, sparse) -> {key: sum over the batch}`` (the MoE
 models: experts computed, gate non-zeros, over-arch FLOPs) gets those keys averaged per sample too.
 
-References: DESIGN.md section 4 (timing and cost measured inside each run).
+The counter wraps the forwards of the one test pass the trainer makes for ``test/auc`` (a counted
+forward computes the same outputs), so the split is walked once.
+
+References: docs/architecture.md ("Evaluation"); ``torch.utils.flop_counter``.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from recbench.datasets.batching import BatchIterator
 
+class CostCounter:
+    """Counts FLOPs, rows and the model's diagnostics over the forwards it runs.
 
-@torch.no_grad()
-def inference_cost(model: nn.Module, dataset, batch_size: int, split: str = "test") -> Dict[str, float]:
-    """{"infer/flops_per_sample": ..., <model diagnostics>: ...} averaged over the rows of ``split``."""
-    training_embedding, was_training = model.embedding, model.training
-    diagnostics = getattr(model, "diagnostics", None)
-    model.embedding = training_embedding.to_inference()
-    model.eval()
-    flops, rows, sums = 0, 0, {}
-    try:
-        for batch in BatchIterator(dataset.spec, dataset.split(split), batch_size):
-            with FlopCounterMode(display=False) as counter:
-                model(batch.dense_features, batch.sparse_features)
-            flops += counter.get_total_flops()
-            rows += batch.labels.shape[0]
-            if diagnostics is not None:
-                for key, value in diagnostics(batch.dense_features, batch.sparse_features).items():
-                    sums[key] = sums.get(key, 0.0) + float(value)
-    finally:
-        model.embedding = training_embedding
-        model.train(was_training)
-    if rows == 0:
-        raise ValueError(f"split {split!r} is empty")
-    return {"infer/flops_per_sample": flops / rows, **{key: value / rows for key, value in sums.items()}}
+    Usage: ``counter.forward(batch)`` in place of ``model(batch.dense_features, batch.sparse_features)``
+    for every batch of the split, then ``counter.per_sample(concat_ranks)``.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.diagnostics = getattr(model, "diagnostics", None)
+        self.flops, self.rows = 0, 0
+        self.sums: Dict[str, float] = {}
+
+    @torch.no_grad()
+    def forward(self, batch) -> Any:
+        with FlopCounterMode(display=False) as counter:
+            output = self.model(batch.dense_features, batch.sparse_features)
+        self.flops += counter.get_total_flops()
+        self.rows += int(batch.labels.shape[0])
+        if self.diagnostics is not None:
+            for key, value in self.diagnostics(batch.dense_features, batch.sparse_features).items():
+                self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        return output
+
+    def per_sample(self, concat_ranks: Callable[[Sequence[torch.Tensor]], Sequence[torch.Tensor]] = list
+                   ) -> Dict[str, float]:
+        """{"infer/flops_per_sample": ..., <diagnostics>: ...} over every row counted (summed over
+        the ranks of a distributed run with ``concat_ranks``: the parallel strategy's)."""
+        keys = sorted(self.sums)
+        local = torch.tensor([float(self.flops), float(self.rows), *(self.sums[k] for k in keys)], dtype=torch.float64)
+        total = concat_ranks([local[None]])[0].sum(0)  # (ranks, K) -> (K,)
+        rows = float(total[1])
+        if rows == 0:
+            raise ValueError("no rows were counted (empty split)")
+        return {"infer/flops_per_sample": float(total[0]) / rows,
+                **{key: float(value) / rows for key, value in zip(keys, total[2:].tolist())}}

@@ -33,7 +33,7 @@ runs DMP's forward, which holds collectives, so a rank may not skip it while ano
 The cached path calls the inner model's ``memo``/``forward_memo`` directly (no DDP forward: in
 eval mode, without gradients, that only re-broadcasts buffers that ``check_replicas`` keeps equal).
 
-References: DESIGN.md section 3 ("Stages and hooks": search stages score candidates on validation
+References: docs/architecture.md section 3 ("Stages and hooks": search stages score candidates on validation
 without gradients) and section 6.
 """
 from __future__ import annotations

@@ -23,11 +23,11 @@ Search stages score many candidates on validation with every parameter frozen;
 and candidate-independent model outputs computed once (within ``search_cache_mb``), with the
 scores ``evaluate`` gives. Training and every other evaluation do not use it.
 
-Protocol (DESIGN.md section 4): exact AUC over the whole split; validation ``evals_per_epoch``
+Protocol (docs/architecture.md section 4): exact AUC over the whole split; validation ``evals_per_epoch``
 times per epoch; early stopping on validation AUC; the test split is evaluated once, on the best
 validation checkpoint, with the embedding's deployable form (``to_inference``).
 
-References: DESIGN.md sections 3 ("Stages and hooks"), 4 and 6.
+References: docs/architecture.md sections 3 ("Stages and hooks"), 4 and 6.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -50,10 +50,11 @@ from recbench.datasets.storage import PreparedDataset
 from recbench.models.common import ModelParamGroups
 from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
 from recbench.training.distributed import SingleProcess
+from recbench.training.inference_cost import CostCounter
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.training.search_cache import MB, SearchEvaluation
-from recbench.training.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
+from recbench.models.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
                                      training_loss)
 from recbench.types import EmbeddingOptimizer, Stage
 
@@ -66,7 +67,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainerConfig:
-    """Training hyperparameters (frozen per protocol; see DESIGN.md section 4a)."""
+    """Training hyperparameters (frozen per protocol; see docs/architecture.md section 4 ("Protocols"))."""
 
     max_epochs: float = 1.0
     max_steps: Optional[int] = None
@@ -235,11 +236,6 @@ class Trainer:
             raise ValueError(f"split {split!r} of {self.dataset.spec.protocol_id} is empty")
         return (np.concatenate(labels), {k: np.concatenate(v) for k, v in outputs.items()},
                 {k: np.concatenate(v) for k, v in targets.items()})
-
-    def predict(self, split: str, model: Optional[nn.Module] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Labels and click logits of a whole split, (N,) each."""
-        labels, outputs, _ = self.predict_tasks(split, model)
-        return labels, outputs[CLICK]
 
     @staticmethod
     def metrics_of(predictions) -> Dict[str, float]:
@@ -510,8 +506,8 @@ class Trainer:
 
     # ----------------------------------------------------------------- final
     def _final_metrics(self) -> Dict[str, float]:
-        """Validation and test on the best checkpoint, with the deployable embedding form."""
-        cfg = self.config
+        """Validation and test on the best checkpoint, with the deployable embedding form; the test
+        pass also counts the inference cost per sample. Computed once, here: the job adds no pass."""
         training_embedding = self.model.embedding
         train_memory = training_embedding.memory_report()
         val_training_form = self.evaluate("val")
@@ -519,7 +515,7 @@ class Trainer:
         self.model.embedding = inference_embedding
         try:
             val = self.evaluate("val")
-            test = self.evaluate("test")
+            test, cost = self._evaluate_counting_cost("test")
             latency_batch, latency_single = self._latency()
         finally:
             self.model.embedding = training_embedding
@@ -537,7 +533,17 @@ class Trainer:
             "sys/peak_rss_mb": _peak_rss_mb(),
         }
         metrics.update(train_memory.as_metrics())
+        metrics.update(cost)
         return metrics
+
+    def _evaluate_counting_cost(self, split: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """``evaluate(split)`` of the current model, whose forwards also count the inference cost
+        per sample (``recbench.training.inference_cost``): one pass over the split for both."""
+        counter = CostCounter(self.model)
+        iterator = self.parallel.iterate(BatchIterator(self.dataset.spec, self.split(split), self.config.eval_batch_size))
+        forwards = ((counter.forward(batch), batch) for batch in iterator)
+        metrics = self.metrics_of(self.predictions(self.model, iterator, forwards, split))
+        return metrics, counter.per_sample(self.parallel.concat_ranks)
 
     @torch.no_grad()
     def _latency(self) -> Tuple[float, float]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from recbench.cli.job import ConfigError, run_job
+from recbench.runs.job import run_job
+from recbench.runs.settings import ConfigError
 from recbench.tracking.base import InMemoryTracker
 from recbench.training.distributed import DistributedSetupError
-from test_job import toy_cfg
+from toy_protocol import toy_cfg
 
 
 @pytest.mark.parametrize("override, error, message", [
@@ -41,6 +42,9 @@ from test_job import toy_cfg
      "model=dcn has no gate"),
     ("model=dcn_moe gate=topk gate.k=0", ConfigError, r"gate.k must be an integer in \[1, 16\], got 0"),
     ("model=dcn_moe gate=topk gate.k=100", ConfigError, r"gate.k must be an integer in \[1, 16\], got 100"),
+    ("model=dcn_moe gate=comet gate.local_search=true", ConfigError,
+     r"gate\.local_search is a mapping of settings, got True; turn the search on with gate\.local_search\.enabled=true"),
+    ("model=dcn_moe gate=comet +gate.local_search.step=3", ConfigError, r"gate\.local_search has no setting \['step'\]"),
     ("model=dcn_moe model.num_experts=0", ConfigError, "model.num_experts must be an integer >= 1, got 0"),
     ("+trainer.nosuch=1", ConfigError, "unknown setting: .*'nosuch'"),
     ("+budget.nosuch=1", ConfigError, "unknown setting: .*'nosuch'"),
@@ -90,7 +94,7 @@ def test_a_dataset_constructor_error_is_one_line_naming_the_dataset(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from test_job import CONF
+    from toy_protocol import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=["tracking=memory", "dataset=synthetic", "dataset.rows=5",

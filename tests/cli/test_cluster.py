@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.config import CONFIG_DIR
 from test_sweep import toy_sweep  # noqa: F401  (fixture: a toy sweep preset and its environment)
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
 from recbench.methods.base import CompressionMethod
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recbench.cli.sweep import build_plan, default_sweep_id, job_environment, presets
+from recbench.runs.sweep_launch import hydra_command, job_environment, job_threads
+from recbench.runs.sweep_plan import build_plan, default_sweep_id, presets
 
 REPO = Path(__file__).resolve().parents[2]
 METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
@@ -47,7 +48,6 @@ def toy_sweep(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
                MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db", RECBENCH_ARTIFACT_ROOT=str(tmp_path / "art"),
                RECBENCH_DATA_ROOT=str(tmp_path / "data"), RECBENCH_RUN_ROOT=str(tmp_path / "runs"))
-    env.pop("RECBENCH_SWEEP_ID", None)
     command = [str(Path(sys.executable).parent / "recbench-sweep"), "toy", f"hydra.searchpath=[file://{conf}]",
                "--root", str(tmp_path / "sweeps")]
     return command, env, tmp_path
@@ -107,19 +107,27 @@ def test_leaderboard_presets_cover_every_registered_method():
                                      "trainer.progress=false", "tracking.tracking_uri=x"]) == default_sweep_id("demo", ["seed=1"])
 
 
-def test_thread_count_per_parallel_job():
-    env = job_environment("s", 4, base={})
-    assert env["RECBENCH_SWEEP_ID"] == "s" and env["OMP_NUM_THREADS"] == env["RECBENCH_NUM_THREADS"]
-    assert int(env["RECBENCH_NUM_THREADS"]) == max(1, len(os.sched_getaffinity(0)) // 4)
-    assert job_environment("s", 1, base={"RECBENCH_NUM_THREADS": "3"})["RECBENCH_NUM_THREADS"] == "3"
+def test_thread_count_per_parallel_job_reaches_the_jobs_as_config():
+    assert job_threads(4) == max(1, len(os.sched_getaffinity(0)) // 4)
+    assert job_threads(1, ["seed=0", "trainer.num_threads=3"]) == 3  # a user's choice stands
+    env = job_environment(job_threads(4), base={})
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(job_threads(4))
+    assert not any(name.startswith("RECBENCH_") for name in env)
+    plan = build_plan("demo", [], "demo-x")
+    command = hydra_command(plan, plan.grids[0], 2, Path("/tmp/sweeps"))
+    assert "sweep_id=demo-x" in command and f"trainer.num_threads={job_threads(2)}" in command
+    user = build_plan("demo", ["trainer.num_threads=1"], "demo-y")
+    threads = [o for o in hydra_command(user, user.grids[0], 2, Path("/tmp/sweeps")) if o.startswith("trainer.num_threads=")]
+    assert threads == ["trainer.num_threads=1"]
 
 
 def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
     """The pre-launch count of a re-launched sweep: FINISHED jobs (same config hash) are skipped."""
     from omegaconf import OmegaConf
 
-    from recbench.cli.job import run_job
-    from recbench.cli.sweep import _job_configs, check_plan, summary
+    from recbench.runs.job import run_job
+    from recbench.runs.sweep_launch import summary
+    from recbench.runs.sweep_plan import _job_configs, check_plan
 
     command, env, tmp = toy_sweep
     for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
@@ -160,8 +168,9 @@ def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(t
     reaches the same verdict and records an infeasible run."""
     from omegaconf import OmegaConf
 
-    from recbench.cli.job import run_job
-    from recbench.cli.sweep import _job_configs, check_plan, summary
+    from recbench.runs.job import run_job
+    from recbench.runs.sweep_launch import summary
+    from recbench.runs.sweep_plan import _job_configs, check_plan
 
     command, env, tmp = toy_sweep
     for key in ("MLFLOW_TRACKING_URI", "RECBENCH_ARTIFACT_ROOT", "RECBENCH_DATA_ROOT", "RECBENCH_RUN_ROOT"):
@@ -191,7 +200,8 @@ def test_plan_sets_apart_the_jobs_the_budget_solver_rejects_and_the_job_agrees(t
 def test_cost_book_prices_by_method_protocol_and_budget():
     """The median CPU seconds of finished runs of the same method and protocol at the same budget,
     else at any budget; infeasible runs (seconds long) and other protocols do not count."""
-    from recbench.cli.sweep import CostBook, Plan, cost_line
+    from recbench.runs.sweep_launch import cost_line
+    from recbench.runs.sweep_plan import CostBook, SweepPlan as Plan
 
     book = CostBook()
     for status, protocol, method, ratio, seconds in [
@@ -211,7 +221,7 @@ def test_cost_book_prices_by_method_protocol_and_budget():
 def test_periodic_export_writes_the_plans_experiments_atomically_and_outlives_a_failed_export(tmp_path):
     """``--export``: the records of the plan's experiments only, rewritten at each tick and at the
     end; a failing export is reported and the sweep (here: the with-block) goes on."""
-    from recbench.cli.sweep import PeriodicExport
+    from recbench.runs.sweep_launch import PeriodicExport
     from recbench.reporting.runs import load_records
     from recbench.tracking.mlflow_tracker import MLflowTracker
 

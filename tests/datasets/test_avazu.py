@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from recbench.datasets.avazu import CATEGORICAL, COLUMNS, HOUR_FIELDS, AvazuProtocol
-from recbench.datasets.base import DatasetError
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.batching import BatchIterator
 from recbench.datasets.storage import SPLITS
 

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from recbench.datasets.avazu import AvazuProtocol
-from recbench.datasets.base import DatasetError
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.criteo import CriteoProtocol
 from recbench.datasets.movielens import MovieLens100K
 

@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recbench.datasets import preprocessing, storage
+from recbench.datasets import storage
 from recbench.datasets.criteo import CriteoProtocol
 from recbench.datasets.storage import CacheCorruptError, MANIFEST, SPLITS, try_load, verify
+from recbench.datasets.text import writer
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -114,7 +115,7 @@ def test_bit_rot_that_keeps_size_and_mtime_is_found_by_the_full_verify(tmp_path,
 def test_disk_full_while_streaming_leaves_no_cache(tmp_path, source, reference, monkeypatch):
     protocol = CriteoProtocol(source=str(source), chunk_rows=100)
     appended = []
-    original = preprocessing.NpyStreamWriter.append
+    original = writer.NpyStreamWriter.append
 
     def append(self, block):
         appended.append(1)
@@ -122,12 +123,12 @@ def test_disk_full_while_streaming_leaves_no_cache(tmp_path, source, reference, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
         return original(self, block)
 
-    monkeypatch.setattr(preprocessing.NpyStreamWriter, "append", append)
+    monkeypatch.setattr(writer.NpyStreamWriter, "append", append)
     with pytest.raises(OSError) as info:
         protocol.prepare(tmp_path)
     assert info.value.errno == errno.ENOSPC
     assert_nothing_published(tmp_path, protocol)
-    monkeypatch.setattr(preprocessing.NpyStreamWriter, "append", original)
+    monkeypatch.setattr(writer.NpyStreamWriter, "append", original)
     assert_same(protocol.prepare(tmp_path), reference)
 
 
@@ -172,9 +173,9 @@ def test_a_real_file_size_limit_during_preprocessing_leaves_no_cache(tmp_path, s
 KILLED_CHILD = """
 import sys, time
 from pathlib import Path
-from recbench.datasets import preprocessing
+from recbench.datasets.text import writer
 from recbench.datasets.criteo import CriteoProtocol
-original = preprocessing.NpyStreamWriter.append
+original = writer.NpyStreamWriter.append
 calls = []
 def append(self, block):
     calls.append(1)
@@ -182,7 +183,7 @@ def append(self, block):
         Path(sys.argv[3]).touch()  # halfway: tell the parent, then wait for SIGKILL
         time.sleep(600)
     return original(self, block)
-preprocessing.NpyStreamWriter.append = append
+writer.NpyStreamWriter.append = append
 CriteoProtocol(source=sys.argv[1], chunk_rows=100).prepare(Path(sys.argv[2]))
 """
 

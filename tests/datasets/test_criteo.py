@@ -1,5 +1,5 @@
 """Tests of the Criteo protocols and the shared streaming pipeline (recbench.datasets.criteo,
-recbench.datasets.preprocessing), on tiny Criteo-format files written into tmp_path."""
+recbench.datasets.text), on tiny Criteo-format files written into tmp_path."""
 from __future__ import annotations
 
 import gzip
@@ -15,19 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recbench.datasets import preprocessing
-from recbench.datasets.base import DatasetError
+from recbench.datasets import storage
+from recbench.datasets.errors import DatasetError
 from recbench.datasets.batching import BatchIterator
 from recbench.datasets.criteo import DENSE_FIELDS, SPARSE_FIELDS, CriteoProtocol
-from recbench.datasets.preprocessing import (
-    CHECKSUM_CACHE,
-    MISSING_KEY,
-    FeistelPermutation,
-    SplitAssigner,
-    invalid_utf8_positions,
-    string_keys,
-)
 from recbench.datasets.storage import SPLITS
+from recbench.datasets.text.keys import MISSING_KEY, FeistelPermutation, string_keys
+from recbench.datasets.text.parsing import invalid_utf8_positions
+from recbench.datasets.text.sources import CHECKSUM_CACHE
+from recbench.datasets.text.splits import SplitAssigner
 
 ROWS = 2003  # 7 * 286 + 1: the first DLRM chunk is one line longer
 
@@ -399,7 +395,7 @@ def test_protocol_id_covers_source_checksum_and_rules(tmp_path, random_file):
     source = write(tmp_path / "train.txt", random_file.read_text().splitlines())
     base = CriteoProtocol(source=source)
     settings_ = base.settings()
-    assert settings_["sources"][0]["sha256"] == preprocessing.sha256_file(source)
+    assert settings_["sources"][0]["sha256"] == storage.sha256_file(source)
     assert settings_["sources"][0]["lines"] == ROWS
     cache = json.loads((tmp_path / CHECKSUM_CACHE).read_text())
     assert cache["train.txt"]["sha256"] == settings_["sources"][0]["sha256"]

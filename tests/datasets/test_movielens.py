@@ -17,18 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recbench.datasets import movielens
-from recbench.datasets.base import DatasetError
-from recbench.datasets.movielens import (
-    FIELDS,
-    GENRES,
-    RECBOLE_FILES,
-    MovieLens100K,
-    fetch,
-    fetch_recbole,
-    raw_dir_of,
-    split_rows,
-)
+from recbench.datasets import movielens_fetch, movielens_parsing
+from recbench.datasets.errors import DatasetError
+from recbench.datasets.movielens import FIELDS, MovieLens100K, fetch, raw_dir_of, split_rows
+from recbench.datasets.movielens_fetch import RECBOLE_FILES, fetch_recbole
+from recbench.datasets.movielens_parsing import GENRES
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf" / "dataset"
@@ -356,7 +349,7 @@ def _fake_pip(recbole_raw: Path, calls: list, tamper: bool = False):
 
 def test_fetch_extracts_verifies_and_is_idempotent(tmp_path, recbole_raw, monkeypatch):
     calls: list = []
-    monkeypatch.setattr(movielens.subprocess, "run", _fake_pip(recbole_raw, calls))
+    monkeypatch.setattr(movielens_fetch.subprocess, "run", _fake_pip(recbole_raw, calls))
     raw = fetch(tmp_path)
     assert raw == tmp_path / "movielens100k" / "raw"
     assert sorted(p.name for p in raw.iterdir()) == sorted(RECBOLE_FILES)  # only the data files
@@ -370,12 +363,12 @@ def test_fetch_extracts_verifies_and_is_idempotent(tmp_path, recbole_raw, monkey
     with pytest.raises(DatasetError, match="ml-100k.item: sha256 mismatch"):
         fetch(tmp_path)
     fetch(tmp_path, force=True)
-    assert len(calls) == 2 and movielens.verify_recbole_files(raw)
+    assert len(calls) == 2 and movielens_fetch.verify_recbole_files(raw)
     assert not [p for p in (tmp_path / "movielens100k").iterdir() if p.name != "raw"]  # no temp dirs left
 
 
 def test_fetch_rejects_a_wrong_wheel_and_publishes_nothing(tmp_path, recbole_raw, monkeypatch):
-    monkeypatch.setattr(movielens.subprocess, "run", _fake_pip(recbole_raw, [], tamper=True))
+    monkeypatch.setattr(movielens_fetch.subprocess, "run", _fake_pip(recbole_raw, [], tamper=True))
     with pytest.raises(DatasetError, match="sha256 mismatch"):
         fetch_recbole(tmp_path / "raw")
     assert not list((tmp_path / "raw").iterdir())
@@ -385,14 +378,14 @@ def test_fetch_reports_a_failed_pip(tmp_path, monkeypatch):
     def run(command, capture_output, text):
         return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for recbole==1.2.1")
 
-    monkeypatch.setattr(movielens.subprocess, "run", run)
+    monkeypatch.setattr(movielens_fetch.subprocess, "run", run)
     with pytest.raises(DatasetError, match=r"(?s)exit code 1.*No matching distribution.*source=grouplens"):
         fetch(tmp_path)
 
 
 def test_build_fetches_missing_raw_files(tmp_path, recbole_raw, monkeypatch, caplog):
     calls: list = []
-    monkeypatch.setattr(movielens.subprocess, "run", _fake_pip(recbole_raw, calls))
+    monkeypatch.setattr(movielens_fetch.subprocess, "run", _fake_pip(recbole_raw, calls))
     with caplog.at_level("INFO", logger="recbench.datasets.movielens"):
         prepared = MovieLens100K(split="temporal").prepare(tmp_path)
     assert len(calls) == 1 and "fetching them from PyPI" in caplog.text
@@ -496,7 +489,7 @@ def test_malformed_recbole_input_names_file_line_and_field(tmp_path, recbole_raw
     lines[1] = lines[1].replace("Comedy", "Comedie")  # Toy Story
     (raw / "ml-100k.item").write_text("\n".join(lines))
     with pytest.raises(DatasetError, match=r"ml-100k\.item:2: field 'genres' has value 'Comedie'; allowed: unknown, Action"):
-        movielens.load_recbole(raw)
+        movielens_parsing.load_recbole(raw)
 
 
 def test_missing_grouplens_file(tmp_path):

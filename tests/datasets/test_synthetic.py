@@ -11,8 +11,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import log_loss, roc_auc_score
 
 from recbench.datasets.criteo import CRITEO_FORMAT, KAGGLE_CARDINALITIES
-from recbench.datasets.preprocessing import sha256_file
-from recbench.datasets.storage import SPLITS
+from recbench.datasets.storage import SPLITS, sha256_file
 from recbench.datasets.synthetic import (
     DENSE_MISSING,
     SPARSE_MISSING,

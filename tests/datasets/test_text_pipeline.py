@@ -1,4 +1,4 @@
-"""The fast paths of the streaming text pipeline keep its rules (recbench.datasets.preprocessing).
+"""The fast paths of the streaming text pipeline keep its rules (recbench.datasets.text).
 
 - Dense fields parsed as Int64 by the CSV reader accept exactly what the String path accepts
   (the field read as String, then ``str.cast(pl.Int64)``): a chunk holding a value the Int64
@@ -22,9 +22,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recbench.datasets import preprocessing, storage
+from recbench.datasets import storage
 from recbench.datasets.criteo import CRITEO_FORMAT, CriteoProtocol
-from recbench.datasets.preprocessing import LineChunk, NpyStreamWriter, SourceFile, iter_line_chunks, parse_chunk
+from recbench.datasets.text import sources
+from recbench.datasets.text.parsing import LineChunk, iter_line_chunks, parse_chunk
+from recbench.datasets.text.sources import SourceFile
+from recbench.datasets.text.writer import NpyStreamWriter
 
 TRICKY_INTEGERS = ["5", "+5", "-0", "05", "0005", " 5", "  5", "5 ", " -5", "5\r", "\r5", "1e3", "5.0", "0x10",
                    "9223372036854775807", "9223372036854775808", "-9223372036854775808", "-9223372036854775809",
@@ -87,12 +90,12 @@ def test_line_chunks_hold_every_line_once_in_order(tmp_path_factory, lengths, fi
     path = tmp_path_factory.mktemp("lines") / "f.txt"
     path.write_bytes(data)
     count = data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
-    original = preprocessing._READ_BYTES
-    preprocessing._READ_BYTES = read_bytes
+    original = sources.READ_BYTES
+    sources.READ_BYTES = read_bytes
     try:
         chunks = list(iter_line_chunks(SourceFile(path, "0" * 64, count), chunk_rows, 10))
     finally:
-        preprocessing._READ_BYTES = original
+        sources.READ_BYTES = original
     got = []
     for k, chunk in enumerate(chunks):
         assert len(chunk) == min(chunk_rows, count - k * chunk_rows)

@@ -22,9 +22,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
-from recbench.gates.base import smooth_step
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
+from recbench.gates.functional import smooth_step
 from recbench.gates.comet import COMETGate
 from recbench.gates.dselect_k import DSelectKGate
 from recbench.gates.local_search import PermutationLocalSearch, permutation_entropy, sinkhorn
@@ -259,8 +259,8 @@ def test_local_search_sinkhorn_schedule_and_entropy_parity():
         ref_tau, ref_iterations = ref_schedule(step, window)
         assert iterations == ref_iterations, step
         assert tau == pytest.approx(ref_tau, rel=1e-9)
-    assert COMETGate(E, W, k=2, local_search=True).local_search.num_permutations == 1
-    assert gate_factory("comet", "gate.local_search=true")(num_experts=E, input_dim=W).local_search.num_permutations == 1
+    assert COMETGate(E, W, k=2, local_search={"enabled": True}).local_search.num_permutations == 1
+    assert gate_factory("comet", "gate.local_search.enabled=true")(num_experts=E, input_dim=W).local_search.num_permutations == 1
     rng = np.random.default_rng(0)
     logits = rng.uniform(-0.05, 0.05, (2, 6, 6)) / 0.02
     for n_iters in (20, 57, 150):

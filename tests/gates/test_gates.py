@@ -9,9 +9,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
-from recbench.gates.base import binary_codes, heap_paths, route_products, smooth_step
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
+from recbench.gates.functional import binary_codes, heap_paths, route_products, smooth_step
 from recbench.gates.comet import COMETGate
 from recbench.gates.dselect_k import DSelectKGate
 from recbench.gates.hash import HashGate, first_ids
@@ -45,7 +45,7 @@ def assert_simplex(weights, atol=1e-5):
 @pytest.mark.parametrize("name", GATES)
 def test_every_gate_is_a_simplex_with_at_most_k_nonzeros_at_inference(name, local_search):
     torch.manual_seed(0)
-    gate = gate_factory(name, f"gate.local_search={local_search}", "gate.local_search_steps=15")(
+    gate = gate_factory(name, f"gate.local_search.enabled={local_search}", "gate.local_search.steps=15")(
         num_experts=E, input_dim=W, feature_names=FIELDS)
     x, kjt = torch.randn(B, W), features()
     target = torch.softmax(3 * torch.randn(B, E), dim=-1)

@@ -2,13 +2,20 @@
 the simplex at every step, freezes a hard permutation after its window and survives a checkpoint."""
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
+
 import numpy as np
+import pytest
+import yaml
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.gates.comet import COMETGate
 from recbench.gates.hash import HashGate
 from recbench.gates.local_search import PermutationLocalSearch, nearest_permutation, sinkhorn
+from recbench.gates.settings import LocalSearchSettings, override_error
+from recbench.runs.config import CONFIG_DIR
 
 
 def is_permutation(matrix) -> bool:
@@ -25,8 +32,8 @@ def test_local_search_learns_the_expert_order_a_hash_gate_cannot():
     samples need. The target needs the order sigma; local search must find it."""
     torch.manual_seed(0)
     experts, batch = 4, 256
-    gate = HashGate(experts, 8, k=1, feature_names=["user"], local_search=True, local_search_steps=300,
-                    local_search_tau_initial=0.1, local_search_tau_final=1e-5)
+    gate = HashGate(experts, 8, k=1, feature_names=["user"],
+                    local_search=LocalSearchSettings(enabled=True, steps=300, tau_initial=0.1, tau_final=1e-5))
     kjt = KeyedJaggedTensor(keys=["user"], values=torch.arange(batch) % 50, lengths=torch.ones(batch, dtype=torch.int32))
     x = torch.zeros(batch, 8)
     expert_outputs = torch.tensor([0.0, 1.0, 2.0, 3.0])
@@ -53,9 +60,10 @@ def test_local_search_learns_the_expert_order_a_hash_gate_cannot():
 
 def test_soft_permutations_keep_the_simplex_and_the_window_ends_in_a_frozen_hard_permutation():
     torch.manual_seed(1)
-    assert COMETGate(8, 12, k=2, local_search=True).local_search.num_permutations == 1  # shared by default
-    gate = COMETGate(8, 12, k=2, local_search=True, local_search_steps=10, local_search_noise=0.1,
-                     local_search_tau_initial=0.5, local_search_tau_final=0.05, local_search_per_component=True)
+    assert COMETGate(8, 12, k=2, local_search={"enabled": True}).local_search.num_permutations == 1  # shared by default
+    settings = LocalSearchSettings(enabled=True, steps=10, noise=0.1, tau_initial=0.5, tau_final=0.05,
+                                   per_component=True)
+    gate = COMETGate(8, 12, k=2, local_search=settings)
     search = gate.local_search
     assert search.num_permutations == 2  # one per tree
     optimizer = torch.optim.Adam(gate.parameters(), lr=1e-2)
@@ -83,7 +91,7 @@ def test_soft_permutations_keep_the_simplex_and_the_window_ends_in_a_frozen_hard
     weights = gate(x).weights
     assert ((weights > 0).sum(-1) <= 2).all()
     # the learned order survives a checkpoint round trip
-    fresh = COMETGate(8, 12, k=2, local_search=True, local_search_steps=10, local_search_per_component=True)
+    fresh = COMETGate(8, 12, k=2, local_search={"enabled": True, "steps": 10, "per_component": True})
     fresh.load_state_dict(gate.state_dict())
     fresh.eval()
     torch.testing.assert_close(fresh(x).weights, weights)
@@ -120,3 +128,32 @@ def test_shared_permutation_and_schedule():
     with torch.no_grad():
         per_component.relaxed.copy_(torch.stack([torch.eye(4)[list(p)] for p in ([1, 0, 3, 2], [3, 2, 1, 0], [0, 1, 2, 3])]))
     torch.testing.assert_close(per_component(comps)[0], torch.einsum("bce,cef->bcf", comps, per_component.relaxed))
+
+
+def test_the_settings_are_the_mapping_gate_local_search_with_the_dataclass_defaults():
+    """conf/gate_options/local_search.yaml (nested as gate.local_search by every conf/gate/*.yaml)
+    lists exactly the fields of LocalSearchSettings, with its defaults."""
+    shared = yaml.safe_load((Path(CONFIG_DIR) / "gate_options" / "local_search.yaml").read_text())
+    assert shared == dataclasses.asdict(LocalSearchSettings())
+    for gate in (Path(CONFIG_DIR) / "gate").glob("*.yaml"):
+        assert "/gate_options/local_search@local_search" in yaml.safe_load(gate.read_text())["defaults"], gate.name
+    assert LocalSearchSettings.of(None) == LocalSearchSettings()
+    assert LocalSearchSettings.of({"enabled": True, "steps": 3}) == LocalSearchSettings(enabled=True, steps=3)
+    assert COMETGate(8, 12, k=2, local_search={"enabled": False}).local_search is None
+    with pytest.raises(ValueError, match=r"gate\.local_search\.enabled=true"):
+        COMETGate(8, 12, k=2, local_search=True)
+    with pytest.raises(ValueError, match=r"no setting \['step'\]"):
+        LocalSearchSettings.of({"step": 3})
+
+
+@pytest.mark.parametrize("override, new", [
+    ("gate.local_search_steps=3", "use gate.local_search.steps"),
+    ("+gate.local_search_tau_initial=0.1", "use gate.local_search.tau_initial"),
+    ("gate.local_search_foo=1", "use one of gate.local_search.{enabled,steps,"),
+    ("gate.local_search=true", "use gate.local_search.enabled=true"),
+    ("gate.local_search=false,true", "use gate.local_search.enabled=false,true"),
+])
+def test_a_flat_or_boolean_local_search_override_names_the_nested_key(override, new):
+    message = override_error(["gate=comet", override])
+    assert new in message and "\n" not in message
+    assert override_error(["gate=comet", "gate.local_search.enabled=true", "gate.local_search.steps=3"]) is None

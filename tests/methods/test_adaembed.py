@@ -9,11 +9,12 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import id_gradients
+from recbench.methods.blocks import id_gradients
 from recbench.methods.adaembed import POOL, AdaEmbed, AdaEmbedEmbedding, ReallocationHook
 from recbench.methods.base import InfeasibleBudget
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
 from test_contract import random_kjt as kjt  # the contract test's KJT builder (same folder)
+from solve_build import solve_and_build
 
 DIM = 8
 
@@ -37,7 +38,7 @@ def assert_consistent(module: AdaEmbedEmbedding):
 
 def test_map_consistent_after_reallocations_and_evicted_rows_reinitialised():
     tables = specs()
-    module = AdaEmbed(fallback="zero").build(tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
+    module = solve_and_build(AdaEmbed(fallback="zero"), tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
     assert_consistent(module)
     rng = np.random.default_rng(1)
     for _ in range(3):
@@ -60,7 +61,7 @@ def test_map_consistent_after_reallocations_and_evicted_rows_reinitialised():
 
 def test_shared_fallback_rows_copy_into_admitted_rows():
     tables = specs()
-    module = AdaEmbed(fallback="shared").build(tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd"))
+    module = solve_and_build(AdaEmbed(fallback="shared"), tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd"))
     module.importance.copy_(torch.rand(module.importance.numel()))
     before = module.row_of.clone()
     module.reallocate()
@@ -72,7 +73,7 @@ def test_shared_fallback_rows_copy_into_admitted_rows():
 
 def test_unallocated_ids_read_zero_and_allocated_ids_their_row():
     tables = specs()
-    module = AdaEmbed(fallback="zero").build(tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd"))
+    module = solve_and_build(AdaEmbed(fallback="zero"), tables, DIM, Budget(0.3), EmbeddingOptimizer(kind="sgd"))
     module.eval()
     a_ids = torch.arange(300)
     features = KeyedJaggedTensor(keys=["a", "b", "tags"], values=torch.cat([a_ids, torch.zeros(300, dtype=torch.long)]),
@@ -112,7 +113,7 @@ def test_id_gradient_norms_equal_row_gradients_of_a_plain_table():
 
 def test_hook_reallocates_and_decays_on_schedule():
     tables = specs()
-    module = AdaEmbed(reallocate_every=2, decay=0.5, decay_every=3).build(tables, DIM, Budget(0.3), EmbeddingOptimizer())
+    module = solve_and_build(AdaEmbed(reallocate_every=2, decay=0.5, decay_every=3), tables, DIM, Budget(0.3), EmbeddingOptimizer())
     hook = ReallocationHook(2, 3)
     module.importance.fill_(1.0)
     context = SimpleNamespace(embedding=module)
@@ -125,7 +126,7 @@ def test_hook_reallocates_and_decays_on_schedule():
 def test_map_is_counted_and_low_ratios_are_infeasible_with_range():
     tables = specs()
     method = AdaEmbed()
-    hparams = method.solve(tables, DIM, Budget(0.3))
+    hparams = method.solve(tables, DIM, Budget(0.3)).hparams
     report = method.memory(tables, DIM, hparams)
     assert report.breakdown["map"] == 4 * sum(t.num_embeddings for t in tables)
     with pytest.raises(InfeasibleBudget) as info:
@@ -144,8 +145,8 @@ def test_reassigned_rows_keep_their_optimizer_state_as_documented():
     """The card's choice (every recorded run had it): a row handed to a new id is re-initialised,
     its row-wise Adagrad accumulator is kept."""
     tables = specs()
-    module = AdaEmbed(fallback="zero").build(tables, DIM, Budget(0.3),
-                                             EmbeddingOptimizer(kind="rowwise_adagrad", learning_rate=0.1))
+    module = solve_and_build(AdaEmbed(fallback="zero"), tables, DIM, Budget(0.3),
+                             EmbeddingOptimizer(kind="rowwise_adagrad", learning_rate=0.1))
     rng = np.random.default_rng(1)
     for _ in range(3):
         out = module(kjt(tables, 32, rng))

@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recbench.methods.alpt import ALPT
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 4
 TABLES = [TableSpec("a", 50), TableSpec("b", 20)]
@@ -40,7 +41,7 @@ def test_step_gradient_is_hetus_scaled_lsq_estimate():
     """Fails on the earlier scale 1 / sqrt(D Q_P) (no batch factor): off by sqrt(B) = 2."""
     torch.manual_seed(0)
     method = ALPT(bits=8)
-    module = method.build(TABLES, DIM, Budget(compression_ratio=0.5), SGD).train()
+    module = solve_and_build(method, TABLES, DIM, Budget(compression_ratio=0.5), SGD).train()
     a_ids, b_ids = [3, 7, 3, 11], [0, 5, 5, 19]  # B = 4 samples; repeated ids sum their gradients
     rows = torch.tensor(sorted(set(a_ids)) + [50 + i for i in sorted(set(b_ids))])
     fields = module.fields_of(rows)
@@ -61,7 +62,7 @@ def test_step_gradient_is_hetus_scaled_lsq_estimate():
     assert module.step.grad.to_dense()[untouched].abs().sum() == 0
     # the earlier rule, kept as gradient_scale=rows: sqrt(B) = 2 times larger
     torch.manual_seed(0)
-    rows_module = ALPT(bits=8, gradient_scale="rows").build(TABLES, DIM, Budget(compression_ratio=0.5), SGD).train()
+    rows_module = solve_and_build(ALPT(bits=8, gradient_scale="rows"), TABLES, DIM, Budget(compression_ratio=0.5), SGD).train()
     (rows_module(batch(a_ids, b_ids)).values() * weights).sum().backward()
     assert torch.allclose(rows_module.step.grad.to_dense()[rows, 0], 2.0 * expected, rtol=1e-5, atol=1e-9)
 
@@ -69,7 +70,7 @@ def test_step_gradient_is_hetus_scaled_lsq_estimate():
 def test_step_sizes_start_at_init_scale_and_train_with_sparse_adam_at_scale_lr():
     """Hetu: ``scale = constant(init_scale=0.01)`` per row; ``scale_opt = type(self.opt)(learning_rate=
     scale_lr=2e-5)`` with the sparse update op (Adam in the paper and the benchmark's runs)."""
-    module = ALPT().build(TABLES, DIM, Budget(compression_ratio=0.5), SGD)
+    module = solve_and_build(ALPT(), TABLES, DIM, Budget(compression_ratio=0.5), SGD)
     assert module.step.shape == (70, 1) and torch.all(module.step == 0.01)
     (group,) = [g for g in module.param_groups() if g.name == "step_sizes"]
     assert group.kind == "sparse" and group.optimizer == "sparse_adam" and group.learning_rate == 2e-5
@@ -87,7 +88,7 @@ def test_step_sizes_start_at_init_scale_and_train_with_sparse_adam_at_scale_lr()
     assert torch.allclose(moved[touched], torch.full_like(moved[touched], 2e-5), rtol=1e-3)
     # the earlier rules stay available by name
     earlier = ALPT(step_init="lsq", gradient_scale="rows", scale_optimizer="adagrad")
-    module = earlier.build(TABLES, DIM, Budget(compression_ratio=0.5), SGD)
+    module = solve_and_build(earlier, TABLES, DIM, Budget(compression_ratio=0.5), SGD)
     (group,) = [g for g in module.param_groups() if g.name == "step_sizes"]
     assert group.optimizer is None and not torch.all(module.step == 0.01)
 
@@ -96,12 +97,12 @@ def test_training_bytes_count_adams_two_states_per_step():
     tables = [TableSpec("a", 500), TableSpec("b", 120)]
     for kw, states in (({}, 2), ({"scale_optimizer": "adagrad"}, 1)):
         method = ALPT(**kw)
-        hp = method.solve(tables, DIM, Budget(compression_ratio=0.5))
+        hp = method.solve(tables, DIM, Budget(compression_ratio=0.5)).hparams
         closed = method.memory(tables, DIM, hp, SGD)
-        measured = method.build(tables, DIM, Budget(compression_ratio=0.5), SGD).memory_report()
+        measured = solve_and_build(method, tables, DIM, Budget(compression_ratio=0.5), SGD).memory_report()
         assert measured.training_bytes == closed.training_bytes
         other = ALPT(**({"scale_optimizer": "adagrad"} if states == 2 else {}))
-        difference = closed.training_bytes - other.memory(tables, DIM, other.solve(tables, DIM, Budget(0.5)), SGD).training_bytes
+        difference = closed.training_bytes - other.memory(tables, DIM, other.solve(tables, DIM, Budget(0.5)).hparams, SGD).training_bytes
         assert difference == (620 * 4 if states == 2 else -620 * 4)
 
 

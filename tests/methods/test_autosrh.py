@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from recbench.methods import sparse_storage
+from recbench.methods.blocks import sparse_storage
 from recbench.methods.autosrh import SEARCH, AutoSrh, AutoSrhEmbedding, frequency_groups
 from recbench.methods.base import Hook
-from recbench.methods.pruning import top_k_mask
+from recbench.methods.families.pruning import top_k_mask
 from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 DIM = 8
 #: revision 1's regime, kept as options
@@ -50,7 +51,7 @@ def test_global_groups_span_the_fields_rarest_first():
 
 
 def test_soft_selection_scales_each_group_and_dim():
-    module = AutoSrh().build(tables(), DIM, Budget(0.5))
+    module = solve_and_build(AutoSrh(), tables(), DIM, Budget(0.5))
     rows = torch.arange(module.num_rows)
     weights = module.weight.detach()
     assert torch.equal(module.effective(rows, None, weights), weights)  # warm-up: the plain table
@@ -66,8 +67,8 @@ def test_soft_selection_scales_each_group_and_dim():
 def test_hetu_deploys_a_magnitude_prune_of_the_selected_table():
     tabs, budget = tables(), Budget(0.3)
     method = AutoSrh()
-    hparams = method.solve(tabs, DIM, budget)
-    module = method.build(tabs, DIM, budget)
+    hparams = method.solve(tabs, DIM, budget).hparams
+    module = solve_and_build(method, tabs, DIM, budget)
     module.advance()
     with torch.no_grad():
         module.selection.copy_(torch.rand_like(module.selection))
@@ -85,8 +86,8 @@ def test_hetu_deploys_a_magnitude_prune_of_the_selected_table():
 def test_joint_pruning_removes_the_smallest_selection_weights_to_the_budget():
     tabs, budget = tables(), Budget(0.3)
     method = AutoSrh(**{**JOINT, "num_groups": 4})
-    hparams = method.solve(tabs, DIM, budget)
-    module: AutoSrhEmbedding = method.build(tabs, DIM, budget, EmbeddingOptimizer())
+    hparams = method.solve(tabs, DIM, budget).hparams
+    module: AutoSrhEmbedding = solve_and_build(method, tabs, DIM, budget, EmbeddingOptimizer())
     assert int(module.phase) == SEARCH and module.selection.requires_grad
     torch.manual_seed(0)
     with torch.no_grad():  # distinct selection strengths with random signs
@@ -148,7 +149,7 @@ def _toy_fit(dataset, method):
     spec = dataset.spec
     torch.set_num_threads(1)  # tiny tensors on a shared machine (conftest restores the count)
     torch.manual_seed(0)
-    model = DLRM(method.build(spec.tables, DIM, Budget(0.3)), spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
+    model = DLRM(solve_and_build(method, spec.tables, DIM, Budget(0.3)), spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
     config = TrainerConfig(max_epochs=1, batch_size=64, progress=False, latency_repeats=1)
     return model, Trainer(config, model, method, dataset, DenseOptimizer(), EmbeddingOptimizer()).fit()
 

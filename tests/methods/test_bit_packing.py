@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from recbench.methods import bit_packing as B
+from recbench.methods.blocks import bit_packing as B
 
 
 @pytest.mark.parametrize("bits", list(range(1, 17)))

@@ -1,4 +1,4 @@
-"""The budget rule (DESIGN.md section 3, "Budget and memory"): a budget is infeasible only when
+"""The budget rule (docs/architecture.md section 3, "Budget and memory"): a budget is infeasible only when
 nothing the method can build fits under it; a solution below (1 - tolerance) x the target is
 accepted (the job runs it and flags it ``under_budget``)."""
 from __future__ import annotations
@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recbench.methods import budget as budget_lib
+from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.dpq import DPQ
-from recbench.types import Budget, TableSpec
+from recbench.types import Budget, TableSpec, under_budget
 
 DIM = 16
 TABLES = [TableSpec("a", 1000, np.ones(1000, dtype=np.int64)), TableSpec("b", 250, np.ones(250, dtype=np.int64))]
@@ -32,9 +32,9 @@ def test_land_raises_above_the_target_with_the_reachable_range():
 
 def test_under_budget_is_below_one_minus_tolerance_of_the_ratio():
     budget = Budget(compression_ratio=0.5, tolerance=0.1)
-    assert budget_lib.under_budget(0.44, budget) and budget_lib.under_budget(0.4499, budget)
-    assert not budget_lib.under_budget(0.45, budget) and not budget_lib.under_budget(0.5, budget)
-    assert not budget_lib.under_budget(0.44, Budget(compression_ratio=0.5, tolerance=0.2))
+    assert under_budget(0.44, budget) and under_budget(0.4499, budget)
+    assert not under_budget(0.45, budget) and not under_budget(0.5, budget)
+    assert not under_budget(0.44, Budget(compression_ratio=0.5, tolerance=0.2))
 
 
 def test_product_quantization_takes_its_best_pair_under_the_budget_when_none_lands_within_the_tolerance():
@@ -42,11 +42,11 @@ def test_product_quantization_takes_its_best_pair_under_the_budget_when_none_lan
     returns it (it was infeasible under the old [1 - tolerance, 1] window) instead of raising; within
     the reachable range it still prefers a pair inside the window; below its smallest it raises."""
     method, tables = DPQ(), [TableSpec("a", 20000, None), TableSpec("b", 5000, None)]
-    hparams = method.solve(tables, DIM, Budget(compression_ratio=0.5))
+    hparams = method.solve(tables, DIM, Budget(compression_ratio=0.5)).hparams
     achieved = method.memory(tables, DIM, hparams).compression_ratio
     assert (hparams["parts"], hparams["codewords"]) == (16, 256) and achieved == pytest.approx(0.2602, abs=1e-4)
     for ratio in (0.2, 0.1):
-        hparams = method.solve(tables, DIM, Budget(compression_ratio=ratio))
+        hparams = method.solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         assert 0.9 * ratio <= method.memory(tables, DIM, hparams).compression_ratio <= ratio
     with pytest.raises(InfeasibleBudget):
         method.solve(tables, DIM, Budget(compression_ratio=1e-4))

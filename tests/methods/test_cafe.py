@@ -11,8 +11,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.cafe import TABLE, Cafe, CafeEmbedding
-from recbench.methods.hot_sketch import HotSketch
+from recbench.methods.blocks.hot_sketch import HotSketch
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 8
 #: stated levels: the sketch's top-k holds >= 90% of the true top-k ids of a Zipf(1.1) stream with
@@ -107,7 +108,7 @@ def assert_consistent(module: CafeEmbedding):
 @pytest.mark.parametrize("levels", [1, 2])
 def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
     tables = specs()
-    module = Cafe(**TOP_H, hash_levels=levels, decay=0.9).build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
+    module = solve_and_build(Cafe(**TOP_H, hash_levels=levels, decay=0.9), tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
     module.train()
     rng = np.random.default_rng(1)
     hot_ids = torch.arange(10)
@@ -148,7 +149,7 @@ def test_migration_copies_in_writes_back_and_keeps_ownership(levels):
 def test_threshold_sketch_training_promotes_demotes_and_keeps_ownership():
     tables = specs()
     method = Cafe(threshold=4, decay=0.5, decay_volume=1.0)
-    module = method.build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
+    module = solve_and_build(method, tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
     module.train()
     rng = np.random.default_rng(1)
     for step in range(30):
@@ -171,7 +172,7 @@ def test_threshold_sketch_training_promotes_demotes_and_keeps_ownership():
 
 def test_hot_ids_read_their_exclusive_row_and_cold_ids_their_hash_rows():
     tables = specs()
-    module = Cafe(**TOP_H).build(tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd"))
+    module = solve_and_build(Cafe(**TOP_H), tables, DIM, Budget(0.2), EmbeddingOptimizer(kind="sgd"))
     keys = module.key_offset[0] + torch.arange(5)
     module.sketch.insert(keys, torch.full((5,), 10.0))
     module.migrate()
@@ -191,7 +192,7 @@ def test_budgets_down_to_1e_4_on_a_large_vocabulary():
     tables = [TableSpec("big", 1_000_000), TableSpec("mid", 200_000), TableSpec("small", 50)]
     method = Cafe()
     for ratio in (0.1, 0.01, 0.001, 0.0001):
-        hparams = method.solve(tables, 16, Budget(ratio))
+        hparams = method.solve(tables, 16, Budget(ratio)).hparams
         achieved = method.memory(tables, 16, hparams).compression_ratio
         assert 0.9 * ratio <= achieved <= ratio
     with pytest.raises(InfeasibleBudget) as info:

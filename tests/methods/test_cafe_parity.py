@@ -22,7 +22,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.cafe import LADDER, TABLE, Cafe, CafeEmbedding, ladder, layout
-from recbench.methods.hot_sketch import ThresholdSketch
+from recbench.methods.blocks.hot_sketch import ThresholdSketch
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
 
 
@@ -146,7 +146,7 @@ def test_cold_rows_importance_and_promotion_copy_follow_sk_embedding_bag():
     dim = 4
     torch.manual_seed(0)
     method = Cafe(threshold=2)
-    hparams = method.solve(tables, dim, Budget(0.2))
+    hparams = method.solve(tables, dim, Budget(0.2)).hparams
     module = CafeEmbedding(tables, dim, hparams, EmbeddingOptimizer(kind="sgd", learning_rate=0.1))
     module.train()
     # per-field tables of ceil(c * hash_rate * n_f) rows; a cold id reads row (id + offset) % rows_f

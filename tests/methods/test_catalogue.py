@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.config import CONFIG_DIR
 
 ROOT = Path(CONFIG_DIR).parent
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))

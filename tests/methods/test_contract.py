@@ -18,8 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
 from recbench.methods.base import InfeasibleBudget
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
 
@@ -73,8 +73,9 @@ def random_kjt(tables, batch, rng, max_bag=4):
 def built(name, tables, seed=0):
     m = method(name)
     budget = feasible_budget(m, tables)
+    plan = m.solve(tables, DIM, budget, OPT)
     torch.manual_seed(seed)
-    return m, budget, m.build(tables, DIM, budget, OPT)
+    return m, budget, m.build(tables, DIM, plan, OPT)
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -112,9 +113,10 @@ def test_closed_form_memory_equals_measured(name, kind, tables):
     m = method(name)
     optimizer = EmbeddingOptimizer(kind=kind)
     budget = feasible_budget(m, tables)
-    hparams = m.solve(tables, DIM, budget)
-    module = m.build(tables, DIM, budget, optimizer)
-    closed, measured = m.memory(tables, DIM, hparams, optimizer), module.memory_report()
+    plan = m.solve(tables, DIM, budget, optimizer)
+    module = m.build(tables, DIM, plan, optimizer)
+    closed, measured = m.memory(tables, DIM, plan.hparams, optimizer), module.memory_report()
+    assert plan.memory == closed and plan.method == m.name
     assert measured.inference_bytes == closed.inference_bytes
     assert measured.training_bytes == closed.training_bytes
     assert measured.parameters == closed.parameters
@@ -127,13 +129,15 @@ def test_budget_solved_under_the_target_or_infeasible(name, ratio, tables):
     m = method(name)
     budget = Budget(compression_ratio=ratio)
     try:
-        hparams = m.solve(tables, DIM, budget)
+        plan = m.solve(tables, DIM, budget)
     except InfeasibleBudget as exc:
         assert exc.min_ratio <= exc.max_ratio, "an infeasible verdict must carry its reachable range"
         assert exc.min_ratio > ratio, f"{name}@{ratio}: infeasible although its smallest solution ({exc.min_ratio:.4g}) fits"
         return
-    achieved = m.memory(tables, DIM, hparams).compression_ratio
+    achieved = m.memory(tables, DIM, plan.hparams).compression_ratio
     assert 0 < achieved <= ratio, f"{name}@{ratio}: achieved {achieved:.4g}"
+    assert plan.achieved_ratio == achieved and plan.requested_ratio == ratio
+    assert plan.under_budget == (achieved < (1 - budget.tolerance) * ratio)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -13,9 +13,10 @@ from recbench.methods.base import InfeasibleBudget
 from types import SimpleNamespace
 
 from recbench.methods.dedup import REFERENCE_BLOCK_ROWS, Dedup, DedupEmbedding, candidate_pairs, deduplicate, field_blocks
-from recbench.methods.dedup_lsh import L2LSH, deduplicate_blocks
+from recbench.methods.blocks.dedup_lsh import L2LSH, deduplicate_blocks
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
 from test_contract import random_kjt
+from solve_build import solve_and_build
 
 
 def test_merges_identical_blocks_and_not_dissimilar_ones():
@@ -66,7 +67,7 @@ def test_candidate_graph_is_connected_and_pairs_are_unique():
 def test_deployable_form_reads_rows_through_the_block_index():
     tables = [TableSpec("a", 50), TableSpec("b", 33), TableSpec("tags", 10, pooling="mean", multi_hot=True)]
     method = Dedup(algorithm="simhash_mean", block_rows=2)
-    module = method.build(tables, 8, Budget(0.6), EmbeddingOptimizer())
+    module = solve_and_build(method, tables, 8, Budget(0.6), EmbeddingOptimizer())
     with torch.no_grad():  # make field b's blocks copies of field a's first blocks
         wa, wb = module.fused.weight("a"), module.fused.weight("b")
         wb[:32] = wa[:32]
@@ -97,7 +98,7 @@ def _solve_one_size_at_a_time(method: Dedup, tables, dim: int, budget: Budget):
     (4 bytes per block) is within ``index_share`` of the budget and whose largest number of stored
     blocks lands; else the smallest r that lands; else the r with the most bytes under the budget;
     else None. Blocks: ceil(R / r) of the global table (hetu) or sum_f ceil(n_f / r) (simhash_mean)."""
-    from recbench.methods.budget import split_tables, target_bytes
+    from recbench.methods.blocks.budget import split_tables, target_bytes
 
     compressed = [t for t in split_tables(tables, budget)[0]]
     names = [t.name for t in compressed]
@@ -139,7 +140,7 @@ def test_solver_over_every_block_size_at_once_equals_trying_them_one_by_one():
         dim, budget = int(rng.choice([4, 8, 16])), Budget(float(rng.choice([0.5, 0.2, 0.05, 0.01, 0.001])))
         expected = _solve_one_size_at_a_time(method, tables, dim, budget)
         try:
-            solved = method.solve(tables, dim, budget)
+            solved = method.solve(tables, dim, budget).hparams
         except InfeasibleBudget:
             assert expected is None
             outcomes["infeasible"] += 1
@@ -151,10 +152,10 @@ def test_solver_over_every_block_size_at_once_equals_trying_them_one_by_one():
 
 def test_reference_block_of_10000_rows_when_it_lands_else_smaller_blocks():
     large = [TableSpec("a", 200_000), TableSpec("b", 137_000)]
-    solved = Dedup().solve(large, 16, Budget(0.5))
+    solved = Dedup().solve(large, 16, Budget(0.5)).hparams
     assert solved["block_rows"] == REFERENCE_BLOCK_ROWS and solved["unique_blocks"] == 16  # of 34 blocks
     small = [TableSpec("user", 944), TableSpec("item", 1653)]  # one 10,000-row block is larger than the table
-    solved = Dedup().solve(small, 16, Budget(0.5))
+    solved = Dedup().solve(small, 16, Budget(0.5)).hparams
     assert solved["block_rows"] < REFERENCE_BLOCK_ROWS
     assert Dedup().memory(small, 16, solved).compression_ratio <= 0.5
 
@@ -197,7 +198,7 @@ def test_pretrain_best_checkpoint_is_deduplicated_and_rebuilt_for_fine_tuning():
     method = Dedup()
     budget = Budget(0.3, min_rows_to_compress=10)  # "tiny" is kept in full
     torch.manual_seed(0)
-    module = method.build(tables, 8, budget, EmbeddingOptimizer())
+    module = solve_and_build(method, tables, 8, budget, EmbeddingOptimizer())
     assert isinstance(module, DedupEmbedding) and [s.name for s in method.stages()] == ["pretrain", "finetune"]
     model, hook = _Model(module), method.hooks()[0]
     context = SimpleNamespace(stage=SimpleNamespace(name="pretrain"), model=model, embedding=module,

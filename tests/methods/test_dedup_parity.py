@@ -19,7 +19,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.dedup import Dedup, DedupEmbedding
-from recbench.methods.dedup_lsh import L2LSH, criterion_targets, deduplicate_blocks
+from recbench.methods.blocks.dedup_lsh import L2LSH, criterion_targets, deduplicate_blocks
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
 
 ROWS_PER_BLOCK, DIM, PAD_ROWS = 5, 4, 2
@@ -190,7 +190,7 @@ def test_the_module_deduplicates_the_global_table_of_all_fields_as_one():
     span two fields; the module's stage result reproduces the port run on that concatenated table."""
     table, _ = planted_table(seed=7)
     tables = [TableSpec("a", 123), TableSpec("b", 75)]  # 198 rows: the block of rows 120-124 spans both fields
-    hparams = {**Dedup().solve(tables, DIM, Budget(0.5)), "block_rows": ROWS_PER_BLOCK}
+    hparams = {**Dedup().solve(tables, DIM, Budget(0.5)).hparams, "block_rows": ROWS_PER_BLOCK}
     lsh = DedupEmbedding(tables, DIM, hparams, EmbeddingOptimizer()).lsh()  # the module's own coefficients
     dup_map, ported_index, ported_stored = ported_deduplicate(table, ROWS_PER_BLOCK, 10 ** 9,
                                                               PortedL2LSH(lsh.a, lsh.b, 0.09, 90, 1))

@@ -14,6 +14,7 @@ from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, Stage
+from solve_build import solve_and_build
 
 DIM = 8
 
@@ -92,7 +93,7 @@ def test_reference_schedule_trains_to_the_target(toy_dataset):
     torch.manual_seed(0)
     emb_opt = EmbeddingOptimizer(learning_rate=0.1)
     method = DeepLight(warmup_epochs=0.0, time_constant=3.0, damping=0.5, prune_every=2)  # ends at step 30
-    emb = method.build(toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.1), emb_opt)
+    emb = solve_and_build(method, toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.1), emb_opt)
     model = DLRM(emb, toy_dataset.spec.num_dense, len(toy_dataset.spec.tables), DIM, [16, DIM], [16, 1])
     config = TrainerConfig(max_epochs=1, max_steps=40, batch_size=64, progress=False, latency_repeats=1,
                            evals_per_epoch=2)

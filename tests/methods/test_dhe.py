@@ -3,10 +3,12 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import hashing_fns as H
+from recbench.methods.blocks import budget as budget_lib
+from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.dhe import Dhe
 from recbench.types import Budget, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 TABLES = [TableSpec("a", 20000), TableSpec("b", 5000, pooling="mean", multi_hot=True)]
@@ -14,7 +16,7 @@ TABLES = [TableSpec("a", 20000), TableSpec("b", 5000, pooling="mean", multi_hot=
 
 def build(ratio=0.05, **kwargs):
     torch.manual_seed(0)
-    return Dhe(**kwargs).build(TABLES, DIM, Budget(compression_ratio=ratio))
+    return solve_and_build(Dhe(**kwargs), TABLES, DIM, Budget(compression_ratio=ratio))
 
 
 def kjt(a_ids, b_ids):
@@ -57,14 +59,14 @@ def decoder_floats(width, hidden_layers):
 @pytest.mark.parametrize("layout,hidden_layers,decoders", [("per_field", 5, 2), ("shared", 2, 1)])
 def test_width_is_the_largest_within_the_budget(layout, hidden_layers, decoders):
     method, budget = Dhe(layout=layout, hidden_layers=hidden_layers), Budget(compression_ratio=0.05)
-    hp = method.solve(TABLES, DIM, budget)
-    target = budget.target_bytes(TABLES, DIM)
+    hp = method.solve(TABLES, DIM, budget).hparams
+    target = budget_lib.target_bytes(TABLES, DIM, budget)
     width = hp["width"]
     assert hp["kept"] == [] and hp["layout"] == layout
     assert method.memory(TABLES, DIM, hp).inference_bytes == 4 * decoders * decoder_floats(width, hidden_layers)
     assert method.memory(TABLES, DIM, hp).inference_bytes <= target
     assert method.memory(TABLES, DIM, dict(hp, width=width + 1)).inference_bytes > target
-    built = method.build(TABLES, DIM, budget)
+    built = solve_and_build(method, TABLES, DIM, budget)
     assert len(built.decoders) == decoders
     assert all(d[0].weight.shape == (width, 1024) for d in built.decoders)
 
@@ -73,7 +75,7 @@ def test_per_field_keeps_a_table_not_larger_than_a_decoder():
     """Hetu's per-field min(plain, DHE): at width h a field whose table is not larger stays plain."""
     tables = [TableSpec("a", 20000), TableSpec("small", 300), TableSpec("b", 5000)]
     method, budget = Dhe(), Budget(compression_ratio=0.1, min_rows_to_compress=0)
-    hp = method.solve(tables, DIM, budget)
+    hp = method.solve(tables, DIM, budget).hparams
     one = 4 * decoder_floats(hp["width"], 5)
     assert 300 * DIM * 4 <= one < 5000 * DIM * 4 and hp["kept"] == ["small"]
     assert method.memory(tables, DIM, hp).inference_bytes == 2 * one + 300 * DIM * 4

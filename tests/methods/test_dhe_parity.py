@@ -23,6 +23,7 @@ from torch import nn
 
 from recbench.methods.dhe import Dhe, is_prime
 from recbench.types import Budget, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 TABLES = [TableSpec("user", 943), TableSpec("item", 1682), TableSpec("gender", 2), TableSpec("zip", 795)]
@@ -65,7 +66,7 @@ def hetu_forward(x, linears, eps=1e-5):
 def test_hash_encoding_equals_hetus_learn_hash_on_fixed_ids(dist):
     method = Dhe(num_hashes=64, distribution=dist)
     torch.manual_seed(0)
-    module = method.build(TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=0))
+    module = solve_and_build(method, TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=0))
     ids = np.array([0, 1, 2, 7, 100, 942, 500, 1681])
     for field in (0, 1):
         a, b, p = (t[field].numpy() for t in (module.a, module.b, module.p))
@@ -79,10 +80,10 @@ def test_hash_encoding_equals_hetus_learn_hash_on_fixed_ids(dist):
 
 def test_one_decoder_per_field_with_hetus_layers_and_init():
     method, budget = Dhe(), Budget(compression_ratio=0.5, min_rows_to_compress=0)
-    hp = method.solve(TABLES, DIM, budget)
+    hp = method.solve(TABLES, DIM, budget).hparams
     h = hp["width"]
     torch.manual_seed(0)
-    module = method.build(TABLES, DIM, budget)
+    module = solve_and_build(method, TABLES, DIM, budget)
     # use_multi = 1: a field gets a DHE when its table is larger than a DHE, else a plain table
     hetu_dhe = [t.name for t in TABLES if t.num_embeddings * DIM > hetu_single_memory(h, 1024)]
     assert [t.name for t in TABLES if t.name not in hp["kept"]] == hetu_dhe == ["user", "item", "zip"]
@@ -107,7 +108,7 @@ def test_one_decoder_per_field_with_hetus_layers_and_init():
 
 def test_decoder_forward_equals_hetus_sequence_on_fixed_weights():
     torch.manual_seed(0)
-    module = Dhe(num_hashes=32).build(TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=0))
+    module = solve_and_build(Dhe(num_hashes=32), TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=0))
     network = module.decoders[0]
     linears = [layer for layer in network if isinstance(layer, nn.Linear)]
     weights = [(l.weight.detach().double().numpy().T,

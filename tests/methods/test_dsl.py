@@ -11,6 +11,7 @@ import torch
 
 from recbench.methods.dsl import DSL, PruneRegrowHook, prune_fraction
 from recbench.types import Budget, Stage, TableSpec
+from solve_build import solve_and_build
 
 DIM = 4
 TABLES = [TableSpec("a", 40), TableSpec("b", 25), TableSpec("c", 12)]
@@ -78,7 +79,7 @@ def test_prune_and_regrow_matches_the_reference_per_field():
     """Distinct magnitudes and a gradient on every row (more candidates than k), so the reference's
     choice is unique; fails on the earlier global floor(p nnz) ranking."""
     torch.manual_seed(0)
-    module = DSL().build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(DSL(), TABLES, DIM, Budget(compression_ratio=0.5))
     with torch.no_grad():
         module.weight.copy_((torch.randperm(module.weight.numel()).float() + 1.0).view_as(module.weight) / 1000)
         module.weight.mul_(module.mask)
@@ -100,7 +101,7 @@ def test_regrowth_beyond_the_gradient_candidates_is_filled_at_random():
     """One batch row has a gradient: its inactive entries are grown first, the rest of the field's
     ceil(p nnz_f) come from its zero-gradient inactive entries (the reference's arbitrary order)."""
     torch.manual_seed(0)
-    module = DSL().build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(DSL(), TABLES, DIM, Budget(compression_ratio=0.5))
     grad = torch.zeros(1, DIM) + 1.0
     module._gradient = (torch.tensor([5]), grad)
     inactive_row5 = ~module.mask[5].clone()
@@ -114,13 +115,13 @@ def test_regrowth_beyond_the_gradient_candidates_is_filled_at_random():
     assert int(grown[:40].sum()) > int(inactive_row5.sum())  # the fill
     # reproducible: the fill is keyed by mask_seed and the update count
     torch.manual_seed(0)
-    again = DSL().build(TABLES, DIM, Budget(compression_ratio=0.5))
+    again = solve_and_build(DSL(), TABLES, DIM, Budget(compression_ratio=0.5))
     again._gradient = (torch.tensor([5]), grad)
     again.prune_and_regrow(0.25)
     assert torch.equal(again.mask, module.mask)
     # the earlier variant moves only as many entries as there are candidates
     torch.manual_seed(0)
-    shrink = DSL().build(TABLES, DIM, Budget(compression_ratio=0.5))
+    shrink = solve_and_build(DSL(), TABLES, DIM, Budget(compression_ratio=0.5))
     shrink._gradient = (torch.tensor([5]), grad)
     assert shrink.prune_and_regrow(0.25, scope="global", regrow_fill="shrink") == int(inactive_row5.sum())
 

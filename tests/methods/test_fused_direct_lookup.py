@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods.tables import FusedTables, PhysicalTable
+from recbench.methods.blocks.tables import FusedTables, PhysicalTable
 from recbench.types import EmbeddingOptimizer
 
 

@@ -4,10 +4,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import hashing_fns as H
+from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.hashing import Hashing
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 TABLES = [TableSpec("a", 1000), TableSpec("b", 400), TableSpec("small", 10)]
 
@@ -19,7 +20,7 @@ def kjt(ids_per_field):
 
 def test_rows_proportional_to_field_size_and_small_fields_kept():
     budget = Budget(compression_ratio=0.1, min_rows_to_compress=50)
-    hp = Hashing(allocation="proportional").solve(TABLES, 8, budget)
+    hp = Hashing(allocation="proportional").solve(TABLES, 8, budget).hparams
     assert set(hp["rows"]) == {"a", "b"}  # "small" stays full
     r = hp["row_fraction"]
     assert hp["rows"]["a"] == int(np.ceil(r * 1000)) and hp["rows"]["b"] == int(np.ceil(r * 400))
@@ -31,7 +32,7 @@ def test_rows_proportional_to_field_size_and_small_fields_kept():
 def test_cap_allocation_hashes_only_fields_larger_than_the_cap():
     tables = TABLES + [TableSpec("c", 3000)]
     budget = Budget(compression_ratio=0.2)
-    hp = Hashing().solve(tables, 8, budget)
+    hp = Hashing().solve(tables, 8, budget).hparams
     cap = hp["row_cap"]
     assert hp["rows"] == {t.name: min(t.num_embeddings, cap) for t in tables}
     assert hp["rows"]["small"] == 10  # a field below the cap keeps one row per id
@@ -46,8 +47,8 @@ def test_a_field_the_allocation_leaves_whole_keeps_its_ids(allocation, ratio):
     """Revision 2: a compressed field with m_f = n_f is looked up by its ids (hashing it into n_f
     buckets would make ~63% of its ids share a row); only shrunk fields are hashed."""
     tables = [TableSpec("big", 5000), TableSpec("mid", 60)]
-    module = Hashing(allocation=allocation).build(tables, 8, Budget(compression_ratio=ratio, min_rows_to_compress=1),
-                                                   EmbeddingOptimizer(kind="sgd"))
+    module = solve_and_build(Hashing(allocation=allocation), tables, 8, Budget(compression_ratio=ratio, min_rows_to_compress=1),
+                             EmbeddingOptimizer(kind="sgd"))
     assert int(module.buckets[1]) == 60 and int(module.buckets[0]) < 5000
     ids = [torch.arange(5000), torch.arange(5000) % 60]
     keys = KeyedJaggedTensor(keys=["big", "mid"], values=torch.cat(ids), lengths=torch.ones(10000, dtype=torch.int32))
@@ -70,8 +71,8 @@ def test_infeasible_when_one_row_per_field_exceeds_budget():
 
 def test_lookup_rows_are_the_universal_hash_of_each_field():
     torch.manual_seed(0)
-    module = Hashing(hash_seed=5).build(TABLES, 8, Budget(compression_ratio=0.1, min_rows_to_compress=50),
-                                       EmbeddingOptimizer(kind="sgd"))
+    module = solve_and_build(Hashing(hash_seed=5), TABLES, 8, Budget(compression_ratio=0.1, min_rows_to_compress=50),
+                             EmbeddingOptimizer(kind="sgd"))
     ids = [torch.arange(1000), torch.arange(1000) % 400, torch.arange(1000) % 10]
     rows = module.rows_of(kjt(ids))
     a, b = H.draw(5, (3,))
@@ -87,7 +88,7 @@ def test_lookup_rows_are_the_universal_hash_of_each_field():
 
 
 def test_modulo_option():
-    module = Hashing(hash_function="modulo").build(TABLES, 8, Budget(compression_ratio=0.5), EmbeddingOptimizer())
+    module = solve_and_build(Hashing(hash_function="modulo"), TABLES, 8, Budget(compression_ratio=0.5), EmbeddingOptimizer())
     ids = [torch.arange(1000), torch.arange(1000) % 400, torch.arange(1000) % 10]
     rows = module.rows_of(kjt(ids))
     assert torch.equal(rows[:1000], ids[0] % int(module.buckets[0]))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from recbench.methods import hashing_fns as H
+from recbench.methods.blocks import hashing_fns as H
 
 
 def test_universal_matches_exact_integer_arithmetic_without_overflow():

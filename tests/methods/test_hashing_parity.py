@@ -17,12 +17,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.cli.job import instantiate_without
-from recbench.cli.train import CONFIG_DIR
-from recbench.methods import hashing_fns as H
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
+from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.hashing import GLOBAL_TABLE, GlobalHashingEmbedding, Hashing
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 8
 TABLES = [TableSpec("a", 1000), TableSpec("b", 400), TableSpec("c", 37), TableSpec("d", 3)]
@@ -46,7 +47,7 @@ def hetu_hash_embedding(ids_per_field, sizes, rows, weight):
 def global_module(ratio, hash_function="modulo", tables=TABLES, min_rows=0, optimizer=SGD):
     budget = Budget(compression_ratio=ratio, min_rows_to_compress=min_rows)
     method = Hashing(layout="global", hash_function=hash_function)
-    return method, method.solve(tables, DIM, budget), method.build(tables, DIM, budget, optimizer)
+    return method, method.solve(tables, DIM, budget).hparams, solve_and_build(method, tables, DIM, budget, optimizer)
 
 
 def test_global_modulo_equals_hetu_hash_embedding_on_fixed_weights():
@@ -146,7 +147,7 @@ def test_global_with_kept_fields_and_mean_bags_matches_its_deployable_form_and_t
 def test_global_infeasible_only_when_one_shared_row_exceeds_the_budget():
     with pytest.raises(InfeasibleBudget, match="one shared row"):
         Hashing(layout="global").solve([TableSpec("a", 100)], DIM, Budget(compression_ratio=0.001))
-    assert Hashing(layout="global").solve([TableSpec("a", 100)], DIM, Budget(compression_ratio=0.01))["global_rows"] == 1
+    assert Hashing(layout="global").solve([TableSpec("a", 100)], DIM, Budget(compression_ratio=0.01)).hparams["global_rows"] == 1
 
 
 def test_unknown_layout_is_rejected():

@@ -55,7 +55,7 @@ def test_fbgemm_bounds_check_is_off_in_production_and_named_by_the_environment(m
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import BoundsCheckMode
 
     from recbench.methods.full import FullEmbedding
-    from recbench.methods.tables import BOUNDS_CHECK_VARIABLE
+    from recbench.methods.blocks.tables import BOUNDS_CHECK_VARIABLE
     from recbench.types import EmbeddingOptimizer
 
     def modes():

@@ -7,13 +7,14 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import bit_packing
+from recbench.methods.blocks import bit_packing
 from recbench.methods.alpt import ALPT
 from recbench.methods.base import InfeasibleBudget
-from recbench.methods.low_precision import LowPrecisionEmbedding, counter_uniform, quantize, stochastic_round
+from recbench.methods.families.low_precision import LowPrecisionEmbedding, counter_uniform, quantize, stochastic_round
 from recbench.methods.lpt import LPT
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 TABLES = [TableSpec("a", 1000), TableSpec("b", 60, pooling="mean", multi_hot=True)]
@@ -183,7 +184,7 @@ def test_alpt_rows_are_rounded_with_the_updated_step_size():
 
 def test_lpt_budget_mixes_int16_and_int8_and_stops_at_int8():
     tables = [TableSpec("a", 5000), TableSpec("b", 1200), TableSpec("c", 30)]
-    hp = LPT().solve(tables, DIM, Budget(compression_ratio=0.5))
+    hp = LPT().solve(tables, DIM, Budget(compression_ratio=0.5)).hparams
     assert set(hp["bits"].values()) == {16, 8}
     ratio = LPT().memory(tables, DIM, hp).compression_ratio
     assert 0.45 <= ratio <= 0.5
@@ -195,12 +196,12 @@ def test_lpt_budget_mixes_int16_and_int8_and_stops_at_int8():
 def test_alpt_bytes_count_int4_two_per_byte_and_the_step_sizes():
     tables = [TableSpec("a", 5000), TableSpec("b", 1200)]
     per_row = ALPT(bits=4, granularity="row")
-    hp = per_row.solve(tables, DIM, Budget(compression_ratio=0.19))
+    hp = per_row.solve(tables, DIM, Budget(compression_ratio=0.19)).hparams
     assert per_row.memory(tables, DIM, hp).inference_bytes == 6200 * (DIM // 2 + 4)
     per_field = ALPT(bits=4, granularity="field")
-    hp = per_field.solve(tables, DIM, Budget(compression_ratio=0.13))
+    hp = per_field.solve(tables, DIM, Budget(compression_ratio=0.13)).hparams
     assert per_field.memory(tables, DIM, hp).inference_bytes == 6200 * DIM // 2 + 2 * 4
-    module = per_field.build(tables, DIM, Budget(compression_ratio=0.13), SGD)
+    module = solve_and_build(per_field, tables, DIM, Budget(compression_ratio=0.13), SGD)
     assert module.memory_report().inference_bytes == 6200 * DIM // 2 + 2 * 4
 
 

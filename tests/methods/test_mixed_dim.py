@@ -9,6 +9,7 @@ from test_contract import random_kjt, zipf_counts  # tests/methods is on sys.pat
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.mixed_dim import MixedDim, block_popularity, raw_dims, round_dims
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 DIM = 16
 
@@ -41,7 +42,7 @@ def test_lands_under_the_budget_and_floor_is_width_one():
     method = MixedDim()
     floor = method.memory(tables, DIM, method.hparams_at(tables, DIM, method.popularities(tables, Budget()), 1.0))
     for ratio in (0.8, 0.5, 0.2, 0.1):
-        hp = method.solve(tables, DIM, Budget(compression_ratio=ratio))
+        hp = method.solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         achieved = method.memory(tables, DIM, hp).inference_bytes / full
         assert floor.compression_ratio <= achieved <= ratio and 0 < hp["alpha"] <= 1
         sizes = {t.name: t.num_embeddings for t in tables}
@@ -53,13 +54,13 @@ def test_lands_under_the_budget_and_floor_is_width_one():
     with pytest.raises(InfeasibleBudget, match="reachable range") as exc:
         method.solve(tables, DIM, Budget(compression_ratio=0.01))
     assert exc.value.min_ratio == pytest.approx(floor.compression_ratio)
-    assert method.solve(tables, DIM, Budget(compression_ratio=1.0))["dims"]["f0"] == [DIM]
+    assert method.solve(tables, DIM, Budget(compression_ratio=1.0)).hparams["dims"]["f0"] == [DIM]
 
 
 def test_previous_behaviour_option_multiple_of_4():
     tables = specs()
     method = MixedDim(rounding="multiple_of_4", min_dim=4, popularity="counts")
-    hp = method.solve(tables, DIM, Budget(compression_ratio=0.5))
+    hp = method.solve(tables, DIM, Budget(compression_ratio=0.5)).hparams
     assert all(d % 4 == 0 and 4 <= d <= DIM for ds in hp["dims"].values() for d in ds)
     with pytest.raises(InfeasibleBudget):
         method.solve(tables, DIM, Budget(compression_ratio=0.2))  # widths >= 4 of 16: ratio >= 0.25
@@ -69,7 +70,7 @@ def test_frequency_blocks_follow_counts_not_ids():
     tables = specs()
     method = MixedDim(blocks_per_field=4, popularity="counts")
     torch.manual_seed(0)
-    module = method.build(tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer(kind="sgd")).eval()
+    module = solve_and_build(method, tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer(kind="sgd")).eval()
     t = tables[0]
     dims = module.hparams["dims"][t.name]
     assert len(dims) == 4 and dims == sorted(dims, reverse=True) and dims[0] > dims[-1]
@@ -94,8 +95,8 @@ def test_narrow_widths_use_plain_tables_and_memory_is_measured(kind):
     tables = specs()
     method = MixedDim()
     budget = Budget(compression_ratio=0.1)
-    hp = method.solve(tables, DIM, budget)
-    module = method.build(tables, DIM, budget, EmbeddingOptimizer(kind=kind))
+    hp = method.solve(tables, DIM, budget).hparams
+    module = solve_and_build(method, tables, DIM, budget, EmbeddingOptimizer(kind=kind))
     narrow = [f"{n}/b0" for n, ds in hp["dims"].items() if ds[0] % 4]
     assert narrow and sorted(p.name for p in module.plain.physical) == sorted(narrow)
     assert all(p.dim % 4 == 0 for p in module.fused.physical)
@@ -120,7 +121,7 @@ def test_bad_values_name_key_and_allowed_values():
 
 
 def test_fixed_alpha():
-    hp = MixedDim(alpha=0.5).solve([TableSpec("x", 1000), TableSpec("y", 50)], DIM, Budget())
+    hp = MixedDim(alpha=0.5).solve([TableSpec("x", 1000), TableSpec("y", 50)], DIM, Budget()).hparams
     assert hp["dims"] == {"x": [4], "y": [DIM]}  # 16 * (50 / 1000) ** 0.5 = 3.58 -> 4 -> 4
     with pytest.raises(InfeasibleBudget, match="alpha=0.5"):
         MixedDim(alpha=0.5).solve([TableSpec("x", 1000), TableSpec("y", 50)], DIM, Budget(compression_ratio=0.1))

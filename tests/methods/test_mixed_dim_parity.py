@@ -17,6 +17,7 @@ import torch
 from recbench.methods.mixed_dim import MixedDim
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from solve_build import solve_and_build
 
 DIM = 16
 
@@ -92,7 +93,7 @@ def test_widths_equal_dlrm_md_solver(sizes, alpha):
 def test_alpha_bisection_equals_hetu(sizes, rate):
     tables = [TableSpec(f"f{i}", n) for i, n in enumerate(sizes)]
     left, right, chosen, memory = hetu_search(sizes, DIM, rate)
-    hp = MixedDim().solve(tables, DIM, Budget(compression_ratio=rate))
+    hp = MixedDim().solve(tables, DIM, Budget(compression_ratio=rate)).hparams
     assert hp["alpha"] == right  # the feasible end of Hetu's final bracket
     assert [hp["dims"][t.name][0] for t in tables] == hetu_dims(sizes, right, DIM).tolist()
     if chosen == left:  # Hetu keeps `left` when its table bytes alone fit; with projections it exceeds the budget
@@ -102,7 +103,7 @@ def test_alpha_bisection_equals_hetu(sizes, rate):
 def test_forward_equals_lookup_then_projection():
     tables = [TableSpec("a", 3), TableSpec("b", 40), TableSpec("c", 900), TableSpec("d", 5000),
               TableSpec("bag", 300, pooling="mean", multi_hot=True)]
-    module = MixedDim().build(tables, DIM, Budget(compression_ratio=0.12), EmbeddingOptimizer(kind="sgd")).eval()
+    module = solve_and_build(MixedDim(), tables, DIM, Budget(compression_ratio=0.12), EmbeddingOptimizer(kind="sgd")).eval()
     dims = {t.name: module.hparams["dims"][t.name][0] for t in tables}
     assert min(dims.values()) < 4 and max(dims.values()) == DIM  # both lookup paths are exercised
     gen = torch.Generator().manual_seed(0)

@@ -7,14 +7,15 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import row_subset
+from recbench.methods.blocks import row_subset
 from recbench.methods.base import Hook
-from recbench.methods.evolutionary import evolutionary_search
+from recbench.methods.blocks.evolutionary import evolutionary_search
 from recbench.methods.optembed import LongTailStep, OptEmbed, OptEmbedRetrain, OptEmbedSupernet
 from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 DIM = 8
 
@@ -42,20 +43,20 @@ def test_long_tail_straight_through_gradient():
 
 def test_threshold_gets_task_and_regulariser_gradients():
     tabs = tables()
-    module = OptEmbed(threshold_regularization=0.0).build(tabs, DIM, Budget(0.5))
+    module = solve_and_build(OptEmbed(threshold_regularization=0.0), tabs, DIM, Budget(0.5))
     module.train()
     with torch.no_grad():
         module.thresholds.copy_(module.row_scores()[[0, 200, 260]] + module.thresholds - 0.05)  # near the margin
     (module(one_hot(tabs, 64, np.random.default_rng(0))).values() ** 2).sum().backward()
     assert (module.thresholds.grad != 0).any()  # through the straight-through estimator only
-    regularised = OptEmbed(threshold_regularization=1e-2).build(tabs, DIM, Budget(0.5))
+    regularised = solve_and_build(OptEmbed(threshold_regularization=1e-2), tabs, DIM, Budget(0.5))
     regularised.extra_loss().backward()
     assert torch.allclose(regularised.thresholds.grad, torch.full((3,), -1e-2))  # d/dt alpha exp(-t) at t=0
 
 
 def test_every_sub_dimension_is_sampled_per_sample_and_field():
     tabs = tables()
-    module = OptEmbed().build(tabs, DIM, Budget(0.5))
+    module = solve_and_build(OptEmbed(), tabs, DIM, Budget(0.5))
     with torch.no_grad():
         module.weight.fill_(1.0)
         module.thresholds.fill_(-1.0)  # every row kept
@@ -128,7 +129,7 @@ def test_toy_run_goes_through_all_stages_and_removes_rows(toy_dataset):
                       retrain_max_epochs=1, table_learning_rate=3e-2)
     spec, budget = toy_dataset.spec, Budget(compression_ratio=0.3)
     torch.manual_seed(0)
-    embedding = method.build(spec.tables, DIM, budget)
+    embedding = solve_and_build(method, spec.tables, DIM, budget)
     model = DLRM(embedding, spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
     config = TrainerConfig(max_epochs=1, batch_size=64, progress=False, latency_repeats=1)
     result = Trainer(config, model, method, toy_dataset, DenseOptimizer(), EmbeddingOptimizer()).fit()
@@ -150,7 +151,7 @@ def test_bad_settings_are_rejected():
         OptEmbed(dim_cap=32).solve(tables(), DIM, Budget(0.5))
     with pytest.raises(ValueError, match="top_k"):
         OptEmbed(top_k=0)
-    assert isinstance(OptEmbed().build(tables(), DIM, Budget(0.1)), OptEmbedSupernet)
+    assert isinstance(solve_and_build(OptEmbed(), tables(), DIM, Budget(0.1)), OptEmbedSupernet)
 
 
 class _Kill(OptEmbed):
@@ -178,7 +179,7 @@ class _Kill(OptEmbed):
 def _fit(dataset, method, path=None):
     spec = dataset.spec
     torch.manual_seed(0)
-    model = DLRM(method.build(spec.tables, DIM, Budget(0.3)), spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
+    model = DLRM(solve_and_build(method, spec.tables, DIM, Budget(0.3)), spec.num_dense, len(spec.tables), DIM, [16, DIM], [16, 1])
     config = TrainerConfig(max_epochs=1, batch_size=64, progress=False, latency_repeats=1)
     return Trainer(config, model, method, dataset, DenseOptimizer(), EmbeddingOptimizer(), checkpoint_path=path).fit()
 

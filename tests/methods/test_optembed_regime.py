@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recbench.methods.optembed import OptEmbed, OptEmbedRetrain
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 8
 DENSE_LR = 3e-3  # the MovieLens protocol's dense learning rate
@@ -64,7 +65,7 @@ def train_planted(seed, steps, **hparams):
     tables, batches, counts, rare = planted(seed, steps)
     torch.set_num_threads(1)  # tiny tensors: one thread (conftest restores the count)
     torch.manual_seed(seed)
-    module = OptEmbed(**hparams).build(tables, DIM, Budget(0.5))
+    module = solve_and_build(OptEmbed(**hparams), tables, DIM, Budget(0.5))
     model = Head(module, 2)
     optimizers = build_optimizers(model, module, DenseOptimizer(DENSE_LR), EmbeddingOptimizer())
     model.train()
@@ -112,7 +113,7 @@ def test_one_step_matches_the_reference_optimizers():
     table: torch Adam's first step with L2, e - lr * g' / (|g'| + eps), g' = g + wd * e on every
     row, untouched rows (g = 0) included."""
     tables = [TableSpec("a", 50, np.ones(50, dtype=np.int64)), TableSpec("b", 30, np.ones(30, dtype=np.int64))]
-    module = OptEmbed(threshold_learning_rate=1e-2, table_weight_decay=1e-2).build(tables, DIM, Budget(0.5))
+    module = solve_and_build(OptEmbed(threshold_learning_rate=1e-2, table_weight_decay=1e-2), tables, DIM, Budget(0.5))
     model = Head(module, 2)
     optimizers = build_optimizers(model, module, DenseOptimizer(DENSE_LR), EmbeddingOptimizer())
     assert set(optimizers) == {"dense", "dense_sgd"}
@@ -145,7 +146,7 @@ def test_initialisations():
     bounds = {"xavier": [math.sqrt(6 / (500 + DIM))] * 2, "hetu": [math.sqrt(1 / 400)] * 2,
               "dlrm": [1 / math.sqrt(400), 1 / math.sqrt(100)]}
     for init, (ba, bb) in bounds.items():
-        weight = OptEmbed(init=init).build(tables, DIM, Budget(0.5)).weight.detach()
+        weight = solve_and_build(OptEmbed(init=init), tables, DIM, Budget(0.5)).weight.detach()
         for part, bound in ((weight[:400], ba), (weight[400:], bb)):
             assert part.abs().max() <= bound and part.abs().max() > 0.95 * bound and abs(float(part.mean())) < 0.1 * bound
     reference = torch.empty(500, DIM)
@@ -167,9 +168,9 @@ def test_regimes_optimizers_and_memory(hparams, names):
               TableSpec("c", 5, rng.integers(0, 50, 5))]
     for budget, expected in ((Budget(0.5), names), (Budget(0.5, min_rows_to_compress=10), names | {"sparse"})):
         method = OptEmbed(**hparams)
-        module = method.build(tables, DIM, budget)
+        module = solve_and_build(method, tables, DIM, budget)
         assert set(build_optimizers(Head(module, 3), module, DenseOptimizer(), EmbeddingOptimizer())) == expected
-        closed = method.memory(tables, DIM, method.solve(tables, DIM, budget))
+        closed = method.memory(tables, DIM, method.solve(tables, DIM, budget).hparams)
         assert module.memory_report().training_bytes == closed.training_bytes
         keep = torch.zeros(module.num_rows, dtype=torch.bool)
         keep[::3] = True
@@ -182,8 +183,8 @@ def test_sparse_adam_decays_the_touched_rows_lazily():
     """table_optimizer=sparse_adam: the loss gains 0.5 * wd * ||e_x||^2 of each unique touched row
     (once per batch), as a row-sparse gradient; untouched rows get none."""
     tables = [TableSpec("a", 50, None), TableSpec("b", 30, None)]
-    module = OptEmbed(table_optimizer="sparse_adam", table_learning_rate=1e-3, table_weight_decay=0.1,
-                      threshold_regularization=0.0).build(tables, DIM, Budget(0.5))
+    module = solve_and_build(OptEmbed(table_optimizer="sparse_adam", table_learning_rate=1e-3, table_weight_decay=0.1,
+                             threshold_regularization=0.0), tables, DIM, Budget(0.5))
     module.train()
     ids = torch.tensor([4, 4, 9, 1, 1, 2])
     module(KeyedJaggedTensor(keys=["a", "b"], values=ids, lengths=torch.ones(6, dtype=torch.int32)))

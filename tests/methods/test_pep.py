@@ -15,6 +15,7 @@ from recbench.methods.pep import PEP, threshold_shape
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, TableSpec
 from test_pruning_methods import DIM, EMB, TABLES, trainer_for  # tests/methods is on sys.path
+from solve_build import solve_and_build
 
 ROWS = 680  # of TABLES
 REVISION_2 = dict(granularity="field_dim", threshold_learning_rate="auto", threshold_weight_decay=1e-2,
@@ -39,7 +40,7 @@ REFERENCE_SHAPES = {"feature_dim": (ROWS, DIM), "feature": (ROWS, 1), "field": (
 @pytest.mark.parametrize("granularity", sorted(REFERENCE_SHAPES))
 def test_soft_threshold_and_gradients_match_the_reference(granularity):
     torch.manual_seed(0)
-    module = PEP(granularity=granularity, threshold_init=-3.5).build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(PEP(granularity=granularity, threshold_init=-3.5), TABLES, DIM, Budget(compression_ratio=0.5))
     with torch.no_grad():
         module.threshold.add_(torch.randn_like(module.threshold) * 0.3)
     fields = torch.tensor([0, 0, 1, 2, 1, 2])
@@ -66,14 +67,14 @@ def test_defaults_are_the_references():
     table (train_ml-1m.py, utils/train.py); the thresholds are training-only bytes."""
     method = PEP()
     budget = Budget(compression_ratio=0.5)
-    module = method.build(TABLES, DIM, budget)
+    module = solve_and_build(method, TABLES, DIM, budget)
     assert module.threshold.shape == (ROWS, DIM) and float(module.threshold.detach().max()) == -15.0
     groups = {g.name: g for g in module.param_groups()}
     for name, params in (("thresholds", [module.threshold]), ("embedding", [module.weight])):
         group = groups[name]
         assert group.params == params and (group.kind, group.optimizer) == ("dense", "adam")
         assert (group.learning_rate, group.weight_decay) == (1e-3, 1e-5)
-    hp = method.solve(TABLES, DIM, budget)
+    hp = method.solve(TABLES, DIM, budget).hparams
     closed = method.memory(TABLES, DIM, hp)
     measured = module.memory_report()
     assert measured.training_bytes == closed.training_bytes and measured.inference_bytes == closed.inference_bytes
@@ -87,8 +88,8 @@ def test_defaults_are_the_references():
 def test_options_memory_equals_closed_form(options):
     method = PEP(**options)
     budget = Budget(compression_ratio=0.1)
-    module = method.build(TABLES, DIM, budget)
-    closed = method.memory(TABLES, DIM, method.solve(TABLES, DIM, budget))
+    module = solve_and_build(method, TABLES, DIM, budget)
+    closed = method.memory(TABLES, DIM, method.solve(TABLES, DIM, budget).hparams)
     measured = module.memory_report()
     assert (measured.training_bytes, measured.inference_bytes, measured.parameters) == \
         (closed.training_bytes, closed.inference_bytes, closed.parameters)
@@ -99,7 +100,7 @@ def test_sparse_adam_moves_only_the_touched_rows_with_their_coupled_decay():
     rows in the loss is Adam's coupled weight decay on exactly those rows."""
     torch.manual_seed(0)
     method = PEP(threshold_optimizer="sparse_adam", table_optimizer="sparse_adam", threshold_init=-3.0)
-    module = method.build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(method, TABLES, DIM, Budget(compression_ratio=0.5))
     module.train()
     opts = build_optimizers(module, module, DenseOptimizer(), EMB)
     before = {p: p.detach().clone() for p in (module.weight, module.threshold)}
@@ -144,7 +145,7 @@ def test_kept_entries_follow_row_frequency():
     weights = [rng.normal(0, 1, n) for n in sizes]
     tables = [TableSpec("u", sizes[0]), TableSpec("i", sizes[1])]
     method = PEP()
-    module = method.build(tables, DIM, Budget(compression_ratio=0.3))
+    module = solve_and_build(method, tables, DIM, Budget(compression_ratio=0.3))
     assert module.threshold.shape == (sum(sizes), DIM)  # per id and per dim
     model = nn.Sequential()
     head = nn.Linear(2 * DIM, 1)
@@ -170,7 +171,7 @@ def test_kept_entries_follow_row_frequency():
 
 
 def test_rewind_freezes_exactly_nnz_by_margin():
-    module = PEP(threshold_init=-3.0).build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(PEP(threshold_init=-3.0), TABLES, DIM, Budget(compression_ratio=0.5))
     initial = module.initial_weight.clone()
     with torch.no_grad():
         module.weight.mul_(3.0).add_(0.01)  # "trained"

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import bit_packing
+from recbench.methods.blocks import bit_packing
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.dpq import DPQ
 from recbench.methods.mgqe import MGQE
-from recbench.methods.product_quantization import HeadIndex, ProductQuantizedEmbedding, head_rows
+from recbench.methods.families.product_quantization import HeadIndex, ProductQuantizedEmbedding, head_rows
 from recbench.types import Budget, TableSpec
 
 DIM = 8
@@ -151,7 +151,7 @@ def test_budget_solves_parts_and_codewords_or_reports_the_range():
     t = [TableSpec("a", 20000, np.ones(20000, dtype=np.int64)), TableSpec("b", 3000, np.ones(3000, dtype=np.int64))]
     for method in (DPQ(), MGQE()):
         for ratio in (0.1, 0.05):
-            hp = method.solve(t, 16, Budget(compression_ratio=ratio))
+            hp = method.solve(t, 16, Budget(compression_ratio=ratio)).hparams
             achieved = method.memory(t, 16, hp).compression_ratio
             assert 0.9 * ratio <= achieved <= ratio and 16 % hp["parts"] == 0
         with pytest.raises(InfeasibleBudget) as info:
@@ -159,8 +159,8 @@ def test_budget_solves_parts_and_codewords_or_reports_the_range():
         assert info.value.min_ratio > 0.0005
         # a gap (code widths are whole bits): the pair with the most code bits under the budget,
         # below (1 - tolerance) x 0.01 (the job flags the run under_budget)
-        hp = method.solve(t, 16, Budget(compression_ratio=0.01))
+        hp = method.solve(t, 16, Budget(compression_ratio=0.01)).hparams
         assert 0.0084 <= method.memory(t, 16, hp).compression_ratio < 0.0086
     fixed = MGQE(codewords=256, tail_codewords=64)
-    hp = fixed.solve(t, 16, Budget(compression_ratio=0.04))  # only P is solved: P = 2 gives ratio 0.038
+    hp = fixed.solve(t, 16, Budget(compression_ratio=0.04)).hparams  # only P is solved: P = 2 gives ratio 0.038
     assert (hp["parts"], hp["codewords"], hp["tail_codewords"]) == (2, 256, 64)

@@ -1,6 +1,6 @@
 import torch
 
-from recbench.methods.projection import Projections, projection_bytes, projection_parameters
+from recbench.methods.blocks.projection import Projections, projection_bytes, projection_parameters
 
 
 def test_projection_shapes_identity_and_bytes():

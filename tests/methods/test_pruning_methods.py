@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import sparse_storage
+from recbench.methods.blocks import budget as budget_lib
+from recbench.methods.blocks import sparse_storage
 from recbench.methods.base import Hook
 from recbench.methods.deeplight import DeepLight, damped_sparsity, time_constant_for
 from recbench.methods.dsl import DSL, prune_fraction
@@ -16,6 +17,7 @@ from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 8
 EMB = EmbeddingOptimizer(learning_rate=0.1)
@@ -34,7 +36,7 @@ def kjt(rng, tables=TABLES, batch=64):
 
 def trainer_for(dataset, method, ratio, **cfg):
     torch.manual_seed(0)
-    emb = method.build(dataset.spec.tables, DIM, Budget(compression_ratio=ratio), EMB)
+    emb = solve_and_build(method, dataset.spec.tables, DIM, Budget(compression_ratio=ratio), EMB)
     model = DLRM(emb, dataset.spec.num_dense, len(dataset.spec.tables), DIM, [16, DIM], [16, 1])
     config = TrainerConfig(**{"max_epochs": 3, "batch_size": 64, "progress": False, "latency_repeats": 1,
                               "evals_per_epoch": 2, **cfg})
@@ -44,7 +46,7 @@ def trainer_for(dataset, method, ratio, **cfg):
 # ---------------------------------------------------------------- budget
 def test_target_nnz_counts_index_bytes():
     m = DSL()
-    hp = m.solve(TABLES, DIM, Budget(compression_ratio=0.1))
+    hp = m.solve(TABLES, DIM, Budget(compression_ratio=0.1)).hparams
     rows = 680
     target = int(0.1 * rows * DIM * 4)
     assert sparse_storage.stored_bytes(rows, DIM, hp["nnz"]) <= target < sparse_storage.stored_bytes(rows, DIM, hp["nnz"] + 1)
@@ -115,7 +117,7 @@ def test_dsl_prune_fraction_is_cosine_annealed():
 
 
 def test_dsl_prune_and_regrow_by_magnitude_and_gradient():
-    module = DSL().build(TABLES, DIM, Budget(compression_ratio=0.5))
+    module = solve_and_build(DSL(), TABLES, DIM, Budget(compression_ratio=0.5))
     nnz = module.nnz
     assert int(module.mask.sum()) == nnz and int(((module.weight != 0) & ~module.mask).sum()) == 0
     features = kjt(np.random.default_rng(0))
@@ -162,7 +164,7 @@ def test_dsl_density_is_constant_at_every_step_and_the_mask_moves(toy_dataset):
     moved = [int((a != b).sum()) for a, b in zip(masks, masks[1:])]
     assert sum(moved) > 0 and trainer.hooks[1].updates > 0
     assert moved[0] > moved[-1]  # the cosine-annealed fraction shrinks to zero
-    budget_bytes = Budget(compression_ratio=0.1).target_bytes(toy_dataset.spec.tables, DIM)
+    budget_bytes = budget_lib.target_bytes(toy_dataset.spec.tables, DIM, Budget(compression_ratio=0.1))
     assert module.memory_report().inference_bytes <= budget_bytes
     features = kjt(np.random.default_rng(1), toy_dataset.spec.tables)
     module.eval()

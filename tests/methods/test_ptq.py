@@ -9,6 +9,7 @@ from test_contract import random_kjt  # tests/methods is on sys.path
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.ptq import PTQ, row_bytes, table_bytes
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 DIM = 16
 
@@ -35,8 +36,8 @@ def test_quantized_bytes_values_and_error_bound(bits):
     method = PTQ(bits=bits)
     budget = Budget(compression_ratio=0.9, min_rows_to_compress=10)
     torch.manual_seed(0)
-    module = method.build(tables, DIM, budget, EmbeddingOptimizer(kind="sgd"))
-    hp = method.solve(tables, DIM, budget)
+    module = solve_and_build(method, tables, DIM, budget, EmbeddingOptimizer(kind="sgd"))
+    hp = method.solve(tables, DIM, budget).hparams
     assert hp["bits"]["tiny"] == 32 and hp["bits"]["big"] == bits
     deployable = module.to_inference()
     closed = method.memory(tables, DIM, hp)
@@ -63,7 +64,7 @@ def test_auto_mixes_precisions_to_land_the_budget():
     tables = specs()
     full = full_embedding_bytes(tables, DIM)
     for ratio in (1.0, 0.5, 0.3, 0.2, 0.13):
-        hp = PTQ().solve(tables, DIM, Budget(compression_ratio=ratio))
+        hp = PTQ().solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         achieved = PTQ().memory(tables, DIM, hp).inference_bytes / full
         assert 0.9 * ratio <= achieved <= ratio, (ratio, hp)
         assert len(set(hp["bits"].values())) <= 2  # one uniform level, some fields one level up
@@ -78,8 +79,8 @@ def test_fixed_bits_above_budget_is_infeasible():
 
 def test_training_form_is_full_and_reports_quantized_inference_bytes():
     tables = specs()
-    hp = PTQ().solve(tables, DIM, Budget(compression_ratio=0.3))
-    module = PTQ().build(tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer())
+    hp = PTQ().solve(tables, DIM, Budget(compression_ratio=0.3)).hparams
+    module = solve_and_build(PTQ(), tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer())
     report = module.memory_report()
     assert report == PTQ().memory(tables, DIM, hp, EmbeddingOptimizer())
     rows = sum(t.num_embeddings for t in tables)

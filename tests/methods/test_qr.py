@@ -10,6 +10,7 @@ from recbench.methods.base import InfeasibleBudget
 from recbench.methods.qr import QR, digits, radices, smallest_remainder_rows
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
 from test_contract import random_kjt  # the contract's KJT generator (tests/methods is on sys.path)
+from solve_build import solve_and_build
 
 DIM = 16
 OPT = EmbeddingOptimizer(kind="sgd", learning_rate=0.1)
@@ -53,7 +54,7 @@ def reference(module, table, ids, operation, k):
 def test_bags_pool_per_id_compositions(operation, k):
     tables = specs()
     torch.manual_seed(0)
-    module = QR(operation=operation, partitions=k).build(tables, DIM, Budget(compression_ratio=0.3), OPT).eval()
+    module = solve_and_build(QR(operation=operation, partitions=k), tables, DIM, Budget(compression_ratio=0.3), OPT).eval()
     features = kjt(tables, np.random.default_rng(0))
     with torch.no_grad():
         out = module(features).to_dict()
@@ -77,7 +78,7 @@ def test_mult_differs_from_pooling_first():
     """The DLRM reference pools each partition first: (sum q) * (sum r) != sum (q * r) for bags."""
     tables = [TableSpec("bag", 2000, pooling="sum", multi_hot=True)]
     torch.manual_seed(0)
-    module = QR().build(tables, DIM, Budget(compression_ratio=0.2), OPT).eval()
+    module = solve_and_build(QR(), tables, DIM, Budget(compression_ratio=0.2), OPT).eval()
     m = module.hparams["remainder_rows"]["bag"]
     ids = torch.tensor([3, 1500, 77])
     features = KeyedJaggedTensor(keys=["bag"], values=ids, lengths=torch.tensor([3], dtype=torch.int32))
@@ -93,7 +94,7 @@ def test_shared_collision_count_is_the_smallest_that_fits():
     tables = specs()
     full = full_embedding_bytes(tables, DIM)
     for ratio in (0.5, 0.2, 0.1):
-        hp = QR().solve(tables, DIM, Budget(compression_ratio=ratio))
+        hp = QR().solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         (c,) = set(hp["remainder_rows"].values())
         assert set(hp["remainder_rows"]) == {"big", "mid", "bag", "bagsum"}  # 5 rows never compose smaller
         assert QR().memory(tables, DIM, hp).inference_bytes <= ratio * full
@@ -111,7 +112,7 @@ def test_shared_collision_count_is_the_smallest_that_fits():
 
 def test_fixed_collision_count_and_over_budget():
     tables = specs()
-    hp = QR(remainder_rows=4).solve(tables, DIM, Budget(compression_ratio=0.5))
+    hp = QR(remainder_rows=4).solve(tables, DIM, Budget(compression_ratio=0.5)).hparams
     assert hp["remainder_rows"] == {"big": 4, "mid": 4, "bag": 4, "bagsum": 4}  # "tiny" (5 rows): 2 + 4 > 5
     with pytest.raises(InfeasibleBudget, match="remainder_rows=4"):
         QR(remainder_rows=4).solve(tables, DIM, Budget(compression_ratio=0.2))
@@ -122,7 +123,7 @@ def test_per_field_largest_lands_and_reports_reachable_range():
     full = full_embedding_bytes(tables, DIM)
     option = QR(partition="per_field_largest")
     for ratio in (0.5, 0.2, 0.1):
-        hp = option.solve(tables, DIM, Budget(compression_ratio=ratio))
+        hp = option.solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         achieved = option.memory(tables, DIM, hp).inference_bytes / full
         assert 0.9 * ratio <= achieved <= ratio
         assert "tiny" not in hp["remainder_rows"]  # QR of 5 rows is not smaller than the table
@@ -134,7 +135,7 @@ def test_per_field_largest_lands_and_reports_reachable_range():
                   for t in tables if t.name != "tiny") + 5
     assert info.value.min_ratio == pytest.approx(minimum / sum(t.num_embeddings for t in tables))
     concat = QR(operation="concat", partition="per_field_largest")
-    hp = concat.solve(tables, DIM, Budget(compression_ratio=0.05))
+    hp = concat.solve(tables, DIM, Budget(compression_ratio=0.05)).hparams
     assert concat.memory(tables, DIM, hp).compression_ratio <= 0.05
 
 
@@ -144,7 +145,7 @@ def test_initialisation(init):
     vectors have the plain init's variance 1/(3n)."""
     tables = [TableSpec("big", 3000), TableSpec("tiny", 5)]
     torch.manual_seed(0)
-    module = QR(init=init).build(tables, DIM, Budget(compression_ratio=0.3), OPT)
+    module = solve_and_build(QR(init=init), tables, DIM, Budget(compression_ratio=0.3), OPT)
     q, r = module.per_id.weight("big/p0").detach(), module.per_id.weight("big/p1").detach()
     tiny = module.pooled.weight("tiny").detach()
     if init == "uniform_largest_field":
@@ -167,7 +168,7 @@ def test_bad_values_name_the_key():
 
 def test_min_rows_to_compress_keeps_fields_plain():
     tables = specs()
-    hp = QR().solve(tables, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=600))
+    hp = QR().solve(tables, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=600)).hparams
     assert set(hp["remainder_rows"]) == {"big", "mid"}
 
 
@@ -179,7 +180,7 @@ def test_concat_needs_dim_multiple_of_4k():
 def test_fused_updates_and_optimizer_state_roundtrip():
     tables = specs()
     torch.manual_seed(0)
-    module = QR().build(tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer())
+    module = solve_and_build(QR(), tables, DIM, Budget(compression_ratio=0.3), EmbeddingOptimizer())
     module(kjt(tables, np.random.default_rng(1))).values().sum().backward()
     state = module.fused_optimizer().state_dict()
     module.fused_optimizer().load_state_dict(state)

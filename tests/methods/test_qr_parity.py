@@ -23,6 +23,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.qr import QR
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 OPT = EmbeddingOptimizer(kind="sgd", learning_rate=0.1)
@@ -66,7 +67,7 @@ def cafe_collisions(n, ratio):
 
 def solved_collisions(sizes, ratio):
     tables = [TableSpec(f"f{i}", n) for i, n in enumerate(sizes)]
-    (c,) = set(QR().solve(tables, DIM, Budget(compression_ratio=ratio))["remainder_rows"].values())
+    (c,) = set(QR().solve(tables, DIM, Budget(compression_ratio=ratio)).hparams["remainder_rows"].values())
     return c
 
 
@@ -74,7 +75,7 @@ def solved_collisions(sizes, ratio):
 def build(operation, tables):
     torch.manual_seed(0)
     method = QR(operation=operation, remainder_rows=COLLISIONS)
-    return method.build(tables, DIM, Budget(compression_ratio=1.0), OPT).eval()
+    return solve_and_build(method, tables, DIM, Budget(compression_ratio=1.0), OPT).eval()
 
 
 def partition_weights(module, operation, name):

@@ -2,10 +2,11 @@
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import hashing_fns as H
+from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.robe import Robe, RobeEmbedding
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 TABLES = [TableSpec("a", 500), TableSpec("b", 300, pooling="mean", multi_hot=True)]
@@ -55,10 +56,10 @@ def test_same_field_and_id_give_the_same_vector_fields_differ():
 
 
 def test_memory_is_the_array_and_budget_sets_its_size():
-    hp = Robe().solve(TABLES, DIM, Budget(compression_ratio=0.1))
+    hp = Robe().solve(TABLES, DIM, Budget(compression_ratio=0.1)).hparams
     full = (500 + 300) * DIM * 4
     assert hp["size"] == int(0.1 * full) // 4
-    built = Robe().build(TABLES, DIM, Budget(compression_ratio=0.1))
+    built = solve_and_build(Robe(), TABLES, DIM, Budget(compression_ratio=0.1))
     report = built.memory_report()
     assert report.inference_bytes == hp["size"] * 4 == built.array.numel() * 4
     assert report.training_bytes == 2 * hp["size"] * 4  # + Adagrad state of the same size
@@ -80,9 +81,9 @@ def test_array_gets_sparse_gradients_and_adagrad_updates_only_touched_values():
 
 
 def test_kept_fields_stay_full():
-    hp = Robe().solve(TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=400))
+    hp = Robe().solve(TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=400)).hparams
     assert hp["kept"] == ["b"]
-    built = Robe().build(TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=400))
+    built = solve_and_build(Robe(), TABLES, DIM, Budget(compression_ratio=0.5, min_rows_to_compress=400))
     out = built(kjt(torch.arange(5), torch.tensor([3, 4, 5, 6, 7]))).to_dict()["b"]
     assert torch.equal(out, built.kept_table.detach()[3:8])
     assert built.memory_report().inference_bytes == Robe().memory(TABLES, DIM, hp).inference_bytes

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recbench.methods import sparse_storage as ss
+from recbench.methods.blocks import sparse_storage as ss
 
 
 @pytest.mark.parametrize("max_value,width,dtype", [

@@ -10,14 +10,15 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from recbench.cli.job import ConfigError, settings_of
-from recbench.cli.train import CONFIG_DIR
-from recbench.methods import sparse_storage as ss
+from recbench.runs.settings import ConfigError, settings_of
+from recbench.runs.config import CONFIG_DIR
+from recbench.methods.blocks import sparse_storage as ss
 from recbench.methods.autosrh import AutoSrh
 from recbench.methods.deeplight import DeepLight
 from recbench.methods.dsl import DSL
 from recbench.methods.pep import PEP
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 
 def hetu_rule(rows: int, dim: int, ratio: Fraction):
@@ -133,9 +134,9 @@ def test_closed_form_equals_measured_under_both_rules(method, rule, ratio):
     budget's rule, with a kept field."""
     m = method()
     budget = Budget(compression_ratio=ratio, min_rows_to_compress=10, sparse_index=rule)
-    hp = m.solve(TABLES, DIM, budget)
+    hp = m.solve(TABLES, DIM, budget).hparams
     torch.manual_seed(0)
-    module = m.build(TABLES, DIM, budget, EmbeddingOptimizer())
+    module = solve_and_build(m, TABLES, DIM, budget, EmbeddingOptimizer())
     closed, measured = m.memory(TABLES, DIM, hp), module.memory_report()
     assert measured.inference_bytes == closed.inference_bytes
     assert measured.breakdown == closed.breakdown
@@ -154,6 +155,6 @@ def test_closed_form_equals_measured_under_both_rules(method, rule, ratio):
 
 def test_hetu_keeps_fewer_entries_for_every_pruning_method():
     for method in (DSL, PEP, DeepLight, AutoSrh):
-        compact = method().solve(TABLES, DIM, Budget(compression_ratio=0.1))["nnz"]
-        hetu = method().solve(TABLES, DIM, Budget(compression_ratio=0.1, sparse_index="hetu"))["nnz"]
+        compact = method().solve(TABLES, DIM, Budget(compression_ratio=0.1)).hparams["nnz"]
+        hetu = method().solve(TABLES, DIM, Budget(compression_ratio=0.1, sparse_index="hetu")).hparams["nnz"]
         assert hetu < compact

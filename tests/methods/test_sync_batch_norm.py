@@ -1,4 +1,4 @@
-"""The CPU synchronised batch norm (``recbench.methods.sync_batch_norm``) computed in one process
+"""The CPU synchronised batch norm (``recbench.methods.blocks.sync_batch_norm``) computed in one process
 equals ``nn.BatchNorm1d`` (outputs, input gradients, running statistics); weight-0 copies of a
 value are normalised but counted once. Its 2-rank use is checked by the dpq/mgqe scenarios of
 ``tests/training/test_distributed_batch_methods.py``."""
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from recbench.methods.sync_batch_norm import batch_norm, global_batch_norm
+from recbench.methods.blocks.sync_batch_norm import batch_norm, global_batch_norm
 
 
 def _reference(x: torch.Tensor, upstream: torch.Tensor):

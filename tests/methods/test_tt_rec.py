@@ -9,6 +9,7 @@ from test_contract import random_kjt  # tests/methods is on sys.path
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.tt_rec import TTCores, TTRec, core_parameters, dim_factors, row_factors
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec, full_embedding_bytes
+from solve_build import solve_and_build
 
 DIM = 16
 
@@ -56,7 +57,7 @@ def test_config_validation():
 def test_bags_pool_per_id_rows_and_inference_matches():
     tables = specs()
     torch.manual_seed(0)
-    module = TTRec().build(tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer(kind="sgd")).eval()
+    module = solve_and_build(TTRec(), tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer(kind="sgd")).eval()
     assert "tiny" not in module.cores and "big" in module.cores
     features = random_kjt(tables, 16, np.random.default_rng(0), max_bag=5)
     with torch.no_grad():
@@ -73,12 +74,12 @@ def test_rank_is_the_largest_that_fits():
     tables = specs()
     full = full_embedding_bytes(tables, DIM)
     for ratio in (0.5, 0.3, 0.2):
-        hp = TTRec().solve(tables, DIM, Budget(compression_ratio=ratio))
+        hp = TTRec().solve(tables, DIM, Budget(compression_ratio=ratio)).hparams
         assert TTRec().memory(tables, DIM, hp).inference_bytes / full <= ratio
         bigger = TTRec(rank=hp["rank"] + 1)
         with pytest.raises(InfeasibleBudget):
             bigger.solve(tables, DIM, Budget(compression_ratio=ratio))
-    hp = TTRec().solve(tables, DIM, Budget(compression_ratio=0.2))
+    hp = TTRec().solve(tables, DIM, Budget(compression_ratio=0.2)).hparams
     assert core_parameters(4000, DIM, hp["rank"]) < 4000 * DIM
     with pytest.raises(InfeasibleBudget, match="reachable range"):
         TTRec().solve(tables, DIM, Budget(compression_ratio=0.001))
@@ -87,7 +88,7 @@ def test_rank_is_the_largest_that_fits():
 def test_cores_are_dense_adam_parameters_and_memory_matches():
     tables = specs()
     method = TTRec()
-    hp = method.solve(tables, DIM, Budget(compression_ratio=0.2))
-    module = method.build(tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer())
+    hp = method.solve(tables, DIM, Budget(compression_ratio=0.2)).hparams
+    module = solve_and_build(method, tables, DIM, Budget(compression_ratio=0.2), EmbeddingOptimizer())
     assert [g.name for g in module.param_groups()] == ["tt_cores"]
     assert module.memory_report() == method.memory(tables, DIM, hp, EmbeddingOptimizer())

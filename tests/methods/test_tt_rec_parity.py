@@ -127,7 +127,7 @@ def test_rank_is_hetus_largest_rank_within_the_target():
         return total
 
     expected = max(r for r in range(1, 1000) if hetu_memory(r) <= target)
-    hp = TTRec().solve(tables, dim, budget)
+    hp = TTRec().solve(tables, dim, budget).hparams
     assert hp["rank"] == expected and hp["init"] == "hetu"
     assert TTRec().memory(tables, dim, hp).inference_bytes == 4 * hetu_memory(expected)
     assert TTRec().memory(tables, dim, hp).inference_bytes <= 0.1 * full_embedding_bytes(tables, dim)

@@ -3,9 +3,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import hashing_fns as H
+from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.unified import SHARED, Unified
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 DIM = 16
 TABLES = [TableSpec("a", 3000), TableSpec("b", 2000, pooling="mean", multi_hot=True), TableSpec("small", 12)]
@@ -18,12 +19,12 @@ def kjt(ids, lengths=None):
 
 def build(ratio=0.1, probes=2, min_rows=0, seed=0):
     torch.manual_seed(0)
-    return Unified(probes=probes, hash_seed=seed).build(
+    return solve_and_build(Unified(probes=probes, hash_seed=seed), 
         TABLES, DIM, Budget(compression_ratio=ratio, min_rows_to_compress=min_rows), EmbeddingOptimizer(kind="sgd"))
 
 
 def test_budget_charges_the_shared_table_and_kept_fields():
-    hp = Unified(probes=4).solve(TABLES, DIM, Budget(compression_ratio=0.1, min_rows_to_compress=100))
+    hp = Unified(probes=4).solve(TABLES, DIM, Budget(compression_ratio=0.1, min_rows_to_compress=100)).hparams
     memory = Unified(probes=4).memory(TABLES, DIM, hp)
     assert hp["kept"] == ["small"]
     assert memory.inference_bytes == hp["rows"] * (DIM // 4) * 4 + 12 * DIM * 4

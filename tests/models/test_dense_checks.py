@@ -13,6 +13,7 @@ from recbench.models.common import NonFiniteDense
 from recbench.models.dcn import DCNv2
 from recbench.models.dlrm import DLRM
 from recbench.types import Budget, EmbeddingOptimizer, TableSpec
+from solve_build import solve_and_build
 
 TABLES = [TableSpec("a", 10), TableSpec("b", 7)]
 
@@ -23,7 +24,7 @@ def batch(size=4):
 
 
 def model(kind, num_dense=3):
-    embedding = Full().build(TABLES, 8, Budget(), EmbeddingOptimizer(learning_rate=0.1))
+    embedding = solve_and_build(Full(), TABLES, 8, Budget(), EmbeddingOptimizer(learning_rate=0.1))
     if kind == "dlrm":
         return DLRM(embedding, num_dense, len(TABLES), 8, [16, 8], [16, 1])
     return DCNv2(embedding, num_dense, len(TABLES), 8, [16, 8], [16, 1], cross_layers=1, cross_rank=4)

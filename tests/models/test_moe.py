@@ -13,14 +13,16 @@ from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.cli.job import instantiate_without, run_job
-from recbench.cli.train import CONFIG_DIR
+from recbench.runs.job import run_job
+from recbench.runs.settings import instantiate_without
+from recbench.runs.config import CONFIG_DIR
 from recbench.datasets.batching import BatchIterator
 from recbench.models.moe import DCNMoE, DLRMMoE, ExpertBank, MixtureOfExpertsArch
 from recbench.methods.full import Full
 from recbench.tracking.base import InMemoryTracker
-from recbench.training.tasks import regression_target, training_loss
+from recbench.models.tasks import regression_target, training_loss
 from recbench.types import Budget, TableSpec
+from solve_build import solve_and_build
 
 GATES = sorted(p.stem for p in (Path(CONFIG_DIR) / "gate").glob("*.yaml"))
 FIELDS = ["user", "item"]
@@ -77,8 +79,8 @@ def test_sparse_training_path_has_the_dense_gradients():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     comet = MixtureOfExpertsArch(10, gate_factory("comet", "gate.input=over_arch"), 6, [8], ["click"])
     assert not comet.sparse_training  # soft routing in training: all experts computed
-    searched = MixtureOfExpertsArch(10, gate_factory("topk", "gate.input=over_arch", "gate.local_search=true",
-                                                     "gate.local_search_steps=2"),
+    searched = MixtureOfExpertsArch(10, gate_factory("topk", "gate.input=over_arch", "gate.local_search.enabled=true",
+                                                     "gate.local_search.steps=2"),
                                     6, [8], ["click"]).train()
     flags = []
     for _ in range(3):
@@ -100,7 +102,7 @@ def test_expert_bank_matches_independent_linear_towers():
 
 def full_embedding(dim=8):
     tables = [TableSpec("user", 50, None), TableSpec("item", 50, None)]
-    return Full().build(tables, dim, Budget(compression_ratio=1.0))
+    return solve_and_build(Full(), tables, dim, Budget(compression_ratio=1.0))
 
 
 @pytest.mark.parametrize("cls", [DLRMMoE, DCNMoE])
@@ -202,9 +204,10 @@ def job_cfg(tmp_path, *overrides):
 
 
 def test_multi_task_job_with_a_compressed_embedding_and_local_search(tmp_path):
-    """``method=qr gate=comet gate.local_search=true``, click + rating, through run_job."""
+    """``method=qr gate=comet gate.local_search.enabled=true``, click + rating, through run_job."""
     cfg = job_cfg(tmp_path, "model=dcn_moe", "model.num_experts=4", "model.tasks=[click,rating]", "method=qr",
-                  "budget.compression_ratio=0.5", "gate=comet", "gate.local_search=true", "gate.local_search_steps=20")
+                  "budget.compression_ratio=0.5", "gate=comet", "gate.local_search.enabled=true",
+                  "gate.local_search.steps=20")
     tracker = InMemoryTracker()
     result = run_job(cfg, tracker)
     run = tracker.current
@@ -220,7 +223,7 @@ def test_multi_task_job_with_a_compressed_embedding_and_local_search(tmp_path):
     # the gate is part of the protocol tag: another gate is another leaderboard protocol
     other = job_cfg(tmp_path, "model=dcn_moe", "model.num_experts=4", "model.tasks=[click,rating]", "method=qr",
                     "budget.compression_ratio=0.5", "gate=topk")
-    from recbench.cli.job import protocol_tag
+    from recbench.runs.identity import protocol_tag
 
     resolved = [OmegaConf.to_container(c, resolve=True) for c in (cfg, other)]
     assert protocol_tag("p", resolved[0]) != protocol_tag("p", resolved[1])
@@ -235,7 +238,7 @@ def test_trainer_evaluates_every_task_over_the_whole_split(tmp_path):
 
     prepared = RatedToyProtocol().prepare(tmp_path)
     torch.manual_seed(0)
-    model = DLRMMoE(Full().build(list(prepared.spec.tables), 8, Budget(1.0)), 1, 2, 8, [8], [16, 1],
+    model = DLRMMoE(solve_and_build(Full(), list(prepared.spec.tables), 8, Budget(1.0)), 1, 2, 8, [8], [16, 1],
                     gate=gate_factory("topk"), num_experts=4, tasks=["click", "rating"])
     trainer = Trainer(TrainerConfig(max_steps=40, batch_size=64, progress=False, latency_repeats=1), model, Full(),
                       prepared, DenseOptimizer(0.01), EmbeddingOptimizer())

@@ -94,7 +94,7 @@ def assert_matches_one_process(reports, single, scenario: str, min_stages: int =
     import numpy as np
     import pytest
 
-    from recbench.training.distributed import _fingerprint
+    from recbench.training.sharding import fingerprint
 
     for report in reports:
         assert report["error"] is None, report.get("traceback")
@@ -118,11 +118,11 @@ def assert_matches_one_process(reports, single, scenario: str, min_stages: int =
             elif isinstance(value, float):
                 assert two[key] == pytest.approx(value, abs=1e-4), (index, key)
             else:
-                assert _fingerprint(two[key]) == _fingerprint(value), (index, key)
+                assert fingerprint(two[key]) == fingerprint(value), (index, key)
     for other in reports[1:]:  # every rank: bit-identical stage results
         for a, b in zip(reports[0]["stage_results"], other["stage_results"]):
-            assert _fingerprint({k: v for k, v in a.items() if k != "seconds"}) == \
-                _fingerprint({k: v for k, v in b.items() if k != "seconds"})
+            assert fingerprint({k: v for k, v in a.items() if k != "seconds"}) == \
+                fingerprint({k: v for k, v in b.items() if k != "seconds"})
 
 
 def run_ranks(data_root: Path, out: Path, scenarios, world_size: int = 2, timeout: float = 600):
@@ -174,7 +174,7 @@ def method_of(scenario: str):
 def model_of(method, dataset, seed: int = 0):
     torch.manual_seed(seed)
     budget = Budget() if isinstance(method, Full) else Budget(compression_ratio=0.5)
-    embedding = method.build(dataset.spec.tables, 8, budget, EMB)
+    embedding = method.build(dataset.spec.tables, 8, method.solve(dataset.spec.tables, 8, budget, EMB), EMB)
     return DLRM(embedding, dataset.spec.num_dense, len(dataset.spec.tables), 8, [16, 8], [16, 1])
 
 

@@ -22,8 +22,9 @@ from recbench.models.dlrm import DLRM
 from recbench.training import distributed
 from recbench.training.distributed import (DistributedSetupError, RankIterator, check_sharding_types,
                                            ProcessGroupParallel)
-from recbench.training.tasks import training_loss
+from recbench.models.tasks import training_loss
 from recbench.types import Budget, EmbeddingOptimizer
+from solve_build import solve_and_build
 
 REPO = Path(__file__).resolve().parents[2]
 EMB = EmbeddingOptimizer(learning_rate=0.1)
@@ -31,7 +32,7 @@ EMB = EmbeddingOptimizer(learning_rate=0.1)
 
 def _model(dataset, seed=0):
     torch.manual_seed(seed)
-    emb = Full().build(dataset.spec.tables, 8, Budget(), EMB)
+    emb = solve_and_build(Full(), dataset.spec.tables, 8, Budget(), EMB)
     return DLRM(emb, dataset.spec.num_dense, len(dataset.spec.tables), 8, [16, 8], [16, 1])
 
 

@@ -20,7 +20,7 @@ import torch
 
 import multistage_ranks
 from recbench.training import distributed
-from recbench.training.distributed import _fingerprint, _sparse_parameters
+from recbench.training.sharding import fingerprint, sparse_parameters
 
 SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "resumed_optembed", "diverging")
 
@@ -49,13 +49,13 @@ def test_a_run_stopped_in_its_last_stage_resumes_through_the_rebuild_chain(two_r
         for key in ("val/auc", "test/auc", "test/logloss"):
             assert resumed["metrics"][key] == pytest.approx(uninterrupted["metrics"][key], abs=1e-6), key
         assert [h["step"] for h in resumed["history"]] == [h["step"] for h in uninterrupted["history"]]
-        assert _fingerprint(resumed["stage_results"][1]["keep"]) == _fingerprint(uninterrupted["stage_results"][1]["keep"])
+        assert fingerprint(resumed["stage_results"][1]["keep"]) == fingerprint(uninterrupted["stage_results"][1]["keep"])
 
 
 def test_sparse_gradients_are_averaged_once_per_step_after_a_rebuild(two_ranks, toy_dataset):
     """AutoSrh's rebuild returns the same module: its sparse table must not get a second hook."""
     method = multistage_ranks.method_of("autosrh")
-    params = len(_sparse_parameters(multistage_ranks.model_of(method, toy_dataset)))
+    params = len(sparse_parameters(multistage_ranks.model_of(method, toy_dataset)))
     steps = sum(r["steps"] for r in two_ranks[0]["autosrh"]["stage_results"])
     train_stages = [s for s in method.stages() if s.kind == "train"]  # warmup, search, retrain
     assert params >= 1 and steps == len(train_stages) * multistage_ranks.CONFIG.max_steps

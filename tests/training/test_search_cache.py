@@ -20,6 +20,7 @@ from recbench.training.optim import DenseOptimizer
 from recbench.training.search_cache import SearchEvaluation, stored_bytes
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer
+from solve_build import solve_and_build
 
 DIM = 8
 
@@ -43,7 +44,7 @@ def _model(kind, embedding, spec):
 def _trainer(dataset, kind="dlrm", method=None, ratio=0.3, **config):
     method = method or OptEmbed()
     torch.manual_seed(0)
-    model = _model(kind, method.build(dataset.spec.tables, DIM, Budget(ratio, min_rows_to_compress=10)), dataset.spec)
+    model = _model(kind, solve_and_build(method, dataset.spec.tables, DIM, Budget(ratio, min_rows_to_compress=10)), dataset.spec)
     for p in model.parameters():  # a trained-looking state: thresholds and rows spread out
         with torch.no_grad():
             p.add_(torch.randn_like(p) * 0.05)

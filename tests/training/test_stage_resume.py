@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbench.methods.base import Hook
-from recbench.methods.per_id import PerIdEmbedding
+from recbench.methods.blocks.per_id import PerIdEmbedding
 from recbench.models.dlrm import DLRM
 from recbench.tracking.stage_artifacts import write_stage_result
 from recbench.training.checkpoint import load_checkpoint

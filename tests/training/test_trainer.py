@@ -10,6 +10,7 @@ from recbench.models.dlrm import DLRM
 from recbench.training.optim import DenseOptimizer
 from recbench.training.trainer import Trainer, TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, Stage
+from solve_build import solve_and_build
 
 EMB = EmbeddingOptimizer(learning_rate=0.1)
 
@@ -59,7 +60,7 @@ class TwoStage(Full):
 
 def _model(dataset, method, seed=0):
     torch.manual_seed(seed)
-    emb = method.build(dataset.spec.tables, 8, Budget(), EMB)
+    emb = solve_and_build(method, dataset.spec.tables, 8, Budget(), EMB)
     return DLRM(emb, dataset.spec.num_dense, len(dataset.spec.tables), 8, [16, 8], [16, 1])
 
 

@@ -11,11 +11,11 @@ Memory is measured from the tensors held: inference bytes are the state of ``to_
 (every persistent tensor of the deployable form at its dtype), training bytes the state of this
 module plus optimizer state — Adam (2 x) for dense parameters, Adagrad (1 x) for sparse ones
 (``recbench.training.optim``). Hash parameters are non-persistent buffers regenerated from the
-method's seed (``recbench.methods.hashing_fns``) and cost 0 bytes.
+method's seed (``recbench.methods.blocks.hashing_fns``) and cost 0 bytes.
 
 Shapes: features KJT (F keys, B bags each) -> KeyedTensor values (B, F * D).
 
-References: DESIGN.md section 3 ("Compression method", "Budget and memory").
+References: docs/architecture.md section 3 ("Compression method", "Budget and memory").
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ Quantized embedding rows of D values at b bits are row-aligned when D * b is a m
 Shapes: values (N,) int64 in [0, 2^bits) -> stream (ceil(N * bits / 8),) uint8;
 positions (...,) int64 -> values (...,) int64.
 
-References: DESIGN.md section 3 ("Budget and memory": codes and quantized rows at their stored width).
+References: docs/architecture.md section 3 ("Budget and memory": codes and quantized rows at their stored width).
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
-"""``python -m recbench.tracking.rehash``: re-tags recorded runs whose hashes the current code
+"""``python -m recbench.runs.rehash``: re-tags recorded runs whose hashes the current code
 computes differently from their ``config.yaml`` artifact, keeps the old values, is idempotent."""
 import yaml
 
-from recbench.cli.job import config_hash, group_hash
+from recbench.runs.identity import config_hash, group_hash
 from recbench.tracking.mlflow_tracker import MLflowTracker
-from recbench.tracking.rehash import main, rehash_runs
+from recbench.runs.rehash import main, rehash_runs
 
 
 def record(tmp_path, uri, name, resolved, tags):

@@ -26,8 +26,8 @@ from typing import Callable, Mapping
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import batch_part
-from recbench.methods.per_id import value_fields
+from recbench.methods.blocks import batch_part
+from recbench.methods.blocks.per_id import value_fields
 
 Callback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 

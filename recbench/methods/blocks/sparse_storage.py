@@ -41,7 +41,7 @@ under it.
 
 Shapes: weight (R, D), mask (R, D) bool; lookup: rows (N,) int64 -> (N, D) fp32.
 
-References: DESIGN.md section 3 ("Budget and memory": sparse-format indices of pruned tables count
+References: docs/architecture.md section 3 ("Budget and memory": sparse-format indices of pruned tables count
 against the budget); Saad, *Iterative Methods for Sparse Linear Systems* (2003), section 3.4 (CSR/COO);
 ``hetu`` rule: Hsword/Hetu tools/EmbeddingMemoryCompression ``methods/scheduler/switchinference.py``
 (format and density of pep, deeplight, autosrh), ``methods/scheduler/deeplight.py`` (``Pruner``),
@@ -55,7 +55,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from recbench.methods.budget import largest_integer_within
+from recbench.methods.blocks.budget import largest_integer_within
 from recbench.types import FP32_BYTES, check_sparse_index
 
 FORMATS = ("dense", "csr", "coo", "bitmap")

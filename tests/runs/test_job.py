@@ -6,33 +6,13 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from recbench.cli.job import command_with_threads, config_hash, format_result, run_job
+from recbench.runs.identity import config_hash
+from recbench.runs.job import command_with_threads, run_job
+from recbench.runs.result import format_result
 from recbench.tracking.base import FAILED, FINISHED, InMemoryTracker
-
-CONF = str(Path(__file__).resolve().parents[2] / "conf")
-TOY = {
-    "_target_": "toy_protocol.ToyProtocol",
-    "rows": 2000,
-    "protocol": {"batch_size": 64, "embedding_dim": 8, "bottom_mlp": [16, 8], "top_mlp": [16, 1],
-                 "dense_learning_rate": 0.001, "embedding_learning_rate": 0.1, "max_epochs": 2,
-                 "evals_per_epoch": 2, "patience": 3},
-}
-
-
-def toy_cfg(tmp_path, *overrides, tracking="memory"):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"tracking={tracking}", *overrides])
-    cfg = OmegaConf.to_container(cfg)
-    cfg["dataset"] = dict(TOY)
-    cfg["paths"] = {"data_root": str(tmp_path / "data"), "run_root": str(tmp_path / "runs")}
-    cfg["trainer"].update({"progress": False, "latency_repeats": 2})
-    if tracking == "mlflow":
-        cfg["tracking"].update({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")})
-    return OmegaConf.create(cfg)
-
+from toy_protocol import TOY, toy_cfg
 
 def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
     tracker = InMemoryTracker()
@@ -158,7 +138,7 @@ def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, key, valu
     (runs recorded before ``search_cache_mb`` existed landed in another protocol until this held)."""
     import copy
 
-    from recbench.cli.job import protocol_tag
+    from recbench.runs.identity import protocol_tag
 
     current = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
     changed, before = copy.deepcopy(current), copy.deepcopy(current)
@@ -173,7 +153,7 @@ def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, key, valu
 def test_a_method_revision_above_one_enters_the_config_hash(tmp_path, monkeypatch):
     """Runs finished by an older revision of a method are not "finished" for its current revision;
     revision 1 (every method until a fix changes its numbers) leaves hashes as they were."""
-    from recbench.cli.job import method_revision
+    from recbench.runs.identity import method_revision
     from recbench.methods.full import Full
 
     resolved = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
@@ -216,7 +196,7 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     ("trainer.batch_size=0", "trainer.batch_size must be an integer >= 1, got 0"),
 ])
 def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override, message):
-    from recbench.cli.job import ConfigError
+    from recbench.runs.settings import ConfigError
 
     tracker = InMemoryTracker()
     with pytest.raises(ConfigError, match=message):
@@ -306,7 +286,7 @@ def test_two_launches_of_one_job_give_one_run(tmp_path):
     cfg = toy_cfg(tmp_path, "seed=2", tracking="mlflow")
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text(OmegaConf.to_yaml(cfg))
-    script = ("import json; from omegaconf import OmegaConf; from recbench.cli.job import run_job; "
+    script = ("import json; from omegaconf import OmegaConf; from recbench.runs.job import run_job; "
               f"r = run_job(OmegaConf.load({str(cfg_file)!r})); print(json.dumps([r.status, r.run_id]))")
     # the data is prepared once first, so both processes reach the lock (the cache build has its own)
     run_job(OmegaConf.merge(cfg, {"seed": 3}))

@@ -1,24 +1,23 @@
 """The budget solver's shared pieces (pure functions).
 
-Each method's ``solve(tables, dim, budget)`` turns its ``auto`` hyperparameters into the best
+Each method's ``solve_hparams(tables, dim, budget)`` turns its ``auto`` hyperparameters into the best
 values whose closed-form inference bytes are at most ``budget.compression_ratio * full_bytes``
 (the target). A method whose knob is an integer (rows, rank, width) uses
 ``largest_integer_within``; a continuous knob (a temperature) uses ``bisect_continuous``; ``land``
 checks the result and raises ``InfeasibleBudget`` with the reachable range only when it exceeds
 the target, i.e. when nothing the method can build fits. A solution below
 ``(1 - budget.tolerance) * target`` is accepted: the job runs it at the ratio it reaches and tags
-the run ``under_budget=true`` (``under_budget``), as the reference artifacts run at the ratio they
+the run ``under_budget=true`` (``recbench.types.under_budget``), as the reference artifacts run at the ratio they
 reach. Fields with fewer rows than ``budget.min_rows_to_compress`` are left uncompressed and
 charged in full (``split_tables``).
 
-References: DESIGN.md section 3 ("Budget and memory").
+References: docs/architecture.md section 3 ("Budget and memory").
 """
 from __future__ import annotations
 
 from typing import Any, Callable, List, Sequence, Tuple
 
-from recbench.methods.base import InfeasibleBudget
-from recbench.types import FP32_BYTES, Budget, TableSpec, full_embedding_bytes
+from recbench.types import FP32_BYTES, Budget, InfeasibleBudget, TableSpec, full_embedding_bytes
 
 
 def split_tables(tables: Sequence[TableSpec], budget: Budget) -> Tuple[List[TableSpec], List[TableSpec]]:
@@ -87,11 +86,6 @@ def land(method: str, achieved_bytes: int, tables: Sequence[TableSpec], dim: int
         return
     raise InfeasibleBudget(method, budget.compression_ratio, min_bytes / full, max_bytes / full,
                            reason or f"the smallest solution has ratio {achieved_bytes / full:.4g}")
-
-
-def under_budget(achieved_ratio: float, budget: Budget) -> bool:
-    """Whether a solved ratio lands below ``(1 - tolerance)`` x the requested ratio (tag ``under_budget``)."""
-    return achieved_ratio < (1.0 - budget.tolerance) * budget.compression_ratio
 
 
 def check_auto(method: str, key: str, value: Any) -> None:

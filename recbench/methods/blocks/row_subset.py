@@ -19,8 +19,8 @@ with the highest-scoring pruned rows when the learned pruning removed more than 
 
 Shapes: rows (N,) int64 stacked indices -> (N, D) fp32 (zeros past a field's dim and for pruned rows).
 
-References: DESIGN.md section 3 ("remap tables ... count against the budget");
-``recbench.methods.sparse_storage`` (index widths).
+References: docs/architecture.md section 3 ("remap tables ... count against the budget");
+``recbench.methods.blocks.sparse_storage`` (index widths).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recbench.methods.sparse_storage import index_dtype, index_width
+from recbench.methods.blocks.sparse_storage import index_dtype, index_width
 from recbench.types import FP32_BYTES
 
 INT64_BYTES = 8

@@ -1,4 +1,6 @@
-"""Shared base of the element-wise pruning methods (``pep``, ``deeplight``, ``dsl``).
+"""Base of the pruning family: element-wise pruning of embedding tables.
+
+``PruningFamily`` is subclassed by ``pep``, ``deeplight`` and ``dsl``.
 
 Every compressed field's rows are stacked in one (R, D) fp32 ``weight`` (field f at rows
 ``row_offset[f] : row_offset[f] + n_f``) with a persistent bool ``mask`` buffer (R, D), so masks,
@@ -23,8 +25,8 @@ has reached the target, otherwise the ``nnz`` entries ranked highest by the meth
 
 Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D); weight/mask (R, D).
 
-References: DESIGN.md section 3 ("Budget and memory": sparse-format indices of pruned tables);
-``recbench.methods.sparse_storage``.
+References: docs/architecture.md section 3 ("Budget and memory": sparse-format indices of pruned tables);
+``recbench.methods.blocks.sparse_storage``.
 """
 from __future__ import annotations
 
@@ -36,11 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods import sparse_storage
+from recbench.methods.blocks import sparse_storage
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
-from recbench.methods.per_id import PerIdEmbedding
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, land, split_tables, target_bytes
+from recbench.methods.blocks.per_id import PerIdEmbedding
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -80,7 +82,7 @@ class PrunedEmbedding(PerIdEmbedding):
     """
 
     breakdown_name = "sparse_table"
-    #: the budget's charging rule of the sparse table (``Budget.sparse_index``; set by ``PruningMethod.build``)
+    #: the budget's charging rule of the sparse table (``Budget.sparse_index``; set by ``PruningFamily.build``)
     sparse_index = "compact"
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, kept: Sequence[str], nnz: int):
@@ -220,8 +222,8 @@ class MaskHook(Hook):
         return None
 
 
-class PruningMethod(CompressionMethod):
-    """Shared solve/memory of the pruning methods: ``nnz`` from the budget including index bytes.
+class PruningFamily(CompressionMethod):
+    """Base of the pruning family: shared solve/memory, ``nnz`` from the budget including index bytes.
 
     Subclasses set ``module_class`` and may add training-state bytes (``extra_state``) and dense
     parameters (``dense_parameters``) to the closed form.
@@ -230,7 +232,7 @@ class PruningMethod(CompressionMethod):
     table_backed = False
     module_class = PrunedEmbedding
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         if not compressed:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0,
@@ -284,9 +286,9 @@ class PruningMethod(CompressionMethod):
                        **{f"sparse_table/{k}": v for k, v in layout.breakdown.items()}},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> PrunedEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         module = self.module_class(tables, dim, hp)
         module.sparse_index = hp["sparse_index"]
         return module

@@ -1,4 +1,6 @@
-"""Differentiable product quantization of embedding rows, shared by ``dpq`` and ``mgqe``.
+"""Base of the product-quantization family: differentiable product quantization of embedding rows.
+
+``ProductQuantizationFamily`` is subclassed by ``dpq`` and ``mgqe``.
 
 References: Chen, Li & Sun, "Differentiable Product Quantization for End-to-End Embedding
 Compression", ICML 2020 (DPQ); Kang, Cheng, Chen, Yi, Lin, Hong & Chi, "Learning Multi-granular
@@ -34,7 +36,6 @@ Shapes: KJT (F keys, N values) -> U unique rows -> queries (U, P, d) -> logits (
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -43,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbench.methods import batch_part, bit_packing, sync_batch_norm
+from recbench.methods.blocks import batch_part, bit_packing, sync_batch_norm
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.budget import kept_bytes, largest_integer_within, split_tables, target_bytes
-from recbench.methods.per_id import PerIdEmbedding
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, largest_integer_within, split_tables, target_bytes
+from recbench.methods.blocks.per_id import PerIdEmbedding
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 ASSIGNMENTS = ("softmax", "vq")
 CODEBOOKS = ("shared", "per_field")
@@ -347,8 +348,8 @@ def _row_mean_squares(a: torch.Tensor, b: torch.Tensor, world: int, owned: Optio
 
 
 # ----------------------------------------------------------------------------- budget
-class ProductQuantizationMethod(CompressionMethod):
-    """Shared solver, closed-form memory and build of ``dpq`` and ``mgqe``."""
+class ProductQuantizationFamily(CompressionMethod):
+    """Base of the product-quantization family: shared solver, closed-form memory and build of ``dpq`` and ``mgqe``."""
 
     table_backed = False
     multi_granular = False
@@ -396,7 +397,7 @@ class ProductQuantizationMethod(CompressionMethod):
                 + bit_packing.packed_bytes((rows - head_count) * parts, bit_packing.bits_for(tail))
                 + group_map_bytes(rows) + books + fixed)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
         if not compressed:
             raise InfeasibleBudget(self.name, budget.compression_ratio, 1.0, 1.0, "every field is below min_rows_to_compress")
@@ -454,9 +455,9 @@ class ProductQuantizationMethod(CompressionMethod):
             breakdown={"codes_and_codebooks": inference - fixed, "kept": fixed},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> ProductQuantizedEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         compressed = [t for t in tables if t.name not in set(hp["kept"])]
         return ProductQuantizedEmbedding(tables, dim, hp["kept"], hp["parts"], hp["codewords"], hp["tail_codewords"],
                                          self.heads(compressed), self.assignment, self.codebooks,

@@ -1,6 +1,6 @@
-"""Low-precision training of embedding tables: integer rows only, updated with stochastic rounding.
+"""Base of the low-precision family: integer embedding rows only, updated with stochastic rounding.
 
-Shared by ``lpt`` (fixed step size) and ``alpt`` (learned step size).
+``LowPrecisionFamily`` is subclassed by ``lpt`` (fixed step size) and ``alpt`` (learned step size).
 
 References: Li, Guo, Hou, Zhang, Tang, Tang, Zhang & Li, "Adaptive Low-Precision Training for
 Embeddings in Click-Through Rate Prediction", AAAI 2023 (arXiv:2212.05735) — LPT and ALPT;
@@ -8,7 +8,7 @@ Esser et al., "Learned Step Size Quantization", ICLR 2020 (the step-size gradien
 Gupta et al., "Deep Learning with Limited Numerical Precision", ICML 2015 (stochastic rounding).
 
 Mechanism. Every compressed field f holds its rows only as b_f-bit signed integers
-q in [-2^(b-1), 2^(b-1) - 1], bit-packed (``recbench.methods.bit_packing``), plus a step size
+q in [-2^(b-1), 2^(b-1) - 1], bit-packed (``recbench.methods.blocks.bit_packing``), plus a step size
 Delta (one per field, or one per row). There is no fp32 master copy, in training or inference.
 Forward: the batch's unique rows are read and de-quantized, e = Delta * q, then pooled per bag
 (``per_id``). Backward (``LowPrecisionLookup``): the row-sparse gradient G (U, D) of the U
@@ -51,11 +51,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from recbench.methods import batch_part, bit_packing
+from recbench.methods.blocks import batch_part, bit_packing
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget, ParamGroup
-from recbench.methods.budget import kept_bytes, land, split_tables, target_bytes
-from recbench.methods.per_id import PerIdEmbedding, tensor_bytes
-from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
+from recbench.methods.blocks.budget import kept_bytes, land, split_tables, target_bytes
+from recbench.methods.blocks.per_id import PerIdEmbedding, tensor_bytes
+from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 GRANULARITIES = ("field", "row")
 #: ALPT's step-size gradient scale: "batch" = 1 / sqrt(B D Q_P) with B the batch's samples (Hetu's
@@ -432,8 +432,8 @@ class CommitRows(Hook):
         return None
 
 
-class LowPrecisionMethod(CompressionMethod):
-    """Shared solver, closed-form memory and build of ``lpt`` and ``alpt``.
+class LowPrecisionFamily(CompressionMethod):
+    """Base of the low-precision family: shared solver, closed-form memory and build of ``lpt`` and ``alpt``.
 
     Subclasses set ``name``, ``learnable`` and ``allowed_levels``.
     """
@@ -495,7 +495,7 @@ class LowPrecisionMethod(CompressionMethod):
         codes = sum(bit_packing.packed_bytes(rows * dim, b) for b, rows in rows_per_level.items())
         return codes + self._step_bytes(compressed) + kept_bytes([t for t in tables if t.name in set(kept)], dim)
 
-    def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
+    def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         for b in self.levels:
             bit_packing.row_bytes(dim, b)
         compressed, kept = split_tables(tables, budget)
@@ -547,9 +547,9 @@ class LowPrecisionMethod(CompressionMethod):
             breakdown={"integer_rows": inference - fixed, "kept": fixed},
         )
 
-    def build(self, tables: Sequence[TableSpec], dim: int, budget: Budget,
+    def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> LowPrecisionEmbedding:
-        hp = self.solve(tables, dim, budget)
+        hp = plan.hparams
         return LowPrecisionEmbedding(tables, dim, hp["bits"], hp["kept"], self.learnable, self.granularity,
                                      self.fixed_range, self.scale_learning_rate, optimizer, self.step_init,
                                      self.gradient_scale, self.scale_optimizer)

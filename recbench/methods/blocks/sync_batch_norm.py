@@ -20,7 +20,7 @@ In one process (``world`` 1) ``batch_norm`` is ``F.batch_norm`` itself.
 Shapes: x (N_r, C), weights (N_r,) -> (N_r, C).
 
 References: Ioffe & Szegedy, "Batch Normalization", ICML 2015; PyTorch ``SyncBatchNorm``
-(the same reduction, over CUDA ranks); ``recbench.methods.batch_part``.
+(the same reduction, over CUDA ranks); ``recbench.methods.blocks.batch_part``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recbench.methods import batch_part
+from recbench.methods.blocks import batch_part
 
 
 class _GlobalBatchNorm(torch.autograd.Function):

@@ -46,7 +46,7 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from recbench.methods import hashing_fns
+from recbench.methods.blocks import hashing_fns
 
 SLOT_BYTES = 12  # int32 key + fp32 score + int32 row
 

@@ -28,7 +28,7 @@ In one process (no ``placement``) all of them are the plain computation.
 Shapes: ``draw(n)`` -> (n, ...); ``per_row`` -> (rows, ...); ``concat_over_ranks``: (n_r, ...)
 per rank -> (sum_r n_r, ...); ``first_holder``: (U,) -> (U,) bool.
 
-References: DESIGN.md section 6 (distributed runs equal one process up to summation order);
+References: docs/architecture.md section 6 (distributed runs equal one process up to summation order);
 ``recbench.training.distributed``.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Recompute the ``config_hash`` and ``group_hash`` tags of recorded runs after the hash definition
-changed (``recbench.cli.job.NON_NUMERIC_KEYS`` gained a key that never changes the numbers).
+changed (``recbench.runs.identity.NON_NUMERIC_KEYS`` gained a key that never changes the numbers).
 
 A re-launched sweep recognises a finished job by its ``config_hash`` tag and the report groups a
 row's seeds by ``group_hash``: when the hash stops covering a key (e.g. ``dataset.raw_dir``, an
@@ -10,9 +10,9 @@ artifact, exactly what the job hashed), recomputes both hashes with the current 
 the tags that differ, keeping the old values in ``config_hash_before`` / ``group_hash_before``.
 Runs without the artifact are listed and left alone. It is idempotent; ``--dry-run`` only counts.
 
-    python -m recbench.tracking.rehash [--tracking-uri sqlite:///mlflow.db] [--dry-run]
+    python -m recbench.runs.rehash [--tracking-uri sqlite:///mlflow.db] [--dry-run]
 
-References: DESIGN.md section 5 (tags, sweep bookkeeping); ``recbench.cli.job.config_hash``.
+References: docs/architecture.md section 5 (tags, sweep bookkeeping); ``recbench.runs.identity.config_hash``.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def rehash_runs(tracking_uri: str, dry_run: bool = False) -> RehashSummary:
     differently from its ``config.yaml`` artifact; returns what it did."""
     from mlflow.tracking import MlflowClient
 
-    from recbench.cli.job import config_hash, group_hash
+    from recbench.runs.identity import config_hash, group_hash
     from recbench.tracking.mlflow_tracker import with_retries
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run otherwise
@@ -88,7 +88,7 @@ def rehash_runs(tracking_uri: str, dry_run: bool = False) -> RehashSummary:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recbench.tracking.rehash", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m recbench.runs.rehash", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
     parser.add_argument("--dry-run", action="store_true", help="count what would change, change nothing")
     args = parser.parse_args(argv)
