@@ -42,6 +42,7 @@ docs/architecture.md ("Sweeps"). The planner is ``recbench.runs.sweep_plan``, th
 """
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from contextlib import nullcontext
@@ -55,11 +56,19 @@ from recbench.runs.sweep_plan import _is_sweep, _search_path_overrides, build_pl
 from recbench.runs.sweep_launch import PeriodicExport, hydra_command, run_plan, summary
 
 
+def _job_count(value: str) -> int:
+    """``--jobs``: a whole number (checked >= 1 in ``main``, with the same message)."""
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; allowed: 1 or more parallel jobs") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = OneLineParser(prog="recbench-sweep", description="run a sweep preset of conf/sweep/")
     parser.add_argument("words", nargs="*", metavar="preset [overrides ...]",
                         help="a conf/sweep/<preset>.yaml name, then extra Hydra overrides (win over the preset's grid)")
-    parser.add_argument("--jobs", type=int, default=None,
+    parser.add_argument("--jobs", type=_job_count, default=None,
                         help="parallel local jobs (joblib launcher when > 1; default: the preset's sweep_preset.jobs or 1)")
     parser.add_argument("--sweep-id", default=None, help="default: <preset>-<hash of preset and overrides>")
     parser.add_argument("--root", type=Path, default=Path("outputs/sweeps"), help="Hydra sweep folders")

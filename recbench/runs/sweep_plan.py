@@ -76,7 +76,14 @@ def _search_path_overrides(overrides: Sequence[str]) -> List[str]:
 
 
 def expand(params: Sequence[str], search_overrides: Sequence[str] = ()) -> List[List[str]]:
-    """Hydra's own expansion of a grid (BasicSweeper.split_arguments; ``glob`` over config groups)."""
+    """Hydra's own expansion of a grid (BasicSweeper.split_arguments; ``glob`` over config groups).
+
+    Hydra 1.3 has no public API that expands sweep overrides into jobs: the expansion lives in the
+    basic sweeper, and ``glob(...)`` needs a config loader that knows the search path to list a
+    group's options. Re-implementing it would make the planner's job list drift from what
+    ``recbench -m`` really launches, so this calls the same internal code the launcher runs
+    (hydra-core is pinned in pyproject.toml).
+    Imported here, not at module level: Hydra's internals load only when a sweep is planned."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra._internal.utils import create_config_search_path

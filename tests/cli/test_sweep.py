@@ -271,6 +271,16 @@ def test_a_job_count_below_one_is_refused_before_anything_runs(tmp_path, capsys,
     assert f"--jobs {jobs}: needs 1 or more parallel jobs" in capsys.readouterr().err and not list(tmp_path.iterdir())
 
 
+def test_a_job_count_that_is_not_a_number_is_one_line_naming_what_is_allowed(tmp_path, capsys):
+    from recbench.cli.sweep import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["smoke", "--jobs", "abc", "--root", str(tmp_path / "sweeps")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "'abc' is not a whole number; allowed: 1 or more" in err[0]
+    assert not list(tmp_path.iterdir())
+
+
 def _counts(text: str) -> dict:
     line = re.findall(r"this launch:.*", text)[-1]
     return {k: int(v) for v, k in [(m[1], m[0]) for m in re.findall(r"(finished|skipped|infeasible|failed) (\d+)", line)]}
