@@ -104,7 +104,7 @@ def init_store(uri: str):
 
     try:
         with store_lock(uri):  # MlflowClient may build the store (and its schema) on construction
-            client = MlflowClient(tracking_uri=uri)
+            client = with_retries(MlflowClient, tracking_uri=uri)  # its store checks the schema: may meet a lock
             with_retries(client.search_experiments, max_results=1)  # creates/migrates the schema once
     except OSError as exc:  # the store's folder is read-only, missing or full: before MLflow is reached
         raise StoreError(f"the MLflow store {sqlite_path(uri) or uri} cannot be used ({exc.strerror or exc}): check "

@@ -37,7 +37,7 @@ import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -144,6 +144,10 @@ class TrainResult:
     metrics: Dict[str, float]
     stage_results: List[Dict[str, Any]]
     history: List[Dict[str, float]]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _peak_rss_mb() -> float:
@@ -457,6 +461,8 @@ class Trainer:
                         progress["bad_evals"] += 1
                     bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{metrics['auc']:.4f}",
                                     best=f"{progress['best_auc']:.4f}")
+                    if bar.disable:  # no bar (a pipe, nohup, a cluster log, progress=false): one line per evaluation
+                        self._log_progress(stage, context, progress, max_steps, steps_per_epoch, metrics)
                     self._call_hooks("on_eval_end", context, metrics)
                     if stage.early_stopping and progress["bad_evals"] >= cfg.patience:
                         log.info("early stop at step %d (no val AUC gain in %d evals)", progress["global_step"], cfg.patience)
@@ -474,6 +480,20 @@ class Trainer:
         result = {"best_val_auc": progress["best_auc"], "steps": progress["stage_step"],
                   "epochs": progress["epoch"] + progress["batch"] / max(steps_per_epoch, 1)}
         return best_state, result
+
+    def _log_progress(self, stage: Stage, context: TrainContext, progress: Dict[str, Any], max_steps: int,
+                      steps_per_epoch: int, metrics: Mapping[str, float]) -> None:
+        """One line per evaluation when no progress bar shows: step, epoch, val AUC, the best, the
+        evaluations without gain, elapsed time, and the time left at most (the step cap; early
+        stopping can end the stage sooner, so no exact ETA is claimed)."""
+        done = progress["stage_step"]
+        elapsed = time.perf_counter() - self._stage_clock
+        left = elapsed / max(done, 1) * max(max_steps - done, 0)
+        patience = f" of {self.config.patience}" if stage.early_stopping else ""
+        log.info("%s:%s step %d/%d (epoch %.2f): val AUC %.4f, best %.4f (%d eval(s) without gain%s), %s elapsed, "
+                 "at most %s left", self.method.name, stage.name, done, max_steps,
+                 progress["epoch"] + progress["batch"] / max(steps_per_epoch, 1), metrics["auc"], progress["best_auc"],
+                 progress["bad_evals"], patience, _duration(elapsed), _duration(left))
 
     def _evaluate_start(self, stage: Stage, context: TrainContext, progress: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Validation of the model a stage starts from: its first checkpoint (``Stage.evaluate_at_start``)."""

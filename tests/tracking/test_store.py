@@ -46,3 +46,29 @@ def test_a_store_that_cannot_be_written_is_one_clear_error_without_retries(messa
     with pytest.raises(StoreError, match=r"the MLflow store cannot be used \(.*\): check that the store file"):
         with_retries(fail)
     assert calls == [1]
+
+
+def test_a_tracker_opened_while_another_process_holds_the_store_waits_for_it(tmp_path):
+    """A new process opening the store while another holds ``BEGIN EXCLUSIVE`` waits and then runs
+    (the probe's ``store_locked`` case; opening the store, MLflow's schema check included, is retried
+    on SQLite's lock like every other store call)."""
+    import subprocess
+    import sys
+    import time
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    MLflowTracker(uri, str(tmp_path / "a"))  # the store exists
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time; c = sqlite3.connect(sys.argv[1], isolation_level=None); "
+        "c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(8); c.execute('COMMIT')"),
+        str(tmp_path / "m.db")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    start = time.perf_counter()
+    opener = subprocess.run([sys.executable, "-c", (  # a new process: MLflow checks the schema on its first open
+        "import sys; from recbench.tracking.mlflow_tracker import MLflowTracker; "
+        "t = MLflowTracker(sys.argv[1], sys.argv[2]); print(t.start_run('toy', 'r', {}, {}))"),
+        uri, str(tmp_path / "a")], capture_output=True, text=True, timeout=120)
+    holder.wait(timeout=30)
+    assert opener.returncode == 0, opener.stderr[-2000:]
+    assert MLflowTracker(uri, str(tmp_path / "a")).has_run(opener.stdout.strip().splitlines()[-1])
+    assert time.perf_counter() - start > 2
