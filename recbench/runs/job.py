@@ -41,12 +41,13 @@ DEGENERATE_AUC_MARGIN = 0.01
 
 
 def configure_threads(cfg: DictConfig) -> int:
-    threads = cfg.trainer.get("num_threads") or _usable_cores()
+    threads = cfg.trainer.get("num_threads") or usable_cores()
     torch.set_num_threads(int(threads))
     return int(threads)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), the default torch thread count."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS

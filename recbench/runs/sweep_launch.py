@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from recbench.reporting.runs import load_mlflow_runs, save_records
+from recbench.runs.job import usable_cores
 from recbench.runs.sweep_plan import Grid, SweepPlan
 
 OUTCOMES = ("finished", "skipped", "infeasible", "failed")
@@ -67,13 +68,6 @@ class PeriodicExport:
         self._stop.set()
         self._thread.join()
         self.export()
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - macOS
-        return os.cpu_count() or 1
 
 
 def job_threads(jobs: int, overrides: Sequence[str] = ()) -> int:
