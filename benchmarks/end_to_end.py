@@ -65,7 +65,7 @@ def launch(preset: str, jobs: int, scratch: Path, extra: List[str], job_threads:
                RECBENCH_DATA_ROOT=str(root / "data"), RECBENCH_RUN_ROOT=str(root / "runs"), TQDM_DISABLE="1")
     env.pop("OMP_NUM_THREADS", None)
     if job_threads and jobs == 1:  # a sequential sweep keeps the user's choice; parallel ones get cores // jobs
-        extra = [*extra, f"trainer.num_threads={job_threads}"]
+        extra = [*extra, f"runtime.num_threads={job_threads}"]
     command = [str(Path(sys.executable).parent / "recbench-sweep"), preset, *extra, "--jobs", str(jobs),
                "--root", str(root / "sweeps"), "--sweep-id", f"bench-jobs{jobs}"]
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--leaderboard-methods", nargs="+", default=["hashing", "qr"],
                         help="methods of the leaderboard slice (ratio 0.1, seed 0; full is added as the reference)")
     parser.add_argument("--job-threads", type=int, default=1,
-                        help="trainer.num_threads of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
+                        help="runtime.num_threads of the 1-job sweep (default 1, as each of 2 parallel jobs gets on "
                              "2 cores; 0: the sweep's default, all cores)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary sweep folders")
     harness.add_common_arguments(parser, rounds=1, warmup=0)

@@ -29,13 +29,12 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from omegaconf import OmegaConf
 
 from recbench.bench import harness
 from recbench.bench.workloads import criteo_batches, criteo_like_tables
 from recbench.runs.settings import instantiate_without, settings_of
-from recbench.runs.config import CONFIG_DIR
 from recbench.datasets.batching import BatchIterator
 from recbench.methods.full import FullEmbedding
 from recbench.models.tasks import training_loss
@@ -45,8 +44,7 @@ from recbench.types import EmbeddingOptimizer
 
 def movielens_trainer(data_root: Path, overrides=()):
     """A Trainer (with optimizers) over a fresh full/DCNv2 model of the movielens100k protocol."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["method=full", "dataset=movielens100k", "tracking=memory", *overrides])
+    cfg = compose(["method=full", "dataset=movielens100k", "tracking=memory", *overrides])
     prepared = instantiate_without(cfg.dataset).prepare(Path(data_root))
     budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
     method = instantiate_without(cfg.method, drop=())

@@ -35,20 +35,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
 from recbench.bench import harness
 from recbench.runs.settings import instantiate_without, settings_of
-from recbench.runs.config import CONFIG_DIR
 from recbench.methods.blocks import row_subset
 from recbench.training.trainer import TrainContext, Trainer
 
 
 def optembed_trainer(data_root: Path, dataset: str, ratio: float, overrides=(), **method_settings):
     """A Trainer over a fresh OptEmbed supernet in the protocol's model (DCNv2 by default)."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["method=optembed", f"dataset={dataset}", "tracking=memory",
-                                           f"budget.compression_ratio={ratio}", *overrides])
+    cfg = compose(["method=optembed", f"dataset={dataset}", "tracking=memory",
+                   f"budget.compression_ratio={ratio}", *overrides])
     prepared = instantiate_without(cfg.dataset).prepare(Path(data_root))
     budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
     method = instantiate_without(cfg.method, drop=(), **method_settings)

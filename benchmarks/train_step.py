@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
 from recbench.bench import harness
 from recbench.bench.workloads import EmbeddingBagReference, criteo_batches, criteo_like_tables, dlrm, train_step
@@ -53,8 +53,7 @@ def registered_methods() -> List[str]:
 
 
 def method_object(name: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={name}"])
+    cfg = compose([f"method={name}"])
     return instantiate_without(cfg.method, drop=())
 
 

@@ -24,7 +24,7 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    """A test that runs a job in-process sets torch's thread count (``trainer.num_threads``); put it
+    """A test that runs a job in-process sets torch's thread count (``runtime.num_threads``); put it
     back so later tests of tiny tensors do not inherit it (two spinning OpenMP threads on a loaded
     2-core machine made a 0.2 s gate test take 45 s)."""
     import torch

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Dict
 
 import numpy as np
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from omegaconf import OmegaConf
 
 from recbench.datasets.base import DatasetProtocol
@@ -76,12 +76,12 @@ TOY = {
 
 
 def toy_cfg(tmp_path, *overrides, tracking="memory"):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=[f"tracking={tracking}", *overrides])
+    cfg = compose([f"tracking={tracking}", *overrides])
     cfg = OmegaConf.to_container(cfg)
     cfg["dataset"] = dict(TOY)
     cfg["paths"] = {"data_root": str(tmp_path / "data"), "run_root": str(tmp_path / "runs")}
-    cfg["trainer"].update({"progress": False, "latency_repeats": 2, "num_threads": cfg["trainer"].get("num_threads") or 2})
+    cfg["trainer"].update({"progress": False, "latency_repeats": 2})
+    cfg["runtime"]["num_threads"] = cfg["runtime"].get("num_threads") or 2
     if tracking == "mlflow":
         cfg["tracking"].update({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")})
     return OmegaConf.create(cfg)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 DATA = ["dataset=synthetic", "dataset.rows=20000"]
-TRAINER = ["trainer.num_threads=1", "trainer.progress=false", "trainer.latency_repeats=1"]
+TRAINER = ["runtime.num_threads=1", "trainer.progress=false", "trainer.latency_repeats=1"]
 #: a tiny job: a few steps, done in seconds
 BASE = DATA + TRAINER + ["method=hashing", "budget.compression_ratio=0.5", "trainer.max_steps=10"]
 #: a job long enough to be killed at a chosen point: 200 steps of 64 rows, a checkpoint every 25
@@ -38,7 +38,7 @@ LONG = DATA + TRAINER + ["method=hashing", "budget.compression_ratio=0.5", "trai
                          "trainer.max_steps=200", "trainer.patience=100", "trainer.checkpoint_every_steps=25"]
 #: the sweep every sweep case runs (3 jobs: hashing and qr at 0.5, plus the `full` reference)
 SWEEP = ["demo", "--jobs", "1", *DATA, "method=hashing,qr", "budget.compression_ratio=0.5",
-         "trainer.max_steps=10", "trainer.num_threads=1", "trainer.latency_repeats=1"]
+         "trainer.max_steps=10", "runtime.num_threads=1", "trainer.latency_repeats=1"]
 DEAD_PID = 999999
 PYTHON: List[Path] = []  # the venv's interpreter (set by main)
 LOG_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d ")
@@ -901,7 +901,7 @@ INPUTS: List[tuple] = [
     ("max_steps_-1", "recbench", ["trainer.max_steps=-1"], ["trainer.max_steps"], None),
     ("max_steps_-5", "recbench", ["trainer.max_steps=-5"], ["trainer.max_steps"], None),
     ("batch_size_text", "recbench", ["trainer.batch_size=big"], ["trainer.batch_size"], None),
-    ("num_threads_-1", "recbench", ["trainer.num_threads=-1"], ["trainer.num_threads"], None),
+    ("num_threads_-1", "recbench", ["runtime.num_threads=-1"], ["runtime.num_threads"], None),
     ("log_every_steps_0", "recbench", ["trainer.log_every_steps=0"], ["trainer.log_every_steps"], None),
     ("latency_repeats_0", "recbench", ["trainer.latency_repeats=0"], ["trainer.latency_repeats"], None),
     ("min_delta_nan", "recbench", ["trainer.min_delta=nan"], ["trainer.min_delta"], None),
@@ -921,8 +921,8 @@ INPUTS: List[tuple] = [
     ("topk_k_100", "recbench", MOE + ["gate=topk", "gate.k=100"], ["gate.k"], None),
     ("num_experts_0", "recbench", MOE + ["model.num_experts=0"], ["model.num_experts"], None),
     ("tasks_unknown", "recbench", MOE + ["model.tasks=[click,nosuch]"], ["model.tasks"], None),
-    ("sharding_row_wise_cpu", "recbench", ["trainer.sharding_types=[row_wise]"], ["row_wise"], None),
-    ("distributed_without_torchrun", "recbench", ["trainer.distributed=true"], ["torchrun"], None),
+    ("sharding_row_wise_cpu", "recbench", ["runtime.sharding_types=[row_wise]"], ["row_wise"], None),
+    ("distributed_without_torchrun", "recbench", ["runtime.distributed=true"], ["torchrun"], None),
     ("synthetic_rows_5", "recbench", ["dataset.rows=5"], ["rows"], None),
     ("synthetic_rows_10", "recbench", ["dataset.rows=10"], ["rows", "split"], None),
     ("synthetic_rows_text", "recbench", ["dataset.rows=abc"], ["rows"], None),

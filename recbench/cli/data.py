@@ -27,13 +27,12 @@ def dataset_names() -> List[str]:
 
 
 def compose_dataset(name: str, overrides: List[str]):
-    from hydra import compose, initialize_config_dir
+    from recbench.runs.config import compose
 
     names = dataset_names()
     if name not in names:
         raise SystemExit(f"recbench-data: unknown dataset {name!r}; allowed: {', '.join(names)} (conf/dataset/*.yaml)")
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=[f"dataset={name}", *overrides])
+    return compose([f"dataset={name}", *overrides])
 
 
 def main(argv: List[str] | None = None) -> int:

@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 
 from recbench.cli import OneLineParser
 from recbench.gates.settings import override_error
-from recbench.runs.config import compose, override_problem
+from recbench.runs.config import compose, moved_keys, override_problem
 from recbench.runs.sweep_plan import _is_sweep, _search_path_overrides, build_plan, check_plan, presets
 from recbench.runs.sweep_launch import PeriodicExport, hydra_command, run_plan, summary
 
@@ -88,6 +88,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.preset not in presets() and not _search_path_overrides(args.overrides):
         print(f"recbench-sweep: unknown preset {args.preset!r}; available: {', '.join(presets())}", file=sys.stderr)
         return 2
+    args.overrides, notes = moved_keys(args.overrides)
+    for note in notes:
+        print(f"recbench-sweep: note: {note}", file=sys.stderr)
     moved = override_error(args.overrides) or override_problem(args.overrides)
     if moved:
         print(f"recbench-sweep: {moved}", file=sys.stderr)

@@ -17,7 +17,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from recbench.gates.settings import override_error
-from recbench.runs.config import CONFIG_DIR, override_problem
+from recbench.runs.config import (CONFIG_DIR, composition_problem, moved_keys, override_problem,
+                                  register_method_schemas, search_dirs)
 
 
 
@@ -29,10 +30,18 @@ def main() -> int:
     """The ``recbench`` command: one job, or a multirun (``-m``) whose failed jobs make the exit
     status non-zero (counted from the sweep's ``outcome.json`` files by ``FailedJobs``)."""
     FailedJobs.counted = None
-    moved = override_error(sys.argv[1:]) or override_problem(sys.argv[1:])
+    sys.argv[1:], notes = moved_keys(sys.argv[1:])
+    for note in notes:
+        print(f"recbench: note: {note}", file=sys.stderr)
+    overrides = sys.argv[1:]
+    moved = override_error(overrides) or override_problem(overrides)
+    if not moved and all("=" in a and not a.startswith("-") for a in overrides):  # one job: compose it once first
+        moved = composition_problem(overrides)
     if moved:
         print(f"recbench: error: {moved}", file=sys.stderr)
         return EXIT_USAGE
+    if not {"-h", "--help", "--hydra-help"} & set(overrides):
+        register_method_schemas(search_dirs(overrides))  # the methods' structured configs (their YAML uses them)
     _hydra_main()
     if FailedJobs.counted:
         failed, total = FailedJobs.counted
@@ -75,7 +84,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     tags = {"overrides": " ".join(overrides), "command": shlex.join(["recbench", *overrides])}
     outcome = Path(hydra_cfg.runtime.output_dir) / "outcome.json"
     try:
-        with distributed.session(bool(cfg.trainer.get("distributed", False))) as parallel:
+        with distributed.session(bool(cfg.runtime.get("distributed", False))) as parallel:
             result = run_job(cfg, extra_tags=tags)
         if not parallel.is_main:  # rank 0 reports the run
             return float(result.metrics.get("val/auc", float("nan")))
@@ -99,7 +108,7 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Bad data or impossible settings: a one-line message, not a traceback."""
-    from recbench.runs.settings import ConfigError
+    from recbench.runs.config import ConfigError
     from recbench.datasets.errors import DatasetError
     from recbench.datasets.storage import CacheCorruptError
     from recbench.tracking.mlflow_tracker import StoreError

@@ -34,6 +34,7 @@ Shapes: KJT (F keys, B bags) -> ids rewritten to pool rows -> KeyedTensor (B, F 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -249,18 +250,29 @@ class ReallocationHook(Hook):
         return None
 
 
+@dataclass
+class AdaEmbedSettings:
+    """Hyperparameters of ``adaembed`` (defaults: the paper, Lai et al., OSDI 2023)."""
+
+    pool_rows: Any = "auto"  #: R, rows of the shared pool, solved from the budget (or a positive integer)
+    fallback: str = "zero"  #: zero: ids without a row read a zero vector (the paper) | shared: a trained row per field
+    reallocate_every: int = 100  #: steps between reallocations (the Hook)
+    decay: float = 0.8  #: importance x decay ...
+    decay_every: int = 100  #: ... every this many steps
+    normalize: str = "field_quantile"  #: field_quantile: score / the field's quantile (paper: EI / EI_95th) | none: raw scores
+    quantile: float = 0.95  #: the quantile of the field's positive scores that normalize=field_quantile divides by (in (0, 1])
+
+
 class AdaEmbed(CompressionMethod):
-    """Hyperparameters: ``pool_rows`` (auto), ``fallback``, ``reallocate_every``, ``decay``,
-    ``decay_every``, ``normalize``, ``quantile``."""
+    """AdaEmbed; hyperparameters: ``AdaEmbedSettings``."""
 
     name = "adaembed"
+    settings_class = AdaEmbedSettings
     table_backed = True
 
-    def __init__(self, name: Optional[str] = None, pool_rows: Any = "auto", fallback: str = "zero",
-                 reallocate_every: int = 100, decay: float = 0.8, decay_every: int = 100,
-                 normalize: str = "field_quantile", quantile: float = 0.95):
-        super().__init__(name, pool_rows=pool_rows, fallback=fallback, reallocate_every=reallocate_every, decay=decay,
-                         decay_every=decay_every, normalize=normalize, quantile=quantile)
+    def check_settings(self) -> None:
+        pool_rows, fallback, normalize = self.pool_rows, self.fallback, self.normalize
+        reallocate_every, decay, decay_every, quantile = self.reallocate_every, self.decay, self.decay_every, self.quantile
         if pool_rows != "auto" and not (isinstance(pool_rows, int) and pool_rows >= 1):
             raise ValueError(f"adaembed: pool_rows must be 'auto' or a positive integer, got {pool_rows!r}")
         if fallback not in FALLBACKS:
@@ -273,8 +285,8 @@ class AdaEmbed(CompressionMethod):
             raise ValueError(f"adaembed: decay must be in (0, 1], got {decay}")
         if not 0.0 < float(quantile) <= 1.0:
             raise ValueError(f"adaembed: quantile must be in (0, 1], got {quantile}")
-        self.pool_rows, self.fallback = pool_rows, fallback
         self.reallocate_every, self.decay, self.decay_every = int(reallocate_every), float(decay), int(decay_every)
+        #: None when normalize is none (raw scores)
         self.quantile = float(quantile) if normalize == "field_quantile" else None
 
     # ----- budget -----

@@ -26,25 +26,36 @@ Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, List
 
-from recbench.methods.families.low_precision import LowPrecisionFamily
+from recbench.methods.families.low_precision import LowPrecisionFamily, LowPrecisionSettings
+
+
+@dataclass
+class ALPTSettings(LowPrecisionSettings):
+    """Hyperparameters of ``alpt`` (defaults: Hsword/Hetu's alpt, commit a1cb1bca: per-row steps,
+    ``scale_lr`` 2e-5, ``init_scale`` 0.01, its step-gradient scale and Adam)."""
+
+    #: precisions `auto` may use (INT4 packs two values per byte, INT2 four)
+    levels: List[int] = field(default_factory=lambda: [16, 8, 4, 2])
+    granularity: str = "row"  #: row (one step size per embedding, as in the paper and Hetu) | field
+    scale_learning_rate: float = 2.0e-5  #: learning rate of the step sizes (Hetu's scale_lr)
+    #: initial step size (Hetu's init_scale) | lsq (2 mean|w| / sqrt(Q_P), recbench's earlier init); a number or lsq
+    step_init: Any = 0.01
+    #: batch: 1/sqrt(B D Q_P) (Hetu's scale_factor) | rows: 1/sqrt(N Q_P), N values sharing the step (earlier)
+    gradient_scale: str = "batch"
+    #: adam (the paper's; Hetu: the run's optimizer class, sparse Adam per row) | adagrad (earlier, per row only)
+    scale_optimizer: str = "adam"
 
 
 class ALPT(LowPrecisionFamily):
-    """Hyperparameters: ``bits`` (auto | 16 | 8 | 4 | 2), ``levels``, ``granularity`` (row | field),
-    ``scale_learning_rate`` (the step sizes' own learning rate), ``step_init`` (a number | lsq),
-    ``gradient_scale`` (batch | rows), ``scale_optimizer`` (adam | adagrad)."""
+    """Adaptive low-precision training; hyperparameters: ``ALPTSettings`` (``bits``: auto | 16 | 8 | 4 | 2)."""
 
     name = "alpt"
+    settings_class = ALPTSettings
     learnable = True
     allowed_levels = (16, 8, 4, 2)
     #: 3: Hetu's step-gradient scale 1/sqrt(B D Q_P), Adam on the step sizes and init_scale 0.01
     #: (methods/alpt.md, Deviations)
     revision = 3
-
-    def __init__(self, name: Optional[str] = None, bits: Any = "auto", levels: Sequence[int] = (16, 8, 4, 2),
-                 granularity: str = "row", scale_learning_rate: float = 2e-5, step_init: Any = 0.01,
-                 gradient_scale: str = "batch", scale_optimizer: str = "adam"):
-        super().__init__(name, bits, levels, granularity=granularity, scale_learning_rate=scale_learning_rate,
-                         step_init=step_init, gradient_scale=gradient_scale, scale_optimizer=scale_optimizer)

@@ -36,6 +36,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) * alpha (N, D) -> KeyedTensor (B, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,7 +46,8 @@ from torch import nn
 from recbench.datasets.batching import BatchIterator
 from recbench.methods.base import Hook, ParamGroup
 from recbench.methods.mixed_dim import frequency_order
-from recbench.methods.families.pruning import MaskHook, PrunedEmbedding, PruningFamily, pruning_stage_result, top_k_mask
+from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, PruningSettings,
+                                               pruning_stage_result, top_k_mask)
 from recbench.models.tasks import training_loss
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
@@ -364,29 +366,45 @@ class SelectionReport(Hook):
         return result
 
 
+@dataclass
+class AutoSrhSettings(PruningSettings):
+    """Hyperparameters of ``autosrh`` (defaults: Hetu's autosrh, VLDB 2024 artifact, commit a1cb1bc;
+    recbench's earlier regime (revision 1): schedule=joint grouping=per_field num_groups=10
+    selection_l1=1e-4 retrain_init=scratch)."""
+
+    #: hetu (warmup -> search: table on train batches, dense frozen, alpha by normalised clipped SGD on val
+    #: batches -> retrain -> magnitude prune) | joint (alpha by Adam on the train loss with everything,
+    #: pairs pruned, masked retrain)
+    schedule: str = "hetu"
+    #: global (Hetu: frequency groups over the whole feature space) | per_field (equal-size groups per field)
+    grouping: str = "global"
+    num_groups: int = 6  #: frequency groups (Hetu's nsplit)
+    selection_init: float = 1.0  #: alpha at the start (Hetu: ones)
+    selection_l1: float = 1.0e-5  #: L1 strength on alpha (Hetu's alpha_l1)
+    #: alpha's step (hetu: SGD on the normalised gradient, Hetu's alpha_lr; joint: Adam)
+    selection_learning_rate: float = 1.0e-3
+    #: inherit (Hetu: the searched table) | scratch (re-drawn table, dense layers re-initialised)
+    retrain_init: str = "inherit"
+    warmup_max_epochs: Optional[float] = None  #: cap of the warm-up stage (hetu; null: trainer.max_epochs)
+    search_max_epochs: Optional[float] = None  #: cap of the search stage (null: trainer.max_epochs)
+    retrain_max_epochs: Optional[float] = None  #: cap of the retrain stage (null: trainer.max_epochs)
+
+
 class AutoSrh(PruningFamily):
-    """Hyperparameters: see ``conf/method/autosrh.yaml`` and ``methods/autosrh.md``."""
+    """AutoSrh; hyperparameters: ``AutoSrhSettings`` (and ``methods/autosrh.md``)."""
 
     name = "autosrh"
     module_class = AutoSrhEmbedding
+    settings_class = AutoSrhSettings
     #: see the card's "Revisions"
     revision = 2
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", schedule: str = "hetu",
-                 grouping: str = "global", num_groups: int = 6, selection_init: float = 1.0,
-                 selection_l1: float = 1e-5, selection_learning_rate: float = 1e-3, retrain_init: str = "inherit",
-                 warmup_max_epochs: Optional[float] = None, search_max_epochs: Optional[float] = None,
-                 retrain_max_epochs: Optional[float] = None):
-        super().__init__(name, nnz=nnz, schedule=schedule, grouping=grouping, num_groups=num_groups,
-                         selection_init=selection_init, selection_l1=selection_l1,
-                         selection_learning_rate=selection_learning_rate, retrain_init=retrain_init,
-                         warmup_max_epochs=warmup_max_epochs, search_max_epochs=search_max_epochs,
-                         retrain_max_epochs=retrain_max_epochs)
-        from recbench.methods.blocks.budget import check_auto
-
-        check_auto(self.name, "nnz", nnz)
-        for key, value, allowed in (("schedule", schedule, SCHEDULES), ("grouping", grouping, GROUPINGS),
-                                    ("retrain_init", retrain_init, RETRAIN_INITS)):
+    def check_settings(self) -> None:
+        super().check_settings()
+        num_groups, selection_l1 = self.num_groups, self.selection_l1
+        selection_learning_rate = self.selection_learning_rate
+        for key, value, allowed in (("schedule", self.schedule, SCHEDULES), ("grouping", self.grouping, GROUPINGS),
+                                    ("retrain_init", self.retrain_init, RETRAIN_INITS)):
             if value not in allowed:
                 raise ValueError(f"method 'autosrh': {key}={value!r}; allowed: {', '.join(allowed)}")
         if isinstance(num_groups, bool) or int(num_groups) != num_groups or int(num_groups) < 1:
@@ -396,11 +414,9 @@ class AutoSrh(PruningFamily):
         if not selection_learning_rate > 0:
             raise ValueError(f"method 'autosrh': selection_learning_rate={selection_learning_rate!r}; "
                              "allowed: a number > 0")
-        self.schedule, self.grouping, self.num_groups = schedule, grouping, int(num_groups)
-        self.selection_init, self.selection_l1 = float(selection_init), float(selection_l1)
-        self.selection_learning_rate, self.retrain_init = float(selection_learning_rate), retrain_init
-        self.warmup_max_epochs = warmup_max_epochs
-        self.search_max_epochs, self.retrain_max_epochs = search_max_epochs, retrain_max_epochs
+        self.num_groups = int(num_groups)
+        self.selection_init, self.selection_l1 = float(self.selection_init), float(selection_l1)
+        self.selection_learning_rate = float(selection_learning_rate)
 
     def method_hparams(self) -> Dict[str, Any]:
         return {"schedule": self.schedule, "grouping": self.grouping, "num_groups": self.num_groups,

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import abc
 import copy
+import dataclasses
 import functools
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.types import (Budget, EmbeddingOptimizer, InfeasibleBudget, MemoryReport, ParamGroup,  # noqa: F401
@@ -180,15 +182,28 @@ class EmbeddingModule(nn.Module, abc.ABC):
         return KeyedTensor(keys=self.feature_names, length_per_key=[self.dim] * len(self.feature_names), values=values)
 
 
+@dataclasses.dataclass
+class NoSettings:
+    """The settings of a method without hyperparameters."""
+
+
 class CompressionMethod(abc.ABC):
     """Base of every compression method (hyperparameters only; instantiated by Hydra).
 
     Subclasses set ``name`` (one identifier for file, config, card, MLflow tag and leaderboard
-    row) and implement ``solve_hparams``, ``memory`` and ``build``; ``solve`` is the one public
-    entry to the budget solver (it returns the ``Plan``).
+    row) and ``settings_class``, and implement ``solve_hparams``, ``memory`` and ``build``;
+    ``solve`` is the one public entry to the budget solver (it returns the ``Plan``).
+
+    Hyperparameters have one source: the fields of ``settings_class``, a dataclass whose fields
+    carry each one's type, default and meaning. It is the method's Hydra structured config
+    (``recbench.runs.config.complete_method`` merges it under ``conf/method/<name>.yaml``, which
+    only selects the method and overrides). Each field becomes an attribute of the method;
+    ``check_settings`` rejects unsupported values and derives further attributes.
     """
 
     name: str = "method"
+    #: the dataclass of the method's hyperparameters (their one source)
+    settings_class: type = NoSettings
     #: True when ``build`` looks up plain TorchRec/FBGEMM tables (fused lookups, shardable).
     table_backed: bool = True
     #: Bumped when a fix changes the numbers a configuration produces. A revision above 1 enters
@@ -203,10 +218,22 @@ class CompressionMethod(abc.ABC):
                 f"conf/method config names {name!r} but its _target_ is the {self.name!r} method; "
                 "the config file name, `name` and the class must agree"
             )
-        if hyperparameters and type(self).__init__ is CompressionMethod.__init__:
-            raise TypeError(f"method {self.name!r} has no hyperparameters; unknown setting(s): "
-                            f"{', '.join(sorted(hyperparameters))}")
-        self.hyperparameters: Dict[str, Any] = dict(hyperparameters)
+        known = [f.name for f in dataclasses.fields(self.settings_class)]
+        unknown = sorted(set(hyperparameters) - set(known))
+        if unknown:
+            raise TypeError(f"method {self.name!r} has no setting {', '.join(map(repr, unknown))}; allowed: "
+                            f"{', '.join(known) or 'none (it has no hyperparameters)'}")
+        plain = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+                 for k, v in hyperparameters.items()}
+        #: the method's hyperparameters as given (an instance of ``settings_class``)
+        self.settings = self.settings_class(**plain)
+        for key in known:
+            setattr(self, key, getattr(self.settings, key))
+        self.check_settings()
+
+    def check_settings(self) -> None:
+        """Raise ValueError for an unsupported hyperparameter value (naming the key and what is
+        allowed); derive attributes from the settings. Default: nothing to check."""
 
     # ----- budget -----
     def solve(self, tables: Sequence[TableSpec], dim: int, budget: Budget,

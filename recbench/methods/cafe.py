@@ -49,6 +49,7 @@ Shapes: KJT (F keys, B bags) -> ids rewritten to table rows (hot: 1, cold: 1..L 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -373,28 +374,47 @@ class CafeEmbedding(FusedIdMapEmbedding):
         )
 
 
+@dataclass
+class CafeSettings:
+    """Hyperparameters of ``cafe`` (defaults: the authors' artifact, HugoZHL/CAFE ArtifactEvaluation
+    at commit c757c39)."""
+
+    #: threshold: hot once the sketch count reaches `threshold` (artifact) | top_h: the H highest scores, every migrate_every steps
+    promotion: str = "threshold"
+    threshold: Any = "auto"  #: auto: tasks/criteo.json ladder for the budget's ratio | a number > 0
+    hash_rate: Any = "auto"  #: share of the budget for hash rows; auto: the ladder | a number in (0, 1)
+    #: threshold: counts x decay once the total inserted exceeds decay_volume * W * threshold | top_h: per step
+    decay: float = 0.99
+    decay_volume: float = 10.0  #: threshold promotion: decay once the inserted total exceeds decay_volume * W * threshold (artifact: 10)
+    #: per_field: ceil(c * hash_rate * n_f) rows per field, row (id + offset) % rows (artifact) | shared: one pool, universal hash
+    hash_layout: str = "per_field"
+    #: per_field: per lookup, normalised per field, inserted field by field (artifact) | batch: per unique id, normalised over the batch
+    importance: str = "per_field"
+    write_back: bool = False  #: true: a demoted id writes its exclusive vector into its hash rows
+    sketch_slots_per_hot: float = 4.0  #: sketch slots per exclusive row (4 = one bucket per hot row, artifact)
+    hash_levels: int = 1  #: 2 (hash_layout shared only): multi-level hash embedding
+    #: hash_levels 2: tracked ids with score >= this x the hot threshold add a second hash row
+    medium_fraction: float = 0.1
+    migrate_every: int = 1  #: top_h: steps between hot-set migrations
+    sketch_replacement: str = "decay"  #: top_h: decay (HeavyKeeper, base 1.08) | space_saving
+    hash_seed: int = 0  #: shared layout's hash and top_h's bucket hash
+
+
 class Cafe(CompressionMethod):
-    """Hyperparameters: ``promotion``, ``threshold``, ``hash_rate``, ``decay``, ``decay_volume``,
-    ``hash_layout``, ``importance``, ``write_back``, ``sketch_slots_per_hot``, ``hash_levels``,
-    ``medium_fraction``, ``migrate_every``, ``sketch_replacement``, ``hash_seed`` (methods/cafe.md)."""
+    """CAFE; hyperparameters: ``CafeSettings`` (methods/cafe.md)."""
 
     name = "cafe"
+    settings_class = CafeSettings
     table_backed = True
 
-    def __init__(self, name: Optional[str] = None, promotion: str = "threshold", threshold: Any = "auto",
-                 hash_rate: Any = "auto", decay: float = 0.99, decay_volume: float = 10.0,
-                 hash_layout: str = "per_field", importance: str = "per_field", write_back: bool = False,
-                 sketch_slots_per_hot: float = 4.0, hash_levels: int = 1, medium_fraction: float = 0.1,
-                 migrate_every: int = 1, sketch_replacement: str = "decay", hash_seed: int = 0):
-        super().__init__(name, promotion=promotion, threshold=threshold, hash_rate=hash_rate, decay=decay,
-                         decay_volume=decay_volume, hash_layout=hash_layout, importance=importance,
-                         write_back=write_back, sketch_slots_per_hot=sketch_slots_per_hot, hash_levels=hash_levels,
-                         medium_fraction=medium_fraction, migrate_every=migrate_every,
-                         sketch_replacement=sketch_replacement, hash_seed=hash_seed)
-        given = {"promotion": promotion, "hash_layout": hash_layout, "importance": importance}
+    def check_settings(self) -> None:
+        given = {"promotion": self.promotion, "hash_layout": self.hash_layout, "importance": self.importance}
         for key, allowed in CHOICES.items():
             if given[key] not in allowed:
                 raise ValueError(f"cafe: {key}={given[key]!r}; allowed: {', '.join(allowed)}")
+        sketch_replacement, threshold, hash_rate = self.sketch_replacement, self.threshold, self.hash_rate
+        sketch_slots_per_hot, hash_levels, decay = self.sketch_slots_per_hot, self.hash_levels, self.decay
+        decay_volume, migrate_every, medium_fraction = self.decay_volume, self.migrate_every, self.medium_fraction
         if sketch_replacement not in HotSketch.REPLACEMENTS:
             raise ValueError(f"cafe: sketch_replacement={sketch_replacement!r}; allowed: {', '.join(HotSketch.REPLACEMENTS)}")
         if threshold != "auto" and not (isinstance(threshold, (int, float)) and threshold > 0):
@@ -403,7 +423,7 @@ class Cafe(CompressionMethod):
             raise ValueError(f"cafe: hash_rate={hash_rate!r}; allowed: 'auto' (tasks/criteo.json ladder) or a number in (0, 1)")
         if float(sketch_slots_per_hot) < 1.0:
             raise ValueError(f"cafe: sketch_slots_per_hot={sketch_slots_per_hot}; allowed: >= 1 (the sketch holds every hot id)")
-        if int(hash_levels) not in (1, 2) or (int(hash_levels) == 2 and hash_layout != "shared"):
+        if int(hash_levels) not in (1, 2) or (int(hash_levels) == 2 and self.hash_layout != "shared"):
             raise ValueError(f"cafe: hash_levels={hash_levels}; allowed: 1, or 2 (multi-level hash embedding) "
                              "with hash_layout=shared")
         if not 0.0 < float(decay) <= 1.0:
@@ -414,12 +434,15 @@ class Cafe(CompressionMethod):
             raise ValueError(f"cafe: migrate_every={migrate_every}; allowed: an integer >= 1 (steps)")
         if not 0.0 <= float(medium_fraction) <= 1.0:
             raise ValueError(f"cafe: medium_fraction={medium_fraction}; allowed: [0, 1]")
-        self.threshold, self.hash_rate = threshold, hash_rate
-        self.settings = {"promotion": promotion, "hash_layout": hash_layout, "importance": importance,
-                         "decay": float(decay), "decay_volume": float(decay_volume), "write_back": bool(write_back),
-                         "sketch_slots_per_hot": float(sketch_slots_per_hot), "hash_levels": int(hash_levels),
-                         "medium_fraction": float(medium_fraction), "migrate_every": int(migrate_every),
-                         "sketch_replacement": sketch_replacement, "hash_seed": int(hash_seed)}
+        self.decay, self.decay_volume, self.write_back = float(decay), float(decay_volume), bool(self.write_back)
+        self.sketch_slots_per_hot, self.hash_levels = float(sketch_slots_per_hot), int(hash_levels)
+        self.medium_fraction, self.migrate_every = float(medium_fraction), int(migrate_every)
+        self.hash_seed = int(self.hash_seed)
+        #: the settings every plan carries (all but threshold/hash_rate, which ``resolved`` fills in);
+        #: named apart from ``self.settings`` (the CafeSettings instance as given)
+        self.plan_settings = {key: getattr(self, key) for key in (
+            "promotion", "hash_layout", "importance", "decay", "decay_volume", "write_back", "sketch_slots_per_hot",
+            "hash_levels", "medium_fraction", "migrate_every", "sketch_replacement", "hash_seed")}
 
     def resolved(self, ratio: float) -> Dict[str, float]:
         """{"threshold", "hash_rate"}: the given values, ``auto`` ones from the ladder at ``ratio``."""
@@ -440,7 +463,7 @@ class Cafe(CompressionMethod):
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, _ = split_tables(tables, budget)
         sizes = [t.num_embeddings for t in compressed]
-        base = {"compressed": [t.name for t in compressed], **self.settings, **self.resolved(budget.compression_ratio)}
+        base = {"compressed": [t.name for t in compressed], **self.plan_settings, **self.resolved(budget.compression_ratio)}
         limit = target_bytes(tables, dim, budget)
 
         def hparams_at(ratio: float) -> Dict[str, Any]:

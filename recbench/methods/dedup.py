@@ -36,6 +36,7 @@ Shapes: KJT (F keys, B bags) -> ids rewritten to stored rows -> KeyedTensor (B, 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -403,22 +404,45 @@ class SimHashDedupEmbedding(FullEmbedding):
         return self.deduplicated().eval()
 
 
+@dataclass
+class DedupSettings:
+    """Hyperparameters of ``dedup`` (defaults: Hetu's ``run_compressed.py`` for ``algorithm: hetu``)."""
+
+    algorithm: str = "hetu"  #: hetu (the reference) | simhash_mean (post-training cosine SimHash, group means, no fine-tune)
+    unique_blocks: Any = "auto"  #: stored blocks, solved from the budget
+    #: rows per block; auto: the reference's 10000 if it lands, else the smallest r whose index fits
+    #: index_share and lands (an integer fixes it)
+    block_rows: Any = "auto"
+    index_share: float = 0.25  #: at most this share of the budget for the int32 block index (auto block_rows)
+    # algorithm: hetu (run_compressed.py defaults)
+    fp: float = 0.01  #: an element is "equal" when the two blocks differ by at most this
+    sim: float = 0.7  #: a block merges when at least this fraction of its elements is "equal"
+    lsh_r: float = 0.09  #: L2 LSH bucket width r: h(x) = ceil((a.x + b) / r)
+    lsh_l: int = 90  #: LSH tables
+    lsh_k: int = 1  #: hashes per table
+    lsh_threshold: int = 0  #: a candidate shares a bucket in at least max(this, 1) tables
+    # algorithm: simhash_mean
+    lsh_tables: int = 8  #: independent random-hyperplane signature tables
+    lsh_bits: int = 16  #: hyperplanes per signature
+    lsh_window: int = 4  #: candidates: each block's successors in every table's sorted signature order
+    lsh_seed: int = 0  #: seed of the LSH coefficients (both algorithms)
+
+
 class Dedup(CompressionMethod):
-    """Hyperparameters: see ``conf/method/dedup.yaml`` and ``methods/dedup.md``."""
+    """Embedding deduplication; hyperparameters: ``DedupSettings`` (see ``methods/dedup.md``)."""
 
     name = "dedup"
+    settings_class = DedupSettings
     #: 2: the reference's algorithm (pre-train, L2 LSH + element-wise criterion over the global
     #: table, one representative, fine-tune) is the default; the earlier one is ``simhash_mean``
     revision = 2
 
-    def __init__(self, name: Optional[str] = None, algorithm: str = "hetu", unique_blocks: Any = "auto",
-                 block_rows: Any = "auto", index_share: float = 0.25, fp: float = 0.01, sim: float = 0.7,
-                 lsh_r: float = 0.09, lsh_l: int = 90, lsh_k: int = 1, lsh_threshold: int = 0,
-                 lsh_tables: int = 8, lsh_bits: int = 16, lsh_window: int = 4, lsh_seed: int = 0):
-        super().__init__(name, algorithm=algorithm, unique_blocks=unique_blocks, block_rows=block_rows,
-                         index_share=index_share, fp=fp, sim=sim, lsh_r=lsh_r, lsh_l=lsh_l, lsh_k=lsh_k,
-                         lsh_threshold=lsh_threshold, lsh_tables=lsh_tables, lsh_bits=lsh_bits,
-                         lsh_window=lsh_window, lsh_seed=lsh_seed)
+    def check_settings(self) -> None:
+        algorithm, unique_blocks, block_rows, index_share = (self.algorithm, self.unique_blocks, self.block_rows,
+                                                             self.index_share)
+        fp, sim, lsh_r, lsh_l, lsh_k, lsh_threshold = (self.fp, self.sim, self.lsh_r, self.lsh_l, self.lsh_k,
+                                                       self.lsh_threshold)
+        lsh_tables, lsh_bits, lsh_window, lsh_seed = self.lsh_tables, self.lsh_bits, self.lsh_window, self.lsh_seed
         if algorithm not in ALGORITHMS:
             raise ValueError(f"method 'dedup': algorithm={algorithm!r} is not supported; allowed: {', '.join(ALGORITHMS)}")
         if unique_blocks != "auto":
@@ -438,7 +462,7 @@ class Dedup(CompressionMethod):
         if not (1 <= int(lsh_bits) <= 62) or int(lsh_tables) < 1 or int(lsh_window) < 1:
             raise ValueError(f"method 'dedup': lsh_bits={lsh_bits}, lsh_tables={lsh_tables}, lsh_window={lsh_window}; "
                              "allowed: lsh_bits in [1, 62], lsh_tables >= 1, lsh_window >= 1")
-        self.algorithm, self.block_rows, self.index_share = algorithm, block_rows, float(index_share)
+        self.index_share = float(index_share)
         if algorithm == "hetu":
             self.search = {"fp": float(fp), "sim": float(sim), "lsh_r": float(lsh_r), "lsh_l": int(lsh_l),
                            "lsh_k": int(lsh_k), "lsh_threshold": int(lsh_threshold), "lsh_seed": int(lsh_seed)}

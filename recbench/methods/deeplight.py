@@ -35,14 +35,14 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence
 
 import torch
 
 from recbench.methods.base import Hook
-from recbench.methods.blocks.budget import check_auto
-from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, mask_artifacts, pruning_stage_result,
-                                      top_k_mask)
+from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, PruningSettings,
+                                               mask_artifacts, pruning_stage_result, top_k_mask)
 from recbench.types import Stage, TableSpec
 
 #: epoch cap of a prune stage whose schedule is given in steps (the hook ends the stage)
@@ -125,24 +125,39 @@ class ScheduleHook(Hook):
         return pruning_stage_result(context.embedding, self.reached)
 
 
+@dataclass
+class DeepLightSettings(PruningSettings):
+    """Hyperparameters of ``deeplight`` (defaults: Hsword/Hetu's deeplight, the reference's schedule)."""
+
+    warmup_epochs: float = 0.5  #: dense training before pruning starts
+    #: s_t = S (1 - damping^(t / time_constant)), t in steps (the reference's 100); a number of steps > 0 or
+    #: auto = recbench's earlier variant: rescaled so the schedule ends after pruning_epochs
+    time_constant: Any = 100.0
+    #: time_constant=auto only: the schedule reaches target - tolerance after this many epochs
+    pruning_epochs: float = 0.5
+    #: steps between pruning events (the reference's 10 iterations; plus every epoch boundary)
+    prune_every: int = 10
+    damping: float = 0.99  #: the reference's 0.99
+    #: the pruning stage ends when 1 - s_t / S <= tolerance (Hetu's stop_deviation; auto: S - s_t)
+    tolerance: float = 1.0e-3
+
+
 class DeepLight(PruningFamily):
-    """Hyperparameters: see ``conf/method/deeplight.yaml`` and ``methods/deeplight.md``."""
+    """DeepLight; hyperparameters: ``DeepLightSettings`` (and ``methods/deeplight.md``)."""
 
     name = "deeplight"
     module_class = DeepLightEmbedding
+    settings_class = DeepLightSettings
 
     #: 2: schedule inside the first epoch by default (0.5 + 0.5, was 1 + 2) and the fine-tune keeps
     #: the pruned model when fine-tuning only lowers validation AUC; 3: the reference's time constant
     #: 100 and relative stop deviation (methods/deeplight.md, Revisions)
     revision = 3
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", warmup_epochs: float = 0.5,
-                 time_constant: Any = 100.0, pruning_epochs: float = 0.5, prune_every: int = 10,
-                 damping: float = 0.99, tolerance: float = 1e-3):
-        super().__init__(name, nnz=nnz, warmup_epochs=warmup_epochs, time_constant=time_constant,
-                         pruning_epochs=pruning_epochs, prune_every=prune_every, damping=damping,
-                         tolerance=tolerance)
-        check_auto(self.name, "nnz", nnz)
+    def check_settings(self) -> None:
+        super().check_settings()
+        warmup_epochs, pruning_epochs, prune_every = self.warmup_epochs, self.pruning_epochs, self.prune_every
+        damping, tolerance, time_constant = self.damping, self.tolerance, self.time_constant
         if warmup_epochs < 0:
             raise ValueError(f"method 'deeplight': warmup_epochs must be >= 0, got {warmup_epochs}")
         if not pruning_epochs > 0:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import torch
@@ -263,35 +264,46 @@ def layer_sizes(num_hashes: int, width: int, depth: int, dim: int) -> List[tuple
     return [(num_hashes if layer == 0 else width, width) for layer in range(depth)] + [(width, dim)]
 
 
+@dataclass
+class DheSettings:
+    """Hyperparameters of ``dhe`` (defaults: Hetu's VLDB 2024 artifact and the paper)."""
+
+    width: Any = "auto"  #: decoder hidden width (one for every decoder), solved from the budget
+    hidden_layers: int = 5  #: Linear -> BatchNorm -> activation blocks before the output Linear (Hetu: 1 + 4)
+    num_hashes: int = 1024  #: k, hash encodings per id (Hetu and the paper: 1024)
+    hash_buckets: int = 1000000  #: m, range of each hash before the real-valued transform (Hetu: 1e6)
+    distribution: str = "uniform"  #: uniform on [-1, 1] (Hetu) | gaussian (Box-Muller)
+    activation: str = "mish"  #: mish (Hetu) | relu
+    batch_norm: bool = True  #: BatchNorm1d after each hidden Linear (Hetu: yes) | false: Linear -> activation only
+    layout: str = "per_field"  #: per_field: one decoder per field (Hetu use_multi=1) | shared: one for all fields
+    hash_family: str = "hetu"  #: hetu: ((a x + b) mod p_j) mod m, random primes p_j >= m | universal: p = 2^31 - 1
+    init: str = "hetu"  #: hetu: Linear weights uniform(+-sqrt(1/max_rows)), biases 0 | torch: PyTorch default
+    hash_seed: int = 0  #: seed of the per-(field, hash) parameters
+
+
 class Dhe(CompressionMethod):
-    """Hyperparameters: see conf/method/dhe.yaml and methods/dhe.md."""
+    """Deep Hash Embedding; hyperparameters: ``DheSettings`` (see methods/dhe.md)."""
 
     name = "dhe"
+    settings_class = DheSettings
     table_backed = False
     #: folding BatchNorm into the Linear layers reorders fp32 arithmetic
     inference_tolerance = 1e-5
 
-    def __init__(self, name: str | None = None, width: Any = "auto", hidden_layers: int = 5, num_hashes: int = 1024,
-                 hash_buckets: int = 1_000_000, distribution: str = "uniform", activation: str = "mish",
-                 batch_norm: bool = True, hash_seed: int = 0, layout: str = "per_field", hash_family: str = "hetu",
-                 init: str = "hetu"):
-        super().__init__(name, width=width, hidden_layers=hidden_layers, num_hashes=num_hashes,
-                         hash_buckets=hash_buckets, distribution=distribution, activation=activation,
-                         batch_norm=batch_norm, hash_seed=hash_seed, layout=layout, hash_family=hash_family,
-                         init=init)
-        check_auto(self.name, "width", width)
-        for key, value, allowed in (("distribution", distribution, DISTRIBUTIONS), ("activation", activation, ACTIVATIONS),
-                                    ("layout", layout, LAYOUTS), ("hash_family", hash_family, HASH_FAMILIES),
-                                    ("init", init, INITS)):
+    def check_settings(self) -> None:
+        check_auto(self.name, "width", self.width)
+        distribution, num_hashes = self.distribution, self.num_hashes
+        for key, value, allowed in (("distribution", distribution, DISTRIBUTIONS), ("activation", self.activation, ACTIVATIONS),
+                                    ("layout", self.layout, LAYOUTS), ("hash_family", self.hash_family, HASH_FAMILIES),
+                                    ("init", self.init, INITS)):
             if value not in allowed:
                 raise ValueError(f"method 'dhe': {key}={value!r}; allowed: {', '.join(allowed)}")
-        if int(hidden_layers) < 1 or int(num_hashes) < 2 or int(hash_buckets) < 2:
+        if int(self.hidden_layers) < 1 or int(num_hashes) < 2 or int(self.hash_buckets) < 2:
             raise ValueError("method 'dhe': hidden_layers >= 1, num_hashes >= 2 and hash_buckets >= 2 are required")
         if distribution == "gaussian" and int(num_hashes) % 2:
             raise ValueError(f"method 'dhe': the gaussian (Box-Muller) encoding needs an even num_hashes, got {num_hashes}")
-        self.hidden_layers, self.num_hashes, self.hash_buckets = int(hidden_layers), int(num_hashes), int(hash_buckets)
-        self.distribution, self.activation, self.batch_norm = distribution, activation, bool(batch_norm)
-        self.hash_seed, self.layout, self.hash_family, self.init = int(hash_seed), layout, hash_family, init
+        self.hidden_layers, self.num_hashes, self.hash_buckets = int(self.hidden_layers), int(num_hashes), int(self.hash_buckets)
+        self.batch_norm, self.hash_seed = bool(self.batch_norm), int(self.hash_seed)
 
     def decoder_bytes(self, width: int, dim: int) -> int:
         """Inference bytes of one decoder (BatchNorm folded: every layer is a Linear with bias)."""

@@ -15,18 +15,19 @@ Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from dataclasses import dataclass
 
-from recbench.methods.families.product_quantization import ProductQuantizationFamily
+from recbench.methods.families.product_quantization import ProductQuantizationFamily, ProductQuantizationSettings
+
+
+@dataclass
+class DPQSettings(ProductQuantizationSettings):
+    """Hyperparameters of ``dpq``: the family's (defaults: DPQ-SX of Chen et al., ICML 2020, with
+    batch-normalised logits, one shared codebook set and K, P solved from the budget)."""
 
 
 class DPQ(ProductQuantizationFamily):
-    """Hyperparameters: ``parts``, ``codewords`` (auto or integers), ``assignment`` (softmax | vq),
-    ``codebooks`` (shared | per_field), ``normalize_logits``, ``temperature``, ``commitment``."""
+    """Differentiable product quantization; hyperparameters: ``DPQSettings``."""
 
     name = "dpq"
-
-    def __init__(self, name: Optional[str] = None, parts: Any = "auto", codewords: Any = "auto", max_codewords: int = 256,
-                 assignment: str = "softmax", codebooks: str = "shared", normalize_logits: bool = True,
-                 temperature: float = 1.0, commitment: float = 0.25):
-        super().__init__(name, parts, codewords, max_codewords, assignment, codebooks, normalize_logits, temperature, commitment)
+    settings_class = DPQSettings

@@ -44,13 +44,13 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from recbench.methods.base import Hook
-from recbench.methods.blocks.budget import check_auto
-from recbench.methods.families.pruning import MaskHook, PrunedEmbedding, PruningFamily, top_k_mask
+from recbench.methods.families.pruning import MaskHook, PrunedEmbedding, PruningFamily, PruningSettings, top_k_mask
 from recbench.types import Stage, TableSpec
 
 SCOPES = ("field", "global")
@@ -191,23 +191,38 @@ class PruneRegrowHook(Hook):
         return {"density": module.density(), "mask_updates": self.updates, "entries_moved": self.moved}
 
 
+@dataclass
+class DSLSettings(PruningSettings):
+    """Hyperparameters of ``dsl`` (defaults: the reference code's, shuyao-wang/DSL)."""
+
+    update_interval: int = 100  #: ΔT: steps between prune/regrow updates (the reference's default)
+    initial_prune_fraction: float = 0.5  #: p_0 of the cosine-annealed prune fraction (the reference's death_rate)
+    #: p_min: the cosine's floor (the reference's CosineDecay eta_min); 0 = recbench's earlier variant
+    min_prune_fraction: float = 0.005
+    #: T_end: null = the whole training (trainer max_epochs, the reference); 3.0 = recbench's earlier variant
+    anneal_epochs: Optional[float] = None
+    #: field (each field moves ceil(p_t nnz_f), the reference) | global (one ranking, floor(p_t nnz))
+    scope: str = "field"
+    #: random (zero-gradient entries fill the regrowth, the reference) | shrink (k = gradient candidates)
+    regrow_fill: str = "random"
+    mask_seed: int = 0  #: seed of the random initial mask and of the random fill
+
+
 class DSL(PruningFamily):
-    """Hyperparameters: see ``conf/method/dsl.yaml`` and ``methods/dsl.md``."""
+    """Dynamic Sparse Learning; hyperparameters: ``DSLSettings`` (and ``methods/dsl.md``)."""
 
     name = "dsl"
     module_class = DSLEmbedding
+    settings_class = DSLSettings
     #: 2: the reference's schedule (T_end = the whole training, p_min = 0.005), per-field counts and
     #: random fill of the regrowth (methods/dsl.md, Deviations)
     revision = 2
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", update_interval: int = 100,
-                 initial_prune_fraction: float = 0.5, min_prune_fraction: float = 0.005,
-                 anneal_epochs: Optional[float] = None, scope: str = "field", regrow_fill: str = "random",
-                 mask_seed: int = 0):
-        super().__init__(name, nnz=nnz, update_interval=update_interval,
-                         initial_prune_fraction=initial_prune_fraction, min_prune_fraction=min_prune_fraction,
-                         anneal_epochs=anneal_epochs, scope=scope, regrow_fill=regrow_fill, mask_seed=mask_seed)
-        check_auto(self.name, "nnz", nnz)
+    def check_settings(self) -> None:
+        super().check_settings()
+        update_interval, anneal_epochs = self.update_interval, self.anneal_epochs
+        initial_prune_fraction, min_prune_fraction = self.initial_prune_fraction, self.min_prune_fraction
+        scope, regrow_fill = self.scope, self.regrow_fill
         if isinstance(update_interval, bool) or int(update_interval) != update_interval or update_interval < 1:
             raise ValueError(f"method 'dsl': update_interval must be an integer >= 1, got {update_interval!r}")
         if not 0 < initial_prune_fraction <= 1:
@@ -224,7 +239,7 @@ class DSL(PruningFamily):
         self.update_interval, self.initial_prune_fraction = int(update_interval), float(initial_prune_fraction)
         self.min_prune_fraction = float(min_prune_fraction)
         self.anneal_epochs = None if anneal_epochs is None else float(anneal_epochs)
-        self.scope, self.regrow_fill, self.mask_seed = scope, regrow_fill, int(mask_seed)
+        self.mask_seed = int(self.mask_seed)
 
     def method_hparams(self):
         return {"mask_seed": self.mask_seed}

@@ -28,6 +28,7 @@ Shapes: KJT (F keys, B bags) -> ids rewritten in place -> KeyedTensor (B, F * D)
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -153,8 +154,24 @@ class GlobalHashingEmbedding(FusedIdMapEmbedding):
         return self.keyed_output(torch.cat([blocks[name] for name in self.feature_names], dim=1))
 
 
+@dataclass
+class HashingSettings:
+    """Hyperparameters of ``hashing`` (defaults: per-field tables with DLRM's capped allocation; the
+    VLDB 2024 artifact's ``hash`` is ``layout: global``, ``hash_function: modulo``)."""
+
+    rows: Any = "auto"  #: solved from the budget (per_field: by `allocation`; global: the shared table's M)
+    layout: str = "per_field"  #: per_field: one table per field | global: one (M, D) table over the fields' offset ids (Hetu)
+    #: per_field only. cap: m_f = min(n_f, M), M solved (DLRM --max-ind-range) | proportional: m_f = ceil(r * n_f)
+    allocation: str = "cap"
+    hash_function: str = "universal"  #: universal ((a x + b) mod p) mod m | modulo (x mod m)
+    hash_seed: int = 0  #: seed of the hash parameters (per field, or one for global)
+
+
 class Hashing(CompressionMethod):
+    """The hashing trick; hyperparameters: ``HashingSettings``."""
+
     name = "hashing"
+    settings_class = HashingSettings
     #: 2: fields the allocation leaves at m_f = n_f are no longer hashed into n_f buckets (where
     #: ~63% of their ids shared a row); see methods/hashing.md, "Revisions".
     revision = 2
@@ -162,18 +179,14 @@ class Hashing(CompressionMethod):
     ALLOCATIONS = ("cap", "proportional")
     LAYOUTS = ("per_field", "global")
 
-    def __init__(self, name: str | None = None, rows: Any = "auto", hash_function: str = "universal",
-                 hash_seed: int = 0, allocation: str = "cap", layout: str = "per_field"):
-        super().__init__(name, rows=rows, hash_function=hash_function, hash_seed=hash_seed, allocation=allocation,
-                         layout=layout)
-        check_auto(self.name, "rows", rows)
-        if allocation not in self.ALLOCATIONS:
-            raise ValueError(f"method 'hashing': allocation={allocation!r}; allowed: {', '.join(self.ALLOCATIONS)}")
-        if layout not in self.LAYOUTS:
-            raise ValueError(f"method 'hashing': layout={layout!r}; allowed: {', '.join(self.LAYOUTS)}")
-        self.allocation, self.layout = allocation, layout
-        self.hash_function = hashing_fns.check_kind(self.name, hash_function)
-        self.hash_seed = int(hash_seed)
+    def check_settings(self) -> None:
+        check_auto(self.name, "rows", self.rows)
+        if self.allocation not in self.ALLOCATIONS:
+            raise ValueError(f"method 'hashing': allocation={self.allocation!r}; allowed: {', '.join(self.ALLOCATIONS)}")
+        if self.layout not in self.LAYOUTS:
+            raise ValueError(f"method 'hashing': layout={self.layout!r}; allowed: {', '.join(self.LAYOUTS)}")
+        self.hash_function = hashing_fns.check_kind(self.name, self.hash_function)
+        self.hash_seed = int(self.hash_seed)
 
     @staticmethod
     def rows_at(ratio: float, compressed: Sequence[TableSpec]) -> Dict[str, int]:

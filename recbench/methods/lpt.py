@@ -17,19 +17,25 @@ Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import List
 
-from recbench.methods.families.low_precision import LowPrecisionFamily
+from recbench.methods.families.low_precision import LowPrecisionFamily, LowPrecisionSettings
+
+
+@dataclass
+class LPTSettings(LowPrecisionSettings):
+    """Hyperparameters of ``lpt`` (defaults: INT16/INT8 with a +-1.27 range, INT8 step 0.01)."""
+
+    levels: List[int] = field(default_factory=lambda: [16, 8])  #: precisions `auto` may use (INT16 and INT8)
+    fixed_range: float = 1.27  #: representable range +-fixed_range: step = fixed_range / (2^(b-1) - 1) (INT8: 0.01)
 
 
 class LPT(LowPrecisionFamily):
-    """Hyperparameters: ``bits`` (auto | 16 | 8), ``levels`` (precisions ``auto`` may use),
-    ``fixed_range`` (the representable range +-fixed_range; INT8 step 1.27 / 127 = 0.01)."""
+    """Low-precision training with a fixed step size; hyperparameters: ``LPTSettings``
+    (``bits``: auto | 16 | 8 | 4 | 2)."""
 
     name = "lpt"
+    settings_class = LPTSettings
     learnable = False
     allowed_levels = (16, 8, 4, 2)
-
-    def __init__(self, name: Optional[str] = None, bits: Any = "auto", levels: Sequence[int] = (16, 8),
-                 fixed_range: float = 1.27):
-        super().__init__(name, bits, levels, fixed_range=fixed_range)

@@ -17,40 +17,50 @@ Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Dict, Sequence
 
 import numpy as np
 
-from recbench.methods.families.product_quantization import ProductQuantizationFamily, head_rows
+from recbench.methods.families.product_quantization import (ProductQuantizationFamily, ProductQuantizationSettings,
+                                                            head_rows)
 from recbench.types import TableSpec
 
 
+@dataclass
+class MGQESettings(ProductQuantizationSettings):
+    """Hyperparameters of ``mgqe``: the family's plus the tail codebook and the head share (defaults:
+    Kang et al., WWW 2020: DPQ-VQ, top 10% ids as head, K_tail = K / 4 as the paper's 256 : 64)."""
+
+    assignment: str = "vq"  #: vq (the paper's DPQ-VQ base) | softmax
+    #: K_tail for the other ids; auto = max(2, K // 4) (paper: 64), or an integer < K
+    tail_codewords: Any = "auto"
+    head_fraction: float = 0.1  #: top fraction of each field's ids by training frequency (TableSpec.counts)
+
+
 class MGQE(ProductQuantizationFamily):
-    """Hyperparameters: ``parts`` (auto | int), ``codewords`` (K, auto | int), ``tail_codewords``
-    (auto | int < K), ``head_fraction``, plus DPQ's ``assignment``, ``codebooks``,
-    ``normalize_logits``, ``temperature``, ``commitment``."""
+    """Multi-granular quantized embeddings; hyperparameters: ``MGQESettings`` (``codewords``: K for
+    frequent ids, paper 256)."""
 
     name = "mgqe"
+    settings_class = MGQESettings
     multi_granular = True
 
-    def __init__(self, name: Optional[str] = None, parts: Any = "auto", codewords: Any = "auto",
-                 tail_codewords: Any = "auto", max_codewords: int = 256, head_fraction: float = 0.1, assignment: str = "vq",
-                 codebooks: str = "shared", normalize_logits: bool = True, temperature: float = 1.0,
-                 commitment: float = 0.25):
-        super().__init__(name, parts, codewords, max_codewords, assignment, codebooks, normalize_logits, temperature, commitment,
-                         tail_codewords=tail_codewords, head_fraction=head_fraction)
-        if not 0.0 < float(head_fraction) < 1.0:
-            raise ValueError(f"method 'mgqe': head_fraction must be in (0, 1), got {head_fraction!r}")
+    def check_settings(self) -> None:
+        super().check_settings()
+        tail_codewords, codewords = self.tail_codewords, self.codewords
+        if not 0.0 < float(self.head_fraction) < 1.0:
+            raise ValueError(f"method 'mgqe': head_fraction must be in (0, 1), got {self.head_fraction!r}")
         if tail_codewords != "auto":
             if not isinstance(tail_codewords, int) or tail_codewords < 2:
                 raise ValueError(f"method 'mgqe': tail_codewords must be 'auto' or an integer >= 2, got {tail_codewords!r}")
             if codewords != "auto" and tail_codewords >= codewords:
                 raise ValueError(f"method 'mgqe': tail_codewords={tail_codewords} must be < codewords={codewords}")
-        self.fixed_tail, self.head_fraction = tail_codewords, float(head_fraction)
+        self.head_fraction = float(self.head_fraction)
 
-    def tail_codewords(self, codewords: int) -> int:
-        if self.fixed_tail != "auto":
-            return min(int(self.fixed_tail), codewords)
+    def tail_codebook_size(self, codewords: int) -> int:
+        if self.tail_codewords != "auto":
+            return min(int(self.tail_codewords), codewords)
         return max(2, codewords // 4)
 
     def heads(self, compressed: Sequence[TableSpec]) -> Dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -299,17 +300,31 @@ class MixedDimEmbedding(EmbeddingModule):
 
 
 # ----------------------------------------------------------------------------- method
+@dataclass
+class MixedDimSettings:
+    """Hyperparameters of ``mixed_dim`` (defaults: DLRM tricks/md_embedding_bag.py ``md_solver`` and
+    Hetu methods/scheduler/md.py)."""
+
+    alpha: Any = "auto"  #: power-law temperature: auto = bisected in [0, 1] for the budget (Hetu), or a number >= 0
+    #: auto: one block per field (the references) | integer >= 1: equal-row frequency blocks (needs popularity=counts)
+    blocks_per_field: Any = "auto"
+    popularity: str = "rows"  #: rows: 1/n of the field (references) | counts: mean training count per row of a block
+    #: pow2: nearest power of 2 (round_dim=True) | nearest: nearest integer | multiple_of_4 (previous recbench)
+    rounding: str = "pow2"
+    min_dim: int = 1  #: smallest width (references: 1; previous recbench: 4)
+    #: hetu: U(+-sqrt(1/max_n)) tables and projections | dlrm: xavier_uniform | uniform_rows: U(+-1/sqrt(rows)), U(+-1/sqrt(d))
+    init: str = "hetu"
+
+
 class MixedDim(CompressionMethod):
-    """Hyperparameters: ``alpha`` (auto or a temperature >= 0), ``blocks_per_field`` (auto = one
-    block per field, or an integer), ``popularity`` (rows|counts), ``rounding``
-    (pow2|nearest|multiple_of_4), ``min_dim`` (>= 1), ``init`` (hetu|dlrm|uniform_rows)."""
+    """Mixed-dimension embeddings; hyperparameters: ``MixedDimSettings``."""
 
     name = "mixed_dim"
+    settings_class = MixedDimSettings
 
-    def __init__(self, name: Optional[str] = None, alpha: Any = "auto", blocks_per_field: Any = "auto",
-                 popularity: str = "rows", rounding: str = "pow2", min_dim: int = 1, init: str = "hetu"):
-        super().__init__(name, alpha=alpha, blocks_per_field=blocks_per_field, popularity=popularity,
-                         rounding=rounding, min_dim=min_dim, init=init)
+    def check_settings(self) -> None:
+        alpha, blocks_per_field, popularity = self.alpha, self.blocks_per_field, self.popularity
+        rounding, min_dim, init = self.rounding, self.min_dim, self.init
 
         def bad(key, value, allowed):
             return ValueError(f"mixed_dim: {key}={value!r} is not allowed; allowed: {allowed}")
@@ -330,8 +345,7 @@ class MixedDim(CompressionMethod):
                       "block of a field the same width); use popularity=counts for frequency blocks")
         if not isinstance(min_dim, int) or min_dim < 1 or (rounding == "multiple_of_4" and min_dim % 4):
             raise bad("min_dim", min_dim, "an integer >= 1 (a multiple of 4 with rounding=multiple_of_4)")
-        self.alpha, self.blocks_per_field, self.blocks = alpha, blocks_per_field, blocks
-        self.popularity, self.rounding, self.min_dim, self.init = popularity, rounding, int(min_dim), init
+        self.blocks, self.min_dim = blocks, int(min_dim)
 
     def popularities(self, tables: Sequence[TableSpec], budget: Budget) -> Dict[str, List[float]]:
         """Block popularities of the compressed fields (kept fields are absent)."""

@@ -405,28 +405,48 @@ class SupernetReport(Hook):
                 "rows": module.num_rows}
 
 
+@dataclass
+class OptEmbedSettings:
+    """Hyperparameters of ``optembed`` (defaults: the paper's search and the reference code's training)."""
+
+    dim_cap: Any = "auto"  #: largest per-field dim the search may pick: auto (ceil(D * sqrt(ratio))) or an integer >= 1
+    threshold_init: float = 0.0  #: t_f at the start (the reference code's thre_init 0)
+    threshold_regularization: float = 3.0e-4  #: alpha in alpha * sum_f exp(-t_f) (reference default)
+    threshold_learning_rate: float = 3.0e-4  #: learning rate of the thresholds (reference t_lr)
+    threshold_optimizer: str = "sgd"  #: sgd (reference: SGD, own optimizer) | adam (recbench's earlier regime)
+    #: adam (reference: Adam with the dense parameters, L2 on every row) |
+    #: sparse_adam (Adam on touched rows, lazy L2 on them) | adagrad (earlier regime)
+    table_optimizer: str = "adam"
+    #: null: the dense learning rate (adam; the reference's one lr), the embedding one (adagrad)
+    table_learning_rate: Optional[float] = None
+    table_weight_decay: float = 5.0e-5  #: L2 of the table (reference wd); 0 with adagrad
+    #: xavier (reference) | hetu (U(+-1/sqrt(max n_f))) | dlrm (U(+-1/sqrt(n_f)), earlier regime)
+    init: str = "xavier"
+    mutation_num: int = 10  #: mutants per search iteration (paper)
+    crossover_num: int = 10  #: crossover children per search iteration (paper)
+    mutation_prob: float = 0.1  #: per-field redraw probability of a mutant (paper)
+    search_iterations: int = 30  #: search iterations (paper)
+    top_k: int = 15  #: best candidates kept as parents (paper)
+    search_seed: int = 0  #: RNG seed of the search
+    init_seed: int = 0  #: seed of the table's initialisation (regenerated for the retrain rewind)
+    supernet_max_epochs: Optional[float] = None  #: cap of the supernet stage (null: trainer.max_epochs)
+    retrain_max_epochs: Optional[float] = None  #: cap of the retrain stage (null: trainer.max_epochs)
+
+
 class OptEmbed(CompressionMethod):
-    """Hyperparameters: see ``conf/method/optembed.yaml`` and ``methods/optembed.md``."""
+    """OptEmbed; hyperparameters: ``OptEmbedSettings`` (and ``methods/optembed.md``)."""
 
     name = "optembed"
     table_backed = False
+    settings_class = OptEmbedSettings
 
-    def __init__(self, name: Optional[str] = None, dim_cap: Any = "auto", threshold_init: float = 0.0,
-                 threshold_regularization: float = 3e-4, threshold_learning_rate: float = 3e-4,
-                 threshold_optimizer: str = "sgd", table_optimizer: str = "adam",
-                 table_learning_rate: Optional[float] = None, table_weight_decay: float = 5e-5,
-                 init: str = "xavier", mutation_num: int = 10, crossover_num: int = 10, mutation_prob: float = 0.1,
-                 search_iterations: int = 30, top_k: int = 15, search_seed: int = 0, init_seed: int = 0,
-                 supernet_max_epochs: Optional[float] = None, retrain_max_epochs: Optional[float] = None):
-        super().__init__(name, dim_cap=dim_cap, threshold_init=threshold_init,
-                         threshold_regularization=threshold_regularization,
-                         threshold_learning_rate=threshold_learning_rate, threshold_optimizer=threshold_optimizer,
-                         table_optimizer=table_optimizer, table_learning_rate=table_learning_rate,
-                         table_weight_decay=table_weight_decay, init=init, mutation_num=mutation_num,
-                         crossover_num=crossover_num, mutation_prob=mutation_prob,
-                         search_iterations=search_iterations, top_k=top_k, search_seed=search_seed,
-                         init_seed=init_seed, supernet_max_epochs=supernet_max_epochs,
-                         retrain_max_epochs=retrain_max_epochs)
+    def check_settings(self) -> None:
+        dim_cap, threshold_init = self.dim_cap, self.threshold_init
+        threshold_regularization, threshold_learning_rate = self.threshold_regularization, self.threshold_learning_rate
+        threshold_optimizer, table_optimizer, init = self.threshold_optimizer, self.table_optimizer, self.init
+        table_learning_rate, table_weight_decay = self.table_learning_rate, self.table_weight_decay
+        mutation_num, crossover_num, mutation_prob = self.mutation_num, self.crossover_num, self.mutation_prob
+        search_iterations, top_k = self.search_iterations, self.top_k
         if dim_cap != "auto" and not (isinstance(dim_cap, int) and dim_cap >= 1):
             raise ValueError(f"method 'optembed': dim_cap={dim_cap!r}; allowed: 'auto' or an integer >= 1")
         if threshold_regularization < 0 or not threshold_learning_rate > 0:
@@ -447,7 +467,6 @@ class OptEmbed(CompressionMethod):
         from recbench.methods.blocks.evolutionary import _check
 
         _check(1, 1, int(mutation_num), int(crossover_num), float(mutation_prob), int(search_iterations), int(top_k))
-        self.dim_cap = dim_cap
         self.threshold_init, self.threshold_regularization = float(threshold_init), float(threshold_regularization)
         self.threshold_learning_rate = float(threshold_learning_rate)
         self.regime = {"threshold_optimizer": threshold_optimizer, "table_optimizer": table_optimizer,
@@ -455,9 +474,8 @@ class OptEmbed(CompressionMethod):
                          "table_weight_decay": float(table_weight_decay), "init": init}
         self.search = {"mutation_num": int(mutation_num), "crossover_num": int(crossover_num),
                        "mutation_prob": float(mutation_prob), "iterations": int(search_iterations),
-                       "top_k": int(top_k), "seed": int(search_seed)}
-        self.init_seed = int(init_seed)
-        self.supernet_max_epochs, self.retrain_max_epochs = supernet_max_epochs, retrain_max_epochs
+                       "top_k": int(top_k), "seed": int(self.search_seed)}
+        self.init_seed = int(self.init_seed)
 
     # ----- budget -----
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:

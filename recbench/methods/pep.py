@@ -41,6 +41,7 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) -> KeyedTensor (B, F * D); thresho
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -49,8 +50,9 @@ from torch import nn
 
 from recbench.methods.blocks import batch_part
 from recbench.methods.base import Hook, ParamGroup
-from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, mask_artifacts, pruning_stage_result,
-                                      top_k_mask)
+from recbench.methods.blocks.budget import check_auto
+from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, PruningSettings,
+                                               mask_artifacts, pruning_stage_result, top_k_mask)
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, Stage, TableSpec
 
 #: the reference's threshold types (models/pep_embedding.py); ``field_dimension`` is the old name of field_dim
@@ -248,32 +250,47 @@ class SparsityHook(Hook):
                 **({"threshold_learning_rate": self.learning_rate} if self.learning_rate is not None else {})}
 
 
+@dataclass
+class PEPSettings(PruningSettings):
+    """Hyperparameters of ``pep`` (defaults: the reference code's, ssui-liu/learnable-embed-sizes-for-RecSys
+    train_ml-1m.py; ``conf/method/pep.yaml`` lets an experiment preset threshold_init, the two
+    optimizers and the two weight decays under ``method_settings.pep``)."""
+
+    granularity: str = "feature_dim"  #: feature_dim (per id and dim) | feature | field_dim | field | dimension | global
+    threshold_init: float = -15.0  #: s at the start (MovieLens -15: g = 3e-7; Criteo/Avazu -150)
+    #: adam: dense, every row decayed each step (reference) | sparse_adam: row-sparse, lazy (Hetu)
+    threshold_optimizer: str = "adam"
+    #: Adam learning rate of s | auto: |threshold_init| / (search_epochs * steps per epoch)
+    threshold_learning_rate: Any = 1.0e-3
+    threshold_weight_decay: float = 1.0e-5  #: Adam's coupled L2 on s: pulls s towards 0, raising g(s)
+    search_epochs: float = 1.0  #: threshold_learning_rate=auto only: epochs of the ramp of s to 0
+    #: adam: dense Adam on the table (reference) | sparse_adam: lazy Adam | protocol: the protocol's Adagrad
+    table_optimizer: str = "adam"
+    table_learning_rate: float = 1.0e-3  #: adam / sparse_adam
+    #: L2 on the table (adam: every row each step; otherwise the batch's rows)
+    table_weight_decay: float = 1.0e-5
+    sparsity_check_interval: int = 10  #: steps between sparsity checks of the search stage
+    search_max_epochs: Optional[float] = None  #: cap of the search stage (null: trainer.max_epochs)
+
+
 class PEP(PruningFamily):
-    """Hyperparameters: see ``conf/method/pep.yaml`` and ``methods/pep.md``."""
+    """PEP; hyperparameters: ``PEPSettings`` (and ``methods/pep.md``)."""
 
     name = "pep"
     module_class = PEPEmbedding
+    settings_class = PEPSettings
 
     #: 3: the reference's regime by default (per-id thresholds, Adam 1e-3 with weight decay 1e-5 on
     #: thresholds and table); revision 2's is granularity=field_dim threshold_learning_rate=auto
     #: threshold_weight_decay=1e-2 table_optimizer=protocol table_weight_decay=0 (methods/pep.md)
     revision = 3
 
-    def __init__(self, name: Optional[str] = None, nnz: Any = "auto", granularity: str = "feature_dim",
-                 threshold_init: float = -15.0, threshold_optimizer: str = "adam", threshold_learning_rate: Any = 1e-3,
-                 threshold_weight_decay: float = 1e-5, search_epochs: float = 1.0, table_optimizer: str = "adam",
-                 table_learning_rate: float = 1e-3, table_weight_decay: float = 1e-5,
-                 sparsity_check_interval: int = 10, search_max_epochs: Optional[float] = None):
-        granularity = ALIASES.get(granularity, granularity)
-        super().__init__(name, nnz=nnz, granularity=granularity, threshold_init=threshold_init,
-                         threshold_optimizer=threshold_optimizer, threshold_learning_rate=threshold_learning_rate,
-                         threshold_weight_decay=threshold_weight_decay, search_epochs=search_epochs,
-                         table_optimizer=table_optimizer, table_learning_rate=table_learning_rate,
-                         table_weight_decay=table_weight_decay, sparsity_check_interval=sparsity_check_interval,
-                         search_max_epochs=search_max_epochs)
-        from recbench.methods.blocks.budget import check_auto
-
-        check_auto(self.name, "nnz", nnz)
+    def check_settings(self) -> None:
+        super().check_settings()
+        granularity = self.granularity = ALIASES.get(self.granularity, self.granularity)
+        threshold_optimizer, table_optimizer = self.threshold_optimizer, self.table_optimizer
+        threshold_learning_rate, table_learning_rate = self.threshold_learning_rate, self.table_learning_rate
+        search_epochs, threshold_init = self.search_epochs, self.threshold_init
         if granularity not in GRANULARITIES:
             raise _bad("granularity", granularity, GRANULARITIES)
         if threshold_optimizer not in THRESHOLD_OPTIMIZERS:
@@ -294,20 +311,20 @@ class PEP(PruningFamily):
         if not threshold_init < 0:
             raise ValueError(f"method 'pep': threshold_init must be < 0 (g(s) = sigmoid(s) < 0.5 at the start), "
                              f"got {threshold_init}")
-        for key, value in (("threshold_weight_decay", threshold_weight_decay), ("table_weight_decay", table_weight_decay)):
+        for key, value in (("threshold_weight_decay", self.threshold_weight_decay),
+                           ("table_weight_decay", self.table_weight_decay)):
             if value < 0:
                 raise ValueError(f"method 'pep': {key} must be >= 0, got {value}")
-        if int(sparsity_check_interval) < 1:
-            raise ValueError(f"method 'pep': sparsity_check_interval must be >= 1, got {sparsity_check_interval}")
-        self.granularity, self.threshold_init = granularity, float(threshold_init)
-        self.threshold_optimizer, self.table_optimizer = threshold_optimizer, table_optimizer
+        if int(self.sparsity_check_interval) < 1:
+            raise ValueError(f"method 'pep': sparsity_check_interval must be >= 1, got {self.sparsity_check_interval}")
+        self.threshold_init = float(threshold_init)
         self.auto_threshold_learning_rate = isinstance(threshold_learning_rate, str)
         # "auto": a placeholder until the search stage knows its steps per epoch (SparsityHook)
         self.threshold_learning_rate = 0.01 if self.auto_threshold_learning_rate else float(threshold_learning_rate)
-        self.search_epochs, self.threshold_weight_decay = float(search_epochs), float(threshold_weight_decay)
-        self.table_learning_rate, self.table_weight_decay = float(table_learning_rate), float(table_weight_decay)
-        self.sparsity_check_interval = int(sparsity_check_interval)
-        self.search_max_epochs = None if search_max_epochs is None else float(search_max_epochs)
+        self.search_epochs, self.threshold_weight_decay = float(search_epochs), float(self.threshold_weight_decay)
+        self.table_learning_rate, self.table_weight_decay = float(table_learning_rate), float(self.table_weight_decay)
+        self.sparsity_check_interval = int(self.sparsity_check_interval)
+        self.search_max_epochs = None if self.search_max_epochs is None else float(self.search_max_epochs)
 
     def method_hparams(self) -> Dict[str, Any]:
         return {"granularity": self.granularity, "threshold_init": self.threshold_init,

@@ -23,6 +23,7 @@ Shapes: KJT with F keys, B bags per key -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -160,16 +161,22 @@ class PTQEmbedding(FullEmbedding):
         return QuantizedTables(self.tables, self.dim, self.hparams["bits"], self._weights()).eval()
 
 
+@dataclass
+class PTQSettings:
+    """Hyperparameters of ``ptq`` (default: per-field precision solved from the budget)."""
+
+    bits: Any = "auto"  #: auto (per-field precision landing the budget) | 16 | 8 | 4 | 2
+
+
 class PTQ(CompressionMethod):
-    """Hyperparameters: ``bits`` (auto | 16 | 8 | 4 | 2)."""
+    """Post-training row-wise quantization; hyperparameters: ``PTQSettings``."""
 
     name = "ptq"
+    settings_class = PTQSettings
 
-    def __init__(self, name: Optional[str] = None, bits: Any = "auto"):
-        super().__init__(name, bits=bits)
-        if bits != "auto" and bits not in (16, 8, 4, 2):
-            raise ValueError(f"ptq: bits must be one of auto, 16, 8, 4, 2, got {bits!r}")
-        self.bits = bits
+    def check_settings(self) -> None:
+        if self.bits != "auto" and self.bits not in (16, 8, 4, 2):
+            raise ValueError(f"ptq: bits must be one of auto, 16, 8, 4, 2, got {self.bits!r}")
 
     def _total(self, tables: Sequence[TableSpec], dim: int, bits: Mapping[str, int]) -> int:
         return sum(table_bytes(t.num_embeddings, dim, bits[t.name]) for t in tables)

@@ -33,6 +33,7 @@ Shapes: KJT with F keys and B bags per key -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -292,25 +293,31 @@ class QREmbedding(EmbeddingModule):
 
 
 # ----------------------------------------------------------------------------- method
+@dataclass
+class QRSettings:
+    """Hyperparameters of ``qr`` (defaults: Hetu's ``compo``/``qr``)."""
+
+    operation: str = "mult"  #: mult | add | concat (concat: D / partitions per partition, a multiple of 4)
+    partitions: int = 2  #: k >= 2 complementary partitions (mixed-radix digits of the id)
+    remainder_rows: Any = "auto"  #: collision count c (remainder rows): auto (solved from the budget) or one integer for every field
+    partition: str = "shared_collisions"  #: shared_collisions (one c for all fields, Hetu) | per_field_largest (largest m per field)
+    init: str = "uniform_largest_field"  #: uniform_largest_field (U(+-1/sqrt(max_f n_f)), Hetu) | variance_preserving
+
+
 class QR(CompressionMethod):
-    """Hyperparameters: ``operation`` (mult|add|concat), ``partitions`` (k >= 2),
-    ``remainder_rows`` (auto, or one collision count c for every compressed field),
-    ``partition`` (shared_collisions|per_field_largest), ``init`` (uniform_largest_field|variance_preserving)."""
+    """Compositional embeddings; hyperparameters: ``QRSettings``."""
 
     name = "qr"
+    settings_class = QRSettings
 
-    def __init__(self, name: Optional[str] = None, operation: str = "mult", partitions: int = 2,
-                 remainder_rows: Any = "auto", partition: str = "shared_collisions",
-                 init: str = "uniform_largest_field"):
-        super().__init__(name, operation=operation, partitions=partitions, remainder_rows=remainder_rows,
-                         partition=partition, init=init)
-        _check(operation, int(partitions))
-        _check_choice("partition", partition, PARTITION_RULES)
-        _check_choice("init", init, INITS)
+    def check_settings(self) -> None:
+        _check(self.operation, int(self.partitions))
+        _check_choice("partition", self.partition, PARTITION_RULES)
+        _check_choice("init", self.init, INITS)
+        remainder_rows = self.remainder_rows
         if remainder_rows != "auto" and not (isinstance(remainder_rows, int) and remainder_rows >= 1):
             raise ValueError(f"qr: remainder_rows must be 'auto' or a positive integer, got {remainder_rows!r}")
-        self.operation, self.partitions, self.remainder_rows = operation, int(partitions), remainder_rows
-        self.partition, self.init = partition, init
+        self.partitions = int(self.partitions)
 
     def _base(self) -> Dict[str, Any]:
         return {"operation": self.operation, "partitions": self.partitions, "partition": self.partition,

@@ -18,6 +18,7 @@ Shapes: KJT (F keys, N values) -> indices (N, D) into A -> per-id (N, D) -> Keye
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -82,17 +83,28 @@ class RobeEmbedding(PerIdEmbedding):
         return [self.array] + super().sparse_parameters()
 
 
+@dataclass
+class RobeSettings:
+    """Hyperparameters of ``robe`` (defaults: recbench's ROBE-Z with Z = 32, methods/robe.md "Deviations")."""
+
+    size: Any = "auto"  #: M, values in the shared array, solved from the budget
+    block_size: int = 32  #: Z, consecutive values read from one hashed offset (ROBE-Z)
+    sign_hash: bool = True  #: multiply each element by a hashed sign in {-1, +1}
+    hash_seed: int = 0  #: seed of the offset and sign hash parameters
+
+
 class Robe(CompressionMethod):
+    """ROBE; hyperparameters: ``RobeSettings``."""
+
     name = "robe"
+    settings_class = RobeSettings
     table_backed = False
 
-    def __init__(self, name: str | None = None, size: Any = "auto", block_size: int = 32, sign_hash: bool = True,
-                 hash_seed: int = 0):
-        super().__init__(name, size=size, block_size=block_size, sign_hash=sign_hash, hash_seed=hash_seed)
-        check_auto(self.name, "size", size)
-        if int(block_size) < 1:
-            raise ValueError(f"method 'robe': block_size must be >= 1, got {block_size}")
-        self.block_size, self.sign_hash, self.hash_seed = int(block_size), bool(sign_hash), int(hash_seed)
+    def check_settings(self) -> None:
+        check_auto(self.name, "size", self.size)
+        if int(self.block_size) < 1:
+            raise ValueError(f"method 'robe': block_size must be >= 1, got {self.block_size}")
+        self.block_size, self.sign_hash, self.hash_seed = int(self.block_size), bool(self.sign_hash), int(self.hash_seed)
 
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -229,20 +230,27 @@ class TTRecEmbedding(EmbeddingModule):
         return _TTForward(self.tables, self.dim, copy.deepcopy(self.cores), plain).eval()
 
 
+@dataclass
+class TTRecSettings:
+    """Hyperparameters of ``tt_rec`` (defaults: Hetu's VLDB 2024 layout and initialisation)."""
+
+    rank: Any = "auto"  #: TT rank shared by every TT field, solved from the budget (or a positive integer)
+    init: str = "hetu"  #: hetu (reversed truncated normal, Hetu) | fbtt (FBTT approx-normal) | variance_matched
+
+
 class TTRec(CompressionMethod):
-    """Hyperparameters: ``rank`` (auto or a positive integer, shared by every TT field) and
-    ``init`` (``hetu`` | ``fbtt`` | ``variance_matched``, the cores' initialisation)."""
+    """TT-Rec; hyperparameters: ``TTRecSettings``."""
 
     name = "tt_rec"
+    settings_class = TTRecSettings
     table_backed = False
 
-    def __init__(self, name: Optional[str] = None, rank: Any = "auto", init: str = "hetu"):
-        super().__init__(name, rank=rank, init=init)
+    def check_settings(self) -> None:
+        rank, init = self.rank, self.init
         if rank != "auto" and not (isinstance(rank, int) and rank >= 1):
             raise ValueError(f"method 'tt_rec': rank={rank!r}; allowed: 'auto' or a positive integer")
         if init not in INITS:
             raise ValueError(f"method 'tt_rec': init={init!r}; allowed: {', '.join(INITS)}")
-        self.rank, self.init = rank, init
 
     def _hparams(self, tables, dim, budget, rank: int) -> Dict[str, Any]:
         return {"rank": int(rank), "tt_fields": tt_fields(tables, dim, budget, rank), "init": self.init}

@@ -15,6 +15,7 @@ Shapes: KJT (F keys, B bags) -> KJT (F * k keys) -> (B, F * k * D / k) = KeyedTe
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
@@ -110,13 +111,24 @@ class UnifiedEmbedding(FusedIdMapEmbedding):
         return self.keyed_output(torch.cat(out, dim=1))
 
 
-class Unified(CompressionMethod):
-    name = "unified"
+@dataclass
+class UnifiedSettings:
+    """Hyperparameters of ``unified`` (defaults follow the paper, NeurIPS 2023: multi-probe lookups)."""
 
-    def __init__(self, name: str | None = None, rows: Any = "auto", probes: int = 2, hash_seed: int = 0):
-        super().__init__(name, rows=rows, probes=probes, hash_seed=hash_seed)
-        check_auto(self.name, "rows", rows)
-        self.probes, self.hash_seed = int(probes), int(hash_seed)
+    rows: Any = "auto"  #: rows of the shared table, solved from the budget (only auto is supported)
+    probes: int = 2  #: k lookups per id, each embedding_dim / k wide (must be a multiple of 4)
+    hash_seed: int = 0  #: seed of the per-(field, probe) hash salts
+
+
+class Unified(CompressionMethod):
+    """Unified Embedding; hyperparameters: ``UnifiedSettings``."""
+
+    name = "unified"
+    settings_class = UnifiedSettings
+
+    def check_settings(self) -> None:
+        check_auto(self.name, "rows", self.rows)
+        self.probes, self.hash_seed = int(self.probes), int(self.hash_seed)
 
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         width = probe_width(dim, self.probes)

@@ -2,19 +2,26 @@
 
 ``conf/`` is the registry: ``conf/method/*.yaml`` are the methods, ``conf/gate/*.yaml`` the gates,
 ``conf/sweep/*.yaml`` the sweep presets. This module imports only Hydra, so a command's ``--help``
-stays fast.
+stays fast; ``complete_method`` imports the selected method's module when a config is composed.
 
 References: Hydra's compose API (``initialize_config_dir``, ``compose``).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import typing
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 #: the folder of the Hydra configs
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+class ConfigError(ValueError):
+    """An impossible configuration value (reported before any run is recorded)."""
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
@@ -22,8 +29,73 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
     (e.g. ``["method=hashing", "budget.compression_ratio=0.1"]``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    register_method_schemas(search_dirs(overrides))
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
+def search_dirs(overrides: Sequence[str]) -> Tuple[str, ...]:
+    """The folders a ``hydra.searchpath=[file://...]`` override adds (where methods of other
+    packages keep their ``method/<name>.yaml``)."""
+    out: List[str] = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+") == "hydra.searchpath":
+            out += [part.strip().strip("'\"")[len("file://"):] for part in value.strip("[]").split(",")
+                    if part.strip().strip("'\"").startswith("file://")]
+    return tuple(out)
+
+
+#: the config group of the methods' structured configs: ``conf/method/<name>.yaml`` lists
+#: ``/schema/method/<name>@_here_`` first in its defaults
+SCHEMA_GROUP = "schema/method"
+
+
+def method_schema(method_class: type) -> type:
+    """The structured config of a method: ``_target_``, ``name`` and the fields of its
+    ``settings_class`` (their types and defaults: the one source of each hyperparameter)."""
+    hints = typing.get_type_hints(method_class.settings_class)  # resolved (the modules use postponed annotations)
+    settings = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory))
+                for f in dataclasses.fields(method_class.settings_class)]
+    target = f"{method_class.__module__}.{method_class.__qualname__}"
+    return dataclasses.make_dataclass(f"{method_class.__name__}Config", [
+        ("_target_", str, dataclasses.field(default=target)),
+        ("name", str, dataclasses.field(default=method_class.name)), *settings])
+
+
+def method_classes(extra_dirs: Sequence[str] = ()) -> Dict[str, type]:
+    """{method name: its class}, from the ``_target_`` of each ``method/*.yaml`` of ``conf/`` and of
+    ``extra_dirs`` (imports them)."""
+    from hydra.utils import get_class
+
+    out = {}
+    paths = [p for folder in (CONFIG_DIR, *extra_dirs) for p in sorted((Path(folder) / "method").glob("*.yaml"))]
+    for path in paths:
+        target = OmegaConf.load(path).get("_target_")
+        if target:
+            out[path.stem] = get_class(str(target))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def register_method_schemas(extra_dirs: Tuple[str, ...] = ()) -> None:
+    """Store each method's structured config in Hydra's ConfigStore (group ``schema/method``): the
+    methods of ``conf/method`` and of the search-path folders ``extra_dirs``.
+
+    Called before any config is composed. It imports every method module: the ~7 CPU-seconds of
+    importing TorchRec, which a job pays anyway; ``recbench --help`` skips it (the default method,
+    ``full``, has no settings and no schema)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, method_class in method_classes(extra_dirs).items():
+        if dataclasses.fields(method_class.settings_class):
+            store.store(group=SCHEMA_GROUP, name=name, node=method_schema(method_class))
+
+
+def settings_defaults(method_class: type) -> Dict[str, Any]:
+    """{setting: default} of a method (its ``settings_class``)."""
+    return dataclasses.asdict(method_class.settings_class())
 
 
 #: top-level keys of a job's config that are not config groups (conf/config.yaml)
@@ -35,6 +107,50 @@ def groups() -> Dict[str, List[str]]:
     root = Path(CONFIG_DIR)
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir())
             if d.is_dir() and any(d.glob("*.yaml"))}
+
+
+#: keys that moved to another group: {old: new}. Commands recorded before the move (a run's
+#: ``command`` tag, the leaderboards' commands) still repeat: ``moved_keys`` rewrites them.
+MOVED_KEYS = {f"trainer.{key}": f"runtime.{key}" for key in ("num_threads", "resume", "distributed", "sharding_types")}
+
+
+def moved_keys(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(``overrides`` with every moved key written at its new place, a note per rewritten key)."""
+    out, notes = [], []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        bare = key.lstrip("+~")
+        if sep and bare in MOVED_KEYS:
+            override = f"{key[:len(key) - len(bare)]}{MOVED_KEYS[bare]}={value}"
+            notes.append(f"{bare} is now {MOVED_KEYS[bare]}; read as {override}")
+        out.append(override)
+    return out, notes
+
+
+def composition_problem(overrides: Sequence[str]) -> Optional[str]:
+    """A one-line error when Hydra cannot compose a job from ``overrides`` (a key its group does
+    not have, a value its type refuses: ``method.partitions=abc``), else None."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    try:
+        compose(overrides)
+        return None
+    except ConfigCompositionException as exc:
+        cause = exc.__cause__
+        key = getattr(cause, "full_key", None)
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+            parent = key.rpartition(".")[0]
+            rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+            try:
+                node = compose(rest)
+                known = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+            except Exception:  # noqa: BLE001 (the list is a courtesy)
+                known = []
+            return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(map(str, known))}"
+        first = str(exc).splitlines()[0].rstrip(".")
+        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
+        return f"{first}: {detail}" if detail else first
 
 
 def override_problem(overrides: Sequence[str]) -> Optional[str]:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from recbench.types import settings_hash
 
 #: resolved-config keys that do not change what a run measures (excluded from its config hash).
-#: ``trainer.num_threads`` changes the order of float reductions: the first steps differ at float
+#: ``runtime.num_threads`` changes the order of float reductions: the first steps differ at float
 #: tolerance and training can grow that into a difference of the size of seed noise (synthetic
 #: ``tt_rec`` 0.1, seed 1: test AUC 0.7606 with 1 thread, 0.7564 with 2). Runs with other counts are
 #: equally valid samples of the same job (so a 1-job and a 2-job sweep share finished runs), and each
@@ -28,29 +28,37 @@ from recbench.types import settings_hash
 #: ``dataset.raw_dir`` is where a generated dataset is written (derived from ``paths.data_root``: a
 #: relative and an absolute data root gave one configuration two hashes). Adding a key here changes
 #: recorded runs' hashes: re-tag them with ``python -m recbench.runs.rehash``.
-NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "trainer.num_threads",
-                    "trainer.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps",
-                    "trainer.search_cache_mb", "dataset.raw_dir", "hydra")
+NON_NUMERIC_KEYS = ("tracking", "paths", "sweep_id", "sweep_preset", "trainer.progress", "runtime.num_threads",
+                    "runtime.resume", "trainer.checkpoint_every_steps", "trainer.log_every_steps",
+                    "trainer.search_cache_mb", "dataset.raw_dir", "hydra",
+                    # where runs recorded before the `runtime` group kept them (re-hashing their configs)
+                    "trainer.num_threads", "trainer.resume")
 #: keys added after runs were recorded, whose default leaves the numbers unchanged: they enter the
 #: config hash only when set to something else, so adding an option never orphans finished runs
 #: (a re-launched sweep still recognises them, and the report keeps them in one row)
 #: ``dataset.row_order``: runs recorded before the key existed numbered rows by frequency, so a
 #: ``row_order=frequency`` run hashes as they do (and its protocol id is theirs)
-OPTIONAL_KEYS = {"trainer.distributed": (None, False), "trainer.sharding_types": (None,),
+OPTIONAL_KEYS = {"runtime.distributed": (None, False), "runtime.sharding_types": (None,),
+                 # where runs recorded before the `runtime` group kept them (re-hashing their configs)
+                 "trainer.distributed": (None, False), "trainer.sharding_types": (None,),
                  "dataset.row_order": ("frequency",),
                  # hashing's per-field layout is the layout its runs had before the key existed
                  # (a method whose numbers change with a new key's default bumps its revision)
                  "method.layout": ("per_field",),
                  # pruned tables were always charged at their compact storage before the key existed
                  "budget.sparse_index": ("compact",)}
-#: degenerate-run rule (docs/architecture.md section 4)
+
 
 def _drop(mapping: Dict[str, Any], dotted: str) -> None:
+    """Remove ``dotted``; a group its removal leaves empty goes too (``runtime`` at its defaults
+    hashes as the configs recorded before the group existed)."""
     head, _, rest = dotted.partition(".")
     if head in mapping:
         if rest:
             if isinstance(mapping[head], dict):
                 _drop(mapping[head], rest)
+                if not mapping[head]:
+                    del mapping[head]
         else:
             del mapping[head]
 

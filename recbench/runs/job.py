@@ -41,7 +41,7 @@ DEGENERATE_AUC_MARGIN = 0.01
 
 
 def configure_threads(cfg: DictConfig) -> int:
-    threads = cfg.trainer.get("num_threads") or usable_cores()
+    threads = cfg.runtime.get("num_threads") or usable_cores()
     torch.set_num_threads(int(threads))
     return int(threads)
 
@@ -72,7 +72,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     overrides and the command that reproduces the job) are added to the run's tags."""
     settings_of(cfg)  # every value in range before anything is prepared or recorded
     threads = configure_threads(cfg)
-    parallel = distributed.current()  # one process, or this rank of a torchrun job (trainer.distributed)
+    parallel = distributed.current()  # one process, or this rank of a torchrun job (runtime.distributed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     chash = config_hash(resolved)
     protocol = instantiate_dataset(cfg)
@@ -135,7 +135,7 @@ def _run_locked(cfg: DictConfig, prepared, tracker, run_dir: Path, resolved: Dic
     checkpoint_path = distributed.rank_checkpoint(run_dir / "checkpoint.pt")  # one file per rank when distributed
     run_id_file = run_dir / "run_id.txt"
     resume_id = None
-    if cfg.trainer.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
+    if cfg.runtime.get("resume", True) and checkpoint_path.is_file() and run_id_file.is_file():
         resume_id = run_id_file.read_text().strip() or None
         if resume_id and parallel.is_main and not tracker.has_run(resume_id):
             # the store lost the run (replaced, restored from an export): the checkpoint resumes
@@ -263,7 +263,7 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables),
                                 **injected)
     parallel = distributed.current()
-    model = parallel.wrap(model, method, cfg.trainer.get("sharding_types"))  # DMP + DDP when distributed
+    model = parallel.wrap(model, method, cfg.runtime.get("sharding_types"))  # DMP + DDP when distributed
     trainer = Trainer(trainer_config, model, method, prepared,
                       dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
                       checkpoint_path=checkpoint_path,

@@ -15,6 +15,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.checks import check_number
+from recbench.runs.config import ConfigError
 from recbench.datasets.errors import DatasetError
 from recbench.gates.settings import LocalSearchSettings
 from recbench.training import distributed
@@ -23,9 +24,6 @@ from recbench.models.tasks import CLICK
 from recbench.tracking.mlflow_tracker import StoreError
 from recbench.training.trainer import TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, full_embedding_bytes
-
-class ConfigError(ValueError):
-    """An impossible configuration value (reported before any run is recorded)."""
 
 
 
@@ -96,12 +94,10 @@ def settings_of(cfg: DictConfig):
         embedding_optimizer = EmbeddingOptimizer(**OmegaConf.to_container(cfg.optimizer.embedding, resolve=True))
         dense_optimizer = DenseOptimizer(**OmegaConf.to_container(cfg.optimizer.dense, resolve=True))
         trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-        for key in ("resume", "num_threads", "distributed", "sharding_types"):
-            trainer_kwargs.pop(key, None)
         check_number("seed", cfg.seed, integer=True, low=0)
         trainer_config = TrainerConfig(seed=cfg.seed, **trainer_kwargs)
-        if cfg.trainer.get("num_threads") is not None:
-            check_number("trainer.num_threads", cfg.trainer.num_threads, integer=True, low=1)
+        if cfg.runtime.get("num_threads") is not None:
+            check_number("runtime.num_threads", cfg.runtime.num_threads, integer=True, low=1)
         check_number("model.embedding_dim", cfg.model.embedding_dim, integer=True, low=4)
         if cfg.model.embedding_dim % 4:
             raise ValueError(f"model.embedding_dim must be a multiple of 4 (FBGEMM tables), got {cfg.model.embedding_dim}")
@@ -115,7 +111,7 @@ def settings_of(cfg: DictConfig):
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(f"method {cfg.method.get('name')!r}: {type(cause).__name__}: {cause}") from exc
-    distributed.check_settings(bool(cfg.trainer.get("distributed", False)), cfg.trainer.get("sharding_types"))
+    distributed.check_settings(bool(cfg.runtime.get("distributed", False)), cfg.runtime.get("sharding_types"))
     return budget, embedding_optimizer, dense_optimizer, trainer_config
 
 

@@ -1,5 +1,5 @@
 """Launching a planned sweep: one Hydra multirun per grid (joblib launcher for parallel jobs),
-each job's thread count given as its ``trainer.num_threads``, a periodic export of the run records,
+each job's thread count given as its ``runtime.num_threads``, a periodic export of the run records,
 and the count of the jobs' outcomes at the end.
 
 References: hydra-joblib-launcher; docs/architecture.md ("Sweeps").
@@ -71,11 +71,11 @@ class PeriodicExport:
 
 
 def job_threads(jobs: int, overrides: Sequence[str] = ()) -> int:
-    """Torch threads per job: the user's ``trainer.num_threads`` override, else the usable cores
+    """Torch threads per job: the user's ``runtime.num_threads`` override, else the usable cores
     shared by the ``jobs`` parallel jobs (no oversubscription)."""
     for override in overrides:
         key, _, value = override.partition("=")
-        if key == "trainer.num_threads" and value.isdigit() and int(value) > 0:
+        if key == "runtime.num_threads" and value.isdigit() and int(value) > 0:
             return int(value)
     return max(1, usable_cores() // max(1, jobs))
 
@@ -100,8 +100,8 @@ def hydra_command(plan: SweepPlan, grid: Grid, jobs: int, sweep_dir: Path) -> Li
     count as config (both left out of the config hash), the launcher and the sweep folder."""
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
     runtime = [f"sweep_id={plan.sweep_id}"]
-    if not any(o.startswith("trainer.num_threads=") for o in grid.overrides):
-        runtime.append(f"trainer.num_threads={job_threads(jobs)}")
+    if not any(o.startswith("runtime.num_threads=") for o in grid.overrides):
+        runtime.append(f"runtime.num_threads={job_threads(jobs)}")
     return [*recbench_command(), "-m", f"sweep={plan.preset}", *grid.overrides, *runtime, *launcher,
             f"hydra.sweep.dir={sweep_dir / grid.name}", "hydra.sweep.subdir=${hydra.job.num}"]
 

@@ -18,11 +18,11 @@ FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 
 
 #: the Hydra key of a job's torch thread count (tag ``num_threads`` records the count a run had)
-THREADS_KEY = "trainer.num_threads"
+THREADS_KEY = "runtime.num_threads"
 
 
 def with_thread_count(overrides: List[str], threads: object) -> List[str]:
-    """``overrides`` with ``trainer.num_threads=<threads>`` appended, unless they set a count already
+    """``overrides`` with ``runtime.num_threads=<threads>`` appended, unless they set a count already
     (``threads`` empty: unchanged). The count is outside the config hash but changes the order of
     float reductions, so a command repeats a run bit for bit only with the count it ran with."""
     if threads in (None, "") or any(o.lstrip("+").startswith(THREADS_KEY + "=") for o in overrides):

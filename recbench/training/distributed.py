@@ -1,6 +1,6 @@
 """Multi-process training: TorchRec model parallelism for tables, data parallelism for the rest.
 
-``torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`` runs one
+``torchrun --nproc-per-node N -m recbench.cli.train ... runtime.distributed=true`` runs one
 process per rank. The trainer loop is unchanged; it talks to a *parallel strategy*:
 
 * ``SingleProcess`` (the default): whole batches, mean loss, nothing to gather.
@@ -415,16 +415,16 @@ def rank_checkpoint(path: Path) -> Path:
 
 
 def check_settings(distributed: bool, sharding_types: Optional[Sequence[str]]) -> None:
-    """``trainer.distributed`` / ``trainer.sharding_types`` of a job, checked before anything runs."""
+    """``runtime.distributed`` / ``runtime.sharding_types`` of a job, checked before anything runs."""
     if sharding_types is not None:
         check_sharding_types(sharding_types)
     if distributed and not dist.is_initialized():
         raise DistributedSetupError(
-            "trainer.distributed=true but this process is not part of a process group: run "
-            "`torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`")
+            "runtime.distributed=true but this process is not part of a process group: run "
+            "`torchrun --nproc-per-node N -m recbench.cli.train ... runtime.distributed=true`")
     if not distributed and dist.is_initialized() and dist.get_world_size() > 1:
         raise DistributedSetupError(f"this process is rank {dist.get_rank()} of {dist.get_world_size()}: "
-                                    "set trainer.distributed=true (or launch one process)")
+                                    "set runtime.distributed=true (or launch one process)")
 
 
 _ACTIVE: SingleProcess = SingleProcess()
@@ -449,8 +449,8 @@ def session(enabled: bool, timeout_minutes: float = 30.0) -> Iterator[SingleProc
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing and not dist.is_initialized():
         raise DistributedSetupError(
-            f"trainer.distributed=true needs a launcher that sets {', '.join(missing)}: run "
-            "`torchrun --nproc-per-node N -m recbench.cli.train ... trainer.distributed=true`")
+            f"runtime.distributed=true needs a launcher that sets {', '.join(missing)}: run "
+            "`torchrun --nproc-per-node N -m recbench.cli.train ... runtime.distributed=true`")
     owned = not dist.is_initialized()
     if owned:
         dist.init_process_group("gloo", timeout=timedelta(minutes=timeout_minutes))

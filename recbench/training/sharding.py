@@ -48,12 +48,12 @@ def check_sharding_types(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
         return allowed
     chosen = tuple(str(n) for n in names)
     if not chosen:
-        raise DistributedSetupError("trainer.sharding_types is empty; allowed: " + ", ".join(allowed))
+        raise DistributedSetupError("runtime.sharding_types is empty; allowed: " + ", ".join(allowed))
     for name in chosen:
         if name not in allowed:
             why = f" ({_NOT_OFFERED[name]})" if name in _NOT_OFFERED else ""
             raise DistributedSetupError(
-                f"trainer.sharding_types: {name!r} is not available{why}; "
+                f"runtime.sharding_types: {name!r} is not available{why}; "
                 f"allowed: {', '.join(allowed)}")
     return chosen
 

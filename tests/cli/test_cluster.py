@@ -16,17 +16,15 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
-from recbench.runs.config import CONFIG_DIR
 from test_sweep import toy_sweep  # noqa: F401  (fixture: a toy sweep preset and its environment)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def launcher_config(name: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra/launcher={name}"], return_hydra_config=True)
+    cfg = compose([f"hydra/launcher={name}"], return_hydra_config=True)
     return cfg.hydra
 
 
@@ -94,7 +92,7 @@ def test_ray_sweep_records_every_job_once_when_a_worker_is_killed(tmp_path):
                f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.sweep.dir={tmp_path / 'sweep'}",
                "+hydra.launcher.ray.init.num_cpus=2", "+hydra.launcher.ray.init.include_dashboard=false",
                "hydra.launcher.ray.remote.num_cpus=1", "dataset=toy", "model=dlrm", "method=full,hashing",
-               "budget.compression_ratio=0.5", "trainer.progress=false", "trainer.num_threads=1",
+               "budget.compression_ratio=0.5", "trainer.progress=false", "runtime.num_threads=1",
                "trainer.latency_repeats=1", "trainer.checkpoint_every_steps=20", "sweep_id=ray-test"]
     log = open(tmp_path / "sweep.log", "w")
     sweep = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
 from recbench.runs.settings import instantiate_without
 from recbench.runs.config import CONFIG_DIR
@@ -16,8 +16,7 @@ def names(group):
 
 
 def composed(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 @pytest.mark.parametrize("dataset", names("dataset"))
@@ -63,6 +62,5 @@ def test_every_experiment_composes(experiment):
 
 @pytest.mark.parametrize("launcher", names("hydra/launcher"))
 def test_cluster_launcher_configs_compose(launcher):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    cfg = compose([f"hydra/launcher={launcher}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")

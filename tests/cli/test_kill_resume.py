@@ -43,7 +43,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_the_uninterrupted_run(tmp_path):
     (tmp_path / "conf" / "dataset" / "toy.yaml").write_text(TOY_DATASET)
     command = [sys.executable, "-m", "recbench.cli.train", f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
                "dataset=toy", "model=dlrm", "method=hashing", "budget.compression_ratio=0.5", "seed=3",
-               "trainer.progress=false", "trainer.num_threads=1", "trainer.latency_repeats=1",
+               "trainer.progress=false", "runtime.num_threads=1", "trainer.latency_repeats=1",
                "trainer.checkpoint_every_steps=20"]
     reference = subprocess.run(command, env=_env(tmp_path, "reference"), cwd=tmp_path, capture_output=True,
                                text=True, timeout=600)

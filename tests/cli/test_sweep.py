@@ -103,22 +103,22 @@ def test_leaderboard_presets_cover_every_registered_method():
     assert smoke.jobs_total == len(METHODS)  # every method once (+ full as the reference)
     assert default_sweep_id("demo", ["seed=1"]) == default_sweep_id("demo", ["seed=1"]) != default_sweep_id("demo", [])
     # launcher, threads and progress do not change the numbers: the same sweep continues
-    assert default_sweep_id("demo", ["seed=1", "hydra/launcher=ray", "trainer.num_threads=1",
+    assert default_sweep_id("demo", ["seed=1", "hydra/launcher=ray", "runtime.num_threads=1",
                                      "trainer.progress=false", "tracking.tracking_uri=x"]) == default_sweep_id("demo", ["seed=1"])
 
 
 def test_thread_count_per_parallel_job_reaches_the_jobs_as_config():
     assert job_threads(4) == max(1, len(os.sched_getaffinity(0)) // 4)
-    assert job_threads(1, ["seed=0", "trainer.num_threads=3"]) == 3  # a user's choice stands
+    assert job_threads(1, ["seed=0", "runtime.num_threads=3"]) == 3  # a user's choice stands
     env = job_environment(job_threads(4), base={})
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == str(job_threads(4))
     assert not any(name.startswith("RECBENCH_") for name in env)
     plan = build_plan("demo", [], "demo-x")
     command = hydra_command(plan, plan.grids[0], 2, Path("/tmp/sweeps"))
-    assert "sweep_id=demo-x" in command and f"trainer.num_threads={job_threads(2)}" in command
-    user = build_plan("demo", ["trainer.num_threads=1"], "demo-y")
-    threads = [o for o in hydra_command(user, user.grids[0], 2, Path("/tmp/sweeps")) if o.startswith("trainer.num_threads=")]
-    assert threads == ["trainer.num_threads=1"]
+    assert "sweep_id=demo-x" in command and f"runtime.num_threads={job_threads(2)}" in command
+    user = build_plan("demo", ["runtime.num_threads=1"], "demo-y")
+    threads = [o for o in hydra_command(user, user.grids[0], 2, Path("/tmp/sweeps")) if o.startswith("runtime.num_threads=")]
+    assert threads == ["runtime.num_threads=1"]
 
 
 def test_plan_counts_jobs_already_finished(toy_sweep, monkeypatch):
@@ -339,9 +339,9 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
 def test_options_may_follow_the_preset_and_its_overrides(capsys):
     from recbench.cli.sweep import main
 
-    assert main(["smoke", "--dry-run", "trainer.num_threads=1", "--no-check"]) == 0
+    assert main(["smoke", "--dry-run", "runtime.num_threads=1", "--no-check"]) == 0
     out = capsys.readouterr().out
-    assert "sweep smoke" in out and "trainer.num_threads=1" in out
+    assert "sweep smoke" in out and "runtime.num_threads=1" in out
 
 
 def test_a_sweep_override_replaces_the_presets_axis_and_the_reference_point_wins():

@@ -15,15 +15,13 @@ temperature/iteration schedule and entropy.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
 from recbench.runs.settings import instantiate_without
-from recbench.runs.config import CONFIG_DIR
 from recbench.gates.functional import smooth_step
 from recbench.gates.comet import COMETGate
 from recbench.gates.dselect_k import DSelectKGate
@@ -37,8 +35,7 @@ W, E = 16, 16
 
 
 def gate_factory(name, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["model=dlrm_moe", f"gate={name}", *overrides])
+    cfg = compose(["model=dlrm_moe", f"gate={name}", *overrides])
     return instantiate_without(cfg.gate, drop=(), _partial_=True)
 
 

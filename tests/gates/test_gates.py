@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.runs.settings import instantiate_without
@@ -24,8 +24,7 @@ B, W, E = 96, 24, 16
 
 
 def gate_factory(name, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["model=dlrm_moe", f"gate={name}", *overrides])
+    cfg = compose(["model=dlrm_moe", f"gate={name}", *overrides])
     assert cfg.gate.name == name, f"conf/gate/{name}.yaml must have name: {name}"
     return instantiate_without(cfg.gate, drop=(), _partial_=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.runs.settings import instantiate_without
@@ -44,8 +44,7 @@ def tables():
 
 
 def method(name):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"method={name}"])
+    cfg = compose([f"method={name}"])
     return instantiate_without(cfg.method, drop=())
 
 

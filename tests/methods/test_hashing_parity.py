@@ -13,12 +13,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from omegaconf import OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.runs.settings import instantiate_without
-from recbench.runs.config import CONFIG_DIR
 from recbench.methods.blocks import hashing_fns as H
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.hashing import GLOBAL_TABLE, GlobalHashingEmbedding, Hashing
@@ -156,8 +155,7 @@ def test_unknown_layout_is_rejected():
 
 
 def compose_config(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 def test_default_config_keeps_the_per_field_layout():

@@ -8,10 +8,10 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 
-from recbench.runs.settings import ConfigError, settings_of
-from recbench.runs.config import CONFIG_DIR
+from recbench.runs.config import ConfigError
+from recbench.runs.settings import settings_of
 from recbench.methods.blocks import sparse_storage as ss
 from recbench.methods.autosrh import AutoSrh
 from recbench.methods.deeplight import DeepLight
@@ -105,8 +105,7 @@ def test_a_bad_rule_is_named():
 
 
 def composed(*overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+    return compose(list(overrides))
 
 
 def test_config_default_preset_and_a_bad_value():

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from recbench.runs.config import compose
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -29,8 +29,7 @@ FIELDS = ["user", "item"]
 
 
 def gate_factory(name, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["model=dlrm_moe", f"gate={name}", *overrides])
+    cfg = compose(["model=dlrm_moe", f"gate={name}", *overrides])
     return instantiate_without(cfg.gate, drop=(), _partial_=True)
 
 
@@ -195,11 +194,11 @@ RATED = {"_target_": "rated_toy.RatedToyProtocol", "rows": 2000,
 
 
 def job_cfg(tmp_path, *overrides):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_container(compose("config", overrides=["tracking=memory", *overrides]))
+    cfg = OmegaConf.to_container(compose(["tracking=memory", *overrides]))
     cfg["dataset"] = dict(RATED)
     cfg["paths"] = {"data_root": str(tmp_path / "data"), "run_root": str(tmp_path / "runs")}
-    cfg["trainer"].update({"progress": False, "latency_repeats": 2, "num_threads": 1})
+    cfg["trainer"].update({"progress": False, "latency_repeats": 2})
+    cfg["runtime"]["num_threads"] = 1
     return OmegaConf.create(cfg)
 
 

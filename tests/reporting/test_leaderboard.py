@@ -82,7 +82,7 @@ def test_the_row_command_carries_the_thread_count_its_seeds_ran_with():
     same = [dict(record("qr", 0.1, seed, 0.78, 100.0), num_threads="1") for seed in range(3)]
     mixed = [dict(record("robe", 0.1, seed, 0.78, 100.0), num_threads=str(1 + (seed == 2))) for seed in range(3)]
     rows = aggregate(same + mixed + [record("hashing", 0.1, 0, 0.78, 100.0)])
-    assert command(by(rows, "qr", 0.1)) == "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 trainer.num_threads=1 seed=0,1,2"
+    assert command(by(rows, "qr", 0.1)) == "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 runtime.num_threads=1 seed=0,1,2"
     assert command(by(rows, "robe", 0.1)) == "recbench -m sweep=fixture method=robe budget.compression_ratio=0.1 seed=0,1,2"
     assert command(by(rows, "hashing", 0.1)) == "recbench sweep=fixture method=hashing budget.compression_ratio=0.1 seed=0"
 

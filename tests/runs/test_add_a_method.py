@@ -16,6 +16,9 @@ MODULE = '''
 
 References: none (a toy).
 """
+from dataclasses import dataclass
+from typing import Any
+
 from recbench.methods.base import CompressionMethod, InfeasibleBudget
 from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
 
@@ -33,12 +36,14 @@ class ModuloEmbedding(FusedIdMapEmbedding):
         return KeyedJaggedTensor(features.keys(), __import__("torch").cat(parts), lengths=features.lengths())
 
 
+@dataclass
+class ToyModuloSettings:
+    fraction: Any = "auto"  #: rows kept per field: auto (the budget's ratio) or a fraction
+
+
 class ToyModulo(CompressionMethod):
     name = "toymod"
-
-    def __init__(self, name=None, fraction="auto"):
-        super().__init__(name)
-        self.fraction = fraction
+    settings_class = ToyModuloSettings
 
     def solve_hparams(self, tables, dim, budget):
         fraction = budget.compression_ratio if self.fraction == "auto" else float(self.fraction)
@@ -57,9 +62,11 @@ class ToyModulo(CompressionMethod):
 '''
 
 CONFIG = """\
+defaults:
+  - /schema/method/toymod@_here_
+  - _self_
 _target_: toymod_method.ToyModulo
 name: toymod
-fraction: auto
 """
 
 
@@ -75,7 +82,8 @@ def test_a_new_method_is_its_module_config_and_card_only(tmp_path, monkeypatch):
     search = f"hydra.searchpath=[file://{conf}]"
 
     composed = compose(["method=toymod", search])
-    assert composed.method.name == "toymod"
+    assert composed.method.name == "toymod" and composed.method.fraction == "auto"  # the dataclass default
+    assert compose(["method=toymod", "method.fraction=0.25", search]).method.fraction == 0.25
 
     cfg = toy_cfg(tmp_path, "method=toymod", "budget.compression_ratio=0.5", search)
     tracker = InMemoryTracker()

@@ -9,7 +9,8 @@ import pytest
 
 from recbench.runs.config import override_problem
 from recbench.runs.job import run_job
-from recbench.runs.settings import ConfigError, instantiate_dataset
+from recbench.runs.config import ConfigError
+from recbench.runs.settings import instantiate_dataset
 from recbench.tracking.base import InMemoryTracker
 from recbench.tracking.mlflow_tracker import StoreError, init_store
 from toy_protocol import ToyProtocol, toy_cfg

@@ -40,19 +40,19 @@ def test_a_run_records_its_thread_count_in_a_tag_and_in_its_command(tmp_path):
     """The thread count is outside the config hash but moves the numbers at float tolerance, so the
     command that reproduces a run carries the count it ran with (unless the command set one)."""
     tracker = InMemoryTracker()
-    cfg = toy_cfg(tmp_path, "trainer.num_threads=2")
+    cfg = toy_cfg(tmp_path, "runtime.num_threads=2")
     cfg.trainer.max_steps = 5
     run_job(cfg, tracker, extra_tags={"command": "recbench method=full seed=0"})
     assert tracker.current.tags["num_threads"] == "2"
-    assert tracker.current.tags["command"] == "recbench method=full seed=0 trainer.num_threads=2"
+    assert tracker.current.tags["command"] == "recbench method=full seed=0 runtime.num_threads=2"
     assert config_hash(OmegaConf.to_container(cfg, resolve=True)) == config_hash(
-        OmegaConf.to_container(toy_cfg(tmp_path, "trainer.num_threads=1", "trainer.max_steps=5"), resolve=True))
+        OmegaConf.to_container(toy_cfg(tmp_path, "runtime.num_threads=1", "trainer.max_steps=5"), resolve=True))
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("recbench method=qr seed=1", "recbench method=qr seed=1 trainer.num_threads=3"),
-    ("recbench method=qr trainer.num_threads=1 seed=1", "recbench method=qr trainer.num_threads=1 seed=1"),
-    ("recbench -m method=qr ++trainer.num_threads=2 seed=0,1", "recbench -m method=qr ++trainer.num_threads=2 seed=0,1"),
+    ("recbench method=qr seed=1", "recbench method=qr seed=1 runtime.num_threads=3"),
+    ("recbench method=qr runtime.num_threads=1 seed=1", "recbench method=qr runtime.num_threads=1 seed=1"),
+    ("recbench -m method=qr ++runtime.num_threads=2 seed=0,1", "recbench -m method=qr ++runtime.num_threads=2 seed=0,1"),
 ])
 def test_command_with_threads_keeps_a_count_the_command_set(command, expected):
     assert command_with_threads(command, 3) == expected
@@ -123,16 +123,20 @@ def test_an_option_added_later_at_its_default_keeps_the_hash_of_runs_recorded_be
 
     current = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
     before = copy.deepcopy(current)
-    for key in ("distributed", "sharding_types"):
-        before["trainer"].pop(key, None)  # a run recorded before these options existed
+    before.pop("runtime")  # a run recorded before the runtime group (and these options) existed
     assert config_hash(current) == config_hash(before)
-    current["trainer"]["distributed"] = True
+    current["runtime"]["distributed"] = True
     assert config_hash(current) != config_hash(before)
+    legacy = copy.deepcopy(before)  # ... or one that kept them under `trainer`, at their defaults
+    legacy["trainer"].update(num_threads=1, resume=True, distributed=False, sharding_types=None)
+    assert config_hash(legacy) == config_hash(before)
 
 
-@pytest.mark.parametrize("key, value", [("search_cache_mb", 0), ("num_threads", 1), ("progress", True),
-                                        ("distributed", True), ("sharding_types", ["table_wise"])])
-def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, key, value):
+@pytest.mark.parametrize("group, key, value", [
+    ("trainer", "search_cache_mb", 0), ("trainer", "progress", True), ("runtime", "num_threads", 1),
+    ("runtime", "distributed", True), ("runtime", "sharding_types", ["table_wise"]),
+    ("trainer", "num_threads", 1), ("trainer", "distributed", True)])  # (recorded before the runtime group)
+def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, group, key, value):
     """A trainer option that does not change the numbers (NON_NUMERIC_KEYS) or how a run is
     parallelised must not start a new leaderboard protocol, whether it is set, changed or absent
     (runs recorded before ``search_cache_mb`` existed landed in another protocol until this held)."""
@@ -142,8 +146,8 @@ def test_protocol_tag_ignores_what_never_changes_the_numbers(tmp_path, key, valu
 
     current = OmegaConf.to_container(toy_cfg(tmp_path), resolve=True)
     changed, before = copy.deepcopy(current), copy.deepcopy(current)
-    changed["trainer"][key] = value
-    before["trainer"].pop(key, None)
+    changed.setdefault(group, {})[key] = value
+    before.get(group, {}).pop(key, None)
     assert protocol_tag("p", current) == protocol_tag("p", changed) == protocol_tag("p", before)
     other = copy.deepcopy(current)
     other["trainer"]["patience"] = 7
@@ -196,7 +200,7 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     ("trainer.batch_size=0", "trainer.batch_size must be an integer >= 1, got 0"),
 ])
 def test_impossible_settings_fail_before_any_run_is_recorded(tmp_path, override, message):
-    from recbench.runs.settings import ConfigError
+    from recbench.runs.config import ConfigError
 
     tracker = InMemoryTracker()
     with pytest.raises(ConfigError, match=message):
@@ -209,7 +213,7 @@ def test_an_unreadable_checkpoint_restarts_the_run_and_closes_the_killed_one(tmp
     """A killed run whose ``checkpoint.pt`` was damaged (truncated; replaced by another file) cannot
     resume: the damaged file is set aside, the killed MLflow run is closed KILLED with the reason,
     and the job restarts as a new run with the numbers of an uninterrupted one (was: every re-run
-    failed with PyTorch's zip error until ``trainer.resume=false``)."""
+    failed with PyTorch's zip error until ``runtime.resume=false``)."""
     import torch
     from mlflow.tracking import MlflowClient
 

@@ -125,7 +125,7 @@ protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], 
 
 @pytest.mark.slow  # ~40-60 s on 2 shared cores: a torchrun job of 2 processes + a single-process run
 @pytest.mark.parametrize("method, extra", [("full", []), ("qr", ["budget.compression_ratio=0.5",
-                                                                 "trainer.sharding_types=[column_wise]"])])
+                                                                 "runtime.sharding_types=[column_wise]"])])
 def test_two_gloo_processes_match_one_process(tmp_path, method, extra):
     from mlflow.tracking import MlflowClient
 
@@ -136,13 +136,13 @@ def test_two_gloo_processes_match_one_process(tmp_path, method, extra):
                MLFLOW_TRACKING_URI=uri, RECBENCH_ARTIFACT_ROOT=str(tmp_path / "art"),
                RECBENCH_DATA_ROOT=str(tmp_path / "data"), RECBENCH_RUN_ROOT=str(tmp_path / "runs"), OMP_NUM_THREADS="1")
     args = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=toy", "model=dlrm", f"method={method}",
-            "trainer.progress=false", "trainer.num_threads=1", "trainer.latency_repeats=1", *extra]
+            "trainer.progress=false", "runtime.num_threads=1", "trainer.latency_repeats=1", *extra]
     single = subprocess.run([sys.executable, "-m", "recbench.cli.train", *args], env=env, cwd=tmp_path,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = str(Path(sys.executable).parent / "torchrun")
     double = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "recbench.cli.train", *args,
-                             "trainer.distributed=true"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                             "runtime.distributed=true"], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=600)
     out = double.stdout + double.stderr
     assert double.returncode == 0, out[-3000:]
@@ -203,8 +203,8 @@ def test_killed_distributed_run_resumes_from_its_rank_checkpoints(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     command = [torchrun, "--nproc-per-node", "2", "-m", "recbench.cli.train",
                f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "dataset=toy", "model=dlrm", "method=full",
-               "trainer.progress=false", "trainer.num_threads=1", "trainer.latency_repeats=1",
-               "trainer.checkpoint_every_steps=20", "trainer.distributed=true"]
+               "trainer.progress=false", "runtime.num_threads=1", "trainer.latency_repeats=1",
+               "trainer.checkpoint_every_steps=20", "runtime.distributed=true"]
 
     def env(store):
         return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),

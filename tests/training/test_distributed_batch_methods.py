@@ -1,5 +1,5 @@
 """Methods that compute from "the whole batch" inside their forward or backward, under
-``trainer.distributed=true``: 2 gloo processes (``multistage_ranks.py``) match one process on the
+``runtime.distributed=true``: 2 gloo processes (``multistage_ranks.py``) match one process on the
 toy protocol within the tolerance of ``test_distributed.py`` (|delta| <= 1e-4 on AUC and log
 loss, <= 1e-5 on logged losses), and the replicas stay identical (``check_replicas`` at every
 evaluation).

@@ -1,4 +1,4 @@
-"""Multi-stage methods under ``trainer.distributed=true``: between stages ``ProcessGroupParallel.rebuild``
+"""Multi-stage methods under ``runtime.distributed=true``: between stages ``ProcessGroupParallel.rebuild``
 releases DMP/DDP and the sparse-gradient hooks, applies the method's ``rebuild`` and wraps again.
 
 Two gloo processes (``multistage_ranks.py``, one subprocess per rank) train AutoSrh (custom lookup,

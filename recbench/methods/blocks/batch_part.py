@@ -1,6 +1,6 @@
 """Which part of the global batch this process holds, for lookups that must equal one process's.
 
-Under ``trainer.distributed=true`` each of W ranks forwards the contiguous rows
+Under ``runtime.distributed=true`` each of W ranks forwards the contiguous rows
 ``[start, start + rows)`` of a global batch of ``total`` rows; the trainer declares it around the
 training forward and the regulariser (``placement``). Two things a module computes from "the
 batch" then need it to stay equal to one process:

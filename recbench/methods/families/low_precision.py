@@ -27,7 +27,7 @@ step in the batch; ``"rows"``); the trainer's optimizer (``scale_optimizer``) st
 own learning rate (``param_groups``) and the rows are committed (rounded with the *updated* Delta) by the
 ``on_step_end`` hook, as in ALPT's alternating update.
 
-Distributed runs (``trainer.distributed=true``): the integer rows, step sizes and optimizer
+Distributed runs (``runtime.distributed=true``): the integer rows, step sizes and optimizer
 state are replicated; a rank's backward gathers every rank's touched row ids and (U_r, D) row
 gradients (never a table-sized gradient), so each rank updates the global batch's rows with the
 global gradient and the same counter-keyed rounding noise: W ranks keep identical tables, equal
@@ -46,6 +46,7 @@ Shapes: KJT (F keys, N values) -> U unique rows (U, D) int -> (U, D) fp32 -> per
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -432,29 +433,40 @@ class CommitRows(Hook):
         return None
 
 
+@dataclass
+class LowPrecisionSettings:
+    """Hyperparameters shared by the low-precision family (``lpt``, ``alpt``); each method's settings
+    add their own (``LPTSettings``, ``ALPTSettings``)."""
+
+    bits: Any = "auto"  #: auto (per-field precision from `levels`, landing the budget) | one of the allowed levels
+    levels: List[int] = field(default_factory=list)  #: precisions `auto` may use (empty: every allowed level)
+
+
 class LowPrecisionFamily(CompressionMethod):
     """Base of the low-precision family: shared solver, closed-form memory and build of ``lpt`` and ``alpt``.
 
-    Subclasses set ``name``, ``learnable`` and ``allowed_levels``.
+    Subclasses set ``name``, ``learnable``, ``allowed_levels`` and ``settings_class``. A step-size
+    attribute that is not a setting of the subclass keeps the class default below (``lpt``: fixed
+    per-field steps; ``alpt``: no ``fixed_range``).
     """
 
     table_backed = False
     learnable = False
     allowed_levels: tuple = ()
+    settings_class = LowPrecisionSettings
     #: 2: the rounding noise comes from the counter-keyed stream (``counter_uniform``)
     revision = 2
+    # step-size attributes of a subclass without that setting
+    granularity: str = "field"
+    fixed_range: float = 1.0
+    scale_learning_rate: float = 1.0
+    step_init: Any = "lsq"
+    gradient_scale: str = "rows"
+    scale_optimizer: str = "adagrad"
 
-    def __init__(self, name: Optional[str], bits: Any, levels: Sequence[int], granularity: str = "field",
-                 fixed_range: float = 1.0, scale_learning_rate: float = 1.0, step_init: Any = "lsq",
-                 gradient_scale: str = "rows", scale_optimizer: str = "adagrad", **hyperparameters: Any):
-        super().__init__(name, bits=bits, levels=list(levels), **hyperparameters)
-        if self.learnable:
-            self.hyperparameters.update(granularity=granularity, scale_learning_rate=scale_learning_rate)
-            if (step_init, gradient_scale, scale_optimizer) != ("lsq", "rows", "adagrad"):
-                self.hyperparameters.update(step_init=step_init, gradient_scale=gradient_scale,
-                                            scale_optimizer=scale_optimizer)
-        else:
-            self.hyperparameters.update(fixed_range=fixed_range)
+    def check_settings(self) -> None:
+        levels, bits, granularity = self.levels, self.bits, self.granularity
+        step_init, gradient_scale, scale_optimizer = self.step_init, self.gradient_scale, self.scale_optimizer
         self.levels = sorted({int(b) for b in (levels or self.allowed_levels)}, reverse=True)
         bad = [b for b in self.levels if b not in self.allowed_levels]
         if bad or not self.levels:
@@ -463,7 +475,7 @@ class LowPrecisionFamily(CompressionMethod):
             raise ValueError(f"method {self.name!r}: bits must be 'auto' or one of {list(self.allowed_levels)}, got {bits!r}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"method {self.name!r}: granularity={granularity!r}; allowed: {', '.join(GRANULARITIES)}")
-        if not float(fixed_range) > 0 or not float(scale_learning_rate) > 0:
+        if not float(self.fixed_range) > 0 or not float(self.scale_learning_rate) > 0:
             raise ValueError(f"method {self.name!r}: fixed_range and scale_learning_rate must be > 0")
         if step_init != "lsq" and (isinstance(step_init, (bool, str)) or not float(step_init) > 0):
             raise ValueError(f"method {self.name!r}: step_init must be 'lsq' or a number > 0, got {step_init!r}")
@@ -476,10 +488,8 @@ class LowPrecisionFamily(CompressionMethod):
             raise ValueError(f"method {self.name!r}: scale_optimizer='adagrad' needs granularity='row' "
                              "(per-field step sizes are a dense parameter, trained by Adam)")
         self.step_init = step_init if step_init == "lsq" else float(step_init)
-        self.gradient_scale, self.scale_optimizer = gradient_scale, scale_optimizer
-        self.bits = bits
         self.granularity = granularity if self.learnable else "field"
-        self.fixed_range, self.scale_learning_rate = float(fixed_range), float(scale_learning_rate)
+        self.fixed_range, self.scale_learning_rate = float(self.fixed_range), float(self.scale_learning_rate)
 
     # ----- closed form -----
     def _step_bytes(self, compressed: Sequence[TableSpec]) -> int:

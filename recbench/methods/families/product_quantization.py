@@ -37,6 +37,7 @@ Shapes: KJT (F keys, N values) -> U unique rows -> queries (U, P, d) -> logits (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -348,37 +349,53 @@ def _row_mean_squares(a: torch.Tensor, b: torch.Tensor, world: int, owned: Optio
 
 
 # ----------------------------------------------------------------------------- budget
+@dataclass
+class ProductQuantizationSettings:
+    """Hyperparameters shared by the product-quantization family (``dpq``, ``mgqe``); defaults:
+    DPQ-SX of Chen et al., ICML 2020 (``mgqe`` re-declares ``assignment``)."""
+
+    #: P sub-vectors per row (a divisor of the embedding dim), solved from the budget (auto) or an integer
+    parts: Any = "auto"
+    #: K codewords per part, solved from the budget (auto) or an integer (codes take ceil(log2 K) bits)
+    codewords: Any = "auto"
+    #: upper bound of an auto K (training costs K logits per part and row; 256 = byte codes)
+    max_codewords: int = 256
+    assignment: str = "softmax"  #: softmax (DPQ-SX: dot-product logits, straight-through one-hot) | vq (DPQ-VQ)
+    codebooks: str = "shared"  #: shared (one set of codebooks for all fields) | per_field
+    normalize_logits: bool = True  #: batch-normalise the logits (no affine parameters), as in the paper
+    temperature: float = 1.0  #: tau of the softmax relaxation
+    commitment: float = 0.25  #: beta of DPQ-VQ's commitment loss (vq only)
+
+
 class ProductQuantizationFamily(CompressionMethod):
     """Base of the product-quantization family: shared solver, closed-form memory and build of ``dpq`` and ``mgqe``."""
 
     table_backed = False
     multi_granular = False
+    settings_class = ProductQuantizationSettings
 
-    def __init__(self, name: Optional[str], parts: Any, codewords: Any, max_codewords: int, assignment: str,
-                 codebooks: str, normalize_logits: bool, temperature: float, commitment: float, **hyperparameters: Any):
-        super().__init__(name, parts=parts, codewords=codewords, max_codewords=max_codewords, assignment=assignment,
-                         codebooks=codebooks, normalize_logits=normalize_logits, temperature=temperature,
-                         commitment=commitment, **hyperparameters)
+    def check_settings(self) -> None:
+        parts, codewords, max_codewords = self.parts, self.codewords, self.max_codewords
         if not isinstance(max_codewords, int) or not 2 <= max_codewords <= MAX_CODEWORDS:
             raise ValueError(f"method {self.name!r}: max_codewords must be an integer in [2, {MAX_CODEWORDS}], got {max_codewords!r}")
         self.max_codewords = int(max_codewords)
-        if assignment not in ASSIGNMENTS:
-            raise ValueError(f"method {self.name!r}: assignment={assignment!r}; allowed: {', '.join(ASSIGNMENTS)}")
-        if codebooks not in CODEBOOKS:
-            raise ValueError(f"method {self.name!r}: codebooks={codebooks!r}; allowed: {', '.join(CODEBOOKS)}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"method {self.name!r}: assignment={self.assignment!r}; allowed: {', '.join(ASSIGNMENTS)}")
+        if self.codebooks not in CODEBOOKS:
+            raise ValueError(f"method {self.name!r}: codebooks={self.codebooks!r}; allowed: {', '.join(CODEBOOKS)}")
         for key, value in (("parts", parts), ("codewords", codewords)):
             if value != "auto" and (not isinstance(value, int) or value < (1 if key == "parts" else 2)):
                 raise ValueError(f"method {self.name!r}: {key} must be 'auto' or an integer >= {1 if key == 'parts' else 2}, got {value!r}")
         if isinstance(codewords, int) and codewords > MAX_CODEWORDS:
             raise ValueError(f"method {self.name!r}: codewords must be <= {MAX_CODEWORDS} (16-bit codes), got {codewords}")
-        if not float(temperature) > 0 or float(commitment) < 0:
+        if not float(self.temperature) > 0 or float(self.commitment) < 0:
             raise ValueError(f"method {self.name!r}: temperature must be > 0 and commitment >= 0")
-        self.parts, self.codewords = parts, codewords
-        self.assignment, self.codebooks = assignment, codebooks
-        self.normalize_logits, self.temperature, self.commitment = bool(normalize_logits), float(temperature), float(commitment)
+        self.normalize_logits, self.temperature, self.commitment = (bool(self.normalize_logits), float(self.temperature),
+                                                                    float(self.commitment))
 
     # subclasses: the tail codebook size for K head codewords and the head rows per field
-    def tail_codewords(self, codewords: int) -> int:
+    # (not ``tail_codewords``: that name is ``mgqe``'s setting, an attribute of the method)
+    def tail_codebook_size(self, codewords: int) -> int:
         return codewords
 
     def heads(self, compressed: Sequence[TableSpec]) -> Optional[Dict[str, np.ndarray]]:
@@ -392,7 +409,7 @@ class ProductQuantizationFamily(CompressionMethod):
         books = self._books(compressed) * codewords * dim * FP32_BYTES
         if not self.multi_granular:
             return bit_packing.packed_bytes(rows * parts, bit_packing.bits_for(codewords)) + books + fixed
-        tail = self.tail_codewords(codewords)
+        tail = self.tail_codebook_size(codewords)
         return (bit_packing.packed_bytes(head_count * parts, bit_packing.bits_for(codewords))
                 + bit_packing.packed_bytes((rows - head_count) * parts, bit_packing.bits_for(tail))
                 + group_map_bytes(rows) + books + fixed)
@@ -431,7 +448,7 @@ class ProductQuantizationFamily(CompressionMethod):
             raise InfeasibleBudget(self.name, budget.compression_ratio, lowest / full, highest / full,
                                    f"even P={min(part_options)}, K={k_low} needs ratio {lowest / full:.4g}")
         _, parts, codewords = best
-        return {"parts": parts, "codewords": codewords, "tail_codewords": self.tail_codewords(codewords),
+        return {"parts": parts, "codewords": codewords, "tail_codewords": self.tail_codebook_size(codewords),
                 "kept": [t.name for t in kept], "head_rows": head_count}
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],

@@ -1,6 +1,6 @@
 """Base of the pruning family: element-wise pruning of embedding tables.
 
-``PruningFamily`` is subclassed by ``pep``, ``deeplight`` and ``dsl``.
+``PruningFamily`` is subclassed by ``pep``, ``deeplight``, ``dsl`` and ``autosrh``.
 
 Every compressed field's rows are stacked in one (R, D) fp32 ``weight`` (field f at rows
 ``row_offset[f] : row_offset[f] + n_f``) with a persistent bool ``mask`` buffer (R, D), so masks,
@@ -30,6 +30,7 @@ References: docs/architecture.md section 3 ("Budget and memory": sparse-format i
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
@@ -40,7 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.blocks import sparse_storage
 from recbench.methods.base import CompressionMethod, Hook, InfeasibleBudget
-from recbench.methods.blocks.budget import kept_bytes, land, split_tables, target_bytes
+from recbench.methods.blocks.budget import check_auto, kept_bytes, land, split_tables, target_bytes
 from recbench.methods.blocks.per_id import PerIdEmbedding
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
@@ -222,15 +223,27 @@ class MaskHook(Hook):
         return None
 
 
+@dataclass
+class PruningSettings:
+    """Hyperparameters shared by the pruning family (each method's settings inherit them)."""
+
+    nnz: Any = "auto"  #: kept entries, solved from the budget including sparse-index bytes (only auto)
+
+
 class PruningFamily(CompressionMethod):
     """Base of the pruning family: shared solve/memory, ``nnz`` from the budget including index bytes.
 
-    Subclasses set ``module_class`` and may add training-state bytes (``extra_state``) and dense
-    parameters (``dense_parameters``) to the closed form.
+    Subclasses set ``module_class`` and a ``settings_class`` derived from ``PruningSettings``, and
+    may add training-state bytes (``extra_state``) and dense parameters (``dense_parameters``) to
+    the closed form.
     """
 
     table_backed = False
     module_class = PrunedEmbedding
+    settings_class = PruningSettings
+
+    def check_settings(self) -> None:
+        check_auto(self.name, "nnz", self.nnz)
 
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         compressed, kept = split_tables(tables, budget)
