@@ -17,7 +17,7 @@ rounds. Figures: reference step time / ``full`` step time (target >= 1.8), and e
 time / ``full``'s (hashing, unified, mixed_dim <= 1.15; qr <= 1.3).
 
     python benchmarks/train_step.py                      # scale 0.1 (3.4M rows), batch 4096
-    python benchmarks/train_step.py --methods all        # every conf/method/*.yaml (dhe takes ~25x full)
+    python benchmarks/train_step.py --methods all        # every recbench/conf/method/*.yaml (dhe takes ~25x full)
     recbench-bench train_step --scale 0.01 --model dcn
 
 References: docs/architecture.md section 6; recbench.bench.harness.

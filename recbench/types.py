@@ -244,6 +244,11 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: a search stage needs a run callable")
 
 
+def format_duration(seconds: float) -> str:
+    """A duration for people: ``45 s``, ``12.5 min``, ``3.1 h``."""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 def settings_hash(settings: Mapping[str, Any], length: int = 10) -> str:
     """Stable short hash of a JSON-serialisable settings mapping."""
     blob = json.dumps(settings, sort_keys=True, default=str).encode()

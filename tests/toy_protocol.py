@@ -65,7 +65,7 @@ class ToyProtocol(DatasetProtocol):
 
 
 #: the tiny protocol as a dataset config, and a composed job config over it (tests of whole jobs)
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[1] / "recbench" / "conf")
 TOY = {
     "_target_": "toy_protocol.ToyProtocol",
     "rows": 2000,

@@ -10,7 +10,7 @@ _quiet()
 
 def _register_resolvers() -> None:
     """``${recbench_pid:}``: this process's id, which keeps two launches in one second apart in
-    ``hydra.sweep.dir`` (conf/config.yaml)."""
+    ``hydra.sweep.dir`` (recbench/conf/config.yaml)."""
     import os
 
     from omegaconf import OmegaConf

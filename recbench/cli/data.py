@@ -5,7 +5,7 @@
     recbench-data prepare synthetic dataset.rows=1000000 [--force]
     recbench-data info movielens100k
 
-Dataset names are the files of ``conf/dataset/`` (the registry); overrides are Hydra overrides.
+Dataset names are the files of ``recbench/conf/dataset/`` (the registry); overrides are Hydra overrides.
 
 References: docs/architecture.md sections 2 and 7.
 """
@@ -31,13 +31,13 @@ def compose_dataset(name: str, overrides: List[str]):
 
     names = dataset_names()
     if name not in names:
-        raise SystemExit(f"recbench-data: unknown dataset {name!r}; allowed: {', '.join(names)} (conf/dataset/*.yaml)")
+        raise SystemExit(f"recbench-data: unknown dataset {name!r}; allowed: {', '.join(names)} (recbench/conf/dataset/*.yaml)")
     return compose([f"dataset={name}", *overrides])
 
 
 def main(argv: List[str] | None = None) -> int:
     # recbench's own progress at INFO; third-party loggers (FBGEMM announces every library it loads
-    # at INFO on the root logger) only from WARNING up, as in the Hydra jobs (conf/config.yaml)
+    # at INFO on the root logger) only from WARNING up, as in the Hydra jobs (recbench/conf/config.yaml)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("recbench").setLevel(logging.INFO)
     parser = OneLineParser(prog="recbench-data", description=__doc__.split("\n\n")[0])

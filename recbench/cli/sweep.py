@@ -1,4 +1,4 @@
-"""``recbench-sweep``: run a sweep preset (``conf/sweep/<preset>.yaml``) as one command.
+"""``recbench-sweep``: run a sweep preset (``recbench/conf/sweep/<preset>.yaml``) as one command.
 
     recbench-sweep leaderboard_synthetic                 # every method x 6 budgets x 3 seeds + `full`
     recbench-sweep demo --jobs 2                         # two parallel local jobs (Hydra joblib launcher)
@@ -8,7 +8,7 @@
 
 A preset is an ordinary Hydra config (``# @package _global_``): its ``hydra.sweeper.params`` hold
 the grid, so ``recbench -m sweep=<preset>`` runs the main grid too. ``method: glob(*,exclude=full)``
-expands, at launch time, to every file in ``conf/method/`` (the folder is the registry: nothing to
+expands, at launch time, to every file in ``recbench/conf/method/`` (the folder is the registry: nothing to
 keep in sync). ``sweep_preset.reference`` names extra fixed points launched after the main grid
 with the same seeds, e.g. the uncompressed ``full`` model at ratio 1.0 that every leaderboard row is
 compared with. ``sweep_preset`` never changes a job's numbers (it is left out of the config hash).
@@ -65,9 +65,9 @@ def _job_count(value: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = OneLineParser(prog="recbench-sweep", description="run a sweep preset of conf/sweep/")
+    parser = OneLineParser(prog="recbench-sweep", description="run a sweep preset of recbench/conf/sweep/")
     parser.add_argument("words", nargs="*", metavar="preset [overrides ...]",
-                        help="a conf/sweep/<preset>.yaml name, then extra Hydra overrides (win over the preset's grid)")
+                        help="a recbench/conf/sweep/<preset>.yaml name, then extra Hydra overrides (win over the preset's grid)")
     parser.add_argument("--jobs", type=_job_count, default=None,
                         help="parallel local jobs (joblib launcher when > 1; default: the preset's sweep_preset.jobs or 1)")
     parser.add_argument("--sweep-id", default=None, help="default: <preset>-<hash of preset and overrides>")

@@ -1,6 +1,6 @@
 """The dataset protocol contract: settings -> protocol id -> cached, verified arrays.
 
-A protocol object is instantiated by Hydra from ``conf/dataset/<name>.yaml``. Its ``settings()``
+A protocol object is instantiated by Hydra from ``recbench/conf/dataset/<name>.yaml``. Its ``settings()``
 hold everything that changes the numbers (source checksum, preprocessing rules, split rule,
 label rule); the protocol id is the name plus a hash of them, so a changed rule never reuses a
 stale cache.

@@ -83,7 +83,7 @@ class Gate(nn.Module):
                  lr: Optional[float] = None):
         super().__init__()
         if name is not None and name != self.name:
-            raise ValueError(f"conf/gate config names {name!r} but its _target_ is the {self.name!r} gate; "
+            raise ValueError(f"recbench/conf/gate config names {name!r} but its _target_ is the {self.name!r} gate; "
                              "the config file name, `name` and the class must agree")
         self.feature_names = list(feature_names)
         self.routing_input, self.fields = self._routing(input)

@@ -2,7 +2,7 @@
 
 A method is two objects (docs/architecture.md section 3):
 
-* ``CompressionMethod`` — instantiated by Hydra from ``conf/method/<name>.yaml`` with
+* ``CompressionMethod`` — instantiated by Hydra from ``recbench/conf/method/<name>.yaml`` with
   hyperparameters only. ``solve`` turns ``auto`` hyperparameters into values that meet the
   budget and returns them as a ``Plan`` with their closed-form ``memory``; ``build`` returns the
   embedding module of that plan,
@@ -196,8 +196,8 @@ class CompressionMethod(abc.ABC):
 
     Hyperparameters have one source: the fields of ``settings_class``, a dataclass whose fields
     carry each one's type, default and meaning. It is the method's Hydra structured config
-    (``recbench.runs.config.complete_method`` merges it under ``conf/method/<name>.yaml``, which
-    only selects the method and overrides). Each field becomes an attribute of the method;
+    (``recbench.runs.config.register_method_schemas`` stores it in Hydra's ConfigStore;
+    ``recbench/conf/method/<name>.yaml`` lists it first in its defaults, and only selects the method). Each field becomes an attribute of the method;
     ``check_settings`` rejects unsupported values and derives further attributes.
     """
 
@@ -215,7 +215,7 @@ class CompressionMethod(abc.ABC):
     def __init__(self, name: Optional[str] = None, **hyperparameters: Any):
         if name is not None and name != self.name:
             raise ValueError(
-                f"conf/method config names {name!r} but its _target_ is the {self.name!r} method; "
+                f"recbench/conf/method config names {name!r} but its _target_ is the {self.name!r} method; "
                 "the config file name, `name` and the class must agree"
             )
         known = [f.name for f in dataclasses.fields(self.settings_class)]

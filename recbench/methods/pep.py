@@ -253,7 +253,7 @@ class SparsityHook(Hook):
 @dataclass
 class PEPSettings(PruningSettings):
     """Hyperparameters of ``pep`` (defaults: the reference code's, ssui-liu/learnable-embed-sizes-for-RecSys
-    train_ml-1m.py; ``conf/method/pep.yaml`` lets an experiment preset threshold_init, the two
+    train_ml-1m.py; ``recbench/conf/method/pep.yaml`` lets an experiment preset threshold_init, the two
     optimizers and the two weight decays under ``method_settings.pep``)."""
 
     granularity: str = "feature_dim"  #: feature_dim (per id and dim) | feature | field_dim | field | dimension | global

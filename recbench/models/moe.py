@@ -261,7 +261,7 @@ class MoEModelMixin:
 class DLRMMoE(MoEModelMixin, DLRM):
     """DLRM whose over-arch is a mixture of experts.
 
-    Args: as ``DLRM`` plus ``gate`` (gate factory, from ``conf/gate``), ``num_experts``, ``tasks``
+    Args: as ``DLRM`` plus ``gate`` (gate factory, from ``recbench/conf/gate``), ``num_experts``, ``tasks``
     (default ["click"]), ``task_loss_weights`` ({task: weight}, default 1.0 each), ``expert_layers``
     (default: top_mlp[:-1])."""
 

@@ -1,4 +1,4 @@
-"""The method catalogue, built from the registry: ``conf/method/*.yaml`` (the methods), each
+"""The method catalogue, built from the registry: ``recbench/conf/method/*.yaml`` (the methods), each
 method's card ``methods/<name>.md`` (its header lines: paper, family, budget knob, reference) and
 its settings dataclass (each setting's type, default and meaning). Nothing here is a second list
 of methods: adding a method's module, config and card adds its catalogue entry.
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from recbench.runs.config import CONFIG_DIR, method_classes
+from recbench.runs.config import method_classes
 
 #: the folder of the method cards
-CARDS_DIR = Path(CONFIG_DIR).parent / "methods"
+CARDS_DIR = Path(__file__).resolve().parents[2] / "methods"  # a source checkout; a wheel has no cards
 #: the card header lines the catalogue reads (``- **Paper**: ...``)
 CARD_FIELDS = ("Paper", "Family", "Budget knob", "Reference")
 _HEADER = re.compile(r"^- \*\*(?P<key>[^*]+)\*\*: (?P<value>.*)$")
@@ -102,7 +102,7 @@ def settings_of(method_class: type) -> List[Setting]:
 
 
 def entries(names: Optional[List[str]] = None) -> List[Entry]:
-    """The catalogue entries of ``names`` (default: every method in ``conf/method``)."""
+    """The catalogue entries of ``names`` (default: every method in ``recbench/conf/method``)."""
     classes = method_classes()
     unknown = sorted(set(names or ()) - set(classes))
     if unknown:

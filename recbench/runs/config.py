@@ -1,7 +1,7 @@
 """Where the configs are, and composing one job's config from overrides (no launcher).
 
-``conf/`` is the registry: ``conf/method/*.yaml`` are the methods, ``conf/gate/*.yaml`` the gates,
-``conf/sweep/*.yaml`` the sweep presets. This module imports only Hydra, so a command's ``--help``
+``recbench/conf/`` (package data: an installed wheel has it) is the registry: ``method/*.yaml`` are
+the methods, ``gate/*.yaml`` the gates, ``sweep/*.yaml`` the sweep presets. This module imports only Hydra, so a command's ``--help``
 stays fast; ``complete_method`` imports the selected method's module when a config is composed.
 
 References: Hydra's compose API (``initialize_config_dir``, ``compose``).
@@ -16,8 +16,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from recbench.conf import CONFIG_DIR, targets
+
 #: the folder of the Hydra configs
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 class ConfigError(ValueError):
@@ -25,7 +26,7 @@ class ConfigError(ValueError):
 
 
 def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) -> DictConfig:
-    """The resolved-on-access job config of ``conf/config.yaml`` with ``overrides`` applied
+    """The resolved-on-access job config of ``recbench/conf/config.yaml`` with ``overrides`` applied
     (e.g. ``["method=hashing", "budget.compression_ratio=0.1"]``)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
@@ -46,7 +47,7 @@ def search_dirs(overrides: Sequence[str]) -> Tuple[str, ...]:
     return tuple(out)
 
 
-#: the config group of the methods' structured configs: ``conf/method/<name>.yaml`` lists
+#: the config group of the methods' structured configs: ``recbench/conf/method/<name>.yaml`` lists
 #: ``/schema/method/<name>@_here_`` first in its defaults
 SCHEMA_GROUP = "schema/method"
 
@@ -64,23 +65,17 @@ def method_schema(method_class: type) -> type:
 
 
 def method_classes(extra_dirs: Sequence[str] = ()) -> Dict[str, type]:
-    """{method name: its class}, from the ``_target_`` of each ``method/*.yaml`` of ``conf/`` and of
+    """{method name: its class}, from the ``_target_`` of each ``method/*.yaml`` of ``recbench/conf/`` and of
     ``extra_dirs`` (imports them)."""
     from hydra.utils import get_class
 
-    out = {}
-    paths = [p for folder in (CONFIG_DIR, *extra_dirs) for p in sorted((Path(folder) / "method").glob("*.yaml"))]
-    for path in paths:
-        target = OmegaConf.load(path).get("_target_")
-        if target:
-            out[path.stem] = get_class(str(target))
-    return out
+    return {name: get_class(target) for name, target in targets("method", extra_dirs).items()}
 
 
 @functools.lru_cache(maxsize=None)
 def register_method_schemas(extra_dirs: Tuple[str, ...] = ()) -> None:
     """Store each method's structured config in Hydra's ConfigStore (group ``schema/method``): the
-    methods of ``conf/method`` and of the search-path folders ``extra_dirs``.
+    methods of ``recbench/conf/method`` and of the search-path folders ``extra_dirs``.
 
     Called before any config is composed. It imports every method module: the ~7 CPU-seconds of
     importing TorchRec, which a job pays anyway; ``recbench --help`` skips it (the default method,
@@ -98,12 +93,12 @@ def settings_defaults(method_class: type) -> Dict[str, Any]:
     return dataclasses.asdict(method_class.settings_class())
 
 
-#: top-level keys of a job's config that are not config groups (conf/config.yaml)
+#: top-level keys of a job's config that are not config groups (recbench/conf/config.yaml)
 ROOT_KEYS = ("seed", "sweep_id", "sweep_preset", "hydra")
 
 
 def groups() -> Dict[str, List[str]]:
-    """{config group: its options}, read from the folders of ``conf/`` (the registry)."""
+    """{config group: its options}, read from the folders of ``recbench/conf/`` (the registry)."""
     root = Path(CONFIG_DIR)
     return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir())
             if d.is_dir() and any(d.glob("*.yaml"))}
@@ -144,10 +139,11 @@ def composition_problem(overrides: Sequence[str]) -> Optional[str]:
             rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
             try:
                 node = compose(rest)
-                known = list(OmegaConf.select(node, parent).keys()) if parent else list(node.keys())
+                known = [str(k) for k in (OmegaConf.select(node, parent) if parent else node).keys()
+                         if not str(k).startswith("_") and not (parent == "method" and k == "name")]
             except Exception:  # noqa: BLE001 (the list is a courtesy)
                 known = []
-            return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(map(str, known))}"
+            return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(known)}"
         first = str(exc).splitlines()[0].rstrip(".")
         detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
         return f"{first}: {detail}" if detail else first
@@ -170,7 +166,7 @@ def override_problem(overrides: Sequence[str]) -> Optional[str]:
         if key in known and "(" not in value:  # a group choice: every listed option must exist
             for option in (v.strip() for v in value.split(",")):
                 if option and option != "null" and option not in known[key]:
-                    return (f"{key}={option}: there is no conf/{key}/{option}.yaml; allowed: "
+                    return (f"{key}={option}: there is no recbench/conf/{key}/{option}.yaml; allowed: "
                             f"{', '.join(known[key])}")
         elif head not in known and head not in ROOT_KEYS and not override.startswith(("+", "++")):
             return (f"{key}: no setting of this name (its first part {head!r} is neither a config group nor a "

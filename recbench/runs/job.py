@@ -65,11 +65,13 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
-def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] = None) -> JobResult:
+def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] = None,
+            keep_model: bool = False) -> JobResult:
     """Run one job end to end; never raises for a bad method/budget/training failure once the
     tracker run exists (the run is recorded as FAILED with its reason and the error re-raised
     only for configuration errors before tracking starts). ``extra_tags`` (e.g. the Hydra
-    overrides and the command that reproduces the job) are added to the run's tags."""
+    overrides and the command that reproduces the job) are added to the run's tags.
+    ``keep_model``: the result carries the trained model (``JobResult.model``; the Python API)."""
     settings_of(cfg)  # every value in range before anything is prepared or recorded
     threads = configure_threads(cfg)
     parallel = distributed.current()  # one process, or this rank of a torchrun job (runtime.distributed)
@@ -101,7 +103,10 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
             if done:
                 log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
                 return JobResult("skipped", {}, done, "already finished with the same resolved config")
-        return _run_locked(cfg, prepared, tracker, run_dir, resolved, chash, threads, extra_tags)
+        result = _run_locked(cfg, prepared, tracker, run_dir, resolved, chash, threads, extra_tags)
+        if not keep_model:
+            result.model = None  # the model's memory goes with the job unless the caller asked for it
+        return result
 
 
 @contextmanager
@@ -193,14 +198,14 @@ def _run_locked(cfg: DictConfig, prepared, tracker, run_dir: Path, resolved: Dic
         _log_text_artifact(tracker, "traceback.txt", traceback.format_exc())
         tracker.end_run(FAILED)
         raise
-    metrics, reason, under = result
+    metrics, reason, under, model = result
     status = "failed" if reason else "finished"
     tracker.set_tags({"status": status, "status_reason": reason,
                       "achieved_ratio": f"{metrics.get('emb/compression_ratio', float('nan')):.6g}"})
     tracker.end_run(FAILED if reason else FINISHED)
     if checkpoint_path.exists():
         checkpoint_path.unlink()  # the run is complete; its checkpoint is no longer needed
-    return JobResult(status, metrics, run_id, reason, under)
+    return JobResult(status, metrics, run_id, reason, under, model)
 
 
 def _log_stage(tracker, index: int, name: str, result: Dict[str, Any]) -> None:
@@ -303,4 +308,4 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)
-    return metrics, reason, under
+    return metrics, reason, under, model

@@ -4,10 +4,11 @@ References: docs/architecture.md ("Evaluation").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
+
 
 @dataclass
 class JobResult:
@@ -16,6 +17,7 @@ class JobResult:
     run_id: Optional[str]
     reason: str = ""
     under_budget: bool = False  # the solved ratio is below (1 - tolerance) x the requested one (tag ``under_budget``)
+    model: Any = field(default=None, repr=False)  # the trained model (``run_job(keep_model=True)``: the Python API)
 
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from recbench.reporting.runs import load_mlflow_runs, save_records
 from recbench.runs.job import usable_cores
 from recbench.runs.sweep_plan import Grid, SweepPlan
+from recbench.types import format_duration
 
 OUTCOMES = ("finished", "skipped", "infeasible", "failed")
 
@@ -117,15 +118,62 @@ def count_outcomes(sweep_dir: Path, expected: int) -> Counter:
     return counts
 
 
+class SweepProgress:
+    """While a sweep runs, one line each time jobs end: ``job k/N``, the outcomes so far and the
+    time left at the pace of the jobs that ran (jobs the plan found FINISHED are skipped in
+    seconds and do not count towards the pace). Read from the jobs' ``outcome.json`` files every
+    ``seconds``; the line goes to the terminal and to any log the output is piped to."""
+
+    def __init__(self, plan: SweepPlan, sweep_dir: Path, seconds: float = 15.0, log=None):
+        self.plan, self.sweep_dir, self.interval = plan, Path(sweep_dir), seconds
+        self.log = log or (lambda line: print(line, flush=True))
+        self.start = time.perf_counter()
+        self.seen = -1
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="recbench-progress", daemon=True)
+
+    def line(self, counts: Counter) -> str:
+        done = sum(counts.get(k, 0) for k in OUTCOMES)
+        elapsed = time.perf_counter() - self.start
+        ran = done - counts.get("skipped", 0)
+        to_run = max(0, self.plan.jobs_total - self.plan.already_finished - ran)
+        parts = ", ".join(f"{k} {counts.get(k, 0)}" for k in OUTCOMES)
+        pace = (f"about {format_duration(elapsed / ran * to_run)} left at the pace so far" if ran and to_run else
+                "no job has run yet" if to_run else "the last jobs are ending")
+        return (f"[recbench-sweep] {time.strftime('%H:%M:%S')} job {done}/{self.plan.jobs_total} done ({parts}); "
+                f"{format_duration(elapsed)} elapsed, {pace}")
+
+    def check(self) -> None:
+        counts = count_outcomes(self.sweep_dir, self.plan.jobs_total)
+        done = sum(counts.get(k, 0) for k in OUTCOMES)
+        if done != self.seen:
+            self.seen = done
+            if done:
+                self.log(self.line(counts))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.check()
+
+    def __enter__(self) -> "SweepProgress":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def run_plan(plan: SweepPlan, jobs: int, root: Path) -> Tuple[int, Counter]:
     # one folder per launch, even for two launches of one sweep in the same second
     sweep_dir = Path(root) / plan.sweep_id / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
     code = 0
-    for grid in plan.grids:
-        command = hydra_command(plan, grid, jobs, sweep_dir)
-        env = job_environment(job_threads(jobs, grid.overrides))
-        print(f"\n[recbench-sweep] {grid.name}: {len(grid.jobs)} jobs\n  {shlex.join(command)}", flush=True)
-        code = subprocess.run(command, env=env).returncode or code
+    with SweepProgress(plan, sweep_dir):
+        for grid in plan.grids:
+            command = hydra_command(plan, grid, jobs, sweep_dir)
+            env = job_environment(job_threads(jobs, grid.overrides))
+            print(f"\n[recbench-sweep] {grid.name}: {len(grid.jobs)} jobs\n  {shlex.join(command)}", flush=True)
+            code = subprocess.run(command, env=env).returncode or code
     return code, count_outcomes(sweep_dir, plan.jobs_total)
 
 
@@ -154,18 +202,14 @@ def summary(plan: SweepPlan, counts: Optional[Counter] = None, jobs: int = 1) ->
     return "\n".join(lines)
 
 
-def _duration(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min"
-
-
 def cost_line(plan: SweepPlan, jobs: int) -> str:
     """The estimated cost of the feasible jobs to run (those the budget solver rejects end in
     seconds), and the jobs the store has no finished run to price by."""
     parts = []
     if plan.estimated_jobs:
         parallel = max(1, min(jobs, usable_cores()))
-        parts.append(f"estimated {_duration(plan.estimated_cpu_seconds)} CPU for {plan.estimated_jobs} job(s), "
-                     f"about {_duration(plan.estimated_cpu_seconds / parallel)} wall at {parallel} parallel job(s) "
+        parts.append(f"estimated {format_duration(plan.estimated_cpu_seconds)} CPU for {plan.estimated_jobs} job(s), "
+                     f"about {format_duration(plan.estimated_cpu_seconds / parallel)} wall at {parallel} parallel job(s) "
                      "(median CPU seconds of finished runs of the same method and protocol)")
     if plan.unestimated:
         methods = ", ".join(f"{m or '?'} x{n}" for m, n in sorted(plan.unestimated.items()))

@@ -56,7 +56,7 @@ from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.training.search_cache import MB, SearchEvaluation
 from recbench.models.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
                                      training_loss)
-from recbench.types import EmbeddingOptimizer, Stage
+from recbench.types import EmbeddingOptimizer, Stage, format_duration
 
 log = logging.getLogger(__name__)
 
@@ -144,10 +144,6 @@ class TrainResult:
     metrics: Dict[str, float]
     stage_results: List[Dict[str, Any]]
     history: List[Dict[str, float]]
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _peak_rss_mb() -> float:
@@ -415,8 +411,12 @@ class Trainer:
         max_epochs = stage.max_epochs if stage.max_epochs is not None else cfg.max_epochs
         max_steps = stage.max_steps or cfg.max_steps or int(math.ceil(max_epochs * steps_per_epoch))
         eval_every = max(1, steps_per_epoch // cfg.evals_per_epoch)
+        # with early stopping the step cap is an upper bound (runs stop near a quarter of it on
+        # MovieLens), so the bar shows steps done of the cap, elapsed time and speed, and no ETA
+        capped = "{desc}: {n_fmt}/{total_fmt} steps at most [{elapsed}, {rate_fmt}{postfix}]"
         bar = tqdm(total=max_steps, initial=progress["stage_step"], desc=f"{self.method.name}:{stage.name}",
-                   disable=not cfg.progress or None, leave=False, dynamic_ncols=True)
+                   disable=not cfg.progress or None, leave=False, dynamic_ncols=True,
+                   bar_format=capped if stage.early_stopping else None)
         stop = False
         embedding = self.model.embedding
         if stage.evaluate_at_start and progress["stage_step"] == 0 and progress["evals"] == 0:
@@ -435,7 +435,7 @@ class Trainer:
                 context.epoch, context.last_loss = progress["epoch"], loss
                 bar.update(1)
                 if progress["global_step"] % cfg.log_every_steps == 0:
-                    self._log({f"train/loss": loss}, progress["global_step"])
+                    self._log({"train/loss": loss}, progress["global_step"])
                 self._call_hooks("on_step_end", context)
                 if self.model.embedding is not embedding:  # a hook swapped the module
                     embedding = self.model.embedding
@@ -460,7 +460,8 @@ class Trainer:
                     else:
                         progress["bad_evals"] += 1
                     bar.set_postfix(loss=f"{loss:.4f}", val_auc=f"{metrics['auc']:.4f}",
-                                    best=f"{progress['best_auc']:.4f}")
+                                    best=f"{progress['best_auc']:.4f}",
+                                    **({"no_gain": f"{progress['bad_evals']}/{cfg.patience}"} if stage.early_stopping else {}))
                     if bar.disable:  # no bar (a pipe, nohup, a cluster log, progress=false): one line per evaluation
                         self._log_progress(stage, context, progress, max_steps, steps_per_epoch, metrics)
                     self._call_hooks("on_eval_end", context, metrics)
@@ -493,7 +494,7 @@ class Trainer:
         log.info("%s:%s step %d/%d (epoch %.2f): val AUC %.4f, best %.4f (%d eval(s) without gain%s), %s elapsed, "
                  "at most %s left", self.method.name, stage.name, done, max_steps,
                  progress["epoch"] + progress["batch"] / max(steps_per_epoch, 1), metrics["auc"], progress["best_auc"],
-                 progress["bad_evals"], patience, _duration(elapsed), _duration(left))
+                 progress["bad_evals"], patience, format_duration(elapsed), format_duration(left))
 
     def _evaluate_start(self, stage: Stage, context: TrainContext, progress: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Validation of the model a stage starts from: its first checkpoint (``Stage.evaluate_at_start``)."""

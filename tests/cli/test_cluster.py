@@ -58,7 +58,7 @@ def test_launcher_keys_match_the_installed_plugin_schemas():
         pytest.skip("no cluster launcher plugin installed (make setup-cluster)")
     for name, fields in schemas:
         keys = set(launcher_config(name).launcher.keys())
-        assert keys <= fields, f"conf/hydra/launcher/{name}.yaml: unknown keys {sorted(keys - fields)}"
+        assert keys <= fields, f"recbench/conf/hydra/launcher/{name}.yaml: unknown keys {sorted(keys - fields)}"
     if any(name == "ray" for name, _ in schemas):  # the remote options are ray.remote() task options
         from ray._common.ray_option_utils import task_options
 

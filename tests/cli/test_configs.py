@@ -1,4 +1,4 @@
-"""Every config in conf/ composes and instantiates (the folders are the registries)."""
+"""Every config in recbench/conf/ composes and instantiates (the folders are the registries)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,16 +26,16 @@ def test_every_dataset_config_composes_and_instantiates(dataset):
     assert hasattr(protocol, "prepare") and hasattr(protocol, "settings")
     for key in ("batch_size", "embedding_dim", "bottom_mlp", "top_mlp", "dense_learning_rate",
                 "embedding_learning_rate", "max_epochs", "evals_per_epoch", "patience"):
-        assert key in cfg.dataset.protocol, f"conf/dataset/{dataset}.yaml: protocol.{key} missing"
+        assert key in cfg.dataset.protocol, f"recbench/conf/dataset/{dataset}.yaml: protocol.{key} missing"
 
 
 @pytest.mark.parametrize("method", names("method"))
 def test_every_method_config_names_its_file_and_class(method):
     cfg = composed(f"method={method}")
-    assert cfg.method.name == method, f"conf/method/{method}.yaml must have name: {method}"
+    assert cfg.method.name == method, f"recbench/conf/method/{method}.yaml must have name: {method}"
     instance = instantiate_without(cfg.method, drop=())
     assert isinstance(instance, CompressionMethod) and instance.name == method
-    card = Path(CONFIG_DIR).parent / "methods" / f"{method}.md"
+    card = Path(CONFIG_DIR).parents[1] / "methods" / f"{method}.md"
     assert card.is_file(), f"method card {card} missing"
 
 

@@ -16,7 +16,7 @@ from recbench.runs.sweep_launch import hydra_command, job_environment, job_threa
 from recbench.runs.sweep_plan import build_plan, default_sweep_id, presets
 
 REPO = Path(__file__).resolve().parents[2]
-METHODS = sorted(p.stem for p in (REPO / "conf" / "method").glob("*.yaml"))
+METHODS = sorted(p.stem for p in (REPO / "recbench" / "conf" / "method").glob("*.yaml"))
 TOY_DATASET = """_target_: toy_protocol.ToyProtocol
 rows: 1500
 protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], dense_learning_rate: 0.003,

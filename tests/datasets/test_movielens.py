@@ -24,7 +24,7 @@ from recbench.datasets.movielens_fetch import RECBOLE_FILES, fetch_recbole
 from recbench.datasets.movielens_parsing import GENRES
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "conf" / "dataset"
+CONF = REPO / "recbench" / "conf" / "dataset"
 DATA_ROOT = REPO / os.environ.get("RECBENCH_DATA_ROOT", "datasets")  # an absolute value wins
 
 

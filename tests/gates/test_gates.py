@@ -1,4 +1,4 @@
-"""Gates: simplex weights with <= k non-zeros at inference for every conf/gate/*.yaml (with and
+"""Gates: simplex weights with <= k non-zeros at inference for every recbench/conf/gate/*.yaml (with and
 without local search), smooth-step and its gradients, DSelect-k/COMET equations, Top-k and hash."""
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ B, W, E = 96, 24, 16
 
 def gate_factory(name, *overrides):
     cfg = compose(["model=dlrm_moe", f"gate={name}", *overrides])
-    assert cfg.gate.name == name, f"conf/gate/{name}.yaml must have name: {name}"
+    assert cfg.gate.name == name, f"recbench/conf/gate/{name}.yaml must have name: {name}"
     return instantiate_without(cfg.gate, drop=(), _partial_=True)
 
 
@@ -184,7 +184,7 @@ def test_bad_settings_get_clear_errors():
         COMETGate(E, W, k=17)
     with pytest.raises(ValueError, match="softmax' is dense"):
         SoftmaxGate(E, W, k=2)
-    with pytest.raises(ValueError, match="conf/gate config names 'topk'"):
+    with pytest.raises(ValueError, match="recbench/conf/gate config names 'topk'"):
         COMETGate(E, W, k=2, name="topk")
     with pytest.raises(ValueError, match="gamma must be > 0"):
         DSelectKGate(E, W, k=2, gamma=0.0)

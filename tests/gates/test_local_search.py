@@ -131,7 +131,7 @@ def test_shared_permutation_and_schedule():
 
 
 def test_the_settings_are_the_mapping_gate_local_search_with_the_dataclass_defaults():
-    """conf/gate_options/local_search.yaml (nested as gate.local_search by every conf/gate/*.yaml)
+    """recbench/conf/gate_options/local_search.yaml (nested as gate.local_search by every recbench/conf/gate/*.yaml)
     lists exactly the fields of LocalSearchSettings, with its defaults."""
     shared = yaml.safe_load((Path(CONFIG_DIR) / "gate_options" / "local_search.yaml").read_text())
     assert shared == dataclasses.asdict(LocalSearchSettings())

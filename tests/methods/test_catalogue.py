@@ -10,7 +10,7 @@ from recbench.cli.methods import main as methods_main
 from recbench.runs.catalogue import CARD_FIELDS, entries
 from recbench.runs.config import CONFIG_DIR, compose, method_classes
 
-ROOT = Path(CONFIG_DIR).parent
+ROOT = Path(CONFIG_DIR).parents[1]
 METHODS = sorted(p.stem for p in (Path(CONFIG_DIR) / "method").glob("*.yaml"))
 
 
@@ -43,7 +43,7 @@ def test_each_setting_has_one_source_its_dataclass_field(name, catalogue):
         if key in ("defaults", "_target_", "name"):
             continue
         assert isinstance(value, str) and value.startswith(f"${{oc.select:method_settings.{name}.{key},"), \
-            f"conf/method/{name}.yaml sets {key}: a default belongs in {method_class.settings_class.__name__}"
+            f"recbench/conf/method/{name}.yaml sets {key}: a default belongs in {method_class.settings_class.__name__}"
         fallback = yaml.safe_load(value[len(f"${{oc.select:method_settings.{name}.{key},"):-1])
         assert fallback == defaults[key], f"{name}.{key}: preset fallback {fallback!r} != dataclass default {defaults[key]!r}"
     if defaults:

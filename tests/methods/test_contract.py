@@ -1,4 +1,4 @@
-"""The method contract, parametrised over every ``conf/method/*.yaml`` (the registry).
+"""The method contract, parametrised over every ``recbench/conf/method/*.yaml`` (the registry).
 
 For every method: it builds on a synthetic table set; output keys and shapes are right; a
 backward pass reaches every trainable parameter (fused tables change, others get gradients);

@@ -17,8 +17,8 @@ from toy_protocol import ToyProtocol, toy_cfg
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["method=nosuch"], "method=nosuch: there is no conf/method/nosuch.yaml; allowed: adaembed"),
-    (["dataset=movielens100k,nosuch"], "dataset=nosuch: there is no conf/dataset/nosuch.yaml; allowed:"),
+    (["method=nosuch"], "method=nosuch: there is no recbench/conf/method/nosuch.yaml; allowed: adaembed"),
+    (["dataset=movielens100k,nosuch"], "dataset=nosuch: there is no recbench/conf/dataset/nosuch.yaml; allowed:"),
     (["nosuchkey=1"], "nosuchkey: no setting of this name"),
     (["seed=1", "method=qr,hashing", "+gate=comet", "trainer.max_steps=3", "hydra/launcher=joblib",
       "method=glob(*,exclude=full)", "budget.compression_ratio=0.1,0.2"], None),

@@ -19,8 +19,8 @@ def test_a_moved_key_is_read_at_its_new_place_with_a_note():
 
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.nosuch=1"], "trainer.nosuch: no setting of this name in trainer; allowed: max_epochs, max_steps"),
-    (["method=qr", "method.nosuch=1"], "method.nosuch: no setting of this name in method; allowed: _target_, name, "
-                                       "operation, partitions"),
+    (["method=qr", "method.nosuch=1"], "method.nosuch: no setting of this name in method; allowed: operation, "
+                                       "partitions"),
     (["method=qr", "method.partitions=abc"], "Error merging override method.partitions=abc: Value 'abc' of type "
                                              "'str' could not be converted to Integer"),
     (["runtime.nosuch=1"], "runtime.nosuch: no setting of this name in runtime; allowed: resume, num_threads"),

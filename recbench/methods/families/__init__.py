@@ -3,7 +3,7 @@
 ``pruning.PruningFamily`` (``pep``, ``deeplight``, ``dsl``, ``autosrh``),
 ``low_precision.LowPrecisionFamily`` (``lpt``, ``alpt``) and
 ``product_quantization.ProductQuantizationFamily`` (``dpq``, ``mgqe``). A family base is not a
-method: only ``recbench/methods/<name>.py`` modules with a ``conf/method/<name>.yaml`` are.
+method: only ``recbench/methods/<name>.py`` modules with a ``recbench/conf/method/<name>.yaml`` are.
 
 References: ``recbench.methods.base`` (the method contract).
 """
