@@ -24,7 +24,39 @@ from recbench.types import format_duration
 
 OUTCOMES = ("finished", "skipped", "infeasible", "failed")
 
-class PeriodicExport:
+
+class Ticker:
+    """A background thread that calls ``tick()`` every ``interval`` seconds while the ``with``
+    block runs, and ``last()`` once when it ends, however it ends. ``log`` prints a line (default:
+    standard output, flushed, so a pipe or a log file sees it at once)."""
+
+    name = "recbench-ticker"
+
+    def __init__(self, interval: float, log=None):
+        self.interval = interval
+        self.log = log or (lambda line: print(line, flush=True))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+
+    def tick(self) -> None: ...
+
+    def last(self) -> None: ...
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.tick()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.last()
+
+
+class PeriodicExport(Ticker):
     """While a sweep runs, export the run records of its MLflow experiments (every run in them: this
     sweep's, and the runs of other sweeps it skips as already FINISHED) to one JSON file every
     ``minutes``, and once more when the launch ends, however it ends. The file is what
@@ -35,12 +67,12 @@ class PeriodicExport:
     Usage: ``with PeriodicExport(plan.stores, path, minutes): run_plan(...)``.
     """
 
+    name = "recbench-export"
+
     def __init__(self, stores: Dict[str, List[str]], path: Path, minutes: float, log=None):
-        self.stores, self.path, self.interval = stores, Path(path), 60.0 * minutes
-        self.log = log or (lambda line: print(line, flush=True))
+        super().__init__(60.0 * minutes, log)
+        self.stores, self.path = stores, Path(path)
         self.exports = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="recbench-export", daemon=True)
 
     def export(self) -> bool:
         try:
@@ -57,17 +89,10 @@ class PeriodicExport:
                  f"({', '.join(f'{k} {v}' for k, v in sorted(statuses.items()))}) to {self.path}")
         return True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.export()
+    def tick(self) -> None:
+        self.export()
 
-    def __enter__(self) -> "PeriodicExport":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+    def last(self) -> None:
         self.export()
 
 
@@ -118,19 +143,19 @@ def count_outcomes(sweep_dir: Path, expected: int) -> Counter:
     return counts
 
 
-class SweepProgress:
+class SweepProgress(Ticker):
     """While a sweep runs, one line each time jobs end: ``job k/N``, the outcomes so far and the
     time left at the pace of the jobs that ran (jobs the plan found FINISHED are skipped in
     seconds and do not count towards the pace). Read from the jobs' ``outcome.json`` files every
     ``seconds``; the line goes to the terminal and to any log the output is piped to."""
 
+    name = "recbench-progress"
+
     def __init__(self, plan: SweepPlan, sweep_dir: Path, seconds: float = 15.0, log=None):
-        self.plan, self.sweep_dir, self.interval = plan, Path(sweep_dir), seconds
-        self.log = log or (lambda line: print(line, flush=True))
+        super().__init__(seconds, log)
+        self.plan, self.sweep_dir = plan, Path(sweep_dir)
         self.start = time.perf_counter()
         self.seen = -1
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="recbench-progress", daemon=True)
 
     def line(self, counts: Counter) -> str:
         done = sum(counts.get(k, 0) for k in OUTCOMES)
@@ -143,7 +168,7 @@ class SweepProgress:
         return (f"[recbench-sweep] {time.strftime('%H:%M:%S')} job {done}/{self.plan.jobs_total} done ({parts}); "
                 f"{format_duration(elapsed)} elapsed, {pace}")
 
-    def check(self) -> None:
+    def tick(self) -> None:
         counts = count_outcomes(self.sweep_dir, self.plan.jobs_total)
         done = sum(counts.get(k, 0) for k in OUTCOMES)
         if done != self.seen:
@@ -151,17 +176,8 @@ class SweepProgress:
             if done:
                 self.log(self.line(counts))
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.check()
-
-    def __enter__(self) -> "SweepProgress":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+    def last(self) -> None:
+        self.tick()
 
 
 def run_plan(plan: SweepPlan, jobs: int, root: Path) -> Tuple[int, Counter]:
