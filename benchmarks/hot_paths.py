@@ -46,7 +46,7 @@ def movielens_trainer(data_root: Path, overrides=()):
     """A Trainer (with optimizers) over a fresh full/DCNv2 model of the movielens100k protocol."""
     cfg = compose(["method=full", "dataset=movielens100k", "tracking=memory", *overrides])
     prepared = instantiate_without(cfg.dataset).prepare(Path(data_root))
-    budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
+    budget, embedding_optimizer, dense_optimizer, trainer_config, _ = settings_of(cfg)
     method = instantiate_without(cfg.method, drop=())
     torch.manual_seed(0)
     tables, dim = list(prepared.spec.tables), int(cfg.model.embedding_dim)

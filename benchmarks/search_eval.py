@@ -48,7 +48,7 @@ def optembed_trainer(data_root: Path, dataset: str, ratio: float, overrides=(), 
     cfg = compose(["method=optembed", f"dataset={dataset}", "tracking=memory",
                    f"budget.compression_ratio={ratio}", *overrides])
     prepared = instantiate_without(cfg.dataset).prepare(Path(data_root))
-    budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
+    budget, embedding_optimizer, dense_optimizer, trainer_config, _ = settings_of(cfg)
     method = instantiate_without(cfg.method, drop=(), **method_settings)
     torch.manual_seed(0)
     tables = list(prepared.spec.tables)

@@ -20,14 +20,14 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import fcntl
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.install_check import software_versions
 from recbench.methods.base import InfeasibleBudget
 from recbench.runs.identity import config_hash, gate_tags, git_commit, group_hash, method_revision, model_label, protocol_tag
 from recbench.runs.result import JobResult
-from recbench.runs.settings import check_against_data, instantiate_dataset, instantiate_tracker, instantiate_without, settings_of
+from recbench.runs.settings import (JobSettings, check_against_data, instantiate_dataset, instantiate_tracker,
+                                     instantiate_without, settings_of)
 from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags, with_thread_count
 from recbench.tracking.schema import ratio_tag
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
@@ -72,7 +72,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
     only for configuration errors before tracking starts). ``extra_tags`` (e.g. the Hydra
     overrides and the command that reproduces the job) are added to the run's tags.
     ``keep_model``: the result carries the trained model (``JobResult.model``; the Python API)."""
-    settings_of(cfg)  # every value in range before anything is prepared or recorded
+    settings = settings_of(cfg)  # every value in range before anything is prepared or recorded
     threads = configure_threads(cfg)
     parallel = distributed.current()  # one process, or this rank of a torchrun job (runtime.distributed)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -103,7 +103,7 @@ def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] 
             if done:
                 log.info("skipping: a FINISHED run with config hash %s exists (%s)", chash, done)
                 return JobResult("skipped", {}, done, "already finished with the same resolved config")
-        result = _run_locked(cfg, prepared, tracker, run_dir, resolved, chash, threads, extra_tags)
+        result = _run_locked(cfg, settings, prepared, tracker, run_dir, resolved, chash, threads, extra_tags)
         if not keep_model:
             result.model = None  # the model's memory goes with the job unless the caller asked for it
         return result
@@ -131,8 +131,8 @@ def job_lock(run_dir: Path, chash: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_locked(cfg: DictConfig, prepared, tracker, run_dir: Path, resolved: Dict[str, Any], chash: str,
-                threads: int, extra_tags: Optional[Dict[str, str]]) -> JobResult:
+def _run_locked(cfg: DictConfig, settings: JobSettings, prepared, tracker, run_dir: Path, resolved: Dict[str, Any],
+                chash: str, threads: int, extra_tags: Optional[Dict[str, str]]) -> JobResult:
     """``run_job`` once the job's lock is held: resume or start the run, train, record."""
     spec = prepared.spec
     experiment = spec.protocol_id
@@ -184,7 +184,7 @@ def _run_locked(cfg: DictConfig, prepared, tracker, run_dir: Path, resolved: Dic
     if parallel.is_main:
         run_id_file.write_text(str(run_id))
     try:
-        result = _train_and_evaluate(cfg, prepared, tracker, checkpoint_path, resolved)
+        result = _train_and_evaluate(cfg, settings, prepared, tracker, checkpoint_path, resolved)
     except InfeasibleBudget as exc:
         tracker.set_tags({"status": "infeasible", "status_reason": str(exc)})
         tracker.log_metrics({"budget/requested_ratio": ratio, "budget/min_reachable_ratio": exc.min_ratio,
@@ -229,8 +229,8 @@ def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:
     ``under_budget`` says that the solution lands below (1 - tolerance) x the target (the job runs
     it, flagged). The job itself reaches the same verdict in ``_train_and_evaluate`` (same
     ``method.solve`` call) and records a ``status=infeasible`` run or an ``under_budget`` one."""
-    budget = settings_of(cfg)[0]
-    method, tables, dim = instantiate(cfg.method), list(spec.tables), int(cfg.model.embedding_dim)
+    settings = settings_of(cfg)
+    method, budget, tables, dim = settings.method, settings.budget, list(spec.tables), int(cfg.model.embedding_dim)
     try:
         plan = method.solve(tables, dim, budget)
     except InfeasibleBudget as exc:
@@ -238,14 +238,14 @@ def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:
     return None, plan.under_budget
 
 
-def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Path, resolved: Dict[str, Any]):
+def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracker, checkpoint_path: Path,
+                        resolved: Dict[str, Any]):
     # the run's cost, robust to machine load: CPU seconds (every thread) and wall seconds from building
     # the method to the final metrics; a resumed run adds what its killed processes had spent up to the
     # checkpoint it resumed from (carried in the checkpoint; see Trainer's ``cost_clock``)
     cpu_start, wall_start = time.process_time(), time.perf_counter()
     spec = prepared.spec
-    method = instantiate(cfg.method)
-    budget, embedding_optimizer, dense_optimizer, trainer_config = settings_of(cfg)
+    method, budget, embedding_optimizer = settings.method, settings.budget, settings.embedding_optimizer
     dim = int(cfg.model.embedding_dim)
     tables = list(spec.tables)
     plan = method.solve(tables, dim, budget, embedding_optimizer)  # the job's one call to the budget solver
@@ -269,8 +269,8 @@ def _train_and_evaluate(cfg: DictConfig, prepared, tracker, checkpoint_path: Pat
                                 **injected)
     parallel = distributed.current()
     model = parallel.wrap(model, method, cfg.runtime.get("sharding_types"))  # DMP + DDP when distributed
-    trainer = Trainer(trainer_config, model, method, prepared,
-                      dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
+    trainer = Trainer(settings.trainer, model, method, prepared,
+                      settings.dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
                       checkpoint_path=checkpoint_path,
                       log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel,
                       cost_clock=(cpu_start, wall_start))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
@@ -84,8 +84,18 @@ def instantiate_dataset(cfg: DictConfig):
         raise
 
 
-def settings_of(cfg: DictConfig):
-    """Validated (Budget, EmbeddingOptimizer, DenseOptimizer, TrainerConfig) of a job's config.
+class JobSettings(NamedTuple):
+    """A job's config read once: the typed settings every later step uses."""
+
+    budget: Budget
+    embedding_optimizer: EmbeddingOptimizer
+    dense_optimizer: DenseOptimizer
+    trainer: TrainerConfig
+    method: Any  # the CompressionMethod, instantiated with its settings
+
+
+def settings_of(cfg: DictConfig) -> JobSettings:
+    """The validated ``JobSettings`` of a job's config (the method instantiated once).
 
     Called before anything is prepared or tracked, so an impossible value (a ratio outside (0, 1],
     an unknown optimizer kind, a zero batch size) is a clear error and no half-recorded run."""
@@ -107,12 +117,12 @@ def settings_of(cfg: DictConfig):
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     try:  # hyperparameters only: cheap, and an unknown or ill-typed method setting fails here
-        instantiate(cfg.method)
+        method = instantiate(cfg.method)
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise ConfigError(f"method {cfg.method.get('name')!r}: {type(cause).__name__}: {cause}") from exc
     distributed.check_settings(bool(cfg.runtime.get("distributed", False)), cfg.runtime.get("sharding_types"))
-    return budget, embedding_optimizer, dense_optimizer, trainer_config
+    return JobSettings(budget, embedding_optimizer, dense_optimizer, trainer_config, method)
 
 
 def _check_gate(cfg: DictConfig) -> None:
