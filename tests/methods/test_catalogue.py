@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from recbench.cli.methods import main as methods_main
 from recbench.runs.catalogue import CARD_FIELDS, entries
 from recbench.runs.config import CONFIG_DIR, compose, method_classes
 
@@ -63,17 +62,3 @@ def test_a_setting_is_typed_when_composed_and_unknown_ones_are_refused():
         compose(["method=qr", "method.partitions=abc"])
     with pytest.raises(Exception, match="has no setting 'nosuch'; allowed: operation, partitions"):
         instantiate(compose(["method=qr", "+method.nosuch=1"]).method)
-
-
-def test_the_catalogue_command(capsys):
-    assert methods_main([]) == 0
-    out = capsys.readouterr().out
-    assert all(name in out for name in METHODS) and f"{len(METHODS)} methods" in out
-    assert methods_main(["qr"]) == 0
-    out = capsys.readouterr().out
-    assert "partitions" in out and "int = 2" in out and "Reference:" in out
-    assert methods_main(["--markdown"]) == 0
-    assert "| [qr](qr.md) |" in capsys.readouterr().out
-    assert methods_main(["nosuch"]) == 2
-    err = capsys.readouterr().err
-    assert "no method 'nosuch'; allowed: adaembed" in err and len(err.strip().splitlines()) == 1
