@@ -126,7 +126,7 @@ def composition_problem(overrides: Sequence[str]) -> Optional[str]:
     """A one-line error when Hydra cannot compose a job from ``overrides`` (a key its group does
     not have, a value its type refuses: ``method.partitions=abc``), else None."""
     from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     try:
         compose(overrides)
@@ -144,6 +144,12 @@ def composition_problem(overrides: Sequence[str]) -> Optional[str]:
             except Exception:  # noqa: BLE001 (the list is a courtesy)
                 known = []
             return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(known)}"
+        if isinstance(cause, ValidationError) and key:
+            detail = str(cause).splitlines()[0]
+            method = next((o.partition("=")[2] for o in overrides if o.startswith("method=")), "full")
+            where = (f"`recbench-methods {method}` lists each setting's type" if key.startswith("method.")
+                     else "`recbench --cfg job` shows each key's value")
+            return f"{key}: {detail}; allowed: a value of the key's type ({where})"
         first = str(exc).splitlines()[0].rstrip(".")
         detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
         return f"{first}: {detail}" if detail else first

@@ -21,8 +21,8 @@ def test_a_moved_key_is_read_at_its_new_place_with_a_note():
     (["trainer.nosuch=1"], "trainer.nosuch: no setting of this name in trainer; allowed: max_epochs, max_steps"),
     (["method=qr", "method.nosuch=1"], "method.nosuch: no setting of this name in method; allowed: operation, "
                                        "partitions"),
-    (["method=qr", "method.partitions=abc"], "Error merging override method.partitions=abc: Value 'abc' of type "
-                                             "'str' could not be converted to Integer"),
+    (["method=qr", "method.partitions=abc"], "method.partitions: Value 'abc' of type 'str' could not be converted to "
+                                             "Integer; allowed: a value of the key's type (`recbench-methods qr` lists"),
     (["runtime.nosuch=1"], "runtime.nosuch: no setting of this name in runtime; allowed: resume, num_threads"),
 ])
 def test_a_composition_error_is_one_line_naming_the_key(overrides, message):
@@ -39,6 +39,6 @@ def test_the_command_prints_one_line_and_exits_2_before_anything_runs(tmp_path):
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
-        "recbench: error: Error merging override method.partitions=abc: Value 'abc' of type 'str' could not be "
-        "converted to Integer"]
+        "recbench: error: method.partitions: Value 'abc' of type 'str' could not be converted to Integer; allowed: "
+        "a value of the key's type (`recbench-methods qr` lists each setting's type)"]
     assert not (tmp_path / "outputs").exists()
