@@ -2,7 +2,8 @@
 memory budget (TorchRec + FBGEMM, Hydra, MLflow).
 
 Python API (``recbench.api``): ``recbench.run(...)`` runs one job and returns its metrics and
-trained model; ``recbench.methods.get(name, **settings)`` gives a method to solve and build on your
+deployable model; ``recbench.load_run(run_id)`` gives a finished run's model back;
+``recbench.methods.get(name, **settings)`` gives a method to solve and build on your
 own tables; ``recbench.Budget`` is the budget. The commands: ``recbench``, ``recbench-sweep``,
 ``recbench-report``, ``recbench-methods``, ``recbench-data``, ``recbench-bench``.
 
@@ -17,15 +18,15 @@ try:
 except _metadata.PackageNotFoundError:  # a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "run", "methods", "Budget"]
+__all__ = ["__version__", "run", "load_run", "methods", "Budget"]
 
 
 def __getattr__(name: str):
     """Lazy: ``import recbench`` stays cheap (torch and TorchRec load on first use)."""
-    if name == "run":
-        from recbench.api import run
+    if name in ("run", "load_run"):
+        from recbench import api
 
-        return run
+        return getattr(api, name)
     if name == "Budget":
         from recbench.types import Budget
 

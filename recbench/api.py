@@ -17,6 +17,7 @@ from typing import Any, Optional, Sequence
 
 from recbench.runs.config import compose, composition_problem, ConfigError, moved_keys, override_problem
 from recbench.runs.job import run_job
+from recbench.runs.kept import load_kept
 from recbench.runs.result import JobResult
 
 
@@ -60,3 +61,9 @@ def run(method: str = "full", dataset: str = "movielens100k", compression_ratio:
     if problem:
         raise ConfigError(problem)
     return run_job(compose(items), keep_model=True)
+
+
+def load_run(run_id: str, tracking_uri: Optional[str] = None):
+    """``(model, config)`` of a finished run: its deployable model in eval mode and its resolved
+    config (``recbench.runs.kept.load_kept``; the model is a pickle: load only runs you trust)."""
+    return load_kept(run_id, tracking_uri)

@@ -65,6 +65,10 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % (2**32))
 
 
+#: the artifact holding a run's deployable model (``tracking.keep_model=deployable``)
+MODEL_ARTIFACT = "model.pt"
+
+
 def run_job(cfg: DictConfig, tracker=None, extra_tags: Optional[Dict[str, str]] = None,
             keep_model: bool = False) -> JobResult:
     """Run one job end to end; never raises for a bad method/budget/training failure once the
@@ -275,7 +279,7 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
                       log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel,
                       cost_clock=(cpu_start, wall_start))
     result = trainer.fit()
-    model = trainer.model  # after a distributed run: the unsharded model the final evaluation used
+    model = trainer.deployable_model()  # what the test metrics measured (after a distributed run: unsharded)
     metrics = dict(result.metrics)
     # the trainer's final evaluation measured the memory of the module it evaluated (emb/bytes_inference)
     metrics["emb/closed_form_matches"] = float(metrics["emb/bytes_inference"] == closed_form.inference_bytes)
@@ -308,4 +312,9 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)
+        if cfg.tracking.get("keep_model", "deployable") == "deployable" and distributed.current().is_main:
+            # the whole deployable model (a pickle: recbench.load_run reads it back, as
+            # mlflow.pytorch.load_model would; load only runs you trust)
+            torch.save(model, Path(tmp) / MODEL_ARTIFACT)
+            tracker.log_artifact(Path(tmp) / MODEL_ARTIFACT)
     return metrics, reason, under, model

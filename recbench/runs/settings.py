@@ -39,7 +39,7 @@ def instantiate_tracker(cfg: DictConfig):
     """The job's tracker; a store that cannot be used is its own one-line ``StoreError`` (naming
     the store), not Hydra's wrapping of it."""
     try:
-        return instantiate_without(cfg.tracking, drop=("skip_finished",))
+        return instantiate_without(cfg.tracking, drop=("skip_finished", "keep_model"))
     except InstantiationException as exc:
         if isinstance(exc.__cause__, StoreError):
             raise exc.__cause__ from None
@@ -112,6 +112,9 @@ def settings_of(cfg: DictConfig) -> JobSettings:
         if cfg.model.embedding_dim % 4:
             raise ValueError(f"model.embedding_dim must be a multiple of 4 (FBGEMM tables), got {cfg.model.embedding_dim}")
         _check_gate(cfg)
+        keep = cfg.tracking.get("keep_model", "deployable")
+        if keep not in ("deployable", "none"):
+            raise ValueError(f"tracking.keep_model={keep!r}; allowed: deployable, none")
     except TypeError as exc:  # an unknown key in a config group
         raise ConfigError(f"unknown setting: {exc}") from exc
     except ValueError as exc:

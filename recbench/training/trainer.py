@@ -31,6 +31,7 @@ References: docs/architecture.md sections 3 ("Stages and hooks"), 4 and 6.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import resource
@@ -533,6 +534,8 @@ class Trainer:
         train_memory = training_embedding.memory_report()
         val_training_form = self.evaluate("val")
         inference_embedding = training_embedding.to_inference()
+        #: the deployable embedding the final metrics measured (the job keeps it: ``deployable_model``)
+        self.deployable_embedding = inference_embedding
         self.model.embedding = inference_embedding
         try:
             val = self.evaluate("val")
@@ -556,6 +559,14 @@ class Trainer:
         metrics.update(train_memory.as_metrics())
         metrics.update(cost)
         return metrics
+
+    def deployable_model(self) -> nn.Module:
+        """The evaluated model with its deployable embedding (after ``fit``): what the test metrics
+        measured. Shares its dense parameters with the trained model."""
+        deployable = copy.copy(self.model)  # a shallow copy: the same dense modules, another embedding slot
+        deployable._modules = dict(self.model._modules)
+        deployable.embedding = self.deployable_embedding
+        return deployable
 
     def _evaluate_counting_cost(self, split: str) -> Tuple[Dict[str, float], Dict[str, float]]:
         """``evaluate(split)`` of the current model, whose forwards also count the inference cost
