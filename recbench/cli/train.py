@@ -34,7 +34,7 @@ def main() -> int:
     for note in notes:
         print(f"recbench: note: {note}", file=sys.stderr)
     overrides = sys.argv[1:]
-    moved = override_error(overrides) or override_problem(overrides)
+    moved = override_error(overrides) or override_problem(overrides) or tracking_problem(overrides)
     if not moved and all("=" in a and not a.startswith("-") for a in overrides):  # one job: compose it once first
         moved = composition_problem(overrides)
     if moved:
@@ -104,6 +104,24 @@ def _hydra_main(cfg: DictConfig) -> float:
     if result.status == "failed" and not multirun:
         sys.exit(EXIT_FAILED)
     return float(result.metrics.get("val/auc", float("nan")))
+
+
+def tracking_problem(overrides) -> str | None:
+    """The MLflow store a command would use, checked before anything heavy is imported
+    (``check_tracking_uri``): a one-line reason when it cannot work, else None."""
+    from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri
+
+    if any(o in ("tracking=memory", "-h", "--help", "--hydra-help") for o in overrides):
+        return None
+    given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("tracking.tracking_uri=")]
+    uri = given[-1] if given else os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    if "," in uri or "$" in uri:  # a sweep over stores, or an interpolation: checked by each job
+        return None
+    try:
+        check_tracking_uri(uri)
+    except StoreError as exc:
+        return str(exc)
+    return None
 
 
 def _is_user_error(exc: BaseException) -> bool:

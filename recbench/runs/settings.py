@@ -21,7 +21,7 @@ from recbench.gates.settings import LocalSearchSettings
 from recbench.training import distributed
 from recbench.training.optim import DenseOptimizer
 from recbench.models.tasks import CLICK
-from recbench.tracking.mlflow_tracker import StoreError
+from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri
 from recbench.training.trainer import TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, full_embedding_bytes
 
@@ -125,6 +125,8 @@ def settings_of(cfg: DictConfig) -> JobSettings:
         cause = exc.__cause__ or exc
         raise ConfigError(f"method {cfg.method.get('name')!r}: {type(cause).__name__}: {cause}") from exc
     distributed.check_settings(bool(cfg.runtime.get("distributed", False)), cfg.runtime.get("sharding_types"))
+    if cfg.tracking.get("tracking_uri"):
+        check_tracking_uri(str(cfg.tracking.tracking_uri))  # before anything is prepared: StoreError, one line
     return JobSettings(budget, embedding_optimizer, dense_optimizer, trainer_config, method)
 
 

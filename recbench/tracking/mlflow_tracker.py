@@ -98,6 +98,41 @@ def store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: seconds a tracking server has to answer the up-front check
+SERVER_TIMEOUT = 5.0
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Refuse, in one line and within ``SERVER_TIMEOUT`` seconds, a tracking URI that cannot work:
+    a ``sqlite:`` URI MLflow cannot parse, a SQLite store whose folder does not exist (a mistyped
+    path would otherwise become a new, empty store), or a tracking server that does not answer
+    (MLflow itself retries for minutes). Raises StoreError."""
+    if uri.startswith("sqlite:") and not uri.startswith("sqlite:///"):
+        raise StoreError(f"MLFLOW_TRACKING_URI={uri} is not a SQLite URI MLflow reads; allowed: "
+                         "sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    path = sqlite_path(uri)
+    if path is not None and not path.absolute().parent.is_dir():
+        raise StoreError(f"the folder {path.absolute().parent} of the MLflow store {path} does not exist: create it, "
+                         "or correct MLFLOW_TRACKING_URI (a new store is made only in an existing folder)")
+    if uri.startswith(("http://", "https://")):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT).close()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:  # it answered, but has no /health: not an MLflow tracking server
+                raise StoreError(f"{uri} answered but is not an MLflow tracking server (HTTP 404 on /health): "
+                                 "correct MLFLOW_TRACKING_URI") from None
+            # any other answer (an authentication wall, say) means a server is there
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise StoreError(f"the MLflow tracking server {uri} does not answer ({reason}; waited at most "
+                             f"{SERVER_TIMEOUT:g} s): start it (`make dashboard` serves mlflow.db on "
+                             "http://127.0.0.1:5000), or set MLFLOW_TRACKING_URI to a reachable server or "
+                             "sqlite:///mlflow.db") from None
+
+
 def init_store(uri: str):
     """An ``MlflowClient`` whose store (schema included) exists; safe to call from parallel processes."""
     from mlflow.tracking import MlflowClient
@@ -131,6 +166,7 @@ class MLflowTracker(Tracker):
     def __init__(self, tracking_uri: str, artifact_root: str):
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
+        check_tracking_uri(tracking_uri)
         self.client = init_store(tracking_uri)
         self.run_id: Optional[str] = None
 
