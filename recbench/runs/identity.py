@@ -101,6 +101,16 @@ def group_hash(resolved: Dict[str, Any], revision: Optional[int] = None) -> str:
     return config_hash(resolved, ignore=("seed",), revision=revision)
 
 
+def git_sha() -> str:
+    """The full commit of the source tree (MLflow's ``mlflow.source.git.commit``), or "" outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True, timeout=5,

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from recbench.install_check import software_versions
 from recbench.methods.base import InfeasibleBudget
-from recbench.runs.identity import config_hash, gate_tags, git_commit, group_hash, method_revision, model_label, protocol_tag
+from recbench.runs.identity import (config_hash, gate_tags, git_commit, git_sha, group_hash, method_revision, model_label,
+                                     protocol_tag)
 from recbench.runs.result import JobResult
 from recbench.runs.settings import (JobSettings, check_against_data, instantiate_dataset, instantiate_tracker,
                                      instantiate_without, settings_of)
@@ -175,6 +176,9 @@ def _run_locked(cfg: DictConfig, settings: JobSettings, prepared, tracker, run_d
         "sweep_id": str(cfg.sweep_id), "git_commit": git_commit(), "software": software_versions(), "config_hash": chash,
         "group_hash": group_hash(resolved), "method_revision": str(method_revision(resolved)), "status": "running", **gate_tags(cfg), **(extra_tags or {}),
     }
+    sha = git_sha()
+    if sha:  # MLflow's own source tags: the UI shows the commit and where the run came from
+        tags.update({"mlflow.source.git.commit": sha, "mlflow.source.name": "recbench", "mlflow.source.type": "JOB"})
     run_name = f"{method_name}@{ratio:g}/{model_label(cfg)}/{spec.name}/s{cfg.seed}"
     tags.update(owner_tags())  # host/pid: a run left RUNNING by a killed process is recognisable
     tags["num_threads"] = str(threads)

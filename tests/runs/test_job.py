@@ -181,6 +181,9 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "full" and run.data.tags["mlflow.runName"].startswith("full@1/")
     assert run.data.tags["method_revision"] == "1"
+    from recbench.runs.identity import git_sha
+    assert run.data.tags.get("mlflow.source.git.commit", "") == git_sha()  # the checkout's commit (40 hex digits)
+    assert len(git_sha()) in (0, 40)
     assert set(run.data.metrics) >= {"val/auc", "test/auc", "emb/compression_ratio", "train/samples_per_s"}
     assert run.data.params["trainer.batch_size"] == "64"
     history = client.get_metric_history(first.run_id, "val/auc")
