@@ -160,6 +160,16 @@ def resolve_tracking_uri(uri: str, base_dir: Path) -> str:
     return uri
 
 
+def experiment_tags(name: str) -> Dict[str, str]:
+    """Tags of a new experiment (one per dataset protocol): its description in the UI, and the
+    experiment kind that opens it in MLflow 3's classic model-training view (not the GenAI view)."""
+    return {"mlflow.experimentKind": "custom_model_development",
+            "mlflow.note.content": (f"recbench runs on the dataset protocol {name} (dataset, split, label rule and "
+                                    "frozen training protocol; one run per dataset, model, method, budget and seed). "
+                                    "Compare runs by the tags method, compression_ratio and seed; the leaderboards "
+                                    "come from `recbench-report`.")}
+
+
 class MLflowTracker(Tracker):
     """Args: tracking_uri (any MLflow URI; default SQLite), artifact_root (folder or URI)."""
 
@@ -193,7 +203,8 @@ class MLflowTracker(Tracker):
                     if found is not None:
                         return found.experiment_id
                     return with_retries(self.client.create_experiment, name,
-                                        artifact_location=self._artifact_location(name))
+                                        artifact_location=self._artifact_location(name),
+                                        tags=experiment_tags(name))
             except MlflowException:
                 time.sleep(0.2 * (attempt + 1))  # another job created it (or the db is busy): look again
         raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {self.tracking_uri}")

@@ -186,6 +186,9 @@ def test_mlflow_run_contents_and_skip_finished(tmp_path):
     assert len(git_sha()) in (0, 40)
     assert set(run.data.metrics) >= {"val/auc", "test/auc", "emb/compression_ratio", "train/samples_per_s"}
     assert run.data.params["trainer.batch_size"] == "64"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's classic view
+    assert experiment.name in experiment.tags["mlflow.note.content"]  # the description names the protocol
     history = client.get_metric_history(first.run_id, "val/auc")
     assert len(history) >= 2
     artifacts = {a.path for a in client.list_artifacts(first.run_id)}
