@@ -24,7 +24,7 @@ r = recbench.run("qr", dataset="synthetic", compression_ratio=0.1, partitions=3,
                  overrides=["dataset.rows=20000", "trainer.max_epochs=1", "trainer.progress=false",
                             "trainer.latency_repeats=1", "runtime.num_threads=1"])
 assert r.status == "finished" and 0.5 < r.metrics["test/auc"] <= 1, r
-assert type(r.model.embedding).__name__ == "QREmbedding"
+assert "QR" in type(r.model.embedding).__name__  # the deployable form the test metrics measured
 print("api", recbench.__version__, round(r.metrics["test/auc"], 4))
 """
 
