@@ -11,12 +11,12 @@ References: ``recbench.runs.kept``.
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import List
 
 from recbench.cli import OneLineParser
+from recbench.tracking.mlflow_tracker import default_tracking_uri
 
 TOLERANCE = 1e-6
 
@@ -25,7 +25,7 @@ def main(argv: List[str] | None = None) -> int:
     parser = OneLineParser(prog="recbench-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_id", help="the MLflow run id (the result table's 'MLflow run' line)")
     parser.add_argument("--split", default="test", choices=["test", "val"], help="the split to evaluate (default test)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--data-root", type=Path, default=None, help="dataset cache root (default: the run's)")
     args = parser.parse_args(argv)
     from mlflow.exceptions import MlflowException

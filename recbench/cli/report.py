@@ -21,7 +21,7 @@ from recbench.cli import OneLineParser
 from recbench.reporting.report import build_reports
 from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
 from recbench.tracking.schema import parse_ratio
-from recbench.tracking.mlflow_tracker import resolve_tracking_uri
+from recbench.tracking.mlflow_tracker import default_tracking_uri, resolve_tracking_uri
 
 
 def provenance(records) -> str:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", action="append", default=[], metavar="PROTOCOL",
                         help="only runs of this protocol: the full tag (movielens100k-3e6e827a3f/16eedfff) or the "
                              "part after '/' (repeatable; leaves out one-off runs made under other settings)")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
     parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
     parser.add_argument("--out", type=Path, default=Path("reports"))

@@ -109,12 +109,12 @@ def _hydra_main(cfg: DictConfig) -> float:
 def tracking_problem(overrides) -> str | None:
     """The MLflow store a command would use, checked before anything heavy is imported
     (``check_tracking_uri``): a one-line reason when it cannot work, else None."""
-    from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri
+    from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri, default_tracking_uri
 
     if any(o in ("tracking=memory", "-h", "--help", "--hydra-help") for o in overrides):
         return None
     given = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("tracking.tracking_uri=")]
-    uri = given[-1] if given else os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    uri = given[-1] if given else default_tracking_uri()
     if "," in uri or "$" in uri:  # a sweep over stores, or an interpolation: checked by each job
         return None
     try:

@@ -16,7 +16,7 @@ Mixture-of-Experts", KDD 2018 (one loss per task, summed with weights).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -82,3 +82,18 @@ def split_task_metrics(metrics: Mapping[str, float], split: str) -> Dict[str, fl
     """The regression metrics of ``evaluate`` keyed ``<split>/<task>_mse`` for logging."""
     suffix = f"_{REGRESSION_METRIC}"
     return {f"{split}/{key}": value for key, value in metrics.items() if key.endswith(suffix)}
+
+
+def collect_predictions(forwards: Iterable[Tuple[Any, Any]]):
+    """Per-batch arrays of (the model's output, its batch) pairs: click labels [(B,)], every task's
+    outputs {task: [(B,)]} and the regression targets {task: [(B,)]} of the tasks the model predicts."""
+    labels: List[np.ndarray] = []
+    outputs: Dict[str, List[np.ndarray]] = {}
+    targets: Dict[str, List[np.ndarray]] = {}
+    for output, batch in forwards:
+        for task, values in task_outputs(output).items():
+            outputs.setdefault(task, []).append(values.float().numpy())
+            if task != CLICK:
+                targets.setdefault(task, []).append(regression_target(batch, task).numpy())
+        labels.append(batch.labels.numpy())
+    return labels, outputs, targets

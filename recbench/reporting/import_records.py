@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Sequence, Set
 from recbench.reporting.runs import load_records
 from recbench.tracking.schema import RECORD_TAGS
 from recbench.tracking.base import KILLED
-from recbench.tracking.mlflow_tracker import MLflowTracker, resolve_tracking_uri, with_retries
+from recbench.tracking.mlflow_tracker import MLflowTracker, default_tracking_uri, resolve_tracking_uri, with_retries
 
 #: tags an import adds to every run it creates
 SOURCE_RUN_TAG = "imported_from_run_id"
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recbench.reporting.import_records",
                                      description="put exported run records back into an MLflow store")
     parser.add_argument("records", type=Path, nargs="+", help="JSON files written by recbench-report --export")
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--artifact-root", default=os.environ.get("RECBENCH_ARTIFACT_ROOT", "mlartifacts"))
     parser.add_argument("--dry-run", action="store_true", help="only count what would be imported")
     args = parser.parse_args(argv)

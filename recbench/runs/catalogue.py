@@ -89,7 +89,7 @@ def _meanings(settings_class: type) -> Dict[str, str]:
     return out
 
 
-def settings_of(method_class: type) -> List[Setting]:
+def settings_list(method_class: type) -> List[Setting]:
     settings_class = method_class.settings_class
     hints = typing.get_type_hints(settings_class)
     meanings = _meanings(settings_class)
@@ -114,5 +114,5 @@ def entries(names: Optional[List[str]] = None) -> List[Entry]:
         header.setdefault("Reference", header.get("Reference commit", ""))
         title = card.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() if card.is_file() else name
         out.append(Entry(name, title, {k: header[k] for k in CARD_FIELDS if header.get(k)},
-                         settings_of(classes[name]), int(getattr(classes[name], "revision", 1))))
+                         settings_list(classes[name]), int(getattr(classes[name], "revision", 1))))
     return out

@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -86,11 +86,6 @@ def register_method_schemas(extra_dirs: Tuple[str, ...] = ()) -> None:
     for name, method_class in method_classes(extra_dirs).items():
         if dataclasses.fields(method_class.settings_class):
             store.store(group=SCHEMA_GROUP, name=name, node=method_schema(method_class))
-
-
-def settings_defaults(method_class: type) -> Dict[str, Any]:
-    """{setting: default} of a method (its ``settings_class``)."""
-    return dataclasses.asdict(method_class.settings_class())
 
 
 #: top-level keys of a job's config that are not config groups (recbench/conf/config.yaml)

@@ -316,7 +316,7 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)
-        if cfg.tracking.get("keep_model", "deployable") == "deployable" and distributed.current().is_main:
+        if cfg.tracking.get("keep_model", "deployable") == "deployable" and parallel.is_main:
             # the whole deployable model (a pickle: recbench.load_run reads it back, as
             # mlflow.pytorch.load_model would; load only runs you trust)
             torch.save(model, Path(tmp) / MODEL_ARTIFACT)

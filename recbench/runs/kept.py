@@ -18,17 +18,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recbench.datasets.batching import BatchIterator
-from recbench.models.tasks import CLICK, regression_metrics, regression_target, task_outputs
 from recbench.runs.job import MODEL_ARTIFACT
 from recbench.runs.settings import instantiate_dataset
-from recbench.training.evaluation import binary_metrics
+from recbench.tracking.mlflow_tracker import default_tracking_uri
+from recbench.models.tasks import collect_predictions
+from recbench.training.trainer import Trainer
 
 
 def _client(tracking_uri: Optional[str]):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one model file: no bar
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    return MlflowClient(tracking_uri or default_tracking_uri())
 
 
 def load_kept(run_id: str, tracking_uri: Optional[str] = None) -> Tuple[torch.nn.Module, DictConfig]:
@@ -49,20 +50,14 @@ def load_kept(run_id: str, tracking_uri: Optional[str] = None) -> Tuple[torch.nn
 def evaluate_model(model: torch.nn.Module, cfg: DictConfig, split: str = "test",
                    data_root: Optional[Path] = None) -> Dict[str, float]:
     """Exact metrics (AUC, log loss, task MSEs) of ``model`` on ``split`` of the run's dataset
-    protocol (prepared, or reused from the cache under ``data_root``, default the config's)."""
+    protocol (prepared, or reused from the cache under ``data_root``, default the config's), by the
+    Trainer's own rules (``collect_predictions``, ``Trainer.metrics_of``)."""
     prepared = instantiate_dataset(cfg).prepare(Path(data_root or cfg.paths.data_root))
-    labels, outputs, targets = [], {}, {}
     model.eval()
-    for batch in BatchIterator(prepared.spec, prepared.split(split), int(cfg.trainer.eval_batch_size)):
-        for task, values in task_outputs(model(batch.dense_features, batch.sparse_features)).items():
-            outputs.setdefault(task, []).append(values.float().numpy())
-            if task != CLICK:  # the Trainer's rule (``Trainer.predictions``)
-                targets.setdefault(task, []).append(regression_target(batch, task).numpy())
-        labels.append(batch.labels.numpy())
-    joined = {task: np.concatenate(parts) for task, parts in outputs.items()}
-    metrics = binary_metrics(np.concatenate(labels), joined[CLICK])
-    metrics.update(regression_metrics(joined, {t: np.concatenate(p) for t, p in targets.items()}))
-    return metrics
+    batches = BatchIterator(prepared.spec, prepared.split(split), int(cfg.trainer.eval_batch_size))
+    labels, outputs, targets = collect_predictions((model(b.dense_features, b.sparse_features), b) for b in batches)
+    return Trainer.metrics_of((np.concatenate(labels), {k: np.concatenate(v) for k, v in outputs.items()},
+                               {k: np.concatenate(v) for k, v in targets.items()}))
 
 
 def recorded_metrics(run_id: str, tracking_uri: Optional[str] = None) -> Dict[str, float]:

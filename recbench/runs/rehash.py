@@ -26,6 +26,8 @@ from typing import List
 
 import yaml
 
+from recbench.tracking.mlflow_tracker import default_tracking_uri
+
 CONFIG_ARTIFACT = "config.yaml"
 
 
@@ -89,7 +91,7 @@ def rehash_runs(tracking_uri: str, dry_run: bool = False) -> RehashSummary:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recbench.runs.rehash", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--tracking-uri", default=default_tracking_uri())
     parser.add_argument("--dry-run", action="store_true", help="count what would change, change nothing")
     args = parser.parse_args(argv)
     from recbench.tracking.mlflow_tracker import resolve_tracking_uri

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -71,6 +72,12 @@ def with_retries(call: Callable[..., T], *args: Any, retries: int = RETRIES, **k
             time.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, 5.0)
     raise AssertionError("unreachable")
+
+
+def default_tracking_uri() -> str:
+    """The store every command uses unless told otherwise: ``MLFLOW_TRACKING_URI``, else
+    ``sqlite:///mlflow.db`` in the working directory (as ``recbench/conf/tracking/mlflow.yaml``)."""
+    return os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
 
 
 def sqlite_path(uri: str) -> Optional[Path]:

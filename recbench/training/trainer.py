@@ -55,7 +55,7 @@ from recbench.training.inference_cost import CostCounter
 from recbench.training.evaluation import binary_metrics
 from recbench.training.optim import DenseOptimizer, build_optimizers
 from recbench.training.search_cache import MB, SearchEvaluation
-from recbench.models.tasks import (CLICK, regression_metrics, regression_target, split_task_metrics, task_outputs,
+from recbench.models.tasks import (CLICK, collect_predictions, regression_metrics, split_task_metrics,
                                      training_loss)
 from recbench.types import EmbeddingOptimizer, Stage, format_duration
 
@@ -222,16 +222,7 @@ class Trainer:
         outputs of stored memos (``recbench.training.search_cache``)."""
         was_training = model.training
         model.eval()
-        labels: List[np.ndarray] = []
-        outputs: Dict[str, List[np.ndarray]] = {}
-        targets: Dict[str, List[np.ndarray]] = {}
-        for output, batch in forwards:
-            for task, values in task_outputs(output).items():
-                outputs.setdefault(task, []).append(values.float().numpy())
-                if task != CLICK:
-                    targets.setdefault(task, []).append(regression_target(batch, task).numpy())
-            labels.append(batch.labels.numpy())
-        labels, outputs, targets = self.parallel.gather(iterator, labels, outputs, targets)
+        labels, outputs, targets = self.parallel.gather(iterator, *collect_predictions(forwards))
         model.train(was_training)
         if not labels:
             raise ValueError(f"split {split!r} of {self.dataset.spec.protocol_id} is empty")
