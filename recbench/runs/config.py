@@ -18,8 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from recbench.conf import CONFIG_DIR, targets
 
-#: the folder of the Hydra configs
-
 
 class ConfigError(ValueError):
     """An impossible configuration value (reported before any run is recorded)."""
