@@ -2,7 +2,7 @@
 
     import recbench
     result = recbench.run("qr", dataset="movielens100k", compression_ratio=0.1, partitions=3)
-    result.metrics["test/auc"], result.model          # the trained DLRM-style model (nn.Module)
+    result.metrics["test/auc"], result.model          # the deployable model its test metrics measured
     recbench.methods.get("qr").solve(tables, 16, recbench.Budget(0.1))
 
 No Hydra knowledge is needed: keyword arguments that are not parameters of ``run`` are the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from recbench.runs.config import compose, composition_problem, ConfigError, moved_keys, override_problem
+from recbench.runs.config import ConfigError, compose_checked, moved_keys, override_problem
 from recbench.runs.job import run_job
 from recbench.runs.kept import load_kept
 from recbench.runs.result import JobResult
@@ -35,7 +35,7 @@ def run(method: str = "full", dataset: str = "movielens100k", compression_ratio:
         seed: int = 0, model: Optional[str] = None, tracking: str = "mlflow", overrides: Sequence[str] = (),
         **settings: Any) -> JobResult:
     """Train and evaluate one job; return its ``JobResult`` (``status``, ``metrics``, ``run_id``,
-    ``reason``, and ``model``: the trained model, in this process only).
+    ``reason``, and ``model``: the deployable model the test metrics measured).
 
     Args:
         method, dataset, model: config options (``recbench-methods``; ``recbench/conf/dataset``,
@@ -57,10 +57,10 @@ def run(method: str = "full", dataset: str = "movielens100k", compression_ratio:
         items.append(f"budget.compression_ratio={compression_ratio}")
     items += [f"method.{key}={_value(value)}" for key, value in settings.items()]
     items, _ = moved_keys([*items, *overrides])
-    problem = override_problem(items) or composition_problem(items)
+    problem = override_problem(items)
     if problem:
         raise ConfigError(problem)
-    return run_job(compose(items), keep_model=True)
+    return run_job(compose_checked(items), keep_model=True)  # composed once: checked and run
 
 
 def load_run(run_id: str, tracking_uri: Optional[str] = None):

@@ -118,34 +118,48 @@ def moved_keys(overrides: Sequence[str]) -> Tuple[List[str], List[str]]:
 def composition_problem(overrides: Sequence[str]) -> Optional[str]:
     """A one-line error when Hydra cannot compose a job from ``overrides`` (a key its group does
     not have, a value its type refuses: ``method.partitions=abc``), else None."""
+    try:
+        compose_checked(overrides)
+        return None
+    except ConfigError as exc:
+        return str(exc)
+
+
+def compose_checked(overrides: Sequence[str]) -> DictConfig:
+    """``compose(overrides)``, or ConfigError with ``_composition_message``'s one line."""
     from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     try:
-        compose(overrides)
-        return None
+        return compose(overrides)
     except ConfigCompositionException as exc:
-        cause = exc.__cause__
-        key = getattr(cause, "full_key", None)
-        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
-            parent = key.rpartition(".")[0]
-            rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
-            try:
-                node = compose(rest)
-                known = [str(k) for k in (OmegaConf.select(node, parent) if parent else node).keys()
-                         if not str(k).startswith("_") and not (parent == "method" and k == "name")]
-            except Exception:  # noqa: BLE001 (the list is a courtesy)
-                known = []
-            return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(known)}"
-        if isinstance(cause, ValidationError) and key:
-            detail = str(cause).splitlines()[0]
-            method = next((o.partition("=")[2] for o in overrides if o.startswith("method=")), "full")
-            where = (f"`recbench-methods {method}` lists each setting's type" if key.startswith("method.")
-                     else "`recbench --cfg job` shows each key's value")
-            return f"{key}: {detail}; allowed: a value of the key's type ({where})"
-        first = str(exc).splitlines()[0].rstrip(".")
-        detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
-        return f"{first}: {detail}" if detail else first
+        raise ConfigError(_composition_message(exc, overrides)) from exc
+
+
+def _composition_message(exc: Exception, overrides: Sequence[str]) -> str:
+    """One line for Hydra's composition error: the key, and what is allowed."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = exc.__cause__
+    key = getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key:
+        parent = key.rpartition(".")[0]
+        rest = [o for o in overrides if o.lstrip("+~").partition("=")[0] != key]
+        try:
+            node = compose(rest)
+            known = [str(k) for k in (OmegaConf.select(node, parent) if parent else node).keys()
+                     if not str(k).startswith("_") and not (parent == "method" and k == "name")]
+        except Exception:  # noqa: BLE001 (the list is a courtesy)
+            known = []
+        return f"{key}: no setting of this name in {parent or 'the config'}; allowed: {', '.join(known)}"
+    if isinstance(cause, ValidationError) and key:
+        detail = str(cause).splitlines()[0]
+        method = next((o.partition("=")[2] for o in overrides if o.startswith("method=")), "full")
+        where = (f"`recbench-methods {method}` lists each setting's type" if key.startswith("method.")
+                 else "`recbench --cfg job` shows each key's value")
+        return f"{key}: {detail}; allowed: a value of the key's type ({where})"
+    first = str(exc).splitlines()[0].rstrip(".")
+    detail = str(cause).splitlines()[0] if cause is not None and str(cause) else ""
+    return f"{first}: {detail}" if detail else first
 
 
 def override_problem(overrides: Sequence[str]) -> Optional[str]:
