@@ -19,9 +19,9 @@ from pathlib import Path
 
 from recbench.cli import OneLineParser
 from recbench.reporting.report import build_reports
-from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
+from recbench.reporting.runs import load_mlflow_runs, load_records, relink, save_records
 from recbench.tracking.schema import parse_ratio
-from recbench.tracking.mlflow_tracker import default_tracking_uri, resolve_tracking_uri
+from recbench.tracking.mlflow_tracker import default_tracking_uri, resolve_tracking_uri, sqlite_path
 
 
 def provenance(records) -> str:
@@ -31,8 +31,8 @@ def provenance(records) -> str:
         return "; ".join(f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in values.most_common())
 
     imported = Counter(r.get("imported_from") for r in records if r.get("imported_from"))
-    carried = ([f"- runs imported from exported records (tags, params and final metrics; their "
-                f"artifacts stay in the store they were exported from): "
+    carried = (["- runs imported from exported records (tags, params and final metrics; their "
+                "artifacts stay in the store they were exported from): "
                 + "; ".join(f"{n} from `{name}`" for name, n in imported.most_common())] if imported else [])
     return "\n".join([f"- code (git commit of the runs): {listed('git_commit')}",
                       f"- software: {listed('software', 'not recorded (runs before tagging)')}",
@@ -57,6 +57,28 @@ def coverage(records) -> str:
     return f"seeds per finished row: {listed}{note}"
 
 
+def ui_url_of(tracking_uri: str) -> str:
+    """Where the MLflow UI of a store is: the tracking server itself for an ``http(s)`` store, else
+    ``make dashboard``'s address (``http://127.0.0.1:$PORT``, PORT 5000 unless set)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"
+
+
+def linked_to_store(records, store: str):
+    """Exported ``records`` with their links pointing at their copies in ``store`` when it exists
+    (``reporting.runs.relink``), and the report line saying where the links lead."""
+    path = sqlite_path(store)
+    if path is not None and not path.is_file():
+        return records, ("- run links use the run ids of the store the records were exported from; to open them "
+                         "here, import the records (`python -m recbench.reporting.import_records RECORDS`) "
+                         "and build this report again")
+    linked = relink(records, load_mlflow_runs(store))
+    moved = sum(1 for old, new in zip(records, linked) if old is not new)
+    return linked, (f"- run links: {moved} of {len(records)} runs link to their copies in this machine's store"
+                    + ("" if moved == len(records) else "; the others use the ids of the store they were exported from"))
+
+
 def of_protocol(tag, wanted: str) -> bool:
     """Whether a run's protocol tag is ``wanted``: the whole tag or its training-settings part after '/'."""
     return tag is not None and (tag == wanted or tag.split("/")[-1] == wanted)
@@ -72,13 +94,16 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", action="append", default=[], metavar="PROTOCOL",
                         help="only runs of this protocol: the full tag (movielens100k-3e6e827a3f/16eedfff) or the "
                              "part after '/' (repeatable; leaves out one-off runs made under other settings)")
-    parser.add_argument("--tracking-uri", default=default_tracking_uri())
+    parser.add_argument("--tracking-uri", default=default_tracking_uri(),
+                        help="the MLflow store to read (with --records: where imported copies of the records are "
+                             "looked up, so that the report's links open them)")
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
     parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
     parser.add_argument("--out", type=Path, default=Path("reports"))
-    parser.add_argument("--ui-url", default=f"http://127.0.0.1:{os.environ.get('PORT', '5000')}",
-                        help="MLflow UI the run links point to (make dashboard)")
-    parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--ui-url", default=None,
+                        help="the MLflow UI the run links open (default: the tracking server for an http store, "
+                             "else make dashboard's http://127.0.0.1:$PORT, PORT=5000 unless set)")
+    parser.add_argument("--no-figures", action="store_true", help="tables only (faster; no PNG figures)")
     args = parser.parse_args(argv)
     if args.export is not None and not args.export.parent.is_dir():  # before any work, like recbench-sweep
         print(f"recbench-report: --export {args.export}: folder {args.export.parent} does not exist", file=sys.stderr)
@@ -118,13 +143,18 @@ def main(argv=None) -> int:
         records = kept
     if args.export:
         save_records(records, args.export)
+    links = ""
+    if args.records:
+        records, links = linked_to_store(records, resolve_tracking_uri(args.tracking_uri, Path.cwd()))
+    ui_url = args.ui_url or ui_url_of(args.tracking_uri)
     generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "
-                 f"from {source} ({len(records)} runs).\n\n{provenance(records)}")
-    for report in build_reports(records, args.out, args.ui_url, generated, figures=not args.no_figures):
+                 f"from {source} ({len(records)} runs).\n\n{provenance(records)}" + (f"\n{links}" if links else ""))
+    for report in build_reports(records, args.out, ui_url, generated, figures=not args.no_figures):
         print(f"\n== {report.dataset} ==\n{report.markdown}")
         print(f"\nwritten: {', '.join(str(p) for p in report.files)}")
         print(f"HTML report: {report.index.resolve()}")
-    print("MLflow dashboard: make dashboard  (http://127.0.0.1:5000)")
+    served = args.ui_url is None and not args.tracking_uri.startswith(("http://", "https://"))
+    print(f"Run links open the MLflow UI at {ui_url}" + (" (make dashboard serves it)" if served else ""))
     return 0
 
 

@@ -8,13 +8,38 @@ References: docs/architecture.md section 7.
 """
 from __future__ import annotations
 
+from importlib import metadata, util
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Dict, Sequence, Tuple
 
 import yaml
 
 #: the folder of the Hydra configs
 CONFIG_DIR = str(Path(__file__).resolve().parent)
+#: the entry-point group through which an installed package adds its config folder (methods,
+#: datasets, presets): ``[project.entry-points."recbench.conf"] mypkg = "mypkg.conf"``, where
+#: ``mypkg.conf`` is a package whose folder holds ``method/<name>.yaml`` and so on
+ENTRY_POINT_GROUP = "recbench.conf"
+
+
+class EntryPointError(ValueError):
+    """An installed package's ``recbench.conf`` entry point that names no config folder."""
+
+
+def entry_point_dirs() -> Tuple[str, ...]:
+    """The config folders of installed packages (entry-point group ``recbench.conf``), by entry-point
+    name. Each value is a package, found without importing it (a config folder is data)."""
+    out = []
+    for entry in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        spec = util.find_spec(entry.value) if entry.value and ":" not in entry.value else None
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        if not folders:
+            dist = getattr(entry.dist, "name", "?")
+            raise EntryPointError(f"entry point {entry.name} = {entry.value!r} of package {dist} (group "
+                                  f"{ENTRY_POINT_GROUP}): not an importable package; it must name a package "
+                                  "whose folder holds method/<name>.yaml and the other config groups")
+        out.append(str(Path(folders[0]).resolve()))
+    return tuple(out)
 
 
 def targets(group: str, extra_dirs: Sequence[str] = ()) -> Dict[str, str]:

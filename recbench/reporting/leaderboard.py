@@ -11,9 +11,15 @@ Rules (stated in every report):
   configuration are averaged, different configurations never are. Only runs that FINISHED with
   ``status=finished`` count; of several finished runs of one seed the latest counts once.
 - mean +- std over seeds (sample std, ddof=1; no std for a single seed).
-- Ties: within one budget, method j is ranked below method i only if
-  ``mean_i - mean_j > 2 * max(std_i, std_j)`` (test AUC); rank = 1 + the number of methods
-  above it, so methods within 2 std of each other share a rank. Rank 1 = tied with the best.
+- Rank: within one budget, by mean test AUC (1 = the highest; equal means share a rank), so a
+  lower mean is never ranked above a higher one.
+- Not distinguishable from the best (``≈``): a two-sided Welch t-test across seeds between a row
+  and the best row (the highest mean) at 95% (p >= 0.05), checked down the ranking: the first row
+  that is distinguishable ends the run, and no row below it is marked, so noise is never rewarded
+  with a mark a better row lacks. A row, or a best row, with one seed has no std and is not tested
+  (flagged ``1 seed``; it neither gets the mark nor ends the run).
+- Recommendation per budget: among the best row and the rows ``≈`` it, the lowest inference
+  latency, then the fewest inference bytes (rows without a latency come last).
 - Delta AUC is against the ``full`` reference (ratio 1.0) of the same protocol.
 - Pareto front (AUC up, inference bytes down): rows that no other row beats on both, i.e. no
   row has bytes <= and AUC >= with one of them strict.
@@ -37,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
+from scipy.stats import t as student_t
 
 from recbench.tracking.base import with_thread_count
 from recbench.tracking.schema import parse_ratio
@@ -45,11 +52,19 @@ AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", 
 SPEED, LATENCY, BAYES = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc"
 COLUMNS = (AUC, LOGLOSS, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
 REFERENCE_METHOD = "full"
-TIE_STDS = 2.0
-RULES = (f"mean ± std over seeds (sample std); methods within {TIE_STDS:g} std (the larger of the two) of each "
-         f"other in test AUC share a rank (`=`); Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
+ALPHA = 0.05  # the Welch test's level: "not distinguishable from the best" at 95%
+RULES = ("mean ± std over seeds (sample std); rank by mean test AUC (1 = highest); ≈ best: not distinguishable "
+         "from the highest mean by a two-sided Welch t-test across seeds at 95% (p ≥ 0.05), checked down the "
+         "ranking until the first row that is distinguishable (no row below it is marked); a row with 1 seed "
+         "(or a best row with 1 seed) is not tested and says so; recommended: among the best and the rows ≈ "
+         "best, the lowest inference latency, then the fewest inference bytes; "
+         f"Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
          "no other row has fewer or equal inference bytes and higher or equal AUC; † a caveat noted under "
          "the table (e.g. a search stage that ended at its epoch cap before reaching its target).")
+#: the recommendation table's rule, stated above it
+RECOMMENDATION_RULE = ("Recommended: among the highest mean test AUC and the rows not distinguishable from it "
+                       f"(Welch t-test across seeds, p ≥ {ALPHA:g}), the lowest inference latency, then the fewest "
+                       "inference bytes.")
 #: added to the rules of a report that has an under-budget row
 UNDER_BUDGET_RULE = ("↓ under budget: the method's best configuration under the budget lands below "
                      "(1 - tolerance) x the requested ratio; the row ran at its achieved ratio (a budget is "
@@ -75,8 +90,10 @@ class Row:
     overrides: str = ""
     num_threads: str = ""  # the torch thread count every seed ran with ("" if unrecorded or mixed)
     git_commits: List[str] = field(default_factory=list)
-    rank: int = 0
-    tied: bool = False  # shares its rank with another row of its budget
+    rank: int = 0  # by mean test AUC within its budget (1 = highest)
+    best: bool = False  # the highest mean of its budget (the row the others are tested against)
+    near_best: bool = False  # not distinguishable from the best (Welch, see the rules); False for the best itself
+    p_best: float = float("nan")  # the Welch test's p-value against the best (nan: not tested)
     pareto: bool = False
     delta_auc: float = float("nan")
     notes: List[str] = field(default_factory=list)  # caveats of the measured numbers (``stage_notes``)
@@ -94,6 +111,10 @@ class Row:
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+    @property
+    def single_seed(self) -> bool:
+        return self.finished and self.seeds < 2
 
 
 def _float(value: Any) -> float:
@@ -216,17 +237,36 @@ def _label_variants(rows: List[Row]) -> None:
                 row.label = f"{row.method} [{row.group[:6] or '?'}]"
 
 
-def rank_with_ties(rows: Sequence[Row], stds: float = TIE_STDS) -> None:
-    """Set ``rank`` and ``tied`` on finished rows of one budget (see the module rules)."""
-    finished = [r for r in rows if r.finished and not math.isnan(r.auc)]
+def welch_p(a: "Row", b: "Row") -> float:
+    """Two-sided p-value of Welch's t-test on the test AUCs of two rows' seeds (from their means, sample
+    stds and seed counts); nan when either row has fewer than 2 seeds. Both stds 0: 1 if the means are
+    equal, else 0."""
+    if a.seeds < 2 or b.seeds < 2:
+        return float("nan")
+    va, vb = a.auc_std ** 2 / a.seeds, b.auc_std ** 2 / b.seeds
+    if va + vb == 0.0:
+        return 1.0 if a.auc == b.auc else 0.0
+    t = (a.auc - b.auc) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (a.seeds - 1) + vb ** 2 / (b.seeds - 1))
+    return float(2.0 * student_t.sf(abs(t), df))
+
+
+def rank_by_mean(rows: Sequence[Row], alpha: float = ALPHA) -> None:
+    """Set ``rank``, ``best``, ``p_best`` and ``near_best`` on the finished rows of one budget (see the
+    module rules)."""
+    finished = sorted((r for r in rows if r.finished and not math.isnan(r.auc)), key=lambda r: (-r.auc, -r.seeds))
     for row in finished:
-        row.rank = 1 + sum(1 for other in finished if other is not row
-                           and other.auc - row.auc > stds * max(other.auc_std, row.auc_std))
-    counts: Dict[int, int] = defaultdict(int)
-    for row in finished:
-        counts[row.rank] += 1
-    for row in finished:
-        row.tied = counts[row.rank] > 1
+        row.rank = 1 + sum(1 for other in finished if other.auc > row.auc)
+    if not finished:
+        return
+    top, open_run = finished[0], True
+    top.best = True
+    for row in finished[1:]:
+        row.p_best = welch_p(top, row)
+        if math.isnan(row.p_best):
+            continue  # not tested: neither marked nor ending the run
+        open_run = open_run and row.p_best >= alpha
+        row.near_best = open_run
 
 
 def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
@@ -251,7 +291,7 @@ def score(rows: List[Row]) -> None:
     for protocol in {r.protocol for r in rows}:
         mine = [r for r in rows if r.protocol == protocol]
         for ratio in {r.ratio for r in mine}:
-            rank_with_ties([r for r in mine if r.ratio == ratio])
+            rank_by_mean([r for r in mine if r.ratio == ratio])
         ref = reference(rows, protocol)
         for row in mine:
             if ref is not None and row.finished:
@@ -276,21 +316,37 @@ def budgets(rows: Sequence[Row], protocol: str) -> List[float]:
 @dataclass
 class Recommendation:
     ratio: float
-    best: Optional[Row]
-    tied: List[Row]
+    pick: Optional[Row]  # the recommended row: the tie-breaker's choice among ``best`` and ``near``
+    best: Optional[Row]  # the highest mean test AUC
+    near: List[Row]  # the rows not distinguishable from ``best`` (by rank)
     infeasible: List[str]
     failed: List[str]
 
+    @property
+    def candidates(self) -> List[Row]:
+        """The rows the recommendation chose from, in the tie-breaker's order."""
+        rows = ([self.best] if self.best else []) + self.near
+        return sorted(rows, key=tie_breaker)
+
+
+def tie_breaker(row: Row) -> Tuple[float, float, int]:
+    """Lowest inference latency, then fewest inference bytes (missing values last), then rank."""
+    latency, size = row.mean.get(LATENCY, math.nan), row.mean.get(BYTES, math.nan)
+    return (math.inf if math.isnan(latency) else latency, math.inf if math.isnan(size) else size, row.rank)
+
 
 def recommend(rows: Sequence[Row], protocol: str) -> List[Recommendation]:
-    """Per budget: the best method by mean test AUC, the methods tied with it, the infeasible ones."""
+    """Per budget: the best mean, the rows not distinguishable from it, the recommended one among
+    them (tie-breaker: latency, then bytes), the infeasible and failed methods."""
     out = []
     for ratio in budgets(rows, protocol):
         here = [r for r in rows if r.protocol == protocol and r.ratio == ratio]
-        top = sorted((r for r in here if r.finished and r.rank == 1), key=lambda r: -_key(r.auc))
-        out.append(Recommendation(ratio, top[0] if top else None, top[1:],
-                                  sorted(r.label for r in here if r.status == "infeasible"),
-                                  sorted(r.label for r in here if r.status == "failed")))
+        best = next((r for r in here if r.finished and r.best), None)
+        near = sorted((r for r in here if r.finished and r.near_best), key=lambda r: (r.rank, r.label))
+        rec = Recommendation(ratio, None, best, near, sorted(r.label for r in here if r.status == "infeasible"),
+                             sorted(r.label for r in here if r.status == "failed"))
+        rec.pick = rec.candidates[0] if rec.candidates else None
+        out.append(rec)
     return out
 
 
@@ -328,7 +384,35 @@ def fmt_bytes(value: Optional[float]) -> str:
 
 
 def fmt_rank(row: Row) -> str:
-    return f"{row.rank}{'=' if row.tied else ''}" if row.finished and row.rank else "—"
+    return str(row.rank) if row.finished and row.rank else "—"
+
+
+def fmt_vs_best(row: Row) -> str:
+    """The row's standing against the best of its budget: ``best``, ``≈ (p 0.31)``, ``p 0.002``,
+    ``1 seed: not tested``."""
+    if not row.finished:
+        return "—"
+    if row.best:
+        return "best (1 seed)" if row.single_seed else "best"
+    if math.isnan(row.p_best):
+        return "1 seed: not tested"
+    p = f"p {row.p_best:.2g}" if row.p_best >= 0.001 else "p < 0.001"
+    return f"≈ ({p})" if row.near_best else p
+
+
+def fmt_auc(row: Row) -> str:
+    """Mean ± std of the test AUC; a single-seed row says so instead of a std."""
+    return f"{row.auc:.4f} (1 seed)" if row.single_seed else fmt(row.auc, row.std.get(AUC))
+
+
+def fmt_latency(row: Row) -> str:
+    value = row.mean.get(LATENCY, math.nan)
+    return "—" if math.isnan(value) else f"{value:.2f}"
+
+
+def fmt_budget(ratio: float) -> str:
+    """``10x (ratio 0.1)``: the compression factor first, the ratio it is requested as."""
+    return f"{1 / ratio:.3g}x (ratio {ratio:g})" if ratio > 0 else f"ratio {ratio:g}"
 
 
 def fmt_delta(value: float) -> str:
@@ -394,31 +478,36 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
     if bayes is not None:
         out.append(f"Bayes-optimal test AUC (ceiling): {bayes:.4f}.")
     out.append("\n### Which method at which budget\n")
-    out.append("| budget (ratio) | recommended | test AUC | Δ AUC vs full | inference bytes | tied (within 2 std) | infeasible |")
-    out.append("|---|---|---|---|---|---|---|")
+    out.append(RECOMMENDATION_RULE + "\n")
+    out.append("| budget | recommended | test AUC | latency ms (batch 4096) | inference bytes | Δ AUC vs full "
+               "| best mean, if another | also ≈ best | infeasible |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for rec in recommend(rows, protocol):
-        best = rec.best
-        out.append(f"| {rec.ratio:g} | {md(flagged(best)) if best else '—'} | "
-                   f"{fmt(best.auc, best.std.get(AUC)) if best else '—'} | {fmt_delta(best.delta_auc) if best else '—'} | "
-                   f"{fmt_bytes(best.mean.get(BYTES)) if best else '—'} | {md(', '.join(r.label for r in rec.tied)) or '—'} | "
+        pick, best = rec.pick, rec.best
+        others = [r.label for r in rec.candidates if r is not pick]
+        out.append(f"| {fmt_budget(rec.ratio)} | {md(flagged(pick)) if pick else '—'} | "
+                   f"{fmt_auc(pick) if pick else '—'} | {fmt_latency(pick) if pick else '—'} | "
+                   f"{fmt_bytes(pick.mean.get(BYTES)) if pick else '—'} | {fmt_delta(pick.delta_auc) if pick else '—'} | "
+                   f"{md(flagged(best)) + ' ' + fmt_auc(best) if best and best is not pick else '—'} | "
+                   f"{md(', '.join(l for l in others if not best or l != best.label)) or '—'} | "
                    f"{md(', '.join(rec.infeasible)) or '—'} |")
     for ratio in budgets(rows, protocol):
-        out.append(f"\n### Budget: compression ratio {ratio:g}\n")
-        out.append("| rank | method | seeds | test AUC | Δ AUC vs full | test log loss | inference bytes | achieved ratio "
-                   "| train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append(f"\n### Budget {fmt_budget(ratio)}\n")
+        out.append("| rank | method | seeds | test AUC | vs best | Δ AUC vs full | test log loss | inference bytes "
+                   "| achieved ratio | train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r.protocol == protocol and r.ratio == ratio):
             links = " ".join(f"[s{s}]({run_url(ui_url, e, i)})" for s, e, i in
                              zip(r.seed_list or ["?"] * len(r.run_ids), r.experiment_ids, r.run_ids))
             if not r.finished:
-                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — "
+                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — | — "
                            f"| {links} | {md_code(command(r))} |")
                 continue
             out.append(
-                f"| {fmt_rank(r)} | {md(marked(r))} | {r.seeds} | {fmt(r.auc, r.std.get(AUC))} | {fmt_delta(r.delta_auc)} | "
+                f"| {fmt_rank(r)} | {md(marked(r))} | {r.seeds} | {fmt_auc(r)} | {fmt_vs_best(r)} | {fmt_delta(r.delta_auc)} | "
                 f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt_bytes(r.mean.get(BYTES))} | "
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
-                f"{r.mean.get(LATENCY, float('nan')):.2f} | {'yes' if r.pareto else ''} | {links} | {md_code(command(r))} |")
+                f"{fmt_latency(r)} | {'yes' if r.pareto else ''} | {links} | {md_code(command(r))} |")
         noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]
         under = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.finished and r.under_budget]
         if noted or under:
@@ -446,7 +535,8 @@ def csv_rows(rows: Sequence[Row], ui_url: str = "http://127.0.0.1:5000") -> List
     for r in rows:
         item: Dict[str, Any] = {
             "protocol": r.protocol, "dataset": r.dataset, "method": r.label, "ratio": r.ratio, "status": r.status,
-            "seeds": r.seeds, "rank": r.rank if r.finished else "", "tied": int(r.tied), "pareto": int(r.pareto),
+            "seeds": r.seeds, "rank": r.rank if r.finished else "", "best": int(r.best), "near_best": int(r.near_best),
+            "p_vs_best": "" if math.isnan(r.p_best) else r.p_best, "single_seed": int(r.single_seed), "pareto": int(r.pareto),
             "delta_auc_vs_full": "" if math.isnan(r.delta_auc) else r.delta_auc, "reason": r.reason,
             "notes": "; ".join(r.notes), "under_budget": int(r.under_budget),
         }

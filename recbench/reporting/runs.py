@@ -71,3 +71,17 @@ def save_records(records: List[Dict[str, Any]], path: Path) -> None:
 
 def load_records(path: Path) -> List[Dict[str, Any]]:
     return json.loads(Path(path).read_text())
+
+
+def relink(records: Sequence[Dict[str, Any]], store: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """``records`` (exported elsewhere) pointing at their copies in ``store`` (this machine's records):
+    a record whose run is in the store, or was imported into it (tag ``imported_from_run_id``, set by
+    ``reporting.import_records``), takes that run's id and experiment id, so the report's links open
+    it; the others are returned unchanged. New dicts: the input is not modified."""
+    copies = {r["imported_from_run_id"]: r for r in store if r.get("imported_from_run_id")}
+    copies.update({r["run_id"]: r for r in store})
+    out = []
+    for record in records:
+        copy = copies.get(record.get("run_id")) or copies.get(record.get("imported_from_run_id") or None)
+        out.append({**record, "run_id": copy["run_id"], "experiment_id": copy["experiment_id"]} if copy else record)
+    return out

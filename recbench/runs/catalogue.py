@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from recbench.conf import entry_point_dirs
 from recbench.runs.config import method_classes
 
 #: the folder of the method cards
@@ -102,14 +103,18 @@ def settings_list(method_class: type) -> List[Setting]:
 
 
 def entries(names: Optional[List[str]] = None) -> List[Entry]:
-    """The catalogue entries of ``names`` (default: every method in ``recbench/conf/method``)."""
-    classes = method_classes()
+    """The catalogue entries of ``names`` (default: every method in ``recbench/conf/method`` and in the
+    config folders of installed packages' ``recbench.conf`` entry points, whose cards sit beside
+    their configs: ``<folder>/method/<name>.md``)."""
+    extra = entry_point_dirs()
+    classes = method_classes(extra)
     unknown = sorted(set(names or ()) - set(classes))
     if unknown:
         raise KeyError(f"no method {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(classes))}")
     out = []
     for name in names or sorted(classes):
-        card = CARDS_DIR / f"{name}.md"
+        card = next((c for c in (CARDS_DIR / f"{name}.md", *(Path(d) / "method" / f"{name}.md" for d in extra))
+                     if c.is_file()), CARDS_DIR / f"{name}.md")
         header = card_header(card) if card.is_file() else {}
         header.setdefault("Reference", header.get("Reference commit", ""))
         title = card.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() if card.is_file() else name

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from recbench.conf import CONFIG_DIR, targets
+from recbench.conf import CONFIG_DIR, entry_point_dirs, targets
 
 
 class ConfigError(ValueError):
@@ -34,9 +34,11 @@ def compose(overrides: Sequence[str] = (), return_hydra_config: bool = False) ->
 
 
 def search_dirs(overrides: Sequence[str]) -> Tuple[str, ...]:
-    """The folders a ``hydra.searchpath=[file://...]`` override adds (where methods of other
-    packages keep their ``method/<name>.yaml``)."""
-    out: List[str] = []
+    """The folders where methods of other packages keep their ``method/<name>.yaml``: those of
+    installed packages' ``recbench.conf`` entry points (``conf.entry_point_dirs``; Hydra's search
+    path gets them from ``hydra_plugins/recbench_entry_points``) and those a
+    ``hydra.searchpath=[file://...]`` override adds."""
+    out: List[str] = list(entry_point_dirs())
     for override in overrides:
         key, _, value = override.partition("=")
         if key.lstrip("+") == "hydra.searchpath":
@@ -91,10 +93,14 @@ ROOT_KEYS = ("seed", "sweep_id", "sweep_preset", "hydra")
 
 
 def groups() -> Dict[str, List[str]]:
-    """{config group: its options}, read from the folders of ``recbench/conf/`` (the registry)."""
-    root = Path(CONFIG_DIR)
-    return {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in sorted(root.iterdir())
-            if d.is_dir() and any(d.glob("*.yaml"))}
+    """{config group: its options}, read from the folders of ``recbench/conf/`` (the registry) and of
+    the installed packages' ``recbench.conf`` entry points."""
+    found: Dict[str, set] = {}
+    for root in (Path(CONFIG_DIR), *map(Path, entry_point_dirs())):
+        for folder in sorted(root.iterdir()):
+            if folder.is_dir():
+                found.setdefault(folder.name, set()).update(p.stem for p in folder.glob("*.yaml"))
+    return {name: sorted(options) for name, options in sorted(found.items()) if options}
 
 
 #: keys that moved to another group: {old: new}. Commands recorded before the move (a run's
@@ -179,7 +185,8 @@ def override_problem(overrides: Sequence[str]) -> Optional[str]:
         if key in known and "(" not in value:  # a group choice: every listed option must exist
             for option in (v.strip() for v in value.split(",")):
                 if option and option != "null" and option not in known[key]:
-                    return (f"{key}={option}: there is no recbench/conf/{key}/{option}.yaml; allowed: "
+                    where = " or an installed package's config folder" if entry_point_dirs() else ""
+                    return (f"{key}={option}: there is no recbench/conf/{key}/{option}.yaml{where}; allowed: "
                             f"{', '.join(known[key])}")
         elif head not in known and head not in ROOT_KEYS and not override.startswith(("+", "++")):
             return (f"{key}: no setting of this name (its first part {head!r} is neither a config group nor a "

@@ -9,7 +9,8 @@ from report_fixtures import fixture_records
 
 from recbench.reporting.import_records import RecordError, import_records, main as import_main
 from recbench.cli.report import main as report_main
-from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
+from recbench.reporting.leaderboard import aggregate
+from recbench.reporting.runs import load_mlflow_runs, load_records, relink, save_records
 from recbench.tracking.base import FAILED, FINISHED
 from recbench.tracking.mlflow_tracker import MLflowTracker
 
@@ -89,6 +90,40 @@ def test_imported_runs_are_what_was_exported_and_skip_their_jobs(tmp_path):
     header = (tmp_path / "reports" / "toy" / "leaderboard.md").read_text()
     assert f"- runs imported from exported records (tags, params and final metrics; their artifacts stay in " \
            f"the store they were exported from): {len(exported)} from `runs.json`" in header
+
+
+def test_a_report_from_exported_records_links_to_their_imported_copies(tmp_path, capsys):
+    """Built from ``--records`` with a store holding imported copies, the report's links open those
+    copies (their new run ids and experiment ids); without that store it says where its links lead."""
+    exported = load_mlflow_runs(original_store(tmp_path))
+    save_records(exported, tmp_path / "runs.json")
+    reports = ["--records", str(tmp_path / "runs.json"), "--no-figures", "--ui-url", "http://ui:8080"]
+    assert report_main([*reports, "--tracking-uri", f"sqlite:///{tmp_path}/absent.db", "--out", str(tmp_path / "a")]) == 0
+    before = (tmp_path / "a" / "toy" / "leaderboard.md").read_text()
+    assert exported[0]["run_id"] in before and "run links use the run ids of the store the records were exported from" in before
+    assert not (tmp_path / "absent.db").exists()  # looked for, never created
+    uri = f"sqlite:///{tmp_path}/new.db"
+    assert import_main([str(tmp_path / "runs.json"), "--tracking-uri", uri, "--artifact-root", str(tmp_path / "art2")]) == 0
+    copies = {r["imported_from_run_id"]: r for r in load_mlflow_runs(uri)}
+    assert report_main([*reports, "--tracking-uri", uri, "--out", str(tmp_path / "b")]) == 0
+    after = (tmp_path / "b" / "toy" / "leaderboard.md").read_text()
+    assert f"run links: {len(exported)} of {len(exported)} runs link to their copies" in after
+    for record in exported:
+        assert copies[record["run_id"]]["run_id"] != record["run_id"] and record["run_id"] not in after
+    shown = [(e, i) for row in aggregate(relink(exported, list(copies.values()))) for e, i in zip(row.experiment_ids, row.run_ids)]
+    assert len(shown) >= len(exported) - 1  # every run but the older duplicate of a seed
+    for experiment_id, run_id in shown:
+        assert run_id in {c["run_id"] for c in copies.values()}
+        assert f"http://ui:8080/#/experiments/{experiment_id}/runs/{run_id}" in after
+    assert "Run links open the MLflow UI at http://ui:8080\n" in capsys.readouterr().out
+
+
+def test_the_ui_address_comes_from_an_http_store_or_the_port(monkeypatch):
+    from recbench.cli.report import ui_url_of
+
+    assert ui_url_of("http://mlflow.example:7000/") == "http://mlflow.example:7000"
+    monkeypatch.setenv("PORT", "5123")
+    assert ui_url_of("sqlite:///mlflow.db") == "http://127.0.0.1:5123"
 
 
 @pytest.mark.parametrize("damage, message", [

@@ -101,3 +101,51 @@ def test_a_new_method_is_its_module_config_and_card_only(tmp_path, monkeypatch):
     plan = build_plan("smoke", ["method=toymod,hashing", "dataset=toy", search], "add-a-method")
     methods = {o.split("=", 1)[1] for job in plan.grids[0].jobs for o in job if o.startswith("method=")}
     assert methods == {"toymod", "hashing"}
+
+
+def installed_toy_package(site):
+    """A package as pip would install it: its module, its config folder (a package) and a
+    ``dist-info`` declaring that folder in the entry-point group ``recbench.conf``."""
+    (site / "toymod_method.py").write_text(textwrap.dedent(MODULE))
+    conf = site / "toymod_conf"
+    (conf / "method").mkdir(parents=True)
+    (conf / "__init__.py").write_text("")
+    (conf / "method" / "toymod.yaml").write_text(CONFIG)
+    info = site / "toymod-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toymod\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[recbench.conf]\ntoymod = toymod_conf\n")
+    return conf
+
+
+def test_an_installed_package_adds_its_methods_through_an_entry_point(tmp_path, monkeypatch):
+    """No search-path override: the entry point alone puts the package's config folder on Hydra's
+    search path (``hydra_plugins/recbench_entry_points``) and its settings in the ConfigStore, for a
+    job and for a sweep's plan."""
+    from recbench.conf import entry_point_dirs
+
+    site = tmp_path / "site"
+    site.mkdir()
+    conf = installed_toy_package(site)
+    monkeypatch.syspath_prepend(str(site))
+    assert entry_point_dirs() == (str(conf.resolve()),)
+    assert compose(["method=toymod", "method.fraction=0.25"]).method.fraction == 0.25
+    result = run_job(toy_cfg(tmp_path, "method=toymod", "budget.compression_ratio=0.5"), InMemoryTracker())
+    assert result.status == "finished", result.reason
+    plan = build_plan("smoke", ["method=toymod,hashing"], "entry-point")
+    assert {o.split("=", 1)[1] for job in plan.grids[0].jobs for o in job if o.startswith("method=")} == {"toymod", "hashing"}
+
+
+def test_an_entry_point_that_names_no_package_is_a_clear_error(tmp_path, monkeypatch):
+    import pytest
+
+    from recbench.conf import EntryPointError, entry_point_dirs
+
+    info = tmp_path / "broken-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[recbench.conf]\nbroken = no_such_conf_package\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(EntryPointError, match="entry point broken = 'no_such_conf_package' of package broken "
+                                              r"\(group recbench.conf\): not an importable package"):
+        entry_point_dirs()
