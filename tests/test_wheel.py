@@ -74,6 +74,8 @@ def test_the_wheel_carries_the_configs(venv):
     assert "recbench/conf/config.yaml" in names and "recbench/conf/method/qr.yaml" in names
     assert sum(n.startswith("recbench/conf/method/") and n.endswith(".yaml") for n in names) == \
         len(list((REPO / "recbench" / "conf" / "method").glob("*.yaml")))
+    # the search-path plugin through which installed packages add their methods (docs/extending.md)
+    assert "hydra_plugins/recbench_entry_points/recbench_entry_points.py" in names
 
 
 def test_the_installed_command_runs_a_job_from_an_empty_folder(venv, tmp_path):
