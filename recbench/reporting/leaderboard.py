@@ -46,11 +46,12 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from recbench.tracking.base import with_thread_count
+from recbench.training.evaluation import normalized_entropy
 from recbench.tracking.schema import parse_ratio
 
 AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", "emb/compression_ratio"
-SPEED, LATENCY, BAYES = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc"
-COLUMNS = (AUC, LOGLOSS, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
+SPEED, LATENCY, BAYES, NE = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc", "test/ne"
+COLUMNS = (AUC, LOGLOSS, NE, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
 REFERENCE_METHOD = "full"
 ALPHA = 0.05  # the Welch test's level: "not distinguishable from the best" at 95%
 RULES = ("mean ± std over seeds (sample std); rank by mean test AUC (1 = highest); ≈ best: not distinguishable "
@@ -58,7 +59,8 @@ RULES = ("mean ± std over seeds (sample std); rank by mean test AUC (1 = highes
          "ranking until the first row that is distinguishable (no row below it is marked); a row with 1 seed "
          "(or a best row with 1 seed) is not tested and says so; recommended: among the best and the rows ≈ "
          "best, the lowest inference latency, then the fewest inference bytes; "
-         f"Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; Pareto front: "
+         f"Δ AUC vs `{REFERENCE_METHOD}` at ratio 1; NE: normalised entropy, the test log loss over the entropy "
+         "of the test positive rate (lower is better; 1 = a constant prediction); Pareto front: "
          "no other row has fewer or equal inference bytes and higher or equal AUC; † a caveat noted under "
          "the table (e.g. a search stage that ended at its epoch cap before reaching its target).")
 #: the recommendation table's rule, stated above it
@@ -178,6 +180,15 @@ def under_budget_legend(row: "Row") -> str:
             "it ran at that ratio.")
 
 
+def metrics_of(record: Dict[str, Any]) -> Dict[str, float]:
+    """A record's final metrics, with ``test/ne`` derived from its test log loss and positive rate
+    when the run predates logging it (the same formula the trainer logs)."""
+    metrics = dict(record.get("metrics", {}))
+    if NE not in metrics and LOGLOSS in metrics and "test/positive_rate" in metrics:
+        metrics[NE] = normalized_entropy(float(metrics[LOGLOSS]), float(metrics["test/positive_rate"]))
+    return metrics
+
+
 def _is_finished(record: Dict[str, Any]) -> bool:
     return record.get("status") == "finished" and record.get("run_status", "FINISHED") == "FINISHED"
 
@@ -195,8 +206,9 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
         common = dict(dataset=runs[0].get("dataset", ""), group=group, label=method)
         if finished:
             row = Row(protocol, method, ratio, "finished", len(finished), **common)
+            metrics = [metrics_of(r) for r in finished]
             for key in COLUMNS:
-                values = [float(r["metrics"][key]) for r in finished if key in r.get("metrics", {})]
+                values = [float(m[key]) for m in metrics if key in m]
                 if values:
                     row.mean[key] = float(np.mean(values))
                     row.std[key] = float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
@@ -493,19 +505,20 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
                    f"{md(', '.join(rec.infeasible)) or '—'} |")
     for ratio in budgets(rows, protocol):
         out.append(f"\n### Budget {fmt_budget(ratio)}\n")
-        out.append("| rank | method | seeds | test AUC | vs best | Δ AUC vs full | test log loss | inference bytes "
+        out.append("| rank | method | seeds | test AUC | vs best | Δ AUC vs full | test log loss | test NE | inference bytes "
                    "| achieved ratio | train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in (r for r in rows if r.protocol == protocol and r.ratio == ratio):
             links = " ".join(f"[s{s}]({run_url(ui_url, e, i)})" for s, e, i in
                              zip(r.seed_list or ["?"] * len(r.run_ids), r.experiment_ids, r.run_ids))
             if not r.finished:
-                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — | — "
+                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — | — | — "
                            f"| {links} | {md_code(command(r))} |")
                 continue
             out.append(
                 f"| {fmt_rank(r)} | {md(marked(r))} | {r.seeds} | {fmt_auc(r)} | {fmt_vs_best(r)} | {fmt_delta(r.delta_auc)} | "
-                f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt_bytes(r.mean.get(BYTES))} | "
+                f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt(r.mean.get(NE), r.std.get(NE))} | "
+                f"{fmt_bytes(r.mean.get(BYTES))} | "
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
                 f"{fmt_latency(r)} | {'yes' if r.pareto else ''} | {links} | {md_code(command(r))} |")
         noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]

@@ -23,6 +23,8 @@ class JobResult:
 
 RESULT_KEYS = [
     ("val/auc", "val AUC", "{:.4f}"), ("test/auc", "test AUC", "{:.4f}"), ("test/logloss", "test log loss", "{:.4f}"),
+    ("test/ne", "test NE", "{:.4f}"),
+    ("test/calibration", "test calibration", "{:.3f}"),
     ("bayes/test_auc", "Bayes-optimal test AUC", "{:.4f}"), ("test/auc_gap_to_bayes", "gap to Bayes AUC", "{:.4f}"),
     ("emb/compression_ratio", "compression ratio", "{:.4g}"), ("emb/bytes_inference", "embedding bytes (inference)", "{:,.0f}"),
     ("emb/bytes_training", "embedding bytes (training)", "{:,.0f}"), ("train/samples_per_s", "train samples/s", "{:,.0f}"),

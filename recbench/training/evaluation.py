@@ -45,13 +45,38 @@ def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -
     return float(-np.mean(y * np.log(p) + (1.0 - y) * np.log1p(-p)))
 
 
+def normalized_entropy(logloss: float, positive_rate: float) -> float:
+    """Normalised entropy (NE): the log loss divided by the entropy of the positive rate p, i.e. the log
+    loss of always predicting p (NE < 1 beats that constant; lower is better); NaN when p is 0 or 1.
+
+    References: He et al., "Practical Lessons from Predicting Clicks on Ads at Facebook", ADKDD 2014
+    (section 2); TorchRec's ``torchrec.metrics.ne`` (the same quantity)."""
+    p = float(positive_rate)
+    if not 0.0 < p < 1.0:
+        return float("nan")
+    return float(logloss) / float(-(p * np.log(p) + (1.0 - p) * np.log1p(-p)))
+
+
+def calibration(mean_prediction: float, positive_rate: float) -> float:
+    """Mean predicted probability over the positive rate (1 = calibrated); NaN without positives.
+
+    References: TorchRec's ``torchrec.metrics.calibration`` (sum of predictions / sum of labels)."""
+    return float(mean_prediction) / float(positive_rate) if positive_rate > 0 else float("nan")
+
+
 def binary_metrics(labels: np.ndarray, logits: np.ndarray) -> dict:
-    """AUC, log loss and mean prediction of logits (N,) against labels (N,)."""
+    """AUC, log loss, normalised entropy, mean prediction, positive rate and calibration of logits (N,)
+    against labels (N,)."""
     with np.errstate(over="ignore"):  # exp(-x) = inf for x < -709 gives the exact limit 0
         probabilities = 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    loss = log_loss(labels, probabilities)
+    mean_prediction = float(probabilities.mean()) if probabilities.size else float("nan")
+    positive_rate = float(np.mean(labels)) if np.size(labels) else float("nan")
     return {
         "auc": exact_auc(labels, logits),
-        "logloss": log_loss(labels, probabilities),
-        "mean_prediction": float(probabilities.mean()) if probabilities.size else float("nan"),
-        "positive_rate": float(np.mean(labels)) if np.size(labels) else float("nan"),
+        "logloss": loss,
+        "ne": normalized_entropy(loss, positive_rate),
+        "mean_prediction": mean_prediction,
+        "positive_rate": positive_rate,
+        "calibration": calibration(mean_prediction, positive_rate),
     }

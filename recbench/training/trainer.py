@@ -537,8 +537,9 @@ class Trainer:
         metrics = {
             "val/auc": val["auc"], "val/logloss": val["logloss"],
             "val/auc_training_form": val_training_form["auc"],
-            "test/auc": test["auc"], "test/logloss": test["logloss"],
+            "test/auc": test["auc"], "test/logloss": test["logloss"], "test/ne": test["ne"],
             "test/mean_prediction": test["mean_prediction"], "test/positive_rate": test["positive_rate"],
+            "test/calibration": test["calibration"],
             **split_task_metrics(val, "val"), **split_task_metrics(test, "test"),
             "train/samples_per_s": self.trained_samples / self.train_seconds if self.train_seconds else float("nan"),
             "train/seconds": self.train_seconds,

@@ -186,7 +186,7 @@ def test_a_stage_that_missed_its_target_is_noted_in_markdown_csv_and_html():
     assert next(c for c in csv_rows(rows) if c["method"] == "pep")["notes"] == pep.notes[0]
     from recbench.reporting.html import leaderboard_table
     html = leaderboard_table(rows, PROTOCOL, 0.1, "http://127.0.0.1:5000")
-    assert "pep †" in html and "<li>† pep: stage `search`" in html
+    assert "pep †" in html and "<li>† pep: stage <code>search</code>" in html
 
 
 def test_an_under_budget_row_is_marked_in_markdown_csv_and_html_with_a_legend():
@@ -239,3 +239,18 @@ def test_tags_from_a_store_cannot_inject_markdown_html_or_shell():
     assert words[:2] == ["recbench", "method=hashing"] and "budget.compression_ratio=0.1" in words
     assert "$(touch" in words and "/tmp/pwned);rm" in words  # inert words, each quoted for the shell
     assert "'$(touch'" in command(row) and "'/tmp/pwned);rm'" in command(row)
+
+
+def test_ne_is_reported_and_derived_for_runs_that_predate_it():
+    """``test/ne`` as logged, or (older runs) from the test log loss and positive rate by the trainer's
+    own formula; shown next to the log loss and written to the CSV."""
+    from recbench.training.evaluation import normalized_entropy
+
+    old = [record("qr", 0.1, seed, 0.78, 100.0, **{"test/positive_rate": 0.25}) for seed in range(2)]
+    new = [record("hashing", 0.1, seed, 0.78, 100.0, **{"test/ne": 0.9}) for seed in range(2)]
+    rows = aggregate(old + new)
+    expected = normalized_entropy(0.47, 0.25)  # the fixture's log loss at AUC 0.78
+    assert by(rows, "qr", 0.1).mean["test/ne"] == pytest.approx(expected)
+    assert by(rows, "hashing", 0.1).mean["test/ne"] == pytest.approx(0.9)
+    assert "test log loss | test NE |" in markdown(rows) and f"| {expected:.4f} ± 0.0000 |" in markdown(rows)
+    assert {c["method"]: c["test/ne_mean"] for c in csv_rows(rows)}["qr"] == pytest.approx(expected)
