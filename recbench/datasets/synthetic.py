@@ -27,9 +27,12 @@ Planted teacher (all parameters i.i.d. from ``seed``; a missing value contribute
     W = sum_f w_f[v_f]                                          w_f[v] ~ N(0, 1/26)
     P = sum_{f<g} <u_f[v_f], u_g[v_g]>                          u_f[v] ~ N(0, I_k / sqrt(325 k))
 
-with each of D, W, P standardised on the calibration sample first. Per-value parameters are
-drawn independently of frequency, so rare values carry as much signal as frequent ones and
-a hash collision costs accuracy. ``bias`` and ``scale`` are calibrated deterministically on a
+with each of D, W, P standardised on the calibration sample first. By default per-value parameters
+are drawn independently of frequency, so rare values carry as much signal as frequent ones and a
+hash collision costs accuracy. With ``rare_signal_exponent = g > 0`` the parameters of value ``v``
+(``w_f[v]`` and ``u_f[v]``) are multiplied by ``(v + 1) ** (-zipf_exponent * g / 2)``: a value's
+parameter variance is proportional to its frequency to the power ``g``, relative to the most frequent
+value, so rare values carry less signal, as in real logs (``g = 0``: the default, unchanged). ``bias`` and ``scale`` are calibrated deterministically on a
 200,000-line calibration sample (its own random stream): ``bias`` so that the mean click
 probability is ``positive_rate`` (default 0.256, Criteo's), ``scale`` so that the expected
 Bayes-optimal AUC, ``sum_{i,j} p_i (1 - p_j) [t_i > t_j] / (sum p)(sum 1 - p)``, equals
@@ -100,6 +103,8 @@ class GeneratorConfig:
         target_bayes_auc: calibrated expected Bayes-optimal AUC, in (0.5, 1).
         latent_dim: dimension k of the pairwise latent vectors.
         missing_rate_scale: multiplier of Criteo's missing rates (0 = no missing values).
+        rare_signal_exponent: g >= 0; a value's parameter variance ~ its frequency ** g (0 = frequency-
+            independent signal; a nonzero g joins the protocol id, 0 leaves the id of earlier data).
     """
 
     rows: int = 1_000_000
@@ -110,6 +115,7 @@ class GeneratorConfig:
     target_bayes_auc: float = 0.80
     latent_dim: int = 4
     missing_rate_scale: float = 1.0
+    rare_signal_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -122,14 +128,22 @@ class GeneratorConfig:
             (0 <= self.missing_rate_scale and max(DENSE_MISSING + SPARSE_MISSING) * self.missing_rate_scale < 1,
              f"missing_rate_scale must be in [0, {1 / max(DENSE_MISSING + SPARSE_MISSING):.3f}), "
              f"got {self.missing_rate_scale}"),
+            (self.rare_signal_exponent >= 0, f"rare_signal_exponent must be >= 0, got {self.rare_signal_exponent}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
 
     def settings(self) -> Dict[str, Any]:
+        fields = asdict(self)
+        if not self.rare_signal_exponent:  # added later: at its default, data generated before keeps its id
+            fields.pop("rare_signal_exponent")
         return {"generator_version": GENERATOR_VERSION, "calibration_rows": CALIBRATION_ROWS,
-                "teacher_shares": list(TEACHER_SHARES), **asdict(self)}
+                "teacher_shares": list(TEACHER_SHARES), **fields}
+
+    def signal_multipliers(self, n: int) -> np.ndarray:
+        """(n,) the std multiplier of each value's parameters, ``(v + 1) ** (-zipf * g / 2)`` (all 1 at g = 0)."""
+        return np.arange(1, n + 1, dtype=np.float64) ** (-self.zipf_exponent * self.rare_signal_exponent / 2)
 
     def cardinalities(self) -> np.ndarray:
         """(26,) int64 values per categorical field."""
@@ -163,8 +177,9 @@ class Teacher:
             cdf = np.cumsum(weights)
             cdf /= cdf[-1]
             self.cdfs.append(cdf)
-            self.first_order.append(np.append(rng.normal(0, 1 / math.sqrt(len(SPARSE_FIELDS)), n), 0.0))
-            self.latent.append(np.vstack([rng.normal(0, latent_std, (n, k)), np.zeros((1, k))]))
+            signal = config.signal_multipliers(n)
+            self.first_order.append(np.append(rng.normal(0, 1 / math.sqrt(len(SPARSE_FIELDS)), n) * signal, 0.0))
+            self.latent.append(np.vstack([rng.normal(0, latent_std, (n, k)) * signal[:, None], np.zeros((1, k))]))
             salt = np.uint64(rng.integers(0, 2**32))
             scrambled = (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B1) ^ salt) & np.uint64(0xFFFFFFFF)
             self.tokens.append(_hex_tokens(scrambled))
@@ -358,7 +373,7 @@ class SyntheticProtocol(DatasetProtocol):
 
     Args:
         rows, seed, cardinality_scale, zipf_exponent, positive_rate, target_bayes_auc,
-        latent_dim, missing_rate_scale: the generator (``GeneratorConfig``).
+        latent_dim, missing_rate_scale, rare_signal_exponent: the generator (``GeneratorConfig``).
         split: ``"random"`` (default, 8:1:1) or ``"dlrm_chunks"`` (7 chunks, as Criteo Kaggle).
         split_seed, min_count, hash_cap, malformed, chunk_rows, row_order: the Criteo pipeline settings
             (``row_order``: ``"key"``, rows by ascending key of the scrambled tokens, i.e.
@@ -374,10 +389,10 @@ class SyntheticProtocol(DatasetProtocol):
                  latent_dim: int = 4, missing_rate_scale: float = 1.0, split: str = "random", split_seed: int = 0,
                  min_count: int = 1, hash_cap: Optional[int] = None, malformed: str = "fail",
                  chunk_rows: int = 500_000, raw_dir: Optional[str] = None, name: str = "synthetic",
-                 row_order: str = "key"):
+                 row_order: str = "key", rare_signal_exponent: float = 0.0):
         self.generator = GeneratorConfig(int(rows), int(seed), float(cardinality_scale), float(zipf_exponent),
                                          float(positive_rate), float(target_bayes_auc), int(latent_dim),
-                                         float(missing_rate_scale))
+                                         float(missing_rate_scale), float(rare_signal_exponent))
         self.pipeline_kwargs = dict(split=split, split_seed=int(split_seed), min_count=int(min_count),
                                     hash_cap=hash_cap, malformed=malformed, chunk_rows=int(chunk_rows),
                                     row_order=row_order)

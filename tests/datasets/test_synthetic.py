@@ -154,3 +154,36 @@ def test_generator_rejects_bad_settings():
         GeneratorConfig(target_bayes_auc=0.4)
     with pytest.raises(ValueError, match="positive_rate"):
         GeneratorConfig(positive_rate=1.0)
+
+
+def test_rare_signal_scales_each_value_by_its_frequency():
+    """``rare_signal_exponent = g``: the per-value parameters of the default teacher, drawn from the same
+    stream, times ``(v + 1) ** (-zipf * g / 2)`` (variance ~ frequency ** g relative to the most
+    frequent value); g = 0 keeps the default's settings, hence its protocol id."""
+    from recbench.datasets.synthetic import Teacher
+
+    base, rare = GeneratorConfig(rows=1000, cardinality_scale=0.001), GeneratorConfig(rows=1000, cardinality_scale=0.001,
+                                                                                      rare_signal_exponent=1.0)
+    plain, shrunk = Teacher(base), Teacher(rare)
+    for f in (0, 2, 25):
+        n = int(plain.cardinalities[f])
+        factor = np.arange(1, n + 1, dtype=np.float64) ** (-1.1 / 2)
+        np.testing.assert_allclose(shrunk.first_order[f][:n], plain.first_order[f][:n] * factor, rtol=1e-12)
+        np.testing.assert_allclose(shrunk.latent[f][:n], plain.latent[f][:n] * factor[:, None], rtol=1e-12)
+    assert "rare_signal_exponent" not in base.settings() and rare.settings()["rare_signal_exponent"] == 1.0
+    assert SyntheticProtocol(row_order="frequency", rare_signal_exponent=0.0).protocol_id() == "synthetic-3a21043c37"
+    assert SyntheticProtocol(rare_signal_exponent=1.0).protocol_id() != SyntheticProtocol().protocol_id()
+    with pytest.raises(ValueError, match="rare_signal_exponent must be >= 0"):
+        GeneratorConfig(rare_signal_exponent=-1.0)
+
+
+def test_the_distribution_variants_are_the_synthetic_protocol_with_one_setting_changed():
+    from omegaconf import OmegaConf
+
+    from recbench.runs.config import compose
+
+    base = OmegaConf.to_container(compose(["dataset=synthetic"]).dataset)
+    for name, change in (("synthetic_zipf08", {"zipf_exponent": 0.8}), ("synthetic_zipf14", {"zipf_exponent": 1.4}),
+                         ("synthetic_rare_signal", {"rare_signal_exponent": 1.0})):
+        variant = OmegaConf.to_container(compose([f"dataset={name}"]).dataset)
+        assert variant == {**base, "name": name, **change}
