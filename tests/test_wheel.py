@@ -35,7 +35,10 @@ def _source_copy(dest: Path) -> Path:
     files = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"],
                            check=True, capture_output=True, text=True).stdout.splitlines()
     for name in files:
-        if (REPO / name).is_file():
+        if (REPO / name).is_symlink():  # recbench/cards -> ../methods: kept a link, as git checks it out
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.readlink(REPO / name), dest / name)
+        elif (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
     return dest
@@ -76,6 +79,9 @@ def test_the_wheel_carries_the_configs(venv):
         len(list((REPO / "recbench" / "conf" / "method").glob("*.yaml")))
     # the search-path plugin through which installed packages add their methods (docs/extending.md)
     assert "hydra_plugins/recbench_entry_points/recbench_entry_points.py" in names
+    # the method cards, which recbench-methods reads (recbench/cards links to methods/ in the clone)
+    assert sum(n.startswith("recbench/cards/") and n.endswith(".md") for n in names) == \
+        len(list((REPO / "methods").glob("*.md")))
 
 
 def test_the_installed_command_runs_a_job_from_an_empty_folder(venv, tmp_path):
@@ -87,6 +93,7 @@ def test_the_installed_command_runs_a_job_from_an_empty_folder(venv, tmp_path):
     methods = subprocess.run([str(root / "venv" / "bin" / "recbench-methods"), "qr"], cwd=tmp_path,
                              env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert methods.returncode == 0 and "partitions" in methods.stdout, methods.stderr[-2000:]
+    assert "Paper: Shi, Mudigere" in methods.stdout  # the card header, from the wheel's copy of the card
 
 
 def test_the_installed_python_api_runs_a_job_and_returns_its_model(venv, tmp_path):

@@ -14,47 +14,15 @@ import os
 import shlex
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 from recbench.cli import OneLineParser
+from recbench.reporting.provenance import linked_to_store, provenance
 from recbench.reporting.report import build_reports
-from recbench.reporting.runs import load_mlflow_runs, load_records, relink, save_records
-from recbench.tracking.schema import parse_ratio
-from recbench.tracking.mlflow_tracker import default_tracking_uri, resolve_tracking_uri, sqlite_path
-
-
-def provenance(records) -> str:
-    """Which code, software and sweeps produced the runs (the run tags), for the report header."""
-    def listed(key: str, unknown: str = "not recorded") -> str:
-        values = Counter(r.get(key) or unknown for r in records)
-        return "; ".join(f"`{v}` ({n} run{'s' if n != 1 else ''})" for v, n in values.most_common())
-
-    imported = Counter(r.get("imported_from") for r in records if r.get("imported_from"))
-    carried = (["- runs imported from exported records (tags, params and final metrics; their "
-                "artifacts stay in the store they were exported from): "
-                + "; ".join(f"{n} from `{name}`" for name, n in imported.most_common())] if imported else [])
-    return "\n".join([f"- code (git commit of the runs): {listed('git_commit')}",
-                      f"- software: {listed('software', 'not recorded (runs before tagging)')}",
-                      f"- sweeps: {listed('sweep_id')}",
-                      f"- {coverage(records)}", *carried,
-                      "- each row links to its MLflow runs; each run's `command` tag reproduces it"])
-
-
-def coverage(records) -> str:
-    """How many seeds the report's (protocol, method, budget) rows average, so that a report of an
-    unfinished sweep says so itself: ``seeds per row: 3 in 40 rows, 1 in 12 rows``."""
-    seeds = defaultdict(set)
-    for r in records:
-        if r.get("status") == "finished":
-            seeds[(r.get("protocol"), r.get("method"), repr(parse_ratio(r.get("compression_ratio"))))].add(r.get("seed"))
-    counts = Counter(len(s) for s in seeds.values())
-    if not counts:
-        return "seeds per finished row: no finished run"
-    listed = ", ".join(f"{n} in {rows} row{'s' if rows > 1 else ''}" for n, rows in sorted(counts.items(), reverse=True))
-    fewest, most = min(counts), max(counts)
-    note = "" if fewest == most else f" (rows with fewer than {most} seeds are less certain: see the `seeds` column)"
-    return f"seeds per finished row: {listed}{note}"
+from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
+from recbench.runs.catalogue import techniques
+from recbench.tracking.mlflow_tracker import default_tracking_uri, resolve_tracking_uri
 
 
 def ui_url_of(tracking_uri: str) -> str:
@@ -63,20 +31,6 @@ def ui_url_of(tracking_uri: str) -> str:
     if tracking_uri.startswith(("http://", "https://")):
         return tracking_uri.rstrip("/")
     return f"http://127.0.0.1:{os.environ.get('PORT', '5000')}"
-
-
-def linked_to_store(records, store: str):
-    """Exported ``records`` with their links pointing at their copies in ``store`` when it exists
-    (``reporting.runs.relink``), and the report line saying where the links lead."""
-    path = sqlite_path(store)
-    if path is not None and not path.is_file():
-        return records, ("- run links use the run ids of the store the records were exported from; to open them "
-                         "here, import the records (`python -m recbench.reporting.import_records RECORDS`) "
-                         "and build this report again")
-    linked = relink(records, load_mlflow_runs(store))
-    moved = sum(1 for old, new in zip(records, linked) if old is not new)
-    return linked, (f"- run links: {moved} of {len(records)} runs link to their copies in this machine's store"
-                    + ("" if moved == len(records) else "; the others use the ids of the store they were exported from"))
 
 
 def of_protocol(tag, wanted: str) -> bool:
@@ -99,7 +53,8 @@ def main(argv=None) -> int:
                              "looked up, so that the report's links open them)")
     parser.add_argument("--records", type=Path, default=None, help="read exported JSON records instead of MLflow")
     parser.add_argument("--export", type=Path, default=None, help="also write the records read to this JSON file")
-    parser.add_argument("--out", type=Path, default=Path("reports"))
+    parser.add_argument("--out", type=Path, default=Path("reports"),
+                        help="where the report folders go: <out>/<dataset>/ (default: reports)")
     parser.add_argument("--ui-url", default=None,
                         help="the MLflow UI the run links open (default: the tracking server for an http store, "
                              "else make dashboard's http://127.0.0.1:$PORT, PORT=5000 unless set)")
@@ -149,7 +104,9 @@ def main(argv=None) -> int:
     ui_url = args.ui_url or ui_url_of(args.tracking_uri)
     generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "
                  f"from {source} ({len(records)} runs).\n\n{provenance(records)}" + (f"\n{links}" if links else ""))
-    for report in build_reports(records, args.out, ui_url, generated, figures=not args.no_figures):
+    families = techniques() if not args.no_figures else None  # the figures colour methods by technique
+    for report in build_reports(records, args.out, ui_url, generated, figures=not args.no_figures,
+                                families=families or None):
         print(f"\n== {report.dataset} ==\n{report.markdown}")
         print(f"\nwritten: {', '.join(str(p) for p in report.files)}")
         print(f"HTML report: {report.index.resolve()}")

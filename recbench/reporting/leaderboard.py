@@ -424,7 +424,10 @@ def fmt_latency(row: Row) -> str:
 
 def fmt_budget(ratio: float) -> str:
     """``10x (ratio 0.1)``: the compression factor first, the ratio it is requested as."""
-    return f"{1 / ratio:.3g}x (ratio {ratio:g})" if ratio > 0 else f"ratio {ratio:g}"
+    if not ratio > 0:
+        return f"ratio {ratio:g}"
+    factor = 1 / ratio
+    return f"{factor:,.0f}x (ratio {ratio:g})" if factor >= 100 else f"{factor:.3g}x (ratio {ratio:g})"
 
 
 def fmt_delta(value: float) -> str:

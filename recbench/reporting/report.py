@@ -10,7 +10,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from recbench.reporting import html as html_render
 from recbench.reporting.leaderboard import Row, aggregate, csv_rows, markdown_tables, protocols
@@ -35,7 +35,10 @@ def slug(text: str) -> str:
 
 
 def build_dataset_report(records: Sequence[Dict[str, Any]], dataset: str, out: Path, ui_url: str,
-                         generated: str, figures: bool = True) -> ReportFiles:
+                         generated: str, figures: bool = True,
+                         families: Optional[Mapping[str, str]] = None) -> ReportFiles:
+    """``families``: {method: family} for the figures' colours (the method cards' ``Family`` lines,
+    read by the caller: reporting reads no card); None: a colour per method."""
     rows = aggregate(records)
     folder = Path(out) / slug(dataset)
     folder.mkdir(parents=True, exist_ok=True)
@@ -46,8 +49,8 @@ def build_dataset_report(records: Sequence[Dict[str, Any]], dataset: str, out: P
         suffix = "" if i == 0 else f"-{i + 1}"
         pngs: Dict[str, bytes] = {}
         if figures:
-            pngs = {f"pareto{suffix}.png": pareto_figure(rows, protocol),
-                    f"budgets{suffix}.png": budget_figure(rows, protocol)}
+            pngs = {f"pareto{suffix}.png": pareto_figure(rows, protocol, families),
+                    f"budgets{suffix}.png": budget_figure(rows, protocol, families)}
             for name, png in pngs.items():
                 (folder / name).write_bytes(png)
                 result.files.append(folder / name)
@@ -62,14 +65,15 @@ def build_dataset_report(records: Sequence[Dict[str, Any]], dataset: str, out: P
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
         writer.writerows(table)
-    result.index.write_text(html_render.render(f"Leaderboard: {dataset}", sections, rows, ui_url, generated))
+    result.index.write_text(html_render.render(f"Leaderboard: {dataset}", sections, rows, ui_url, generated,
+                                             families))
     result.files[:0] = [folder / "leaderboard.md", folder / "leaderboard.csv", result.index]
     return result
 
 
 def build_reports(records: Sequence[Dict[str, Any]], out: Path, ui_url: str, generated: str,
-                  figures: bool = True) -> List[ReportFiles]:
+                  figures: bool = True, families: Optional[Mapping[str, str]] = None) -> List[ReportFiles]:
     """One report folder per dataset name (a section per protocol id inside)."""
     return [build_dataset_report([r for r in records if r.get("dataset", "") == dataset], dataset, out, ui_url,
-                                 generated, figures)
+                                 generated, figures, families)
             for dataset in sorted({r.get("dataset", "") for r in records})]

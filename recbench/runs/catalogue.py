@@ -13,15 +13,16 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from recbench.conf import entry_point_dirs
+from recbench.conf import entry_point_dirs, targets
 from recbench.runs.config import method_classes
 
-#: the folder of the method cards
-CARDS_DIR = Path(__file__).resolve().parents[2] / "methods"  # a source checkout; a wheel has no cards
+#: the folder of the method cards: ``recbench/cards``, a link to ``methods/`` in a clone and a copy of it
+#: in a wheel (package data)
+CARDS_DIR = Path(__file__).resolve().parents[1] / "cards"
 #: the card header lines the catalogue reads (``- **Paper**: ...``)
-CARD_FIELDS = ("Paper", "Family", "Budget knob", "Reference")
+CARD_FIELDS = ("Paper", "Family", "Technique", "Budget knob", "Reference")
 _HEADER = re.compile(r"^- \*\*(?P<key>[^*]+)\*\*: (?P<value>.*)$")
 _FIELD_COMMENT = re.compile(r"^\s+(?P<name>\w+)\s*:[^=#]+=.*#:\s*(?P<help>.*)$")
 _COMMENT_ABOVE = re.compile(r"^\s+#:\s*(?P<help>.*)$")
@@ -46,6 +47,30 @@ class Entry:
 
     def field(self, key: str) -> str:
         return self.card.get(key, "")
+
+    def short(self, key: str) -> str:
+        """A header field's name part, without its explanation: ``table-backed``, ``weight sharing``."""
+        return self.field(key).split(" (")[0].split(",")[0].rstrip(".").strip()
+
+
+def techniques() -> Dict[str, str]:
+    """{method: its compression technique} from the cards' ``Technique`` lines (the reports' colours);
+    reads the configs and cards only (no method module is imported)."""
+    extra = entry_point_dirs()
+    out = {}
+    for name in targets("method", extra):
+        card = card_of(name, extra)
+        value = card_header(card).get("Technique", "") if card.is_file() else ""
+        if value:
+            out[name] = Entry(name, "", {"Technique": value}, [], 1).short("Technique")
+    return out
+
+
+def card_of(name: str, extra_dirs: Sequence[str] = ()) -> Path:
+    """The card of method ``name``: ``recbench/cards/<name>.md``, else beside its config in a package's
+    config folder (``<folder>/method/<name>.md``); the first path when none exists."""
+    candidates = (CARDS_DIR / f"{name}.md", *(Path(d) / "method" / f"{name}.md" for d in extra_dirs))
+    return next((c for c in candidates if c.is_file()), candidates[0])
 
 
 def card_header(path: Path) -> Dict[str, str]:
@@ -113,8 +138,7 @@ def entries(names: Optional[List[str]] = None) -> List[Entry]:
         raise KeyError(f"no method {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(classes))}")
     out = []
     for name in names or sorted(classes):
-        card = next((c for c in (CARDS_DIR / f"{name}.md", *(Path(d) / "method" / f"{name}.md" for d in extra))
-                     if c.is_file()), CARDS_DIR / f"{name}.md")
+        card = card_of(name, extra)
         header = card_header(card) if card.is_file() else {}
         header.setdefault("Reference", header.get("Reference commit", ""))
         title = card.read_text(encoding="utf-8").splitlines()[0].lstrip("# ").strip() if card.is_file() else name

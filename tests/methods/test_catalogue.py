@@ -62,3 +62,11 @@ def test_a_setting_is_typed_when_composed_and_unknown_ones_are_refused():
         compose(["method=qr", "method.partitions=abc"])
     with pytest.raises(Exception, match="has no setting 'nosuch'; allowed: operation, partitions"):
         instantiate(compose(["method=qr", "+method.nosuch=1"]).method)
+
+
+def test_the_report_colours_come_from_the_cards_technique_lines(catalogue):
+    """``techniques()`` reads the configs and cards only; it agrees with the catalogue's entries."""
+    from recbench.runs.catalogue import techniques
+
+    assert techniques() == {e.name: e.short("Technique") for e in catalogue.values()}
+    assert techniques()["qr"] == "weight sharing" and techniques()["full"] == "baseline"

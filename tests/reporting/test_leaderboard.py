@@ -254,3 +254,11 @@ def test_ne_is_reported_and_derived_for_runs_that_predate_it():
     assert by(rows, "hashing", 0.1).mean["test/ne"] == pytest.approx(0.9)
     assert "test log loss | test NE |" in markdown(rows) and f"| {expected:.4f} ± 0.0000 |" in markdown(rows)
     assert {c["method"]: c["test/ne_mean"] for c in csv_rows(rows)}["qr"] == pytest.approx(expected)
+
+
+def test_budgets_read_as_compression_factors_with_their_ratio():
+    from recbench.reporting.leaderboard import fmt_budget
+
+    assert [fmt_budget(r) for r in (1.0, 0.5, 0.3, 0.1, 0.01, 0.001)] == [
+        "1x (ratio 1)", "2x (ratio 0.5)", "3.33x (ratio 0.3)", "10x (ratio 0.1)", "100x (ratio 0.01)",
+        "1,000x (ratio 0.001)"]

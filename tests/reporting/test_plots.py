@@ -7,14 +7,121 @@ import pytest
 from report_fixtures import PROTOCOL, record, records  # noqa: F401 (fixture)
 
 from recbench.reporting.leaderboard import aggregate
-from recbench.reporting.plots import budget_figure, budget_plot, method_styles, pareto_plot
+from recbench.reporting.plots import (
+    FAMILY_MAPS, MARKERS, OTHER_FAMILY, auc_band, budget_figure, budget_plot, caption, method_styles, pareto_plot,
+)
+
+
+def _look(style):
+    return style.color, style.marker, style.filled
 
 
 def test_every_method_of_a_full_leaderboard_has_its_own_look():
     names = [f"method{i:02d}" for i in range(23)]
     styles = method_styles(reversed(names))
-    assert len({(s.color, s.marker) for s in styles.values()}) == 23
+    assert len({_look(s) for s in styles.values()}) == 23
     assert styles == method_styles(names)  # the same look whatever order the rows come in
+
+
+#: 25 methods in 3 families (13 in the largest: past the 12 markers, so hollow ones appear) and 2 without one
+FAMILIES = {**{f"hash{i:02d}": "hashing" for i in range(13)}, **{f"prune{i}": "pruning" for i in range(6)},
+            **{f"quant{i}": "quantization" for i in range(4)}}
+METHODS = [*FAMILIES, "mystery", "zzz"]
+
+
+def test_families_take_distinct_hues_and_methods_within_a_family_distinct_markers():
+    styles = method_styles(reversed(METHODS), FAMILIES)
+    assert styles == method_styles(METHODS, FAMILIES)  # order-free
+    assert len({_look(s) for s in styles.values()}) == 25  # one look per method
+    assert styles["mystery"].family == styles["zzz"].family == OTHER_FAMILY  # no family: "other", grey
+    assert all(np.ptp(styles[m].color[:3]) < 1e-9 for m in ("mystery", "zzz"))
+    by_family = {}
+    for method, style in styles.items():
+        by_family.setdefault(style.family, []).append(style)
+    assert sorted(by_family) == ["hashing", OTHER_FAMILY, "pruning", "quantization"]
+    colours = {family: {s.color for s in members} for family, members in by_family.items()}
+    families = sorted(colours)
+    assert not any(colours[a] & colours[b] for i, a in enumerate(families) for b in families[i + 1:])
+    # the family is the hue: every method of a family is a shade of that family's colour map
+    for k, family in enumerate(["hashing", "pruning", "quantization"]):
+        shades = plt.get_cmap(FAMILY_MAPS[k])(np.linspace(0, 1, 1001))
+        assert all(np.abs(shades - np.array(s.color)).sum(axis=1).min() < 1e-2 for s in by_family[family])
+    # within a family: a distinct marker for each of the first 12, then hollow markers
+    hashing = [styles[f"hash{i:02d}"] for i in range(13)]
+    assert [s.marker for s in hashing[:12]] == list(MARKERS) and len(set(MARKERS)) == 12
+    assert [s.filled for s in hashing] == [True] * 12 + [False]
+    assert len({s.marker for s in by_family["pruning"]}) == 6
+
+
+def _pareto_runs(outlier_auc=None, bayes=None, with_full=True):
+    """12 methods with AUC 0.75-0.7610 over 3 budgets, optionally one outlier far below and a Bayes ceiling."""
+    extra = {"bayes/test_auc": bayes} if bayes is not None else {}
+    runs = []
+    for i in range(12):
+        for ratio, nbytes in ((0.1, 100.0), (0.01, 10.0), (0.5, 500.0)):
+            runs += [record(f"m{i:02d}", ratio, s, 0.75 + 0.001 * i + 0.0002 * s, nbytes + i, **extra)
+                     for s in range(3)]
+    if with_full:
+        runs += [record("full", 1.0, s, 0.762, 1000.0, **extra) for s in range(3)]
+    if outlier_auc is not None:
+        runs += [record("bad", 0.1, s, outlier_auc, 100.5, **extra) for s in range(3)]
+    return runs
+
+
+def test_an_outlier_far_below_does_not_stretch_the_y_axis_and_is_marked_on_its_floor():
+    rows = aggregate(_pareto_runs(outlier_auc=0.52))
+    band = auc_band(rows, PROTOCOL)
+    assert [r.method for r in band.below] == ["bad"]
+    fig = pareto_plot(rows, PROTOCOL, {"bad": "broken"})
+    try:
+        (ax,) = fig.axes
+        low, high = ax.get_ylim()
+        assert 0.52 < 0.70 < low < 0.75 and high > 0.7612  # the band 0.75-0.762 fills the axes, not 0.52-0.762
+        (marks,) = [c for c in ax.collections if c.get_gid() == "below"]
+        (x, y), = np.asarray(marks.get_offsets())
+        assert x == pytest.approx(100.5) and low <= y < low + 0.1 * (high - low)  # at its bytes, on the floor
+        assert [t.get_text() for t in ax.texts if t.get_gid() == "below-count"] == ["▼ 1 below %.3f (lowest 0.520)"
+                                                                                    % band.floor]
+        assert "1 row(s) with a mean below" in caption("pareto.png", rows, PROTOCOL)
+    finally:
+        plt.close(fig)
+    without = auc_band(aggregate(_pareto_runs()), PROTOCOL)
+    assert without.below == [] and without.floor == pytest.approx(0.75, abs=1e-9)  # nothing far below: the lowest
+
+
+def test_the_pareto_legend_is_grouped_by_family():
+    rows = aggregate(_pareto_runs())
+    families = {f"m{i:02d}": ("odd" if i % 2 else "even") for i in range(11)}  # m11 and full: other
+    fig = pareto_plot(rows, PROTOCOL, families)
+    try:
+        texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        assert texts[:7] == ["even", "m00", "m02", "m04", "m06", "m08", "m10"]
+        assert texts[7:14] == ["odd", "m01", "m03", "m05", "m07", "m09", OTHER_FAMILY]
+        assert texts[14:16] == ["full", "m11"]
+        bold = {t.get_text() for t in fig.axes[0].get_legend().get_texts() if t.get_fontweight() == "bold"}
+        assert bold == {"even", "odd", OTHER_FAMILY}
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("bayes, with_full", [(None, True), (None, False), (0.763, True), (0.90, True)])
+def test_captions_mention_only_the_lines_the_figures_draw(bayes, with_full):
+    rows = aggregate(_pareto_runs(bayes=bayes, with_full=with_full))
+    pareto, budgets = caption("pareto-2.png", rows, PROTOCOL), caption("budgets.png", rows, PROTOCOL)
+    fig = pareto_plot(rows, PROTOCOL)
+    try:
+        (ax,) = fig.axes
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        dotted = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        above = [t for t in ax.texts if t.get_gid() == "ceiling-above"]
+        assert bool(dashed) == with_full == ("Dashed: full at ratio 1" in pareto) == ("dashed: full" in budgets)
+        assert bool(dotted) == (bayes == 0.763) == ("dotted: the Bayes-optimal ceiling" in pareto)
+        assert bool(above) == (bayes == 0.90) == ("far above the axis" in pareto)  # 0.90 would squash the band
+        assert ("Bayes" in budgets) == (bayes is not None)  # the panels draw the ceiling whatever its height
+        if bayes == 0.90:
+            assert ax.get_ylim()[1] < 0.77
+    finally:
+        plt.close(fig)
 
 
 def _marks(ax):

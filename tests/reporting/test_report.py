@@ -26,7 +26,7 @@ def test_report_from_json_writes_every_output(tmp_path):
     assert page.count('src="data:image/png;base64,') == 2
     assert '<figure class="budgets">' in page and "One panel per method" in page  # captions say what is drawn
     assert not re.search(r'<(script|img|link)[^>]+(src|href)="https?://', page)
-    assert "<td>0.7800 ± 0.0050</td>" in page and "1=" in page
+    assert ">0.7800 ± 0.0050</td>" in page and ">≈ (p 1)</td>" in page
     assert "recbench -m sweep=fixture method=qr budget.compression_ratio=0.1 seed=0,1,2" in page
     rows = list(csv.DictReader(open(folder / "leaderboard.csv")))
     assert {r["method"] for r in rows} == {"full", "hashing", "qr", "robe", "dhe"}
@@ -161,7 +161,7 @@ def test_protocols_can_be_selected(tmp_path):
 
 
 def test_coverage_counts_the_seeds_of_each_row():
-    from recbench.cli.report import coverage
+    from recbench.reporting.provenance import coverage
 
     def run(method, ratio, seed, status="finished"):
         return {"protocol": "p/1", "method": method, "compression_ratio": ratio, "seed": seed, "status": status}
@@ -175,7 +175,7 @@ def test_coverage_counts_the_seeds_of_each_row():
 
 
 def test_provenance_counts_runs_per_commit_in_words():
-    from recbench.cli.report import provenance
+    from recbench.reporting.provenance import provenance
 
     records = [{"git_commit": "abc1234", "sweep_id": "s"}] * 2 + [{"git_commit": "def5678", "sweep_id": "s"}]
     header = provenance(records)
