@@ -28,3 +28,18 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def store_problem(uri: str) -> str | None:
+    """Why the store ``uri`` cannot be read, in one line (a mistyped folder, a server that does not
+    answer, a SQLite file that does not exist: reading must not create an empty store), else None."""
+    from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri, sqlite_path
+
+    try:
+        check_tracking_uri(uri)
+    except StoreError as exc:
+        return str(exc)
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        return f"there is no MLflow store at {path} (from {uri}): give an existing store with --tracking-uri"
+    return None

@@ -29,14 +29,33 @@ def available():
     return sorted(p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def parser(with_common: bool = True) -> OneLineParser:
+    """The ``recbench-bench`` parser; ``with_common`` adds, for ``--help``, the options every benchmark
+    accepts (``harness.add_common_arguments``), which ``main`` passes on to the benchmarks unparsed."""
+    top = OneLineParser(prog="recbench-bench", description="recbench's performance harness: each benchmark measures "
+                        "a candidate against its reference side by side and writes benchmarks/results/<name>.json "
+                        "and .md; a full run (no --quick, no --output-dir) then updates the table of "
+                        "benchmarks/README.md",
+                        epilog="examples: recbench-bench --quick (every benchmark at toy sizes, results in a temp "
+                               "folder); recbench-bench lookup --scale 0.05. Options a benchmark has of its own "
+                               "(python benchmarks/<name>.py --help) go after the names. Exit status: 0 every "
+                               "benchmark passed; 1 one failed; 2 an unknown benchmark or option")
+    top.add_argument("names", nargs="*", metavar="name",
+                     help=f"benchmarks to run (default: all of {', '.join(available())})")
+    if with_common:
+        harness.add_common_arguments(top.add_argument_group("options passed to every benchmark"))
+    return top
+
+
 def main(argv=None) -> int:
-    parser = OneLineParser(prog="recbench-bench", description="recbench performance harness")
-    parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all of {', '.join(available())})")
-    args, rest = parser.parse_known_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if {"-h", "--help"} & set(argv):
+        parser().parse_args(["--help"])
+    args, rest = parser(with_common=False).parse_known_args(argv)
     names = args.names or available()
     unknown = [n for n in names if n not in available()]
     if unknown:
-        print(f"recbench-bench: unknown benchmark(s) {', '.join(unknown)}; allowed: {', '.join(available())}",
+        print(f"recbench-bench: error: unknown benchmark(s) {', '.join(unknown)}; allowed: {', '.join(available())}",
               file=sys.stderr)
         return 2
     status = 0

@@ -62,15 +62,22 @@ def describe(e: Entry) -> str:
     return "\n".join(out)
 
 
+def parser() -> OneLineParser:
+    """The ``recbench-methods`` argument parser."""
+    top = OneLineParser(prog="recbench-methods", description=__doc__.split("\n\n")[0].replace("``", ""),
+                        epilog="examples: recbench-methods; recbench-methods qr pep; recbench-methods --markdown. "
+                               "Exit status: 0 done; 2 an unknown method name")
+    top.add_argument("names", nargs="*", metavar="name", help="methods to describe (default: the one-line catalogue)")
+    top.add_argument("--markdown", action="store_true", help="print the catalogue as a Markdown table")
+    return top
+
+
 def main(argv: List[str] | None = None) -> int:
-    parser = OneLineParser(prog="recbench-methods", description=__doc__.split("\n\n")[0])
-    parser.add_argument("names", nargs="*", help="methods to describe (default: the one-line catalogue)")
-    parser.add_argument("--markdown", action="store_true", help="print the catalogue as a Markdown table")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         items = entries(args.names or None)
     except KeyError as exc:
-        print(f"recbench-methods: {exc.args[0]}", file=sys.stderr)
+        print(f"recbench-methods: error: {exc.args[0]}", file=sys.stderr)
         return 2
     if args.markdown:
         print(markdown(items))

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from recbench.cli import OneLineParser
+from recbench.cli import OneLineParser, store_problem
 from recbench.reporting.provenance import linked_to_store, provenance
 from recbench.reporting.report import build_reports
 from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
@@ -40,7 +40,14 @@ def of_protocol(tag, wanted: str) -> bool:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = OneLineParser(prog="recbench-report", description="leaderboards from MLflow runs")
+    parser = OneLineParser(
+        prog="recbench-report",
+        description="Leaderboards from MLflow runs (or exported JSON records): per dataset, <out>/<dataset>/ gets "
+                    "leaderboard.md, leaderboard.csv, a self-contained index.html and the PNG figures; the tables are "
+                    "printed too.",
+        epilog="exit status: 0 the reports were written; 2 bad input: an unreadable --records or --export, a store "
+               "that cannot be read, or a selection (--dataset, --sweep-id, --protocol) that leaves no run "
+               "(one line on stderr, naming what there is to select from)")
     parser.add_argument("--dataset", default=None, help="dataset name (default: every dataset in the store)")
     parser.add_argument("--sweep-id", default=None, help="only runs tagged with this sweep id")
     parser.add_argument("--exclude-sweep-id", action="append", default=[], metavar="SWEEP_ID",
@@ -60,18 +67,23 @@ def main(argv=None) -> int:
                              "else make dashboard's http://127.0.0.1:$PORT, PORT=5000 unless set)")
     parser.add_argument("--no-figures", action="store_true", help="tables only (faster; no PNG figures)")
     args = parser.parse_args(argv)
-    if args.export is not None and not args.export.parent.is_dir():  # before any work, like recbench-sweep
-        print(f"recbench-report: --export {args.export}: folder {args.export.parent} does not exist", file=sys.stderr)
+    def error(message: str) -> int:
+        print(f"recbench-report: error: {message}", file=sys.stderr)
         return 2
+
+    if args.export is not None and not args.export.parent.is_dir():  # before any work, like recbench-sweep
+        return error(f"--export {args.export}: folder {args.export.parent} does not exist")
+    problem = store_problem(args.tracking_uri)  # in seconds, and never creating an empty store (or its folder)
+    store = None if problem else resolve_tracking_uri(args.tracking_uri, Path.cwd())
     if args.records:
         try:
             every, source = load_records(args.records), str(args.records)
         except (OSError, ValueError) as exc:  # missing, unreadable or not JSON
-            print(f"recbench-report: --records {args.records}: {exc}", file=sys.stderr)
-            return 2
+            return error(f"--records {args.records}: {exc}")
         records = [r for r in every if not args.dataset or r.get("dataset") == args.dataset]
+    elif problem:
+        return error(problem)
     else:
-        store = resolve_tracking_uri(args.tracking_uri, Path.cwd())
         records = load_mlflow_runs(store, args.dataset)
         every = None  # read again only to say which datasets there are
         source = args.tracking_uri  # as the user gave it: no machine paths in committed reports
@@ -80,10 +92,8 @@ def main(argv=None) -> int:
         if every is None and args.dataset:
             every = load_mlflow_runs(store)
         datasets = Counter(r.get("dataset") or "none" for r in every or [])
-        print(f"recbench-report: no recbench runs found{where}"
-              + ("; datasets there: " + ", ".join(f"{d} ({n})" for d, n in datasets.most_common()) if datasets else ""),
-              file=sys.stderr)
-        return 1
+        return error(f"no recbench runs found{where}"
+                     + ("; datasets there: " + ", ".join(f"{d} ({n})" for d, n in datasets.most_common()) if datasets else ""))
     selections = [("--sweep-id", "sweep_id", lambda r: not args.sweep_id or r.get("sweep_id") == args.sweep_id),
                   ("--exclude-sweep-id", "sweep_id", lambda r: r.get("sweep_id") not in set(args.exclude_sweep_id)),
                   ("--protocol", "protocol",
@@ -92,15 +102,14 @@ def main(argv=None) -> int:
         kept = [r for r in records if keep(r)]
         if not kept:  # say which selection left nothing, and what there is to select from
             there = Counter(r.get(tag) or "none" for r in records)
-            print(f"recbench-report: {flag} left none of the {len(records)} runs{where}; {tag} values there: "
-                  + ", ".join(f"{v} ({n})" for v, n in there.most_common()), file=sys.stderr)
-            return 1
+            return error(f"{flag} left none of the {len(records)} runs{where}; {tag} values there: "
+                         + ", ".join(f"{v} ({n})" for v, n in there.most_common()))
         records = kept
     if args.export:
         save_records(records, args.export)
     links = ""
     if args.records:
-        records, links = linked_to_store(records, resolve_tracking_uri(args.tracking_uri, Path.cwd()))
+        records, links = linked_to_store(records, store)
     ui_url = args.ui_url or ui_url_of(args.tracking_uri)
     generated = (f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by `{shlex.join(['recbench-report', *argv])}` "
                  f"from {source} ({len(records)} runs).\n\n{provenance(records)}" + (f"\n{links}" if links else ""))

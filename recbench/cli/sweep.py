@@ -50,8 +50,11 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from recbench.cli import OneLineParser
+from recbench.cli.train import tracking_problem
+from recbench.datasets.errors import DatasetError
 from recbench.gates.settings import override_error
-from recbench.runs.config import compose, moved_keys, override_problem
+from recbench.runs.config import ConfigError, compose, composition_problem, moved_keys, override_problem
+from recbench.tracking.mlflow_tracker import StoreError
 from recbench.runs.sweep_plan import _is_sweep, _search_path_overrides, build_plan, check_plan, presets
 from recbench.runs.sweep_launch import PeriodicExport, hydra_command, run_plan, summary
 
@@ -64,16 +67,33 @@ def _job_count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number; allowed: 1 or more parallel jobs") from None
 
 
+def _usage(message: str) -> int:
+    """A bad argument, preset, override, value, store or data: one line on stderr, exit status 2."""
+    print(f"recbench-sweep: error: {message}", file=sys.stderr)
+    return 2
+
+
+EXIT_CODES = ("exit status: 0 every job finished, was skipped or infeasible; 1 a job failed or left no outcome "
+              "(relaunch the same command to run it again); 2 a bad argument, preset, override, value, tracking URI "
+              "or input data, before anything is launched")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = OneLineParser(prog="recbench-sweep", description="run a sweep preset of recbench/conf/sweep/")
+    parser = OneLineParser(prog="recbench-sweep", epilog=EXIT_CODES,
+                           description="run a sweep preset of recbench/conf/sweep/ (every job a recbench run), "
+                                       "with a plan, cost estimate, skip-finished count and periodic exports")
     parser.add_argument("words", nargs="*", metavar="preset [overrides ...]",
                         help="a recbench/conf/sweep/<preset>.yaml name, then extra Hydra overrides (win over the preset's grid)")
     parser.add_argument("--jobs", type=_job_count, default=None,
                         help="parallel local jobs (joblib launcher when > 1; default: the preset's sweep_preset.jobs or 1)")
-    parser.add_argument("--sweep-id", default=None, help="default: <preset>-<hash of preset and overrides>")
-    parser.add_argument("--root", type=Path, default=Path("outputs/sweeps"), help="Hydra sweep folders")
+    parser.add_argument("--sweep-id", default=None,
+                        help="the tag sweep_id of every job (default: <preset>-<hash of preset and overrides>, "
+                             "stable across re-launches)")
+    parser.add_argument("--root", type=Path, default=Path("outputs/sweeps"),
+                        help="where the Hydra sweep folders (job logs, outcome.json) go (default outputs/sweeps)")
     parser.add_argument("--dry-run", action="store_true", help="plan and count, launch nothing")
-    parser.add_argument("--no-check", action="store_true", help="skip the pre-launch count of finished jobs")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the pre-launch count of finished jobs and the budget check (launch at once)")
     parser.add_argument("--list", action="store_true", help="list the presets")
     parser.add_argument("--export", type=Path, default=None, metavar="RUNS_JSON",
                         help="while the sweep runs, write the run records of its experiments to this JSON file "
@@ -83,31 +103,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_intermixed_args(argv)  # options may come before, between or after the words
     args.preset, args.overrides = (args.words[0], args.words[1:]) if args.words else (None, [])
     if args.list or not args.preset:
-        print("\n".join(presets()))
-        return 0 if args.list else 2
+        if args.list:
+            print("\n".join(presets()))
+            return 0
+        return _usage(f"a preset is required; available: {', '.join(presets())} (or --list)")
     if args.preset not in presets() and not _search_path_overrides(args.overrides):
-        print(f"recbench-sweep: unknown preset {args.preset!r}; available: {', '.join(presets())}", file=sys.stderr)
-        return 2
+        return _usage(f"unknown preset {args.preset!r}; available: {', '.join(presets())}")
     args.overrides, notes = moved_keys(args.overrides)
     for note in notes:
         print(f"recbench-sweep: note: {note}", file=sys.stderr)
-    moved = override_error(args.overrides) or override_problem(args.overrides)
+    moved = override_error(args.overrides) or override_problem(args.overrides) or tracking_problem(args.overrides)
     if moved:
-        print(f"recbench-sweep: {moved}", file=sys.stderr)
-        return 2
+        return _usage(moved)
     if args.jobs is not None and args.jobs < 1:
-        print(f"recbench-sweep: --jobs {args.jobs}: needs 1 or more parallel jobs", file=sys.stderr)
-        return 2
+        return _usage(f"--jobs {args.jobs}: needs 1 or more parallel jobs")
     if args.export is not None and (args.no_check or not args.export_every > 0):
-        print("recbench-sweep: --export needs the pre-launch check (drop --no-check) and --export-every > 0 "
-              f"(got {args.export_every})", file=sys.stderr)
-        return 2
+        return _usage("--export needs the pre-launch check (drop --no-check) and --export-every > 0 "
+                      f"(got {args.export_every})")
     if args.export is not None and not args.export.parent.is_dir():
-        print(f"recbench-sweep: --export {args.export}: folder {args.export.parent} does not exist", file=sys.stderr)
-        return 2
-    plan = build_plan(args.preset, args.overrides, args.sweep_id)
-    if not args.no_check:
-        check_plan(plan)
+        return _usage(f"--export {args.export}: folder {args.export.parent} does not exist")
+    problem = composition_problem([f"sweep={args.preset}", *(o for o in args.overrides if not _is_sweep(o))])
+    if problem:  # a key the preset's config does not have, a value its type refuses
+        return _usage(problem)
+    try:  # every job is composed and checked here: a bad value, store or data is one line, before any launch
+        plan = build_plan(args.preset, args.overrides, args.sweep_id)
+        if not args.no_check:
+            check_plan(plan)
+    except (ConfigError, DatasetError, StoreError) as exc:
+        return _usage(str(exc))
     jobs = args.jobs or int((compose([f"sweep={args.preset}", *(o for o in args.overrides if not _is_sweep(o))]).get("sweep_preset") or {})
                             .get("jobs", 1))
     print(summary(plan, jobs=jobs), flush=True)

@@ -22,7 +22,8 @@ from recbench.runs.config import (CONFIG_DIR, composition_problem, moved_keys, o
 
 
 
-#: exit status of ``recbench``: 0 every job finished, skipped or was infeasible; 1 a job failed; 2 a bad setting
+#: exit status of ``recbench``: 0 every job finished, skipped or was infeasible; 1 a job failed while it
+#: ran; 2 a bad argument, setting, name, tracking URI or input data (docs/cli.md, "Exit status")
 EXIT_FAILED, EXIT_USAGE = 1, 2
 
 
@@ -89,14 +90,15 @@ def _hydra_main(cfg: DictConfig) -> float:
         if not parallel.is_main:  # rank 0 reports the run
             return float(result.metrics.get("val/auc", float("nan")))
     except Exception as exc:
-        logging.getLogger("recbench").error("job failed: %s: %s", type(exc).__name__, exc)
         _write_outcome(outcome, {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:2000],
                                  "overrides": overrides})
-        if multirun:  # recorded as FAILED; the sweep goes on
+        if multirun:  # recorded as FAILED; the sweep goes on, and its log says which job and why
+            logging.getLogger("recbench").error("job failed: %s: %s", type(exc).__name__, exc)
             return float("nan")
+        # one job: the error is said once, on stderr (a log line as well would repeat it on stdout)
         if _is_user_error(exc) and not os.environ.get("RECBENCH_DEBUG"):
-            print(f"recbench: error: {exc}\n(set RECBENCH_DEBUG=1 for the traceback)", file=sys.stderr)
-            sys.exit(EXIT_USAGE)
+            print(f"recbench: error: {exc} (RECBENCH_DEBUG=1 shows the traceback)", file=sys.stderr)
+            sys.exit(_exit_status(exc))
         raise
     _write_outcome(outcome, {"status": result.status, "reason": result.reason, "run_id": result.run_id,
                              "overrides": overrides})
@@ -125,7 +127,7 @@ def tracking_problem(overrides) -> str | None:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    """Bad data or impossible settings: a one-line message, not a traceback."""
+    """Bad data, impossible settings, a full disk: a one-line message, not a traceback."""
     from recbench.runs.config import ConfigError
     from recbench.datasets.errors import DatasetError
     from recbench.datasets.storage import CacheCorruptError
@@ -135,6 +137,14 @@ def _is_user_error(exc: BaseException) -> bool:
 
     return isinstance(exc, (ConfigError, DatasetError, DistributedSetupError, FileNotFoundError, StoreError,
                             CheckpointWriteError, CacheCorruptError))
+
+
+def _exit_status(exc: BaseException) -> int:
+    """2 when the input is wrong (a setting, a name, the data or store it points at: fix it and run
+    again), 1 when the work itself failed (a checkpoint that could not be written: disk full)."""
+    from recbench.training.checkpoint import CheckpointWriteError
+
+    return EXIT_FAILED if isinstance(exc, CheckpointWriteError) else EXIT_USAGE
 
 
 def _write_outcome(path: Path, outcome: dict) -> None:

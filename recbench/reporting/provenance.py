@@ -7,9 +7,9 @@ References: docs/architecture.md section 5 (tracking schema, reports).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Optional
 
 from recbench.reporting.runs import load_mlflow_runs, relink
-from recbench.tracking.mlflow_tracker import sqlite_path
 from recbench.tracking.schema import parse_ratio
 
 
@@ -46,11 +46,10 @@ def coverage(records) -> str:
     return f"seeds per finished row: {listed}{note}"
 
 
-def linked_to_store(records, store: str):
-    """Exported ``records`` with their links pointing at their copies in ``store`` when it exists
-    (``reporting.runs.relink``), and the report line saying where the links lead."""
-    path = sqlite_path(store)
-    if path is not None and not path.is_file():
+def linked_to_store(records, store: Optional[str]):
+    """Exported ``records`` with their links pointing at their copies in ``store`` (``reporting.runs.relink``;
+    None: no readable store here), and the report line saying where the links lead."""
+    if store is None:
         return records, ("- run links use the run ids of the store the records were exported from; to open them "
                          "here, import the records (`python -m recbench.reporting.import_records RECORDS`) "
                          "and build this report again")

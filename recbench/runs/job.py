@@ -27,9 +27,13 @@ from recbench.methods.base import InfeasibleBudget
 from recbench.runs.identity import (config_hash, gate_tags, git_commit, git_sha, group_hash, method_revision, model_label,
                                      protocol_tag)
 from recbench.runs.result import JobResult
+from recbench.runs.run_plots import (CURVES_PNG, MEMORY_PNG, PLOTS_DIR, CurveRecorder, format_bytes, learning_curves,
+                                     memory_breakdown)
 from recbench.runs.settings import (JobSettings, check_against_data, instantiate_dataset, instantiate_tracker,
                                      instantiate_without, settings_of)
-from recbench.tracking.base import FAILED, FINISHED, KILLED, InMemoryTracker, flatten, owner_tags, with_thread_count
+from recbench.tracking.base import (FAILED, FINISHED, KILLED, NOTE_TAG, RUN_NAME_TAG, InMemoryTracker, flatten,
+                                    owner_tags, with_thread_count)
+from recbench.tracking.inputs import dataset_record
 from recbench.tracking.schema import ratio_tag
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training import checkpoint, distributed
@@ -161,7 +165,8 @@ def _run_locked(cfg: DictConfig, settings: JobSettings, prepared, tracker, run_d
             log.warning("cannot resume: %s", reason)
             if resume_id and parallel.is_main:
                 tracker.start_run(experiment, "", {}, {}, resume_run_id=resume_id)
-                tracker.set_tags({"status": "killed", "status_reason": f"killed, and {reason}"})
+                tracker.set_tags({"status": "killed", "status_reason": f"killed, and {reason}",
+                                  NOTE_TAG: f"Killed, and {reason}."})
                 tracker.end_run(KILLED)
             resume_id = None
     elif checkpoint_path.exists():
@@ -192,9 +197,16 @@ def _run_locked(cfg: DictConfig, settings: JobSettings, prepared, tracker, run_d
     if parallel.is_main:
         run_id_file.write_text(str(run_id))
     try:
-        result = _train_and_evaluate(cfg, settings, prepared, tracker, checkpoint_path, resolved)
+        if parallel.is_main:  # what the run reads (the UI's "Datasets used"), and this machine's load while it runs
+            tracker.log_dataset(dataset_record(spec, prepared.directory, prepared.manifest.get("settings", {})))
+            tracker.start_system_metrics(resumed=bool(resume_id))  # until end_run
+        result = _train_and_evaluate(cfg, settings, prepared, tracker, checkpoint_path, resolved, run_name)
     except InfeasibleBudget as exc:
-        tracker.set_tags({"status": "infeasible", "status_reason": str(exc)})
+        # an infeasible budget is a completed measurement, so the run stays FINISHED: a re-launched
+        # sweep skips it (find_finished), and the leaderboard reads its status tag; the UI, which
+        # shows FINISHED in green, gets the verdict in the run's name and its description
+        tracker.set_tags({"status": "infeasible", "status_reason": str(exc), RUN_NAME_TAG: f"INFEASIBLE {run_name}",
+                          NOTE_TAG: f"Infeasible budget (recorded as FINISHED, tag status=infeasible): {exc}"})
         tracker.log_metrics({"budget/requested_ratio": ratio, "budget/min_reachable_ratio": exc.min_ratio,
                              "budget/max_reachable_ratio": exc.max_ratio})
         tracker.end_run(FINISHED)
@@ -202,18 +214,29 @@ def _run_locked(cfg: DictConfig, settings: JobSettings, prepared, tracker, run_d
         return JobResult("infeasible", {}, run_id, str(exc))
     except BaseException as exc:  # recorded, then re-raised so the launcher sees the failure
         reason = f"{type(exc).__name__}: {exc}"
-        tracker.set_tags({"status": "failed", "status_reason": reason[:5000]})
+        tracker.set_tags({"status": "failed", "status_reason": reason[:5000], NOTE_TAG: f"Failed: {reason[:5000]}"})
         _log_text_artifact(tracker, "traceback.txt", traceback.format_exc())
         tracker.end_run(FAILED)
         raise
     metrics, reason, under, model = result
     status = "failed" if reason else "finished"
     tracker.set_tags({"status": status, "status_reason": reason,
-                      "achieved_ratio": f"{metrics.get('emb/compression_ratio', float('nan')):.6g}"})
+                      "achieved_ratio": f"{metrics.get('emb/compression_ratio', float('nan')):.6g}",
+                      NOTE_TAG: f"Failed: {reason}" if reason else summary_note(metrics, ratio)})
     tracker.end_run(FAILED if reason else FINISHED)
     if checkpoint_path.exists():
         checkpoint_path.unlink()  # the run is complete; its checkpoint is no longer needed
     return JobResult(status, metrics, run_id, reason, under, model)
+
+
+def summary_note(metrics: Dict[str, float], ratio: float) -> str:
+    """A finished run's description (the top of its page in the MLflow UI): its headline numbers, and
+    where its curves are (the UI draws every one-point metric as a chart of its own)."""
+    value = lambda key: metrics.get(key, float("nan"))  # noqa: E731
+    return (f"Test AUC {value('test/auc'):.4f}, log loss {value('test/logloss'):.4f}; embedding "
+            f"{format_bytes(value('emb/bytes_inference'))} at compression ratio "
+            f"{value('emb/compression_ratio'):.4g} (budget {ratio:g}). Learning curves and memory breakdown: "
+            f"artifacts {PLOTS_DIR}/{CURVES_PNG} and {PLOTS_DIR}/{MEMORY_PNG}.")
 
 
 def _log_stage(tracker, index: int, name: str, result: Dict[str, Any]) -> None:
@@ -228,6 +251,21 @@ def _log_text_artifact(tracker, name: str, text: str) -> None:
         path = Path(tmp) / name
         path.write_text(text)
         tracker.log_artifact(path)
+
+
+def _log_plots(tracker, folder: Path, history, losses, plan, tables, dim: int, metrics: Dict[str, float],
+               title: str) -> None:
+    """The run's learning curves and memory breakdown as ``plots/*.png`` (``recbench.runs.run_plots``).
+    A figure that cannot be drawn does not fail a trained run: it is a warning and the tag ``plots_error``."""
+    try:
+        learning_curves(history, losses, folder / CURVES_PNG, title, metrics.get("test/auc"))
+        memory_breakdown(plan.memory, tables, dim, plan.requested_ratio, metrics, folder / MEMORY_PNG, title)
+    except Exception as exc:  # noqa: BLE001 - reported, and the run's numbers are unaffected
+        log.warning("the run's figures could not be drawn (%s: %s); its metrics are recorded", type(exc).__name__, exc)
+        tracker.set_tags({"plots_error": f"{type(exc).__name__}: {exc}"[:5000]})
+        return
+    for name in (CURVES_PNG, MEMORY_PNG):
+        tracker.log_artifact(folder / name, PLOTS_DIR)
 
 
 def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:
@@ -247,7 +285,7 @@ def budget_verdict(cfg: DictConfig, spec) -> Tuple[Optional[str], bool]:
 
 
 def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracker, checkpoint_path: Path,
-                        resolved: Dict[str, Any]):
+                        resolved: Dict[str, Any], run_name: str = ""):
     # the run's cost, robust to machine load: CPU seconds (every thread) and wall seconds from building
     # the method to the final metrics; a resumed run adds what its killed processes had spent up to the
     # checkpoint it resumed from (carried in the checkpoint; see Trainer's ``cost_clock``)
@@ -277,8 +315,9 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
                                 **injected)
     parallel = distributed.current()
     model = parallel.wrap(model, method, cfg.runtime.get("sharding_types"))  # DMP + DDP when distributed
+    curves = CurveRecorder(tracker.log_metrics)  # the training loss it passes on, for the learning-curve figure
     trainer = Trainer(settings.trainer, model, method, prepared,
-                      settings.dense_optimizer, embedding_optimizer, log_metrics=tracker.log_metrics,
+                      settings.dense_optimizer, embedding_optimizer, log_metrics=curves,
                       checkpoint_path=checkpoint_path,
                       log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel,
                       cost_clock=(cpu_start, wall_start))
@@ -316,6 +355,8 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
         (Path(tmp) / "solved_hparams.json").write_text(json.dumps(hparams, indent=2, default=str))
         for name in ("metrics.json", "config.yaml", "stages.json", "solved_hparams.json"):
             tracker.log_artifact(Path(tmp) / name)
+        if parallel.is_main:
+            _log_plots(tracker, Path(tmp), result.history, curves.losses, plan, tables, dim, metrics, run_name)
         if cfg.tracking.get("keep_model", "deployable") == "deployable" and parallel.is_main:
             # the whole deployable model (a pickle: recbench.load_run reads it back, as
             # mlflow.pytorch.load_model would; load only runs you trust)

@@ -22,6 +22,7 @@ from recbench.training import distributed
 from recbench.training.optim import DenseOptimizer
 from recbench.models.tasks import CLICK
 from recbench.tracking.mlflow_tracker import StoreError, check_tracking_uri
+from recbench.tracking.system_metrics import DEFAULT_INTERVAL_S, check_settings as check_system_metrics
 from recbench.training.trainer import TrainerConfig
 from recbench.types import Budget, EmbeddingOptimizer, full_embedding_bytes
 
@@ -115,6 +116,8 @@ def settings_of(cfg: DictConfig) -> JobSettings:
         keep = cfg.tracking.get("keep_model", "deployable")
         if keep not in ("deployable", "none"):
             raise ValueError(f"tracking.keep_model={keep!r}; allowed: deployable, none")
+        check_system_metrics(cfg.tracking.get("system_metrics", True),
+                             cfg.tracking.get("system_metrics_interval_s", DEFAULT_INTERVAL_S))
     except TypeError as exc:  # an unknown key in a config group
         raise ConfigError(f"unknown setting: {exc}") from exc
     except ValueError as exc:

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from recbench.tracking.inputs import DatasetRecord
+
 #: run statuses (MLflow's names)
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+#: MLflow's tags of a run's name and of its description (the note on the run's page)
+RUN_NAME_TAG, NOTE_TAG = "mlflow.runName", "mlflow.note.content"
 
 
 #: the Hydra key of a job's torch thread count (tag ``num_threads`` records the count a run had)
@@ -109,7 +113,17 @@ class Tracker(abc.ABC):
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
     @abc.abstractmethod
-    def log_artifact(self, path: Path) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        """Copy the file ``path`` into the run's artifacts (into the folder ``artifact_path`` when given)."""
+
+    @abc.abstractmethod
+    def log_dataset(self, record: DatasetRecord) -> None:
+        """Record the dataset the current run reads (MLflow: a dataset input of the run)."""
+
+    def start_system_metrics(self, resumed: bool = False) -> bool:
+        """Start sampling this machine's CPU, memory, disk and network use into the current run until
+        ``end_run``; True when sampling runs. Default: the tracker records none (the in-memory one)."""
+        return False
 
     @abc.abstractmethod
     def end_run(self, status: str = FINISHED) -> None: ...
@@ -141,6 +155,7 @@ class MemoryRun:
     params: Dict[str, Any]
     metrics: Dict[str, List[Tuple[int, float]]] = field(default_factory=dict)
     artifacts: List[str] = field(default_factory=list)
+    inputs: List[DatasetRecord] = field(default_factory=list)
     status: str = RUNNING
 
     def latest(self, key: str) -> float:
@@ -175,9 +190,14 @@ class InMemoryTracker(Tracker):
 
     def set_tags(self, tags):
         self.current.tags.update({k: str(v) for k, v in tags.items()})
+        if RUN_NAME_TAG in tags:  # as MLflow: the tag is the run's name
+            self.current.name = str(tags[RUN_NAME_TAG])
 
-    def log_artifact(self, path):
-        self.current.artifacts.append(str(path))
+    def log_artifact(self, path, artifact_path=None):
+        self.current.artifacts.append(f"{artifact_path}/{Path(path).name}" if artifact_path else str(path))
+
+    def log_dataset(self, record):
+        self.current.inputs.append(record)
 
     def end_run(self, status=FINISHED):
         self.current.status = status

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, TypeVar
 
-from recbench.tracking.base import FINISHED, KILLED, Tracker, orphan_reason
+from recbench.tracking import system_metrics as system_metrics_monitor
+from recbench.tracking.base import FINISHED, KILLED, NOTE_TAG, Tracker, orphan_reason
+from recbench.tracking.inputs import DatasetRecord
 
 MAX_PARAM_LENGTH = 6000
 _BATCH = 100
@@ -171,21 +173,28 @@ def experiment_tags(name: str) -> Dict[str, str]:
     """Tags of a new experiment (one per dataset protocol): its description in the UI, and the
     experiment kind that opens it in MLflow 3's classic model-training view (not the GenAI view)."""
     return {"mlflow.experimentKind": "custom_model_development",
-            "mlflow.note.content": (f"recbench runs on the dataset protocol {name} (dataset, split, label rule and "
+            NOTE_TAG: (f"recbench runs on the dataset protocol {name} (dataset, split, label rule and "
                                     "frozen training protocol; one run per dataset, model, method, budget and seed). "
                                     "Compare runs by the tags method, compression_ratio and seed; the leaderboards "
                                     "come from `recbench-report`.")}
 
 
 class MLflowTracker(Tracker):
-    """Args: tracking_uri (any MLflow URI; default SQLite), artifact_root (folder or URI)."""
+    """Args: tracking_uri (any MLflow URI; default SQLite), artifact_root (folder or URI),
+    system_metrics (sample this machine's CPU, memory, disk and network use into each run when
+    ``psutil`` is installed) and system_metrics_interval_s (seconds between samples); see
+    ``recbench.tracking.system_metrics``."""
 
-    def __init__(self, tracking_uri: str, artifact_root: str):
+    def __init__(self, tracking_uri: str, artifact_root: str, system_metrics: bool = True,
+                 system_metrics_interval_s: float = system_metrics_monitor.DEFAULT_INTERVAL_S):
+        system_metrics_monitor.check_settings(system_metrics, system_metrics_interval_s)
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
+        self.system_metrics, self.system_metrics_interval_s = system_metrics, float(system_metrics_interval_s)
         check_tracking_uri(tracking_uri)
         self.client = init_store(tracking_uri)
         self.run_id: Optional[str] = None
+        self._monitor = None
 
     def _artifact_location(self, experiment: str) -> str:
         root = self.artifact_root
@@ -247,10 +256,25 @@ class MLflowTracker(Tracker):
 
         with_retries(self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
-    def log_artifact(self, path: Path) -> None:
-        with_retries(self.client.log_artifact, self.run_id, str(path))
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        with_retries(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, record: DatasetRecord) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(record.name, record.digest, record.source_type, record.source, record.schema, record.profile)
+        tags = [InputTag("mlflow.data.context", record.context)]
+        with_retries(self.client.log_inputs, self.run_id, datasets=[DatasetInput(dataset, tags)])
+
+    def start_system_metrics(self, resumed: bool = False) -> bool:
+        if self.system_metrics and self._monitor is None:
+            self._monitor = system_metrics_monitor.start(self.run_id, self.tracking_uri,
+                                                         self.system_metrics_interval_s, resumed)
+        return self._monitor is not None
 
     def end_run(self, status: str = FINISHED, end_time: Optional[int] = None) -> None:
+        monitor, self._monitor = self._monitor, None
+        system_metrics_monitor.stop(monitor)  # its last samples, while the run is still open
         with_retries(self.client.set_terminated, self.run_id, status=status, end_time=end_time)
 
     def has_run(self, run_id: str) -> bool:
@@ -282,7 +306,8 @@ class MLflowTracker(Tracker):
                     from mlflow.entities import RunTag
 
                     with_retries(self.client.log_batch, run.info.run_id,
-                                 tags=[RunTag("status", "killed"), RunTag("status_reason", reason)])
+                                 tags=[RunTag("status", "killed"), RunTag("status_reason", reason),
+                                       RunTag(NOTE_TAG, f"Killed: {reason}.")])
                     with_retries(self.client.set_terminated, run.info.run_id, status=KILLED)
                     closed += 1
             token = page.token

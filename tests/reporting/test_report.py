@@ -91,8 +91,24 @@ def test_dashboard_search_expression_selects_one_budget_on_one_dataset(tmp_path)
 
 def test_no_runs_is_a_clear_error(tmp_path, capsys):
     save_records([], tmp_path / "none.json")
-    assert report_main(["--records", str(tmp_path / "none.json"), "--out", str(tmp_path / "r")]) == 1
-    assert "no recbench runs" in capsys.readouterr().err
+    assert report_main(["--records", str(tmp_path / "none.json"), "--out", str(tmp_path / "r")]) == 2
+    assert "recbench-report: error: no recbench runs" in capsys.readouterr().err
+
+
+def test_a_store_that_cannot_be_read_is_one_line_in_seconds_and_is_never_created(tmp_path, capsys):
+    """A mistyped folder or a missing SQLite file (reading must not create an empty store), or a server
+    that does not answer (was: minutes of urllib3 retries): exit 2, one line."""
+    import time
+
+    for uri, message in [(f"sqlite:///{tmp_path}/none.db", "there is no MLflow store at"),
+                         (f"sqlite:///{tmp_path}/nodir/x.db", "/nodir"),
+                         ("http://127.0.0.1:9", "does not answer")]:
+        start = time.perf_counter()
+        assert report_main(["--tracking-uri", uri, "--out", str(tmp_path / "r")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("recbench-report: error: ") and message in err, err
+        assert time.perf_counter() - start < 20
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "nodir").exists() and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("content, message", [
@@ -104,7 +120,7 @@ def test_an_unreadable_records_file_is_a_clear_error(tmp_path, capsys, content, 
         (tmp_path / "runs.json").write_text(content)
     assert report_main(["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"recbench-report: --records {tmp_path / 'runs.json'}: ") and message in err
+    assert err.startswith(f"recbench-report: error: --records {tmp_path / 'runs.json'}: ") and message in err
     assert not (tmp_path / "r").exists()
 
 
@@ -120,13 +136,13 @@ def test_a_selection_that_leaves_no_run_names_itself_and_what_there_is(tmp_path,
     records = fixture_records()
     save_records(records, tmp_path / "runs.json")
     base = ["--records", str(tmp_path / "runs.json"), "--out", str(tmp_path / "r"), "--no-figures"]
-    assert report_main([*base, "--protocol", "deadbeef"]) == 1
+    assert report_main([*base, "--protocol", "deadbeef"]) == 2
     assert (f"--protocol left none of the {len(records)} runs in {tmp_path / 'runs.json'}; "
             f"protocol values there: toy-abc/1234 ({len(records)})") in capsys.readouterr().err
-    assert report_main([*base, "--sweep-id", "nosuch"]) == 1
+    assert report_main([*base, "--sweep-id", "nosuch"]) == 2
     err = capsys.readouterr().err
     assert f"--sweep-id left none of the {len(records)} runs" in err and f"sweep_id values there: fixture ({len(records)})" in err
-    assert report_main([*base, "--dataset", "nosuch"]) == 1
+    assert report_main([*base, "--dataset", "nosuch"]) == 2
     assert f"no recbench runs found for dataset nosuch in {tmp_path / 'runs.json'}; datasets there: toy ({len(records)})" \
         in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
