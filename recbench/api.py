@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+from recbench.quiet import quiet_known_warnings
 from recbench.runs.config import ConfigError, compose_checked, moved_keys, override_problem
 from recbench.runs.job import run_job
 from recbench.runs.kept import load_kept
@@ -60,6 +61,7 @@ def run(method: str = "full", dataset: str = "movielens100k", compression_ratio:
     problem = override_problem(items)
     if problem:
         raise ConfigError(problem)
+    quiet_known_warnings()  # as the commands: known third-party notices that say nothing to a user
     return run_job(compose_checked(items), keep_model=True)  # composed once: checked and run
 
 
