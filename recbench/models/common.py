@@ -156,3 +156,27 @@ class ModelParamGroups:
     def param_groups(self):
         own = getattr(self.model, "dense_param_groups", None)
         return list(self.embedding.param_groups()) + (list(own()) if own is not None else [])
+
+
+def check_embedding_width(embedding: nn.Module, num_sparse: int, embedding_dim: int, model: str) -> None:
+    """Refuse at build time an embedding module whose per-field output width is not the model's
+    ``embedding_dim`` (or whose field count is not ``num_sparse``), naming both; modules without
+    ``dim``/``tables`` attributes are checked at the first forward (``stack_fields``)."""
+    dim, tables = getattr(embedding, "dim", None), getattr(embedding, "tables", None)
+    if dim is not None and int(dim) != int(embedding_dim):
+        raise ValueError(f"model={model} needs every field's embedding {embedding_dim} wide (model.embedding_dim); "
+                         f"the embedding module {type(embedding).__name__} outputs {dim} per field")
+    if tables is not None and len(tables) != int(num_sparse):
+        raise ValueError(f"model={model} has num_sparse={num_sparse} fields; the embedding module "
+                         f"{type(embedding).__name__} has {len(tables)} tables")
+
+
+def xavier_normal_linears(module: nn.Module) -> None:
+    """Xavier-normal weights (gain 1: std sqrt(2 / (fan_in + fan_out))) and zero biases for every
+    ``nn.Linear`` in ``module``: Hetu's ``htl.Linear`` with ``GenXavierNormal`` (the VLDB 2024
+    artifact's DeepFM and WDL heads)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.xavier_normal_(layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
