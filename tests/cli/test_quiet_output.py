@@ -7,6 +7,8 @@ import logging
 import subprocess
 import warnings
 
+import pytest
+
 from recbench.quiet import KNOWN_LOG_RECORDS, KNOWN_WARNINGS, quiet_known_warnings
 from test_sweep import TOY_PRESET as SWEEP_PRESET, toy_sweep  # noqa: F401 (the fixture)
 
@@ -48,6 +50,8 @@ def test_every_entry_names_a_module():
 TOY_PRESET = SWEEP_PRESET.replace("method: hashing", "method: robe,hashing").replace("seed: 0,1,2", "seed: 0")
 
 
+@pytest.mark.slow  # ~70 s (two joblib workers and two launches); the filters themselves are tested above, and
+# tests/cli/test_errors.py checks a command's output for third-party lines in the default suite
 def test_a_parallel_sweep_prints_no_third_party_warning(toy_sweep):
     """robe's sparse Adagrad step raised torch's sparse-invariant notice and TorchRec's KJT code
     the is_fx_tracing notice, in every joblib worker; the sweep's output has neither (nor any other
