@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
@@ -247,6 +248,17 @@ class Stage:
 def format_duration(seconds: float) -> str:
     """A duration for people: ``45 s``, ``12.5 min``, ``3.1 h``."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def format_bytes(value: Optional[float], missing: str = "—") -> str:
+    """A byte count for people: ``14.6 MB``, ``146 kB``, ``512 B`` (SI units, 3 significant digits);
+    ``missing`` when unknown (None or NaN)."""
+    if value is None or math.isnan(value):
+        return missing
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.0f} B"
 
 
 def settings_hash(settings: Mapping[str, Any], length: int = 10) -> str:

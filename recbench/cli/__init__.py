@@ -22,6 +22,15 @@ def _register_resolvers() -> None:
 _register_resolvers()
 
 
+def refuse(prog: str, message: str) -> int:
+    """Bad input (an argument, a name, a value, a store): one line on stderr, ``<prog>: error: ...``;
+    returns exit status 2 (docs/cli.md)."""
+    import sys
+
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An argument parser whose usage errors are one line (``<prog>: error: ...``, exit 2) with a
     pointer to ``--help``, not the whole usage block."""

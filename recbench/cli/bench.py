@@ -19,7 +19,7 @@ import sys
 import time
 import traceback
 
-from recbench.cli import OneLineParser
+from recbench.cli import OneLineParser, refuse
 from recbench.bench import harness
 
 BENCH_DIR = harness.BENCH_DIR
@@ -55,9 +55,7 @@ def main(argv=None) -> int:
     names = args.names or available()
     unknown = [n for n in names if n not in available()]
     if unknown:
-        print(f"recbench-bench: error: unknown benchmark(s) {', '.join(unknown)}; allowed: {', '.join(available())}",
-              file=sys.stderr)
-        return 2
+        return refuse("recbench-bench", f"unknown benchmark(s) {', '.join(unknown)}; allowed: {', '.join(available())}")
     status = 0
     started = time.perf_counter()
     for name in names:

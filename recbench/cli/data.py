@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from recbench.cli import OneLineParser
+from recbench.cli import OneLineParser, refuse
 from recbench.runs.config import CONFIG_DIR
 
 
@@ -98,8 +98,7 @@ def main(argv: List[str] | None = None) -> int:
     try:
         return _run(args)
     except (ConfigError, DatasetError, CacheCorruptError) as exc:  # bad input: its one line, once
-        print(f"recbench-data: error: {exc}", file=sys.stderr)
-        return 2
+        return refuse("recbench-data", str(exc))
 
 
 def _run(args: argparse.Namespace) -> int:

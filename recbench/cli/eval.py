@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from recbench.cli import OneLineParser, store_problem
+from recbench.cli import OneLineParser, refuse, store_problem
 from recbench.tracking.mlflow_tracker import default_tracking_uri
 
 TOLERANCE = 1e-6
@@ -38,8 +38,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parser().parse_args(argv)
     problem = store_problem(args.tracking_uri)
     if problem:
-        print(f"recbench-eval: error: {problem}", file=sys.stderr)
-        return 2
+        return refuse("recbench-eval", problem)
     from mlflow.exceptions import MlflowException
 
     from recbench.runs.kept import evaluate_model, load_kept, recorded_metrics
@@ -48,8 +47,7 @@ def main(argv: List[str] | None = None) -> int:
         model, config = load_kept(args.run_id, args.tracking_uri)
         recorded = recorded_metrics(args.run_id, args.tracking_uri)
     except (FileNotFoundError, MlflowException) as exc:
-        print(f"recbench-eval: error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        return 2
+        return refuse("recbench-eval", str(exc).splitlines()[0])
     metrics = evaluate_model(model, config, args.split, args.data_root)
     worst = 0.0
     width = 2 + len(args.split) + max(map(len, metrics), default=0)

@@ -13,7 +13,7 @@ import sys
 import textwrap
 from typing import List
 
-from recbench.cli import OneLineParser
+from recbench.cli import OneLineParser, refuse
 from recbench.runs.catalogue import CARD_FIELDS, Entry, entries
 
 
@@ -77,8 +77,7 @@ def main(argv: List[str] | None = None) -> int:
     try:
         items = entries(args.names or None)
     except KeyError as exc:
-        print(f"recbench-methods: error: {exc.args[0]}", file=sys.stderr)
-        return 2
+        return refuse("recbench-methods", exc.args[0])
     if args.markdown:
         print(markdown(items))
     elif args.names:

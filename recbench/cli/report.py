@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from recbench.cli import OneLineParser, store_problem
+from recbench.cli import OneLineParser, refuse, store_problem
 from recbench.reporting.provenance import linked_to_store, provenance
 from recbench.reporting.report import build_reports
 from recbench.reporting.runs import load_mlflow_runs, load_records, save_records
@@ -68,8 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-figures", action="store_true", help="tables only (faster; no PNG figures)")
     args = parser.parse_args(argv)
     def error(message: str) -> int:
-        print(f"recbench-report: error: {message}", file=sys.stderr)
-        return 2
+        return refuse("recbench-report", message)
 
     if args.export is not None and not args.export.parent.is_dir():  # before any work, like recbench-sweep
         return error(f"--export {args.export}: folder {args.export.parent} does not exist")

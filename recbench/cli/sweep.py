@@ -49,7 +49,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional, Sequence
 
-from recbench.cli import OneLineParser
+from recbench.cli import OneLineParser, refuse
 from recbench.cli.train import tracking_problem
 from recbench.datasets.errors import DatasetError
 from recbench.gates.settings import override_error
@@ -69,8 +69,7 @@ def _job_count(value: str) -> int:
 
 def _usage(message: str) -> int:
     """A bad argument, preset, override, value, store or data: one line on stderr, exit status 2."""
-    print(f"recbench-sweep: error: {message}", file=sys.stderr)
-    return 2
+    return refuse("recbench-sweep", message)
 
 
 EXIT_CODES = ("exit status: 0 every job finished, was skipped or infeasible; 1 a job failed or left no outcome "

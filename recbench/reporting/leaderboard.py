@@ -46,6 +46,7 @@ import numpy as np
 from scipy.stats import t as student_t
 
 from recbench.tracking.base import with_thread_count
+from recbench.types import format_bytes
 from recbench.training.evaluation import normalized_entropy
 from recbench.tracking.schema import parse_ratio
 
@@ -386,13 +387,7 @@ def fmt(mean: Optional[float], std: Optional[float] = None, digits: int = 4) -> 
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def fmt_bytes(value: Optional[float]) -> str:
-    if value is None or math.isnan(value):
-        return "—"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= size:
-            return f"{value / size:.3g} {unit}"
-    return f"{value:.0f} B"
+fmt_bytes = format_bytes  # the one byte formatter (recbench.types), under the renderers' names
 
 
 def fmt_rank(row: Row) -> str:

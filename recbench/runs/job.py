@@ -27,7 +27,7 @@ from recbench.methods.base import InfeasibleBudget
 from recbench.runs.identity import (config_hash, gate_tags, git_commit, git_sha, group_hash, method_revision, model_label,
                                      protocol_tag)
 from recbench.runs.result import JobResult
-from recbench.runs.run_plots import (CURVES_PNG, MEMORY_PNG, PLOTS_DIR, CurveRecorder, format_bytes, learning_curves,
+from recbench.runs.run_plots import (CURVES_PNG, MEMORY_PNG, PLOTS_DIR, CurveRecorder, learning_curves,
                                      memory_breakdown)
 from recbench.runs.settings import (JobSettings, check_against_data, instantiate_dataset, instantiate_tracker,
                                      instantiate_without, settings_of)
@@ -35,6 +35,7 @@ from recbench.tracking.base import (FAILED, FINISHED, KILLED, NOTE_TAG, RUN_NAME
                                     owner_tags, with_thread_count)
 from recbench.tracking.inputs import dataset_record
 from recbench.tracking.schema import ratio_tag
+from recbench.types import format_bytes
 from recbench.tracking.stage_artifacts import jsonable, write_stage_result
 from recbench.training import checkpoint, distributed
 from recbench.training.trainer import Trainer

@@ -18,11 +18,10 @@ References: docs/architecture.md section 5 ("Tracking schema": artifacts of a ru
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from recbench.types import FP32_BYTES, MemoryReport, TableSpec
+from recbench.types import FP32_BYTES, MemoryReport, TableSpec, format_bytes
 
 #: the artifact folder of a run's figures, and their file names
 PLOTS_DIR, CURVES_PNG, MEMORY_PNG = "plots", "learning_curves.png", "memory.png"
@@ -37,11 +36,6 @@ def _bytes_formatter():
     from matplotlib.ticker import EngFormatter
 
     return EngFormatter(unit="B", places=1)
-
-
-def format_bytes(value: float) -> str:
-    """``3.2 MB``, ``512.0 B`` (SI units, as the figures' axes); ``?`` when unknown (NaN)."""
-    return _bytes_formatter()(value) if math.isfinite(value) else "?"
 
 
 class CurveRecorder:
@@ -137,7 +131,7 @@ def memory_breakdown(memory: MemoryReport, tables: Sequence[TableSpec], dim: int
             colour = colours.get(name, "0.55")
             bars.barh(y, value, left=left, color=colour, label=name or None, height=0.6)
             left += value
-        bars.annotate(format_bytes(left), (left, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+        bars.annotate(format_bytes(left, "?"), (left, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     budget = requested_ratio * memory.full_bytes
     bars.axvline(budget, color="tab:red", ls="--", lw=1.2, label=f"budget ({requested_ratio:g} x full)")
     bars.set_yticks(range(len(labels)), labels, fontsize=8)
