@@ -22,7 +22,7 @@ import re
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from recbench.reporting.leaderboard import (
-    BYTES, LATENCY, LOGLOSS, NE, RATIO, RECOMMENDATION_RULE, SPEED, Row, bayes_ceiling, budgets, command, flagged,
+    BYTES, LATENCY, LOGLOSS, NE, RATIO, RECOMMENDATION_RULE, SPEED, TRAIN_BYTES, Row, bayes_ceiling, budgets, command, flagged,
     fmt, fmt_auc, fmt_budget, fmt_bytes, fmt_delta, fmt_latency, fmt_rank, fmt_vs_best, marked, recommend, reference,
     rules_text, run_url, under_budget_legend,
 )
@@ -180,7 +180,7 @@ def recommendation_table(rows: Sequence[Row], protocol: str) -> str:
 #: the leaderboard's columns: (header, left-aligned)
 LEADERBOARD_COLUMNS = (("rank", False), ("method", True), ("seeds", False), ("test AUC", False), ("vs best", False),
                        ("Δ AUC vs full", False), ("test log loss", False), ("test NE", False), ("inference bytes", False),
-                       ("achieved ratio", False), ("train samples/s", False), ("latency ms (batch 4096)", False),
+                       ("training bytes", False), ("achieved ratio", False), ("train samples/s", False), ("latency ms (batch 4096)", False),
                        ("Pareto", False), ("MLflow runs", True), ("command", True))
 
 
@@ -216,6 +216,7 @@ def leaderboard_table(rows: Sequence[Row], protocol: str, ratio: float, ui_url: 
             f'{_num(r.mean.get(LOGLOSS, math.nan), fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS)))}'
             f'{_num(r.mean.get(NE, math.nan), fmt(r.mean.get(NE), r.std.get(NE)))}'
             f'{_num(r.mean.get(BYTES, math.nan), fmt_bytes(r.mean.get(BYTES)))}'
+            f'{_num(r.mean.get(TRAIN_BYTES, math.nan), fmt_bytes(r.mean.get(TRAIN_BYTES)))}'
             f'{_num(r.mean.get(RATIO, math.nan), format(r.mean.get(RATIO, math.nan), ".4g"))}'
             f'{_num(r.mean.get(SPEED, math.nan), format(r.mean.get(SPEED, math.nan), ",.0f"))}'
             f'{_num(r.mean.get(LATENCY, math.nan), fmt_latency(r))}'

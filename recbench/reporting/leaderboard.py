@@ -52,7 +52,8 @@ from recbench.tracking.schema import parse_ratio
 
 AUC, LOGLOSS, BYTES, RATIO = "test/auc", "test/logloss", "emb/bytes_inference", "emb/compression_ratio"
 SPEED, LATENCY, BAYES, NE = "train/samples_per_s", "infer/latency_ms", "bayes/test_auc", "test/ne"
-COLUMNS = (AUC, LOGLOSS, NE, RATIO, BYTES, SPEED, LATENCY, BAYES, "val/auc")
+TRAIN_BYTES = "emb/bytes_training"  # the method's closed-form training state (weights, optimizer state, buffers)
+COLUMNS = (AUC, LOGLOSS, NE, RATIO, BYTES, TRAIN_BYTES, SPEED, LATENCY, BAYES, "val/auc")
 REFERENCE_METHOD = "full"
 ALPHA = 0.05  # the Welch test's level: "not distinguishable from the best" at 95%
 RULES = ("mean ± std over seeds (sample std); rank by mean test AUC (1 = highest); ≈ best: not distinguishable "
@@ -504,19 +505,19 @@ def markdown_tables(rows: Sequence[Row], protocol: str, ui_url: str) -> str:
     for ratio in budgets(rows, protocol):
         out.append(f"\n### Budget {fmt_budget(ratio)}\n")
         out.append("| rank | method | seeds | test AUC | vs best | Δ AUC vs full | test log loss | test NE | inference bytes "
-                   "| achieved ratio | train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "| training bytes | achieved ratio | train samples/s | latency ms (batch 4096) | Pareto | runs | command |")
+        out.append("|---" * 16 + "|")
         for r in (r for r in rows if r.protocol == protocol and r.ratio == ratio):
             links = " ".join(f"[s{s}]({run_url(ui_url, e, i)})" for s, e, i in
                              zip(r.seed_list or ["?"] * len(r.run_ids), r.experiment_ids, r.run_ids))
             if not r.finished:
-                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — | — | — "
+                out.append(f"| — | {md(r.label)} | 0 | {md(r.status)}: {md(r.reason[:160])} | — | — | — | — | — | — | — | — | — | — "
                            f"| {links} | {md_code(command(r))} |")
                 continue
             out.append(
                 f"| {fmt_rank(r)} | {md(marked(r))} | {r.seeds} | {fmt_auc(r)} | {fmt_vs_best(r)} | {fmt_delta(r.delta_auc)} | "
                 f"{fmt(r.mean.get(LOGLOSS), r.std.get(LOGLOSS))} | {fmt(r.mean.get(NE), r.std.get(NE))} | "
-                f"{fmt_bytes(r.mean.get(BYTES))} | "
+                f"{fmt_bytes(r.mean.get(BYTES))} | {fmt_bytes(r.mean.get(TRAIN_BYTES))} | "
                 f"{r.mean.get(RATIO, float('nan')):.4g} | {r.mean.get(SPEED, float('nan')):,.0f} | "
                 f"{fmt_latency(r)} | {'yes' if r.pareto else ''} | {links} | {md_code(command(r))} |")
         noted = [r for r in rows if r.protocol == protocol and r.ratio == ratio and r.notes]

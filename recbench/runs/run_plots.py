@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from recbench.types import FP32_BYTES, MemoryReport, TableSpec, format_bytes
+from recbench.training.memory_split import PARTS as MEMORY_PARTS
 
 #: the artifact folder of a run's figures, and their file names
 PLOTS_DIR, CURVES_PNG, MEMORY_PNG = "plots", "learning_curves.png", "memory.png"
@@ -121,7 +122,11 @@ def memory_breakdown(memory: MemoryReport, tables: Sequence[TableSpec], dim: int
     ]
     if "emb/bytes_inference" in measured:
         rows.append(("inference, measured", {"": measured["emb/bytes_inference"]}))
-    rows.append(("training state", {"": measured.get("emb/bytes_training", memory.training_bytes)}))
+    rows.append(("training state, planned", {"": measured.get("emb/bytes_training", memory.training_bytes)}))
+    split = {f"training {part}".replace("_", " "): measured[f"emb/bytes_training_{part}"] for part in MEMORY_PARTS
+             if f"emb/bytes_training_{part}" in measured}
+    if split:  # measured on the trained module (recbench.training.memory_split), as TorchRec's planner splits it
+        rows.append(("training, measured", split))
     parts = [name for _, split in rows for name in split if name]
     colours = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(parts))}
     labels = [label for label, _ in rows][::-1]

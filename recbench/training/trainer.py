@@ -46,9 +46,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from recbench.checks import check_number
-from recbench.datasets.batching import BatchIterator, RecBatch
+from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
 from recbench.datasets.storage import PreparedDataset
 from recbench.models.common import ModelParamGroups
+from recbench.training import memory_split
 from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
 from recbench.training.distributed import SingleProcess
 from recbench.training.inference_cost import CostCounter
@@ -523,6 +524,10 @@ class Trainer:
         pass also counts the inference cost per sample. Computed once, here: the job adds no pass."""
         training_embedding = self.model.embedding
         train_memory = training_embedding.memory_report()
+        train = self.split("train")  # weights, optimizer state, buffers and one training step's IO (bytes)
+        step = make_batch(self.dataset.spec, train, np.arange(min(self.config.batch_size, len(train)))).sparse_features
+        train_split = memory_split.training_memory_split(training_embedding, self.optimizers.values(), step,
+                                                         training_embedding.dim)
         val_training_form = self.evaluate("val")
         inference_embedding = training_embedding.to_inference()
         #: the deployable embedding the final metrics measured (the job keeps it: ``deployable_model``)
@@ -549,6 +554,7 @@ class Trainer:
             "sys/peak_rss_mb": _peak_rss_mb(),
         }
         metrics.update(train_memory.as_metrics())
+        metrics.update(memory_split.as_metrics(train_split))
         metrics.update(cost)
         return metrics
 
@@ -575,7 +581,6 @@ class Trainer:
         cfg = self.config
         split = self.split("test")
         n = len(split)
-        from recbench.datasets.batching import make_batch
 
         big = make_batch(self.dataset.spec, split, np.arange(min(cfg.latency_batch_size, n)))
         one = make_batch(self.dataset.spec, split, np.arange(1))

@@ -102,7 +102,7 @@ def test_rows_are_flagged_and_numbers_carry_raw_sort_keys(page):
     assert (f'<button type="button" class="copy" data-copy="{cmd}" title="copy the command">copy</button>'
             f'<details><summary>show</summary><code>{cmd}</code></details>') in trs["qr"]
     head = body[:body.index("</thead>")]
-    assert head.count('class="sortable"') + head.count('class="l sortable"') == 14  # every column but the command
+    assert head.count('class="sortable"') + head.count('class="l sortable"') == 15  # every column but the command
 
 
 def test_captions_are_written_for_what_each_protocol_draws():

@@ -21,8 +21,11 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
     assert result.status == "finished" and run.status == FINISHED
     for key in ("val/auc", "test/auc", "test/logloss", "emb/bytes_inference", "emb/bytes_training",
                 "emb/compression_ratio", "train/samples_per_s", "infer/latency_ms", "infer/latency_ms_single",
-                "sys/peak_rss_mb"):
+                "sys/peak_rss_mb", "emb/bytes_training_weights", "emb/bytes_training_optimizer_state",
+                "emb/bytes_training_buffers", "emb/bytes_training_runtime"):
         assert key in run.metrics, key
+    assert run.latest("emb/bytes_training_weights") + run.latest("emb/bytes_training_optimizer_state") \
+        == run.latest("emb/bytes_training")  # full: the measured split sums to the closed form
     assert run.latest("emb/compression_ratio") == 1.0
     assert run.latest("emb/closed_form_matches") == 1.0
     # the run's cost: CPU and wall seconds of training + evaluation (sweep_cost reads them)
@@ -33,7 +36,7 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
     assert run.params["trainer.batch_size"] == 64  # flattened resolved config
     assert {Path(a).name for a in run.artifacts} >= {"metrics.json", "config.yaml"}
     table = format_result(toy_cfg(tmp_path), result)
-    assert "test AUC" in table and "compression ratio" in table
+    assert "test AUC" in table and "compression ratio" in table and "measured: optimizer state" in table
 
 
 def test_a_run_records_its_thread_count_in_a_tag_and_in_its_command(tmp_path):

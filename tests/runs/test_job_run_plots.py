@@ -47,3 +47,14 @@ def test_memory_breakdown_with_and_without_the_methods_parts(tmp_path):
     # the parts are drawn in colour; a plan without parts draws its inference bar in grey like the others
     colour = lambda image: ((abs(image[..., 0] - image[..., 1]) + abs(image[..., 1] - image[..., 2])) > 0.3).sum()  # noqa: E731
     assert colour(_image(tmp_path / "parts.png")) > colour(_image(tmp_path / "whole.png"))
+
+
+def test_memory_breakdown_draws_the_measured_training_split(tmp_path):
+    whole = MemoryReport(3_000_000, 9_000_000, 1, 30_000_000)
+    plain = {"emb/bytes_inference": 3_000_000.0, "emb/bytes_training": 9_000_000.0}
+    split = {**plain, "emb/bytes_training_weights": 3e6, "emb/bytes_training_optimizer_state": 3e6,
+             "emb/bytes_training_buffers": 1e6, "emb/bytes_training_runtime": 2e6}
+    a = memory_breakdown(whole, TABLES, 16, 0.1, plain, tmp_path / "a.png")
+    b = memory_breakdown(whole, TABLES, 16, 0.1, split, tmp_path / "b.png")
+    colour = lambda image: ((abs(image[..., 0] - image[..., 1]) + abs(image[..., 1] - image[..., 2])) > 0.3).sum()  # noqa: E731
+    assert colour(_image(b)) > colour(_image(a))  # the weights / optimizer / buffers / runtime parts, in colour

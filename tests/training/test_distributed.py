@@ -114,6 +114,8 @@ def test_wrap_trains_through_dmp_and_unshard_restores_plain_tables(toy_dataset, 
         assert sharded.metrics[key] == pytest.approx(single.metrics[key], abs=1e-5), key
     assert isinstance(model.embedding.fused.collection, FusedEmbeddingBagCollection)  # unsharded in place
     assert sharded.metrics["emb/bytes_training"] == single.metrics["emb/bytes_training"]
+    for part in ("weights", "optimizer_state", "buffers", "runtime"):  # measured on the gathered module
+        assert sharded.metrics[f"emb/bytes_training_{part}"] == single.metrics[f"emb/bytes_training_{part}"], part
 
 
 TOY_DATASET = """_target_: toy_protocol.ToyProtocol
