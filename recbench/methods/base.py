@@ -187,6 +187,18 @@ class NoSettings:
     """The settings of a method without hyperparameters."""
 
 
+#: ``method.quantize`` values (a table-backed method's deployable tables stored row-wise quantized)
+QUANTIZE_OPTIONS = ("none", "fp16", "int8", "int4", "int2")
+
+
+@dataclasses.dataclass
+class QuantizeSettings:
+    """The composition setting of methods whose deployable form is plain tables (``physical_tables``):
+    their settings dataclass inherits it."""
+
+    quantize: str = "none"  #: none | fp16 | int8 | int4 | int2: store every deployable table row-wise quantized (FBGEMM n-bit), the budget solved for the pair
+
+
 class CompressionMethod(abc.ABC):
     """Base of every compression method (hyperparameters only; instantiated by Hydra).
 
@@ -229,7 +241,25 @@ class CompressionMethod(abc.ABC):
         self.settings = self.settings_class(**plain)
         for key in known:
             setattr(self, key, getattr(self.settings, key))
+        if getattr(self, "quantize", "none") not in QUANTIZE_OPTIONS:
+            raise ValueError(f"method {self.name!r}: quantize={self.quantize!r}; allowed: {', '.join(QUANTIZE_OPTIONS)}")
         self.check_settings()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's ``build`` hands a composed plan's precision to its module (``compose_quantized``)."""
+        super().__init_subclass__(**kwargs)
+        if "build" in cls.__dict__ and not getattr(cls.__dict__["build"], "__isabstractmethod__", False):
+            original = cls.__dict__["build"]
+
+            @functools.wraps(original)
+            def build(self, tables, dim, plan, *args, **kwargs):
+                module = original(self, tables, dim, plan, *args, **kwargs)
+                quantize = plan.hparams.get("quantize", "none")
+                if quantize != "none":
+                    module.compose_quantized(quantize)
+                return module
+
+            cls.build = build
 
     def check_settings(self) -> None:
         """Raise ValueError for an unsupported hyperparameter value (naming the key and what is
@@ -243,8 +273,14 @@ class CompressionMethod(abc.ABC):
         Pure: ``solve_hparams`` (raises InfeasibleBudget) and the closed-form ``memory`` of its
         result, with the requested ratio and the ``under_budget`` verdict.
         """
-        hparams = self.solve_hparams(tables, dim, budget)
-        memory = self.memory(tables, dim, hparams, optimizer)
+        if getattr(self, "quantize", "none") != "none":  # composed with quantized tables (blocks/quantized_tables.py)
+            from recbench.methods.blocks.quantized_tables import quantized_memory, solve_composed
+
+            hparams = solve_composed(self, tables, dim, budget, self.quantize, optimizer)
+            memory = quantized_memory(self, tables, dim, hparams, self.quantize, optimizer)
+        else:
+            hparams = self.solve_hparams(tables, dim, budget)
+            memory = self.memory(tables, dim, hparams, optimizer)
         return Plan(self.name, hparams, memory, budget.compression_ratio,
                     under_budget(memory.compression_ratio, budget))
 
@@ -256,6 +292,11 @@ class CompressionMethod(abc.ABC):
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         """Pure closed-form memory of the method with these hyperparameters."""
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[Any]:
+        """The ``PhysicalTable`` list (name, rows, dim, features) that ``hparams`` builds, for methods
+        whose deployable form is plain tables plus id rewrites (they take ``QuantizeSettings``)."""
+        raise NotImplementedError(f"method {self.name!r} does not compose with method.quantize")
 
     # ----- module -----
     @abc.abstractmethod

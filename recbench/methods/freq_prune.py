@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # (its import loads fbgemm_gpu: torch.ops.fbgemm)
 
-from recbench.methods.base import CompressionMethod
+from recbench.methods.base import CompressionMethod, QuantizeSettings
 from recbench.methods.blocks.budget import bisect_continuous, kept_bytes, land, split_tables, target_bytes
 from recbench.methods.blocks.per_id import with_values
 from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes)
@@ -183,7 +183,7 @@ class FreqPruneEmbedding(FusedIdMapEmbedding):
 
 # ----------------------------------------------------------------------------- method
 @dataclass
-class FreqPruneSettings:
+class FreqPruneSettings(QuantizeSettings):
     """Hyperparameters of ``freq_prune`` (default: FuxiCTR's one min_categr_count, solved from the budget)."""
 
     #: auto: the smallest count threshold t whose bytes fit the budget | an integer >= 1: a fixed
@@ -269,7 +269,7 @@ class FreqPrune(CompressionMethod):
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         fields = plan_fields(tables, hparams["compressed"], self.rule(hparams))
-        layout = physical(tables, dim, fields)
+        layout = self.physical_tables(tables, dim, hparams)
         parts = closed_form_table_bytes(layout, optimizer)
         remap = REMAP_BYTES * remap_entries(tables, fields)
         return MemoryReport(
@@ -279,6 +279,9 @@ class FreqPrune(CompressionMethod):
             full_bytes=full_embedding_bytes(tables, dim),
             breakdown={"weights": parts["weights"], "remap": remap},
         )
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
+        return physical(tables, dim, plan_fields(tables, hparams["compressed"], self.rule(hparams)))
 
     def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FreqPruneEmbedding:

@@ -9,12 +9,12 @@ Shapes: KJT (F keys, B bags) -> KeyedTensor (B, F * D).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods.base import CompressionMethod, InfeasibleBudget
-from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, physical_tables, table_memory
+from recbench.methods.base import CompressionMethod, InfeasibleBudget, QuantizeSettings
+from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, physical_tables, table_memory
 from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec
 
 
@@ -32,6 +32,7 @@ class FullEmbedding(FusedIdMapEmbedding):
 
 class Full(CompressionMethod):
     name = "full"
+    settings_class = QuantizeSettings  # method.quantize: the fp32 tables deployed quantized
 
     def solve_hparams(self, tables: Sequence[TableSpec], dim: int, budget: Budget) -> Dict[str, Any]:
         if budget.compression_ratio < 1.0:
@@ -41,7 +42,10 @@ class Full(CompressionMethod):
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
-        return table_memory(physical_tables(tables, dim, {}), tables, dim, optimizer)
+        return table_memory(self.physical_tables(tables, dim, hparams), tables, dim, optimizer)
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
+        return physical_tables(tables, dim, {})
 
     def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FullEmbedding:

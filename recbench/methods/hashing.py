@@ -35,7 +35,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods.blocks import hashing_fns
-from recbench.methods.base import CompressionMethod
+from recbench.methods.base import CompressionMethod, QuantizeSettings
 from recbench.methods.blocks.budget import (bisect_continuous, check_auto, kept_bytes, land, largest_integer_within,
                                     split_tables, target_bytes)
 from recbench.methods.blocks.per_id import value_fields, with_values
@@ -155,7 +155,7 @@ class GlobalHashingEmbedding(FusedIdMapEmbedding):
 
 
 @dataclass
-class HashingSettings:
+class HashingSettings(QuantizeSettings):
     """Hyperparameters of ``hashing`` (defaults: per-field tables with DLRM's capped allocation; the
     VLDB 2024 artifact's ``hash`` is ``layout: global``, ``hash_function: modulo``)."""
 
@@ -247,10 +247,12 @@ class Hashing(CompressionMethod):
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
+        return table_memory(self.physical_tables(tables, dim, hparams), tables, dim, optimizer)
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
         if hparams.get("layout", "per_field") == "global":
-            return table_memory(global_tables(tables, dim, hparams["global_rows"], hparams["kept"]), tables, dim,
-                                optimizer)
-        return table_memory(physical_tables(tables, dim, hparams["rows"]), tables, dim, optimizer)
+            return global_tables(tables, dim, hparams["global_rows"], hparams["kept"])
+        return physical_tables(tables, dim, hparams["rows"])
 
     def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> FusedIdMapEmbedding:

@@ -24,105 +24,28 @@ Shapes: KJT with F keys, B bags per key -> KeyedTensor (B, F * D).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
-from recbench.methods.blocks.tables import closed_form_table_bytes, physical_tables, skip_bounds_check
+from recbench.methods.blocks.quantized_tables import (LEVELS, QuantizedCollection, row_bytes,  # noqa: F401
+                                                      row_error_bound, table_bytes)  # (row_bytes: re-exported)
+from recbench.methods.blocks.tables import closed_form_table_bytes, physical_tables
 from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
-LEVELS = (32, 16, 8, 4, 2)
-SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per quantized row
-TABLE_ALIGNMENT = 128  # FBGEMM pads each table's storage to a 128-byte cache line
 
-
-def row_bytes(dim: int, bits: int) -> int:
-    """Bytes of one stored row (FBGEMM's unpadded_row_size_in_bytes; CPU row alignment is 1)."""
-    return {32: 4 * dim, 16: 2 * dim, 8: dim + SCALE_BIAS_BYTES, 4: dim // 2 + SCALE_BIAS_BYTES,
-            2: dim // 4 + SCALE_BIAS_BYTES}[int(bits)]
-
-
-def table_bytes(rows: int, dim: int, bits: int) -> int:
-    raw = rows * row_bytes(dim, bits)
-    return -(-raw // TABLE_ALIGNMENT) * TABLE_ALIGNMENT
-
-
-def _sparse_type(bits: int):
-    from fbgemm_gpu.split_embedding_configs import SparseType
-
-    return {32: SparseType.FP32, 16: SparseType.FP16, 8: SparseType.INT8, 4: SparseType.INT4,
-            2: SparseType.INT2}[int(bits)]
-
-
-def quantize_rows(weight: torch.Tensor, bits: int) -> List[torch.Tensor]:
-    """fp32 rows -> [data] (fp32/fp16 as bytes) or [data, fp16 scale+bias] as uint8, FBGEMM layout."""
-    if bits == 32:
-        return [weight.contiguous().view(torch.uint8)]
-    if bits == 16:
-        return [weight.to(torch.float16).contiguous().view(torch.uint8)]
-    fused = torch.ops.fbgemm.FloatToFusedNBitRowwiseQuantizedSBHalf(weight.contiguous(), int(bits))
-    return [fused[:, :-SCALE_BIAS_BYTES], fused[:, -SCALE_BIAS_BYTES:]]
-
-
-def row_error_bound(weight: torch.Tensor, bits: int) -> float:
-    """Stated bound on |dequantized - fp32| per element of one id, max over the table's rows.
-
-    INT-b: half a step (max - min) / (2^b - 1) plus fp16 rounding of scale and bias
-    (2^-10 (range + |min|)); FP16: round-to-nearest, 2^-11 |w|; FP32: exact.
-    """
-    if bits == 32 or weight.numel() == 0:
-        return 0.0
-    if bits == 16:
-        return float(weight.abs().max()) * 2.0 ** -11
-    lo, hi = weight.min(1).values, weight.max(1).values
-    step = (hi - lo) / (2 ** bits - 1)
-    return float((0.5 * step + 2.0 ** -10 * ((hi - lo) + lo.abs())).max())
-
-
-class QuantizedTables(nn.Module):
-    """FBGEMM's n-bit TBE over all fields (per-field precision). forward: KJT -> (B, F * D)."""
+class QuantizedTables(QuantizedCollection):
+    """FBGEMM's n-bit TBE with one table per field (per-field precision). forward: KJT -> (B, F * D)."""
 
     def __init__(self, tables: Sequence[TableSpec], dim: int, bits: Mapping[str, int],
                  weights: Optional[Mapping[str, torch.Tensor]] = None):
-        super().__init__()
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
-
+        super().__init__(physical_tables(tables, dim, {}), bits, weights)
         self.names, self.dim = [t.name for t in tables], int(dim)
-        self.mean = [t.name for t in tables if t.pooling == "mean"]
-        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            embedding_specs=[(t.name, t.num_embeddings, dim, _sparse_type(bits[t.name]), EmbeddingLocation.HOST)
-                             for t in tables],
-            device="cpu", pooling_mode=PoolingMode.SUM, output_dtype=_sparse_type(32))
-        skip_bounds_check(self.tbe)  # ids are checked by the embedding module's guard (base.check_ids)
-        self.tbe.initialize_weights()  # allocates the row storage (FBGEMM defers it)
-        if weights is not None:
-            with torch.no_grad():
-                for t, dest in zip(tables, self.tbe.split_embedding_weights()):
-                    for target, source in zip([x for x in dest if x is not None], quantize_rows(weights[t.name], bits[t.name])):
-                        target.copy_(source)
-
-    def weight_bytes(self) -> int:
-        """Bytes of the stored rows: data, per-row scale/bias and FBGEMM's padding."""
-        return int(self.tbe.weights_host.numel() * self.tbe.weights_host.element_size())
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if features.keys() != self.names:
-            jagged = features.to_dict()
-            features = KeyedJaggedTensor(keys=self.names, values=torch.cat([jagged[k].values() for k in self.names]),
-                                         lengths=torch.cat([jagged[k].lengths() for k in self.names]))
-        out = self.tbe(features.values().to(torch.int64), features.offsets().to(torch.int64))
-        if self.mean:
-            lengths = features.lengths().view(len(self.names), -1).clamp(min=1).to(out.dtype)
-            divisor = torch.stack([lengths[i] if n in self.mean else torch.ones_like(lengths[i])
-                                   for i, n in enumerate(self.names)], dim=1)
-            out = (out.view(out.shape[0], len(self.names), self.dim) / divisor.unsqueeze(2)).reshape(out.shape[0], -1)
-        return KeyedTensor(keys=self.names, length_per_key=[self.dim] * len(self.names), values=out)
 
 
 class PTQEmbedding(FullEmbedding):

@@ -22,7 +22,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods.blocks import hashing_fns
-from recbench.methods.base import CompressionMethod, InfeasibleBudget
+from recbench.methods.base import CompressionMethod, InfeasibleBudget, QuantizeSettings
 from recbench.methods.blocks.budget import kept_bytes, land, largest_integer_within, split_tables, target_bytes
 from recbench.methods.blocks.budget import check_auto
 from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, check_fbgemm_dim, table_memory
@@ -112,7 +112,7 @@ class UnifiedEmbedding(FusedIdMapEmbedding):
 
 
 @dataclass
-class UnifiedSettings:
+class UnifiedSettings(QuantizeSettings):
     """Hyperparameters of ``unified`` (defaults follow the paper, NeurIPS 2023: multi-probe lookups)."""
 
     rows: Any = "auto"  #: rows of the shared table, solved from the budget (only auto is supported)
@@ -150,8 +150,10 @@ class Unified(CompressionMethod):
 
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
-        physical = physical_tables(tables, dim, hparams["rows"], hparams["probes"], hparams["kept"])
-        return table_memory(physical, tables, dim, optimizer)
+        return table_memory(self.physical_tables(tables, dim, hparams), tables, dim, optimizer)
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
+        return physical_tables(tables, dim, hparams["rows"], hparams["probes"], hparams["kept"])
 
     def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> UnifiedEmbedding:

@@ -46,7 +46,9 @@ OPTIONAL_KEYS = {"runtime.distributed": (None, False), "runtime.sharding_types":
                  # (a method whose numbers change with a new key's default bumps its revision)
                  "method.layout": ("per_field",),
                  # pruned tables were always charged at their compact storage before the key existed
-                 "budget.sparse_index": ("compact",)}
+                 "budget.sparse_index": ("compact",),
+                 # a table method alone is its runs before the composition key existed
+                 "method.quantize": ("none",)}
 
 
 def _drop(mapping: Dict[str, Any], dotted: str) -> None:

@@ -10,6 +10,7 @@ References: TorchRec ``FusedEmbeddingBagCollection``; FBGEMM ``SplitTableBatched
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Sequence
@@ -269,6 +270,31 @@ class FusedIdMapEmbedding(EmbeddingModule):
     FusedTables) and assemble the per-field outputs (``combine``, identity by default)."""
 
     fused: nn.Module
+    #: ``method.quantize`` of a composed plan: the deployable tables' storage (``compose_quantized``)
+    quantize: str = "none"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass's ``memory_report`` counts its tables at the composed precision."""
+        super().__init_subclass__(**kwargs)
+        if "memory_report" in cls.__dict__:
+            original = cls.__dict__["memory_report"]
+
+            @functools.wraps(original)
+            def memory_report(self) -> MemoryReport:
+                return self._stored_as_composed(original(self))
+
+            cls.memory_report = memory_report
+
+    def compose_quantized(self, quantize: str) -> None:
+        """Deploy the tables row-wise quantized (``blocks/quantized_tables.py``); training is unchanged."""
+        self.quantize = quantize
+
+    def _stored_as_composed(self, report: MemoryReport) -> MemoryReport:
+        if self.quantize == "none" or f"weights ({self.quantize})" in report.breakdown:  # (applied once)
+            return report
+        from recbench.methods.blocks.quantized_tables import with_quantized_tables
+
+        return with_quantized_tables(report, self.fused.physical, self.quantize)
 
     def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         raise NotImplementedError
@@ -287,15 +313,22 @@ class FusedIdMapEmbedding(EmbeddingModule):
 
     def memory_report(self) -> MemoryReport:
         weights = self.fused.weight_bytes()
-        return MemoryReport(
+        return self._stored_as_composed(MemoryReport(
             inference_bytes=weights,
             training_bytes=weights + self.fused.optimizer_state_bytes(),
             parameters=sum(p.numel() for p in self.fused.fused_parameters()),
             full_bytes=full_embedding_bytes(self.tables, self.dim),
             breakdown={"weights": weights},
-        )
+        ))
 
     def to_inference(self) -> nn.Module:
-        """The same id rewrite over a plain EmbeddingBagCollection with the same weights."""
-        unfused = self.fused.unfused_copy()
-        return copy.deepcopy(self, memo={id(self.fused): unfused}).eval()
+        """The same id rewrite over a plain EmbeddingBagCollection with the same weights, or, composed
+        with ``method.quantize``, over FBGEMM's n-bit tables holding the rows quantized."""
+        if self.quantize == "none":
+            stored = self.fused.unfused_copy()
+        else:
+            from recbench.methods.blocks.quantized_tables import QUANTIZE_BITS, QuantizedCollection
+
+            stored = QuantizedCollection(self.fused.physical, {t.name: QUANTIZE_BITS[self.quantize] for t in self.fused.physical},
+                                         {t.name: self.fused.weight(t.name).detach() for t in self.fused.physical})
+        return copy.deepcopy(self, memo={id(self.fused): stored}).eval()
