@@ -97,6 +97,9 @@ class UnifiedEmbedding(FusedIdMapEmbedding):
         return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths),
                                  stride=features.stride())
 
+    def rewritten_keys(self, field: str) -> List[str]:
+        return [field] if field in self.kept else [probe_key(field, j) for j in range(self.probes)]
+
     def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         blocks = looked_up.to_dict()
         out = []

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 from recbench.checks import check_number
 from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
 from recbench.datasets.storage import PreparedDataset
+from recbench.methods.blocks.collisions import collision_rates
 from recbench.models.common import ModelParamGroups
 from recbench.training import memory_split
 from recbench.training.checkpoint import checkpointable, load_checkpoint, save_checkpoint
@@ -555,6 +556,7 @@ class Trainer:
         }
         metrics.update(train_memory.as_metrics())
         metrics.update(memory_split.as_metrics(train_split))
+        metrics.update(collision_rates(training_embedding))  # id-rewriting table methods: ids sharing a row
         metrics.update(cost)
         return metrics
 

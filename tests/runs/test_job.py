@@ -22,10 +22,11 @@ def test_full_job_logs_the_contract_metrics_and_tags(tmp_path):
     for key in ("val/auc", "test/auc", "test/logloss", "emb/bytes_inference", "emb/bytes_training",
                 "emb/compression_ratio", "train/samples_per_s", "infer/latency_ms", "infer/latency_ms_single",
                 "sys/peak_rss_mb", "emb/bytes_training_weights", "emb/bytes_training_optimizer_state",
-                "emb/bytes_training_buffers", "emb/bytes_training_runtime"):
+                "emb/bytes_training_buffers", "emb/bytes_training_runtime", "emb/collision_rate"):
         assert key in run.metrics, key
     assert run.latest("emb/bytes_training_weights") + run.latest("emb/bytes_training_optimizer_state") \
         == run.latest("emb/bytes_training")  # full: the measured split sums to the closed form
+    assert run.latest("emb/collision_rate") == 0.0  # one row per id
     assert run.latest("emb/compression_ratio") == 1.0
     assert run.latest("emb/closed_form_matches") == 1.0
     # the run's cost: CPU and wall seconds of training + evaluation (sweep_cost reads them)

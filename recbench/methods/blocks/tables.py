@@ -299,6 +299,10 @@ class FusedIdMapEmbedding(EmbeddingModule):
     def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
         raise NotImplementedError
 
+    def rewritten_keys(self, field: str) -> List[str]:
+        """The keys of ``rewrite``'s output that carry ``field``'s ids (one value per id each)."""
+        return [field]
+
     def combine(self, looked_up: KeyedTensor, features: KeyedJaggedTensor) -> KeyedTensor:
         return looked_up
 
