@@ -170,15 +170,7 @@ class FreqPruneEmbedding(FusedIdMapEmbedding):
         return with_values(features, values)
 
     def memory_report(self) -> MemoryReport:
-        weights = self.fused.weight_bytes()
-        remap = self.remap.numel() * self.remap.element_size()
-        return MemoryReport(
-            inference_bytes=weights + remap,
-            training_bytes=weights + remap + self.fused.optimizer_state_bytes(),
-            parameters=sum(p.numel() for p in self.fused.fused_parameters()),
-            full_bytes=full_embedding_bytes(self.tables, self.dim),
-            breakdown={"weights": weights, "remap": remap},
-        )
+        return self.tables_report(remap=self.remap.numel() * self.remap.element_size())
 
 
 # ----------------------------------------------------------------------------- method

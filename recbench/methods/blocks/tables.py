@@ -316,13 +316,19 @@ class FusedIdMapEmbedding(EmbeddingModule):
         return self.fused.fused_parameters()
 
     def memory_report(self) -> MemoryReport:
+        return self.tables_report()
+
+    def tables_report(self, **parts: int) -> MemoryReport:
+        """The tables' measured bytes plus named ``parts`` (e.g. ``remap=``) that the deployable form
+        and the training module both hold; optimizer state while training."""
         weights = self.fused.weight_bytes()
+        extra = sum(parts.values())
         return self._stored_as_composed(MemoryReport(
-            inference_bytes=weights,
-            training_bytes=weights + self.fused.optimizer_state_bytes(),
+            inference_bytes=weights + extra,
+            training_bytes=weights + extra + self.fused.optimizer_state_bytes(),
             parameters=sum(p.numel() for p in self.fused.fused_parameters()),
             full_bytes=full_embedding_bytes(self.tables, self.dim),
-            breakdown={"weights": weights},
+            breakdown={"weights": weights, **parts},
         ))
 
     def to_inference(self) -> nn.Module:
