@@ -191,6 +191,12 @@ def metrics_of(record: Dict[str, Any]) -> Dict[str, float]:
     return metrics
 
 
+def composed_suffix(record: Dict[str, Any]) -> str:
+    """``+int8`` for a run of a method composed with quantized tables (``method.quantize``), else ""."""
+    quantize = (record.get("params") or {}).get("method.quantize", "none")
+    return f"+{quantize}" if quantize not in ("none", None, "") else ""
+
+
 def _is_finished(record: Dict[str, Any]) -> bool:
     return record.get("status") == "finished" and record.get("run_status", "FINISHED") == "FINISHED"
 
@@ -205,7 +211,7 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
     rows = []
     for (protocol, method, ratio, group), runs in groups.items():
         finished = dedupe_seeds([r for r in runs if _is_finished(r)])
-        common = dict(dataset=runs[0].get("dataset", ""), group=group, label=method)
+        common = dict(dataset=runs[0].get("dataset", ""), group=group, label=method + composed_suffix(runs[0]))
         if finished:
             row = Row(protocol, method, ratio, "finished", len(finished), **common)
             metrics = [metrics_of(r) for r in finished]
@@ -244,11 +250,11 @@ def aggregate(records: Iterable[Dict[str, Any]]) -> List[Row]:
 def _label_variants(rows: List[Row]) -> None:
     by_key: Dict[Tuple[str, str, float], List[Row]] = defaultdict(list)
     for row in rows:
-        by_key[(row.protocol, row.method, row.ratio)].append(row)
+        by_key[(row.protocol, row.label, row.ratio)].append(row)
     for variants in by_key.values():
         if len(variants) > 1:
             for row in variants:
-                row.label = f"{row.method} [{row.group[:6] or '?'}]"
+                row.label = f"{row.label} [{row.group[:6] or '?'}]"
 
 
 def welch_p(a: "Row", b: "Row") -> float:

@@ -262,3 +262,18 @@ def test_budgets_read_as_compression_factors_with_their_ratio():
     assert [fmt_budget(r) for r in (1.0, 0.5, 0.3, 0.1, 0.01, 0.001)] == [
         "1x (ratio 1)", "2x (ratio 0.5)", "3.33x (ratio 0.3)", "10x (ratio 0.1)", "100x (ratio 0.01)",
         "1,000x (ratio 0.001)"]
+
+
+def test_a_composed_method_is_its_own_labelled_row_with_training_bytes():
+    plain = [record("hashing", 0.01, s, 0.70, 10.0, **{"emb/bytes_training": 30.0}) for s in range(3)]
+    composed = []
+    for s in range(3):
+        run = record("hashing", 0.01, s, 0.74, 10.0, **{"emb/bytes_training": 120.0})
+        run.update(group_hash="g-hashing-int8", config_hash=f"h-int8-{s}", params={"method.quantize": "int8"})
+        composed.append(run)
+    rows = aggregate(plain + composed)
+    labels = sorted(r.label for r in rows)
+    assert labels == ["hashing", "hashing+int8"]
+    text = markdown(rows)
+    assert "| training bytes |" in text and "hashing+int8" in text
+    assert [r.label for r in rows if r.best] == ["hashing+int8"]
