@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recbench.methods.base import CompressionMethod
+from recbench.methods.base import CompressionMethod, QuantizeSettings
 from recbench.methods.blocks.budget import bisect_continuous, land, split_tables, target_bytes
 from recbench.methods.blocks.per_id import value_fields, with_values
 from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes
@@ -195,7 +195,7 @@ class AdaptEmbedding(FusedIdMapEmbedding):
 
 # ----------------------------------------------------------------------------- method
 @dataclass
-class AdaptSettings:
+class AdaptSettings(QuantizeSettings):
     """Hyperparameters of ``adapt`` (defaults: the VLDB 2024 artifact's ``adapt``)."""
 
     #: share of each field's ids that are frequent (nhigh = n * top_percent): auto = min(0.1, ratio / 2)
@@ -276,8 +276,7 @@ class Adapt(CompressionMethod):
     def memory(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any],
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         fields = hparams["fields"]
-        layout = [PhysicalTable(t.name, sum(fields[t.name]) if t.name in fields else t.num_embeddings, dim, [t.name])
-                  for t in tables]
+        layout = self.physical_tables(tables, dim, hparams)
         parts = closed_form_table_bytes(layout, optimizer)
         ids = sum(t.num_embeddings for t in tables if t.name in fields)
         remap = group_map_bytes(ids) if ids else 0
@@ -288,6 +287,11 @@ class Adapt(CompressionMethod):
             full_bytes=full_embedding_bytes(tables, dim),
             breakdown={"weights": parts["weights"], "remap": remap},
         )
+
+    def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
+        fields = hparams["fields"]
+        return [PhysicalTable(t.name, sum(fields[t.name]) if t.name in fields else t.num_embeddings, dim, [t.name])
+                for t in tables]
 
     def build(self, tables: Sequence[TableSpec], dim: int, plan: Plan,
               optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> AdaptEmbedding:

@@ -104,3 +104,17 @@ def test_the_composition_is_a_config_option_and_alone_keeps_its_config_hash(tmp_
     assert hashed() == hashed("method.quantize=none") != hashed("method.quantize=int8")
     int8 = compose(["method=hashing", "method.quantize=int8"])
     assert int8.method.quantize == "int8"
+
+
+def test_adapt_composed_keeps_its_bitmap_remap_and_quantizes_its_tables(toy_dataset):
+    from recbench.methods.adapt import Adapt
+
+    tables = toy_dataset.spec.tables
+    budget = Budget(compression_ratio=0.5, min_rows_to_compress=1)
+    plan = Adapt(quantize="int8").solve(tables, 8, budget)
+    assert plan.memory.inference_bytes == plan.memory.breakdown["remap"] + plan.memory.breakdown["weights (int8)"]
+    module = Adapt(quantize="int8").build(tables, 8, plan, EmbeddingOptimizer())
+    assert module.memory_report().inference_bytes == plan.memory.inference_bytes
+    deployed = module.to_inference()
+    assert [m.weight_bytes() for m in deployed.modules() if isinstance(m, QuantizedCollection)] \
+        == [plan.memory.breakdown["weights (int8)"]]
