@@ -60,7 +60,9 @@ class DenseInput(nn.Module):
         if self.arch is not None:
             check_dense(dense)
             return self.arch(dense)
-        return self.constant.expand(dense.shape[0], self.embedding_dim)
+        # repeat, not expand: under no_grad an expand of the parameter is a view that requires grad
+        # without a grad_fn, which torch's FlopCounterMode (the final test pass) cannot hook
+        return self.constant.repeat(dense.shape[0], 1)
 
 
 def stack_fields(keyed, num_fields: int, dim: int) -> torch.Tensor:

@@ -55,6 +55,10 @@ class LineFormat:
     ``sparse_sources``, ``checks`` and ``category_keys``.
     """
 
+    #: polars dtype of the parsed dense columns (``parse_chunk`` casts them to it after ``checks``);
+    #: a subclass that keeps decimal values (``recbench.datasets.bars``) sets ``pl.Float64``
+    dense_dtype: pl.DataType = pl.Int64
+
     def __init__(self, name: str, columns: Sequence[str], separator: str, label: str,
                  dense: Sequence[str] = (), categorical: Sequence[str] = (), header: bool = False):
         if len(separator.encode()) != 1:

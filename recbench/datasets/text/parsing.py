@@ -177,7 +177,8 @@ class ParsedChunk:
 
     Attributes:
         rows: (N,) int64 line offsets (0-based, within the chunk) of the valid rows.
-        frame: polars frame of the valid rows: dense columns Int64 (null = missing), the others
+        frame: polars frame of the valid rows: dense columns ``fmt.dense_dtype`` (Int64 unless the
+            format says otherwise; null = missing), the others
             String (null = empty).
         malformed: the first ``MAX_EXAMPLES`` malformed lines of the chunk, in line order.
         malformed_count: number of malformed lines in the chunk.
@@ -267,7 +268,7 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
             text = chunk.data
         frame = None
         only_trailing_cr = b"\r" not in text or text.count(b"\r") == int(trailing_cr[good].sum())
-        if fmt.dense and b" " not in text and only_trailing_cr:
+        if fmt.dense and fmt.dense_dtype == pl.Int64 and b" " not in text and only_trailing_cr:
             try:
                 frame = _read_lines(text, fmt, {**dtypes, **{c: pl.Int64 for c in fmt.dense}})
                 dense_parsed = True
@@ -298,6 +299,6 @@ def parse_chunk(chunk: LineChunk, fmt: LineFormat) -> ParsedChunk:
             frame = frame.filter(pl.Series(~row_bad))
             good = good[~row_bad]
     if fmt.dense and not dense_parsed:
-        frame = frame.with_columns([pl.col(c).cast(pl.Int64) for c in fmt.dense])  # all valid by now
+        frame = frame.with_columns([pl.col(c).cast(fmt.dense_dtype) for c in fmt.dense])  # all valid by now
     found.sort(key=lambda item: item[0])
     return ParsedChunk(good.astype(np.int64), frame, [m for _, m in found[:MAX_EXAMPLES]], count)

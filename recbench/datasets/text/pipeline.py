@@ -66,7 +66,7 @@ class PipelineConfig:
 
     Attributes:
         fmt: the line format.
-        split: ``"dlrm_chunks"`` or ``"random"``.
+        split: ``"dlrm_chunks"``, ``"random"`` or ``"given"`` (three files: train, validation, test).
         split_seed: seed of the ``random`` split.
         num_chunks: chunks of ``dlrm_chunks`` (None: one per source file).
         min_count: train occurrences a key needs to get its own row (>= 1).
@@ -107,6 +107,9 @@ class PipelineConfig:
         if self.split == "random":
             return {"rule": "random", "fractions": [0.8, 0.1, 0.1], "split_seed": int(self.split_seed),
                     "assignment": "rank under a 4-round Feistel/splitmix64 permutation of the data lines"}
+        if self.split == "given":
+            return {"rule": "given", "files": ["train", "validation", "test"],
+                    "assignment": "one source file per split, in that order; rows keep file order"}
         return {"rule": "dlrm_chunks", "chunks": "one per source file" if self.num_chunks is None else int(self.num_chunks),
                 "assignment": "all chunks but the last train; last chunk: first half test, second half validation"}
 
@@ -150,6 +153,9 @@ class TextPipeline:
         for source in self.sources:
             if source.lines < header:
                 raise DatasetError(f"{source.path}: empty file; allowed: a header line {config.fmt.header_line()!r}")
+        if config.split == "given" and len(self.sources) != 3:
+            raise DatasetError(f"split 'given' reads one file per split; allowed: exactly 3 source files in the order "
+                               f"train, validation, test, got {[str(s.path) for s in self.sources]}")
         self.file_lines = [s.lines - header for s in self.sources]
         self.total = int(sum(self.file_lines))
         if self.total == 0:

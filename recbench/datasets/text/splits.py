@@ -1,4 +1,4 @@
-"""Split assignment of data lines: ``dlrm_chunks`` and ``random`` (8:1:1).
+"""Split assignment of data lines: ``dlrm_chunks``, ``random`` (8:1:1) and ``given`` (pre-split files).
 
 Splits are assigned by data-line index in the concatenated sources (header lines excluded,
 malformed lines included), so a skipped malformed line never moves another row between splits,
@@ -13,6 +13,8 @@ and the chunk size never changes the arrays. Rows keep file order inside a split
   pseudo-random permutation of ``[0, L)`` (``keys.FeistelPermutation``, seed ``split_seed``):
   ranks below ``L - 2 * (L // 10)`` train, the next ``L // 10`` validation, the rest test (8:1:1
   exactly, in O(1) memory).
+- ``given``: the split is the file: exactly three source files, in the order train, validation,
+  test (benchmarks distributed pre-split, e.g. BARS's ``Criteo_x1`` and ``Avazu_x4``).
 
 References:
     M. Naumov et al. 2019. Deep Learning Recommendation Model for Personalization and
@@ -29,7 +31,7 @@ import numpy as np
 
 from recbench.datasets.text.keys import FeistelPermutation
 
-SPLIT_RULES = ("dlrm_chunks", "random")
+SPLIT_RULES = ("dlrm_chunks", "random", "given")
 TRAIN, VAL, TEST = 0, 1, 2  # split codes, in storage.SPLITS order
 
 
@@ -39,7 +41,7 @@ class SplitAssigner:
     Args:
         rule: ``"dlrm_chunks"`` or ``"random"`` (see the module docstring).
         total: data lines L in the concatenated sources (malformed included).
-        file_lines: data lines per source file (for ``num_chunks=None``).
+        file_lines: data lines per source file (for ``num_chunks=None`` and ``given``).
         num_chunks: equal chunks for ``dlrm_chunks``; None = one chunk per source file.
         seed: ``split_seed`` of the ``random`` rule.
     """
@@ -56,6 +58,12 @@ class SplitAssigner:
             last = self.total - last_start
             self.test_start = last_start
             self.val_start = last_start + (last + 1) // 2  # np.array_split: the first half takes the extra line
+        elif rule == "given":
+            if len(file_lines) != 3:
+                raise ValueError(f"split 'given' needs exactly 3 source files (train, validation, test), "
+                                 f"got {len(file_lines)}")
+            self.val_start = int(file_lines[0])
+            self.test_start = self.val_start + int(file_lines[1])
         elif rule == "random":
             n_val = n_test = self.total // 10
             self.train_end, self.val_end = self.total - n_val - n_test, self.total - n_test
@@ -67,5 +75,7 @@ class SplitAssigner:
         index = np.asarray(index, dtype=np.int64)
         if self.rule == "dlrm_chunks":
             return np.where(index < self.test_start, TRAIN, np.where(index < self.val_start, TEST, VAL)).astype(np.int8)
+        if self.rule == "given":
+            return np.where(index < self.val_start, TRAIN, np.where(index < self.test_start, VAL, TEST)).astype(np.int8)
         rank = self.permutation(index) if index.size else index
         return np.where(rank < self.train_end, TRAIN, np.where(rank < self.val_end, VAL, TEST)).astype(np.int8)
