@@ -300,8 +300,9 @@ def pareto_front(points: Sequence[Tuple[float, float]]) -> List[bool]:
 
 
 def reference(rows: Sequence[Row], protocol: str) -> Optional[Row]:
-    """The ``full`` row (ratio 1.0) of ``protocol``."""
-    candidates = [r for r in rows if r.protocol == protocol and r.method == REFERENCE_METHOD and r.finished]
+    """The ``full`` row (ratio 1.0) of ``protocol`` (never ``full`` composed with quantized tables)."""
+    candidates = [r for r in rows if r.protocol == protocol and r.method == REFERENCE_METHOD and r.finished
+                  and not r.label.startswith(f"{REFERENCE_METHOD}+")]
     candidates.sort(key=lambda r: (abs(r.ratio - 1.0), -r.seeds))
     return candidates[0] if candidates else None
 

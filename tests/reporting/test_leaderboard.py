@@ -277,3 +277,15 @@ def test_a_composed_method_is_its_own_labelled_row_with_training_bytes():
     text = markdown(rows)
     assert "| training bytes |" in text and "hashing+int8" in text
     assert [r.label for r in rows if r.best] == ["hashing+int8"]
+
+
+def test_full_composed_with_quantized_tables_is_not_the_reference():
+    runs = [record("full", 1.0, s, 0.80, 1000.0) for s in range(2)]
+    for s in range(2):
+        run = record("full", 0.35, s, 0.79, 300.0)
+        run.update(group_hash="g-full-int8", params={"method.quantize": "int8"})
+        runs.append(run)
+    rows = aggregate(runs)
+    composed = by(rows, "full", 0.35)
+    assert composed.label == "full+int8" and composed.delta_auc == pytest.approx(-0.01)
+    assert math.isnan(aggregate(runs[2:])[0].delta_auc)  # no uncomposed full: no reference
