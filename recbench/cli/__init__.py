@@ -8,18 +8,9 @@ from recbench.quiet import quiet_known_warnings as _quiet
 _quiet()
 
 
-def _register_resolvers() -> None:
-    """``${recbench_pid:}``: this process's id, which keeps two launches in one second apart in
-    ``hydra.sweep.dir`` (recbench/conf/config.yaml)."""
-    import os
+from recbench.runs.config import register_resolvers as _register_resolvers
 
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.has_resolver("recbench_pid"):
-        OmegaConf.register_new_resolver("recbench_pid", lambda: str(os.getpid()))
-
-
-_register_resolvers()
+_register_resolvers()  # (also done by recbench.runs.config on import: Hydra's app path composes without it)
 
 
 def refuse(prog: str, message: str) -> int:

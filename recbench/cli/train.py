@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from recbench.gates.settings import override_error
 from recbench.runs.config import (CONFIG_DIR, composition_problem, moved_keys, override_problem,
-                                  register_method_schemas, search_dirs)
+                                  register_method_schemas, register_schema_placeholders, search_dirs)
 
 
 
@@ -43,6 +43,8 @@ def main() -> int:
         return EXIT_USAGE
     if not {"-h", "--help", "--hydra-help"} & set(overrides):
         register_method_schemas(search_dirs(overrides))  # the methods' structured configs (their YAML uses them)
+    else:
+        register_schema_placeholders()  # the help page composes the default config without importing TorchRec
     _hydra_main()
     if FailedJobs.counted:
         failed, total = FailedJobs.counted

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import typing
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,19 +74,40 @@ def method_classes(extra_dirs: Sequence[str] = ()) -> Dict[str, type]:
 
 
 @functools.lru_cache(maxsize=None)
+def register_resolvers() -> None:
+    """``${recbench_pid:}``: this process's id, which keeps two launches in one second apart in
+    ``hydra.sweep.dir`` (recbench/conf/config.yaml); registered when this module is imported, so any
+    composition of recbench's configs can resolve it."""
+    if not OmegaConf.has_resolver("recbench_pid"):
+        OmegaConf.register_new_resolver("recbench_pid", lambda: str(os.getpid()))
+
+
+register_resolvers()
+
+
 def register_method_schemas(extra_dirs: Tuple[str, ...] = ()) -> None:
     """Store each method's structured config in Hydra's ConfigStore (group ``schema/method``): the
     methods of ``recbench/conf/method`` and of the search-path folders ``extra_dirs``.
 
     Called before any config is composed. It imports every method module: the ~7 CPU-seconds of
-    importing TorchRec, which a job pays anyway; ``recbench --help`` skips it (the default method,
-    ``full``, has no settings and no schema)."""
+    importing TorchRec, which a job pays anyway; ``recbench --help`` stores empty placeholders
+    instead (``register_schema_placeholders``)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     for name, method_class in method_classes(extra_dirs).items():
         if dataclasses.fields(method_class.settings_class):
             store.store(group=SCHEMA_GROUP, name=name, node=method_schema(method_class))
+
+
+def register_schema_placeholders() -> None:
+    """Empty ``schema/method`` nodes for every method config, without importing the methods: enough
+    for ``recbench --help`` to compose the default config (its page shows groups, not settings)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name in groups().get("method", []):
+        store.store(group=SCHEMA_GROUP, name=name, node={})
 
 
 #: top-level keys of a job's config that are not config groups (recbench/conf/config.yaml)

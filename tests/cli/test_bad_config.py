@@ -48,7 +48,7 @@ from toy_protocol import toy_cfg
     ("model=dcn_moe model.num_experts=0", ConfigError, "model.num_experts must be an integer >= 1, got 0"),
     ("+trainer.nosuch=1", ConfigError, "unknown setting: .*'nosuch'"),
     ("+budget.nosuch=1", ConfigError, "unknown setting: .*'nosuch'"),
-    ("+method.nosuch=1", ConfigError, "method 'full' has no setting 'nosuch'; allowed: none"),
+    ("+method.nosuch=1", ConfigError, "method 'full' has no setting 'nosuch'; allowed: quantize"),
     ("runtime.sharding_types=[row_wise]", DistributedSetupError, "'row_wise' is not available .*allowed: table_wise"),
     ("runtime.distributed=true", DistributedSetupError, "not part of a process group: run `torchrun"),
 ])
@@ -73,7 +73,7 @@ def test_settings_checked_against_the_data_fail_before_a_run_exists(tmp_path, ov
 
 
 @pytest.mark.parametrize("override, message", [
-    ("method=hashing", "has no setting 'nosuch'; allowed: rows, layout, allocation"),
+    ("method=hashing", "has no setting 'nosuch'; allowed: quantize, rows, layout, allocation"),
     ("method=robe", "has no setting 'nosuch'; allowed: "),
 ])
 def test_unknown_hyperparameter_of_a_method_is_named(tmp_path, override, message):

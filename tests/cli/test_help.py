@@ -90,7 +90,7 @@ def test_recbench_app_help_lists_groups_examples_commands_and_exit_status(monkey
     out = capsys.readouterr().out
     assert "powered by Hydra" not in out and out.startswith("recbench: train and evaluate one")
     assert "recbench method=qr budget.compression_ratio=0.1 seed=1" in out  # an example
-    assert "method: adaembed, alpt" in out and "dataset: avazu, criteo_kaggle" in out  # the groups
+    assert "method: adaembed, adapt, alpt" in out and "dataset: avazu, bars_avazu_x4, bars_criteo_x1, criteo_kaggle" in out  # the groups
     assert "hydra/launcher=joblib" in out
     assert all(f"recbench-{c}" in out for c in ("methods", "sweep", "report", "eval", "data", "bench"))
     assert "Exit status: 0 every job finished" in out and "; 2 a bad argument" in out
