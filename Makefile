@@ -8,7 +8,7 @@ STAMP := $(VENV)/.install-stamp
 export RECBENCH_DATA_ROOT ?= datasets
 PORT ?= 5000
 
-.PHONY: setup setup-cluster data demo test test-portable test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
+.PHONY: setup setup-cluster setup-gpu test-gpu tracking-server tracking-server-stop tracking-server-status data demo test test-portable test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
 
 ## setup: create .venv if missing and install the pinned CPU stack (no CUDA wheels), then self-check
 setup: $(STAMP)
@@ -22,6 +22,45 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 ## setup-cluster: the optional cluster launchers (Ray, submitit/SLURM) on top of the CPU stack (not in CI)
 setup-cluster: setup
 	$(PY) -m pip install --quiet --no-deps -r requirements/cluster.lock
+
+## setup-gpu: the CUDA stack (requirements/gpu.lock: torch 2.13.0 CUDA 13.0, fbgemm-gpu 1.8.0, torchrec 1.8.0)
+# in its own venv GPU_VENV (.venv-gpu), then checks it; for a Linux x86_64 host with an NVIDIA driver
+# and an Ampere-or-newer GPU. Untested on a GPU so far (docs/gpu.md says what runs there)
+GPU_VENV ?= .venv-gpu
+GPU_PY := $(GPU_VENV)/bin/python
+setup-gpu: $(GPU_VENV)/.install-stamp
+$(GPU_VENV)/.install-stamp: requirements/gpu.lock pyproject.toml
+	@test -x $(GPU_PY) || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install --quiet --no-deps -r requirements/gpu.lock
+	$(GPU_PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@$(GPU_PY) -c "import ctypes; ctypes.CDLL('libnvidia-ml.so.1')" 2>/dev/null || { echo "setup-gpu: installed in \
+	$(GPU_VENV), but fbgemm-gpu (CUDA) loads only with the NVIDIA driver (libnvidia-ml.so.1): use a GPU host" >&2; exit 1; }
+	$(GPU_PY) -c "import torch, fbgemm_gpu, torchrec; assert torch.version.cuda, 'torch is not a CUDA build'; \
+	  assert hasattr(torch.ops.fbgemm, 'asynchronous_complete_cumsum'), 'FBGEMM ops not registered'; \
+	  print('recbench GPU install:', torch.__version__, 'CUDA', torch.version.cuda, \
+	        '| GPUs:', torch.cuda.device_count() if torch.cuda.is_available() else 'none visible')"
+	@touch $@
+
+## test-gpu: the CUDA tests (pytest -m gpu, tests/gpu/) in GPU_VENV; they skip, saying why, where no GPU is
+# visible (without the NVIDIA driver setup-gpu already stops, saying so). Not run by CI (`make test`)
+test-gpu: setup-gpu
+	$(GPU_PY) -m pytest -q -m gpu tests/gpu
+
+## tracking-server: an MLflow tracking server over PostgreSQL (Debian's postgresql package) for sweeps
+# over several machines; both on 127.0.0.1 unless MLFLOW_HOST is set (docs/tracking.md). As root,
+# PostgreSQL runs as the system user postgres. Settings: TRACKING_SERVER_DIR (.tracking-server),
+# PG_PORT (5433), MLFLOW_HOST (127.0.0.1), MLFLOW_PORT (5000), MLFLOW_WORKERS (4), MLFLOW_SERVER_OPTS
+tracking-server: setup
+	@$(PY) -c "import psycopg2" 2>/dev/null || $(PY) -m pip install --quiet --no-deps $$(grep '^psycopg2-binary==' requirements/cluster.lock)
+	bash scripts/tracking_server.sh start
+
+## tracking-server-stop: stop the MLflow server and its PostgreSQL (the runs stay in TRACKING_SERVER_DIR)
+tracking-server-stop:
+	bash scripts/tracking_server.sh stop
+
+## tracking-server-status: whether the MLflow server answers and its PostgreSQL runs
+tracking-server-status:
+	bash scripts/tracking_server.sh status
 
 ## data: fetch MovieLens-100K offline (from the recbole 1.2.1 wheel, checksum-verified)
 data: setup

@@ -77,7 +77,7 @@ def check_ids(features: KeyedJaggedTensor, tables: Sequence[TableSpec]) -> None:
         return
     low = torch.stack([part.min() for _, part in checked])
     high = torch.stack([part.max() for _, part in checked])
-    limits = torch.tensor([rows[k] for k, _ in checked], dtype=high.dtype)
+    limits = torch.tensor([rows[k] for k, _ in checked], dtype=high.dtype, device=high.device)
     failing = ((low < 0) | (high >= limits)).nonzero()
     if failing.numel():
         key, part = checked[int(failing[0])]

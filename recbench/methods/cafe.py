@@ -191,7 +191,7 @@ class CafeEmbedding(FusedIdMapEmbedding):
         if scores is None:
             _, scores = self.sketch.lookup(keys)
         levels = self.levels_of(scores)
-        used = torch.arange(self.levels).unsqueeze(0) < levels.unsqueeze(1)
+        used = torch.arange(self.levels, device=levels.device).unsqueeze(0) < levels.unsqueeze(1)
         return self.hashed_rows(keys), used, levels
 
     def table_rows(self, keys: torch.Tensor):
@@ -210,13 +210,13 @@ class CafeEmbedding(FusedIdMapEmbedding):
         compressed = self.is_compressed[fields]
         keys = self.key_offset[fields] + ids
         rows, _ = (self.table_rows(keys[compressed]) if compressed.any()
-                   else (torch.zeros(0, self.levels, dtype=torch.int64), None))
-        per_value = torch.full((ids.numel(), rows.shape[1]), -1, dtype=torch.int64)
+                   else (torch.zeros(0, self.levels, dtype=torch.int64, device=ids.device), None))
+        per_value = torch.full((ids.numel(), rows.shape[1]), -1, dtype=torch.int64, device=ids.device)
         per_value[compressed] = rows
         per_value[~compressed, 0] = ids[~compressed]
         used = per_value >= 0
         lengths = features.lengths().long()
-        bags = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         new_lengths = torch.zeros_like(lengths).index_add_(0, bags, used.sum(1))
         rewritten = KeyedJaggedTensor(keys=features.keys(), values=per_value[used],
                                       lengths=new_lengths.to(features.lengths().dtype), stride=features.stride())

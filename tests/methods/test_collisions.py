@@ -81,4 +81,7 @@ def test_freq_prune_sends_pruned_ids_to_one_row_and_full_has_none():
 
 
 def test_methods_without_a_one_value_per_id_rewrite_report_nothing():
+    from recbench.methods.adaembed import AdaEmbed
+
     assert collision_rates(_build(CAFE(), 0.3)) == {}
+    assert collision_rates(_build(AdaEmbed(), 0.3)) == {}  # no rewrite of its own

@@ -103,7 +103,7 @@ def row_bytes(dim: int, bits: int) -> int:
 
 def read_rows(stream: torch.Tensor, bits: int, dim: int, rows: torch.Tensor) -> torch.Tensor:
     """(U,) row indices -> (U, dim) int64 values of byte-aligned rows of ``dim`` values."""
-    positions = rows.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim, dtype=torch.int64)
+    positions = rows.to(torch.int64).unsqueeze(1) * dim + torch.arange(dim, dtype=torch.int64, device=rows.device)
     return read_bits(stream, bits, positions)
 
 

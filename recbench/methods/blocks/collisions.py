@@ -43,6 +43,8 @@ def id_rows(module, field: str) -> Optional[torch.Tensor]:
     try:
         with torch.no_grad():
             rewritten = module.rewrite(features)
+    except NotImplementedError:  # a table method that looks up without a rewrite of its own (adaembed)
+        return None
     finally:
         module.train(was_training)
     if not isinstance(rewritten, KeyedJaggedTensor):

@@ -37,7 +37,7 @@ def value_layout(features: KeyedJaggedTensor, index: Mapping[str, int], is_mean:
     in the batch and the factor its bag's output gradient reaches it with (1, or 1/len for mean)."""
     batch = features.stride()
     lengths = features.lengths().long()
-    bags = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+    bags = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
     fields = value_fields(features, index)
     scale = torch.where(is_mean[fields], 1.0 / lengths[bags].clamp(min=1).float(), torch.ones(()))
     return fields, bags % max(batch, 1), scale

@@ -34,14 +34,14 @@ from recbench.types import MemoryReport, TableSpec, full_embedding_bytes
 def field_positions(features: KeyedJaggedTensor, index: Mapping[str, int]) -> torch.Tensor:
     """(F_kjt,) int64: the module's field index of each KJT key."""
     try:
-        return torch.tensor([index[k] for k in features.keys()], dtype=torch.int64)
+        return torch.tensor([index[k] for k in features.keys()], dtype=torch.int64, device=features.values().device)
     except KeyError as exc:
         raise KeyError(f"feature {exc.args[0]!r} is not one of the embedding's fields {sorted(index)}") from None
 
 
 def value_fields(features: KeyedJaggedTensor, index: Mapping[str, int]) -> torch.Tensor:
     """(N,) int64: the module's field index of every value of ``features`` (in value order)."""
-    counts = torch.tensor(features.length_per_key(), dtype=torch.int64)
+    counts = torch.tensor(features.length_per_key(), dtype=torch.int64, device=features.values().device)
     return torch.repeat_interleave(field_positions(features, index), counts)
 
 
@@ -66,10 +66,10 @@ class BagPooling:
         positions = field_positions(features, index)
         lengths = features.lengths().long()
         self.num_bags, self.num_fields = lengths.numel(), len(positions)
-        self.bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel()), lengths)
+        self.bag_of_value = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)
         self.divisor = torch.where(mean[positions].repeat_interleave(self.batch), lengths.clamp(min=1), 1)
         order = torch.empty_like(positions)
-        order[positions] = torch.arange(len(positions))
+        order[positions] = torch.arange(len(positions), device=positions.device)
         self.order = order
 
     def __call__(self, per_id: torch.Tensor) -> torch.Tensor:

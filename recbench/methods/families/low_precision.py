@@ -281,7 +281,7 @@ class LowPrecisionEmbedding(PerIdEmbedding):
 
     def read(self, rows: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
         """(U,) global compressed rows and their compressed-field indices -> (U, D) int64 q."""
-        out = torch.empty(rows.numel(), self.dim, dtype=torch.int64)
+        out = torch.empty(rows.numel(), self.dim, dtype=torch.int64, device=rows.device)
         positions, level = self._positions(rows, fields), self.level_of[fields]
         for index, b in enumerate(self.levels):
             members = (level == index).nonzero().flatten()
@@ -388,7 +388,7 @@ class LowPrecisionEmbedding(PerIdEmbedding):
         row_fields = self.fields_of(unique)
         q = self.read(unique, row_fields)
         if self.training and torch.is_grad_enabled():
-            trigger = torch.empty(0, requires_grad=True)
+            trigger = torch.empty(0, requires_grad=True, device=q.device)
             rows = LowPrecisionLookup.apply(trigger, self.step, q, unique, row_fields, self, batch_part.world_size())
         else:
             rows = self.step_of(self.step, unique, row_fields) * q.to(torch.float32)

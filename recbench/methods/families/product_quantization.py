@@ -259,7 +259,7 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         """MGQE: tail rows may use only the first K_tail codewords."""
         if self.is_head is None or self.tail_codewords >= self.codewords:
             return logits
-        banned = (~self.is_head[rows]).view(-1, 1, 1) & (torch.arange(self.codewords) >= self.tail_codewords)
+        banned = (~self.is_head[rows]).view(-1, 1, 1) & (torch.arange(self.codewords, device=rows.device) >= self.tail_codewords)
         return logits.masked_fill(banned, float("-inf"))
 
     def book_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -285,7 +285,7 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
 
     def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         rows_of_ids = self.row_start[self.compressed_index[fields]] + ids
-        part = torch.arange(self.parts)
+        part = torch.arange(self.parts, device=ids.device)
         if not self.training:  # hard mode: the codes of the deployable form
             if self._codes is None:
                 self._codes = self.all_codes()
