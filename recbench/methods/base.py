@@ -26,6 +26,7 @@ from torch import nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recbench.methods.blocks.quantized_tables import QUANTIZE_OPTIONS, quantized_memory, solve_composed
 from recbench.types import (Budget, EmbeddingOptimizer, InfeasibleBudget, MemoryReport, ParamGroup,  # noqa: F401
                             Plan, Stage, TableSpec, under_budget)  # (InfeasibleBudget, ParamGroup: re-exported)
 
@@ -187,8 +188,6 @@ class NoSettings:
     """The settings of a method without hyperparameters."""
 
 
-#: ``method.quantize`` values (a table-backed method's deployable tables stored row-wise quantized)
-QUANTIZE_OPTIONS = ("none", "fp16", "int8", "int4", "int2")
 
 
 @dataclasses.dataclass
@@ -274,8 +273,6 @@ class CompressionMethod(abc.ABC):
         result, with the requested ratio and the ``under_budget`` verdict.
         """
         if getattr(self, "quantize", "none") != "none":  # composed with quantized tables (blocks/quantized_tables.py)
-            from recbench.methods.blocks.quantized_tables import quantized_memory, solve_composed
-
             hparams = solve_composed(self, tables, dim, budget, self.quantize, optimizer)
             memory = quantized_memory(self, tables, dim, hparams, self.quantize, optimizer)
         else:

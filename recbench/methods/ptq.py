@@ -33,9 +33,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recbench.methods.blocks import budget as budget_lib
 from recbench.methods.base import CompressionMethod
 from recbench.methods.full import FullEmbedding
-from recbench.methods.blocks.quantized_tables import (LEVELS, QuantizedCollection, row_bytes,  # noqa: F401
-                                                      row_error_bound, table_bytes)  # (row_bytes: re-exported)
-from recbench.methods.blocks.tables import closed_form_table_bytes, physical_tables
+from recbench.methods.blocks.quantized_tables import (LEVELS, row_bytes, row_error_bound,  # noqa: F401
+                                                      table_bytes)  # (row_bytes: re-exported)
+from recbench.methods.blocks.tables import QuantizedCollection, closed_form_table_bytes, physical_tables
 from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
 

@@ -5,7 +5,8 @@ import torch
 
 from recbench.datasets.batching import make_batch
 from recbench.methods.base import InfeasibleBudget
-from recbench.methods.blocks.quantized_tables import QuantizedCollection, quantized_bytes, row_error_bound
+from recbench.methods.blocks.quantized_tables import quantized_bytes, row_error_bound
+from recbench.methods.blocks.tables import QuantizedCollection
 from recbench.methods.freq_prune import FreqPrune
 from recbench.methods.full import Full
 from recbench.methods.hashing import Hashing

@@ -1,13 +1,12 @@
-"""Row-wise quantized tables on FBGEMM's n-bit table-batched kernel: the deployable form of
-``ptq`` and of any table-backed method composed with ``method.quantize``.
+"""The bytes and the budget solver of row-wise quantized tables (FBGEMM's n-bit table-batched
+kernel): the deployable form of ``ptq`` and of any table-backed method composed with
+``method.quantize``; the kernel's module is ``blocks.tables.QuantizedCollection``. A leaf module:
+``methods.base`` (the composed solve) and ``blocks.tables`` import it.
 
 Each physical table stores its rows at one precision: fp32, fp16, or INT8/INT4/INT2 with FBGEMM's
 row-wise asymmetric quantizer (``FloatToFusedNBitRowwiseQuantizedSBHalf``: a per-row fp16 scale
 (max - min) / (2^b - 1) and fp16 bias = min stored with the row). Bytes per row: 4D, 2D, D + 4,
 D/2 + 4, D/4 + 4; each table padded to a multiple of 128 bytes (FBGEMM's cache-line alignment).
-
-Shapes: KJT with the tables' features as keys, B bags per key -> KeyedTensor (B, sum of the
-features' dims), SUM pooling in the kernel then division for mean-pooled features.
 
 References: Guan et al., "Post-Training 4-bit Quantization on Embedding Tables" (arXiv:1911.02079);
 FBGEMM ``IntNBitTableBatchedEmbeddingBagsCodegen``; TorchRec ``quantize_embeddings`` (the same swap
@@ -16,22 +15,19 @@ of fp32 collections for n-bit ones at deployment).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Sequence
 
 import torch
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods.base import QUANTIZE_OPTIONS
-from recbench.methods.blocks.tables import PhysicalTable, pool_outputs, skip_bounds_check
 from recbench.types import (FP32_BYTES, Budget, EmbeddingOptimizer, InfeasibleBudget, MemoryReport, TableSpec,
                             full_embedding_bytes)
 
 LEVELS = (32, 16, 8, 4, 2)
 SCALE_BIAS_BYTES = 4  # fp16 scale + fp16 bias per quantized row
 TABLE_ALIGNMENT = 128  # FBGEMM pads each table's storage to a 128-byte cache line
-#: ``method.quantize`` values -> bits
-QUANTIZE_BITS = dict(zip(QUANTIZE_OPTIONS, (32, 16, 8, 4, 2)))
+#: ``method.quantize`` values (a table method's deployable tables stored row-wise quantized) -> bits
+QUANTIZE_BITS = {"none": 32, "fp16": 16, "int8": 8, "int4": 4, "int2": 2}
+QUANTIZE_OPTIONS = tuple(QUANTIZE_BITS)
 
 
 def row_bytes(dim: int, bits: int) -> int:
@@ -84,55 +80,13 @@ def row_error_bound(weight: torch.Tensor, bits: int) -> float:
     return float((0.5 * step + 2.0 ** -10 * ((hi - lo) + lo.abs())).max())
 
 
-def quantized_bytes(physical: Sequence[PhysicalTable], bits: int) -> int:
-    """Closed-form bytes of ``physical`` stored at ``bits`` (what ``QuantizedCollection`` holds)."""
+def quantized_bytes(physical: Sequence[Any], bits: int) -> int:
+    """Closed-form bytes of the physical tables (``rows``, ``dim``) stored at ``bits`` (what
+    ``tables.QuantizedCollection`` holds)."""
     return sum(table_bytes(t.rows, t.dim, bits) for t in physical)
 
 
-class QuantizedCollection(nn.Module):
-    """FBGEMM's n-bit TBE over physical tables (a precision per table), looked up by their features.
-
-    forward(KJT with keys covering the tables' features) -> KeyedTensor with one (B, table.dim)
-    block per feature, in the tables' feature order (as ``FusedTables``).
-    """
-
-    def __init__(self, physical: Sequence[PhysicalTable], bits: Mapping[str, int],
-                 weights: Optional[Mapping[str, torch.Tensor]] = None):
-        super().__init__()
-        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
-
-        self.physical = list(physical)
-        self.feature_order = [f for t in self.physical for f in t.features]
-        self.mean_features = [f for t in self.physical if t.pooling == "mean" for f in t.features]
-        self._feature_dims = [t.dim for t in self.physical for _ in t.features]
-        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
-            embedding_specs=[(t.name, t.rows, t.dim, sparse_type(bits[t.name]), EmbeddingLocation.HOST)
-                             for t in self.physical],
-            feature_table_map=[i for i, t in enumerate(self.physical) for _ in t.features],
-            device="cpu", pooling_mode=PoolingMode.SUM, output_dtype=sparse_type(32))
-        skip_bounds_check(self.tbe)  # ids are checked by the embedding module's guard (base.check_ids)
-        self.tbe.initialize_weights()  # allocates the row storage (FBGEMM defers it)
-        if weights is not None:
-            with torch.no_grad():
-                for t, dest in zip(self.physical, self.tbe.split_embedding_weights()):
-                    for target, source in zip([x for x in dest if x is not None], quantize_rows(weights[t.name], bits[t.name])):
-                        target.copy_(source)
-
-    def weight_bytes(self) -> int:
-        """Bytes of the stored rows: data, per-row scale/bias and FBGEMM's padding (measured)."""
-        return int(self.tbe.weights_host.numel() * self.tbe.weights_host.element_size())
-
-    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
-        if features.keys() != self.feature_order:
-            index = {k: i for i, k in enumerate(features.keys())}
-            features = features.permute([index[k] for k in self.feature_order])
-        out = self.tbe(features.values().to(torch.int64), features.offsets().to(torch.int64))
-        keyed = KeyedTensor(keys=self.feature_order, length_per_key=self._feature_dims, values=out)
-        return pool_outputs(keyed, features, self.feature_order, self.mean_features)
-
-
-def fp32_bytes(physical: Sequence[PhysicalTable]) -> int:
+def fp32_bytes(physical: Sequence[Any]) -> int:
     return sum(t.rows * t.dim * FP32_BYTES for t in physical)
 
 
@@ -145,7 +99,7 @@ def quantized_memory(method, tables: Sequence[TableSpec], dim: int, hparams: Map
     return with_quantized_tables(report, method.physical_tables(tables, dim, hparams), quantize)
 
 
-def with_quantized_tables(report: MemoryReport, physical: Sequence[PhysicalTable], quantize: str) -> MemoryReport:
+def with_quantized_tables(report: MemoryReport, physical: Sequence[Any], quantize: str) -> MemoryReport:
     """``report`` (fp32 tables ``physical`` among its inference bytes) with the tables stored as ``quantize``."""
     stored, before = quantized_bytes(physical, QUANTIZE_BITS[quantize]), fp32_bytes(physical)
     breakdown = {k: v for k, v in report.breakdown.items() if k != "weights"}

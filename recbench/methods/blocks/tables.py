@@ -13,7 +13,7 @@ import copy
 import functools
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recbench.methods.base import EmbeddingModule
+from recbench.methods.blocks.quantized_tables import QUANTIZE_BITS, quantize_rows, sparse_type, with_quantized_tables
 from recbench.types import FP32_BYTES, EmbeddingOptimizer, MemoryReport, TableSpec, full_embedding_bytes
 
 _OPTIMIZER_TYPES = {
@@ -224,6 +225,50 @@ class PooledCollection(nn.Module):
         return pool_outputs(self.collection(features), features, self.feature_order, self.mean_features)
 
 
+class QuantizedCollection(nn.Module):
+    """FBGEMM's n-bit TBE over physical tables (a precision per table), looked up by their features.
+
+    forward(KJT with keys covering the tables' features) -> KeyedTensor with one (B, table.dim)
+    block per feature, in the tables' feature order (as ``FusedTables``).
+    """
+
+    def __init__(self, physical: Sequence[PhysicalTable], bits: Mapping[str, int],
+                 weights: Optional[Mapping[str, torch.Tensor]] = None):
+        super().__init__()
+        from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+        from fbgemm_gpu.split_table_batched_embeddings_ops_inference import IntNBitTableBatchedEmbeddingBagsCodegen
+
+        self.physical = list(physical)
+        self.feature_order = [f for t in self.physical for f in t.features]
+        self.mean_features = [f for t in self.physical if t.pooling == "mean" for f in t.features]
+        self._feature_dims = [t.dim for t in self.physical for _ in t.features]
+        self.tbe = IntNBitTableBatchedEmbeddingBagsCodegen(
+            embedding_specs=[(t.name, t.rows, t.dim, sparse_type(bits[t.name]), EmbeddingLocation.HOST)
+                             for t in self.physical],
+            feature_table_map=[i for i, t in enumerate(self.physical) for _ in t.features],
+            device="cpu", pooling_mode=PoolingMode.SUM, output_dtype=sparse_type(32))
+        skip_bounds_check(self.tbe)  # ids are checked by the embedding module's guard (base.check_ids)
+        self.tbe.initialize_weights()  # allocates the row storage (FBGEMM defers it)
+        if weights is not None:
+            with torch.no_grad():
+                for t, dest in zip(self.physical, self.tbe.split_embedding_weights()):
+                    for target, source in zip([x for x in dest if x is not None], quantize_rows(weights[t.name], bits[t.name])):
+                        target.copy_(source)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the stored rows: data, per-row scale/bias and FBGEMM's padding (measured)."""
+        return int(self.tbe.weights_host.numel() * self.tbe.weights_host.element_size())
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        if features.keys() != self.feature_order:
+            index = {k: i for i, k in enumerate(features.keys())}
+            features = features.permute([index[k] for k in self.feature_order])
+        out = self.tbe(features.values().to(torch.int64), features.offsets().to(torch.int64))
+        keyed = KeyedTensor(keys=self.feature_order, length_per_key=self._feature_dims, values=out)
+        return pool_outputs(keyed, features, self.feature_order, self.mean_features)
+
+
+
 def pool_outputs(keyed: KeyedTensor, features, order: Sequence[str], mean_features: Sequence[str]) -> KeyedTensor:
     """Sum-pooled lookups -> the configured pooling, with key blocks in ``order``.
 
@@ -292,8 +337,6 @@ class FusedIdMapEmbedding(EmbeddingModule):
     def _stored_as_composed(self, report: MemoryReport) -> MemoryReport:
         if self.quantize == "none" or f"weights ({self.quantize})" in report.breakdown:  # (applied once)
             return report
-        from recbench.methods.blocks.quantized_tables import with_quantized_tables
-
         return with_quantized_tables(report, self.fused.physical, self.quantize)
 
     def rewrite(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
@@ -337,8 +380,6 @@ class FusedIdMapEmbedding(EmbeddingModule):
         if self.quantize == "none":
             stored = self.fused.unfused_copy()
         else:
-            from recbench.methods.blocks.quantized_tables import QUANTIZE_BITS, QuantizedCollection
-
             stored = QuantizedCollection(self.fused.physical, {t.name: QUANTIZE_BITS[self.quantize] for t in self.fused.physical},
                                          {t.name: self.fused.weight(t.name).detach() for t in self.fused.physical})
         return copy.deepcopy(self, memo={id(self.fused): stored}).eval()
