@@ -4,17 +4,20 @@ One process builds, on the same Criteo-like table set (26 fields, the Criteo Kag
 profile x ``--scale``, Zipf(1.1) ids, dim 16) inside the same DLRM (Criteo Kaggle MLPs,
 bottom 512-256-64-16, top 512-256-1, Adam on the MLPs):
 
-- the reference: one ``nn.EmbeddingBag`` per field with dense gradients, updated by
-  ``torch.optim.Adagrad`` (the way most research code trains embeddings; the same learning rate
-  and eps as recbench's embedding optimizer);
+- the references, one ``nn.EmbeddingBag`` per field: DLRM's own setup (``sparse=True`` bags and
+  ``torch.optim.SGD``), the same with sparse ``torch.optim.Adagrad`` (recbench's embedding learning
+  rate and eps), and dense-gradient bags with ``torch.optim.Adagrad`` (the naive baseline);
 - recbench's ``full`` (FBGEMM fused tables, row-wise Adagrad inside backward) and every other
   method asked for (``--methods``; default the table-backed ones with a target), built at
   ``--ratio`` (a method infeasible there is built at the nearest feasible ratio and flagged).
 
 All models step on the same pre-built batches of ``--batch-size``; rounds interleave the models
 (each round runs ``--steps`` steps of each), the figure per model is its median step time over
-rounds. Figures: reference step time / ``full`` step time (target >= 1.8), and each method's step
-time / ``full``'s (hashing, unified, mixed_dim <= 1.15; qr <= 1.3).
+rounds. Figures: each reference's step time / ``full``'s (vs DLRM's sparse SGD: a speed-up >= 1;
+vs dense gradients: >= 1.8), ``full``'s fraction of the compute floor (the floor: 3 x the model's
+forward FLOPs, counted by torch's FlopCounterMode, / this machine's measured sgemm rate; target
+>= 0.75 at 1 thread), and each method's step time / ``full``'s (hashing, unified, mixed_dim <= 1.15;
+qr <= 1.3).
 
     python benchmarks/train_step.py                      # scale 0.1 (3.4M rows), batch 4096
     python benchmarks/train_step.py --methods all        # every recbench/conf/method/*.yaml (dhe takes ~25x full)
@@ -34,7 +37,8 @@ import torch
 from recbench.runs.config import compose
 
 from recbench.bench import harness
-from recbench.bench.workloads import EmbeddingBagReference, criteo_batches, criteo_like_tables, dlrm, train_step
+from recbench.bench.workloads import (EmbeddingBagReference, criteo_batches, criteo_like_tables, dense_forward_flops,
+                                      dlrm, sgemm_rate, train_step)
 from recbench.runs.settings import instantiate_without
 from recbench.runs.config import CONFIG_DIR
 from recbench.methods.base import InfeasibleBudget
@@ -44,7 +48,14 @@ from recbench.types import Budget, EmbeddingOptimizer
 FALLBACK_RATIOS = (0.75, 0.5, 0.4, 0.3, 0.25, 0.2, 0.1, 0.05, 0.01)
 TARGETS = {"hashing": "<= 1.15", "unified": "<= 1.15", "mixed_dim": "<= 1.15", "qr": "<= 1.3"}
 DEFAULT_METHODS = ("full", "hashing", "unified", "mixed_dim", "qr", "ptq")
-REFERENCE = "embeddingbag_dense"
+#: the references: (name, sparse bags, embedding optimizer, what it is)
+REFERENCES = (("embeddingbag_sparse_sgd", True, "sgd", "nn.EmbeddingBag(sparse=True) + SGD (DLRM's own setup)"),
+              ("embeddingbag_sparse_adagrad", True, "adagrad", "nn.EmbeddingBag(sparse=True) + sparse Adagrad"),
+              ("embeddingbag_dense", False, "adagrad", "nn.EmbeddingBag dense gradients + Adagrad"))
+REFERENCE_NAMES = tuple(r[0] for r in REFERENCES)
+#: the targets of full against each reference (speed-up: reference step / full step)
+REFERENCE_TARGETS = {"embeddingbag_sparse_sgd": ">= 1", "embeddingbag_sparse_adagrad": ">= 1",
+                     "embeddingbag_dense": ">= 1.8"}
 DIM = 16
 
 
@@ -74,15 +85,18 @@ def build_method(name, tables, ratio, model_name):
     raise RuntimeError(f"{name}: no feasible ratio among {candidates}")
 
 
-def build_reference(tables, model_name):
+def build_reference(tables, model_name, sparse: bool, optimizer: str):
+    """A DLRM over ``nn.EmbeddingBag`` tables (``sparse`` gradients or dense), the tables updated by
+    ``optimizer`` (``sgd`` or ``adagrad``) at recbench's embedding learning rate; the MLPs by Adam."""
     torch.manual_seed(0)
-    embedding = EmbeddingBagReference(tables, DIM)
+    embedding = EmbeddingBagReference(tables, DIM, sparse=sparse)
     model = dlrm(embedding, len(tables), DIM, model_name)
     spec = EmbeddingOptimizer()
     table_params = {id(p) for p in embedding.parameters()}
     dense = [p for p in model.parameters() if id(p) not in table_params]
-    return model, {"dense": torch.optim.Adam(dense, lr=DenseOptimizer().learning_rate),
-                   "embedding": torch.optim.Adagrad(embedding.parameters(), lr=spec.learning_rate, eps=spec.eps)}
+    tables_optimizer = (torch.optim.SGD(embedding.parameters(), lr=spec.learning_rate) if optimizer == "sgd"
+                        else torch.optim.Adagrad(embedding.parameters(), lr=spec.learning_rate, eps=spec.eps))
+    return model, {"dense": torch.optim.Adam(dense, lr=DenseOptimizer().learning_rate), "embedding": tables_optimizer}
 
 
 def main(argv=None) -> int:
@@ -110,8 +124,9 @@ def main(argv=None) -> int:
     tables = criteo_like_tables(args.scale)
     batches = criteo_batches(tables, args.batch_size, args.steps)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    models: Dict[str, tuple] = {REFERENCE: build_reference(tables, args.model)}
-    built_ratio: Dict[str, float] = {REFERENCE: 1.0}
+    models: Dict[str, tuple] = {name: build_reference(tables, args.model, sparse, optimizer)
+                                for name, sparse, optimizer, _ in REFERENCES}
+    built_ratio: Dict[str, float] = {name: 1.0 for name in REFERENCE_NAMES}
     for name in names:
         model, optimizers, ratio = build_method(name, tables, args.ratio, args.model)
         models[name], built_ratio[name] = (model, optimizers), ratio
@@ -128,19 +143,28 @@ def main(argv=None) -> int:
         "total_rows": sum(t.num_embeddings for t in tables), "dim": DIM,
         "torch_threads": torch.get_num_threads()})
     full = harness.Side("full (FBGEMM fused, row-wise Adagrad)", per_step["full"], "s/step")
+    for name, _, _, what in REFERENCES:
+        result.add(harness.Figure(
+            f"full_vs_{name}", f"step time of {what} divided by recbench full's (same DLRM, same batches): "
+            "the speed-up of fused tables.", full, harness.Side(what, per_step[name], "s/step"),
+            ratio_of="reference/candidate", target=REFERENCE_TARGETS[name]))
+    # the compute floor: forward + backward ~ 3 x the forward's FLOPs (two matmuls per forward one)
+    flops = 3 * dense_forward_flops(models["full"][0], batches[0])
+    rate = sgemm_rate()
+    floor = flops / rate
+    result.settings.update({"flops_per_step": flops, "sgemm_flop_per_s": rate, "floor_s_per_step": floor})
     result.add(harness.Figure(
-        "full_vs_embeddingbag", "step time of nn.EmbeddingBag tables with dense gradients + torch.optim.Adagrad "
-        "divided by recbench full's (same DLRM, same batches): the speed-up of fused tables.",
-        full, harness.Side("nn.EmbeddingBag dense + Adagrad", per_step[REFERENCE], "s/step"),
-        ratio_of="reference/candidate", target=">= 1.8"))
+        "full_fraction_of_compute_floor", "the compute floor (3 x the model's forward FLOPs / this machine's "
+        "measured sgemm rate) divided by full's step time: 1 = the step costs only its matmuls.",
+        full, harness.Side("compute floor", [floor], "s/step"), ratio_of="reference/candidate", target=">= 0.75"))
     rows = []
     for name in models:
-        flag = "" if name in ("full", REFERENCE) or built_ratio[name] == args.ratio else " (nearest feasible)"
+        flag = "" if name == "full" or name in REFERENCE_NAMES or built_ratio[name] == args.ratio else " (nearest feasible)"
         rows.append({"model": name, "built at ratio": f"{built_ratio[name]:g}{flag}",
                      "median step (ms)": harness.median(per_step[name]) * 1000,
                      "vs full": harness.median(per_step[name]) / harness.median(per_step["full"]),
                      "samples/s": args.batch_size / harness.median(per_step[name])})
-        if name in ("full", REFERENCE):
+        if name == "full" or name in REFERENCE_NAMES:
             continue
         result.add(harness.Figure(
             f"{name}_vs_full", f"{name} (built at ratio {built_ratio[name]:g}{flag}) step time relative to full's.",

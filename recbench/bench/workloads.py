@@ -69,16 +69,17 @@ def criteo_batches(tables: Sequence[TableSpec], batch_size: int, count: int, see
 
 
 class EmbeddingBagReference(nn.Module):
-    """One ``nn.EmbeddingBag`` (sum, dense gradients) per field. forward: KJT -> KeyedTensor (B, F * D).
+    """One ``nn.EmbeddingBag`` (sum) per field. forward: KJT -> KeyedTensor (B, F * D).
 
-    The tables get full dense gradients in backward and are updated by a stock optimizer over
-    ``parameters()``: the straightforward PyTorch baseline recbench's fused tables are compared with.
+    ``sparse=True`` is DLRM's own setup (``dlrm_s_pytorch.py``: ``nn.EmbeddingBag(..., sparse=True)``,
+    updated by a stock optimizer that takes sparse gradients: SGD, or sparse Adagrad); ``sparse=False``
+    gives every table a dense gradient of its whole size (the naive PyTorch baseline).
     """
 
-    def __init__(self, tables: Sequence[TableSpec], dim: int):
+    def __init__(self, tables: Sequence[TableSpec], dim: int, sparse: bool = False):
         super().__init__()
         self.names, self.dim = [t.name for t in tables], int(dim)
-        self.bags = nn.ModuleList(nn.EmbeddingBag(t.num_embeddings, dim, mode="sum", sparse=False) for t in tables)
+        self.bags = nn.ModuleList(nn.EmbeddingBag(t.num_embeddings, dim, mode="sum", sparse=sparse) for t in tables)
         with torch.no_grad():  # DLRM's initialisation (the same as recbench's fused tables)
             for bag, t in zip(self.bags, tables):
                 bound = 1.0 / max(t.num_embeddings, 1) ** 0.5
@@ -114,3 +115,32 @@ def train_step(model: nn.Module, optimizers, batch, loss_fn) -> None:
     loss.backward()
     for opt in optimizers.values():
         opt.step()
+
+
+def dense_forward_flops(model: nn.Module, batch) -> int:
+    """FLOPs of one forward of ``model`` on ``batch`` (dense, kjt, labels), counted by torch's
+    ``FlopCounterMode`` (matmuls and convolutions: the MLPs and interactions; lookups count 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dense, kjt, _ = batch
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(dense, kjt)
+    return int(counter.get_total_flops())
+
+
+def sgemm_rate(size: int = 1024, repeats: int = 20) -> float:
+    """This machine's fp32 matmul rate (FLOP/s) at the current thread count: the median of
+    ``repeats`` (size x size) @ (size x size) products, 2 size^3 FLOPs each (CPU time of one thread
+    when torch runs one; wall time otherwise)."""
+    import time
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    a @ b  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = clock()
+        a @ b
+        samples.append(clock() - start)
+    return 2.0 * size ** 3 / float(np.median(samples))
