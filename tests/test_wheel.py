@@ -96,6 +96,7 @@ def test_the_installed_command_runs_a_job_from_an_empty_folder(venv, tmp_path):
     assert "Paper: Shi, Mudigere" in methods.stdout  # the card header, from the wheel's copy of the card
 
 
+@pytest.mark.slow  # ~15 s; the installed command's job stays in the default suite
 def test_the_installed_python_api_runs_a_job_and_returns_its_model(venv, tmp_path):
     root, _ = venv
     out = subprocess.run([str(root / "venv" / "bin" / "python"), "-c", API], cwd=tmp_path, env=_env(tmp_path),

@@ -188,8 +188,6 @@ class NoSettings:
     """The settings of a method without hyperparameters."""
 
 
-
-
 @dataclasses.dataclass
 class QuantizeSettings:
     """The composition setting of methods whose deployable form is plain tables (``physical_tables``):

@@ -76,6 +76,7 @@ def _writer(uri: str, art: str, worker: int, runs: int) -> int:
     return worker
 
 
+@pytest.mark.slow  # ~32 s; the same guarantee on the PostgreSQL server: tests/tracking/test_postgres_server.py (slow too)
 def test_four_parallel_joblib_writers_lose_no_run_on_one_sqlite_store(tmp_path):
     from joblib import Parallel, delayed
 

@@ -358,6 +358,7 @@ def test_half_written_checkpoints_of_killed_processes_are_removed(tmp_path):
     assert not list(run_dir.glob("*.tmp-*"))
 
 
+@pytest.mark.slow  # ~29 s (a real multirun); a failed job's record: test_failed_job_is_recorded_with_its_reason
 def test_a_failed_job_and_a_multirun_with_a_failed_job_exit_non_zero(tmp_path):
     """Was: ``recbench dataset=synthetic dataset.rows=10`` printed ``status failed`` and exited 0."""
     import subprocess
