@@ -46,9 +46,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recbench.methods.base import CompressionMethod, QuantizeSettings
 from recbench.methods.blocks.budget import bisect_continuous, land, split_tables, target_bytes
 from recbench.methods.blocks.per_id import value_fields, with_values
-from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes
+from recbench.methods.blocks.tables import FusedIdMapEmbedding, FusedTables, PhysicalTable, table_memory
 from recbench.methods.families.product_quantization import HeadIndex, group_map_bytes
-from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
+from recbench.types import Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec
 
 #: the artifact's ``top_percent`` (run_compressed.py) and the cap of ``top_percent: auto``
 ARTIFACT_TOP_PERCENT = 0.1
@@ -277,16 +277,8 @@ class Adapt(CompressionMethod):
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         fields = hparams["fields"]
         layout = self.physical_tables(tables, dim, hparams)
-        parts = closed_form_table_bytes(layout, optimizer)
         ids = sum(t.num_embeddings for t in tables if t.name in fields)
-        remap = group_map_bytes(ids) if ids else 0
-        return MemoryReport(
-            inference_bytes=parts["weights"] + remap,
-            training_bytes=parts["weights"] + remap + parts["optimizer_state"],
-            parameters=sum(p.rows * p.dim for p in layout),
-            full_bytes=full_embedding_bytes(tables, dim),
-            breakdown={"weights": parts["weights"], "remap": remap},
-        )
+        return table_memory(layout, tables, dim, optimizer, remap=group_map_bytes(ids) if ids else 0)
 
     def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
         fields = hparams["fields"]

@@ -41,7 +41,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # (its import loads
 from recbench.methods.base import CompressionMethod, QuantizeSettings
 from recbench.methods.blocks.budget import bisect_continuous, kept_bytes, land, split_tables, target_bytes
 from recbench.methods.blocks.per_id import with_values
-from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, closed_form_table_bytes)
+from recbench.methods.blocks.tables import (FusedIdMapEmbedding, FusedTables, PhysicalTable, table_memory)
 from recbench.methods.mixed_dim import frequency_order
 from recbench.types import FP32_BYTES, Budget, EmbeddingOptimizer, MemoryReport, Plan, TableSpec, full_embedding_bytes
 
@@ -262,15 +262,7 @@ class FreqPrune(CompressionMethod):
                optimizer: EmbeddingOptimizer = EmbeddingOptimizer()) -> MemoryReport:
         fields = plan_fields(tables, hparams["compressed"], self.rule(hparams))
         layout = self.physical_tables(tables, dim, hparams)
-        parts = closed_form_table_bytes(layout, optimizer)
-        remap = REMAP_BYTES * remap_entries(tables, fields)
-        return MemoryReport(
-            inference_bytes=parts["weights"] + remap,
-            training_bytes=parts["weights"] + remap + parts["optimizer_state"],
-            parameters=sum(p.rows * p.dim for p in layout),
-            full_bytes=full_embedding_bytes(tables, dim),
-            breakdown={"weights": parts["weights"], "remap": remap},
-        )
+        return table_memory(layout, tables, dim, optimizer, remap=REMAP_BYTES * remap_entries(tables, fields))
 
     def physical_tables(self, tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]) -> List[PhysicalTable]:
         return physical(tables, dim, plan_fields(tables, hparams["compressed"], self.rule(hparams)))

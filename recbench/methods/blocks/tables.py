@@ -293,15 +293,17 @@ def closed_form_table_bytes(tables: Sequence[PhysicalTable], optimizer: Embeddin
 
 
 def table_memory(physical: Sequence[PhysicalTable], tables: Sequence[TableSpec], dim: int,
-                 optimizer: EmbeddingOptimizer) -> MemoryReport:
-    """Closed-form memory of fused fp32 tables (weights; + optimizer state while training)."""
+                 optimizer: EmbeddingOptimizer, **extra: int) -> MemoryReport:
+    """Closed-form memory of fused fp32 tables (weights; + optimizer state while training) plus named
+    ``extra`` parts (e.g. ``remap=``) held by both forms (the closed form of ``tables_report``)."""
     parts = closed_form_table_bytes(physical, optimizer)
+    held = parts["weights"] + sum(extra.values())
     return MemoryReport(
-        inference_bytes=parts["weights"],
-        training_bytes=parts["weights"] + parts["optimizer_state"],
+        inference_bytes=held,
+        training_bytes=held + parts["optimizer_state"],
         parameters=sum(t.rows * t.dim for t in physical),
         full_bytes=full_embedding_bytes(tables, dim),
-        breakdown={"weights": parts["weights"]},
+        breakdown={"weights": parts["weights"], **extra},
     )
 
 
