@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from test_contract import random_kjt
 
 from recbench.methods.base import InfeasibleBudget
 from recbench.methods.cce import CCE, ClusterHook, kmeans, reassign, split_empty
@@ -44,13 +44,7 @@ def build(tables, ratio=0.1, seed=0, **settings):
 
 
 def kjt(tables, rng, batch=8, max_bag=3):
-    values, lengths = [], []
-    for t in tables:
-        n = rng.integers(0, max_bag + 1, batch) if t.multi_hot else np.ones(batch, dtype=np.int64)
-        lengths.append(n)
-        values.append(rng.integers(0, t.num_embeddings, int(n.sum())))
-    return KeyedJaggedTensor(keys=[t.name for t in tables], values=torch.from_numpy(np.concatenate(values)),
-                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
+    return random_kjt(tables, batch, rng, max_bag)
 
 
 # ---------------------------------------------------------------- independent port of the reference
