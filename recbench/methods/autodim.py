@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recbench.methods.autosrh import RestoreBest, SelectionStep
+from recbench.methods.autosrh import SelectionStep
+from recbench.methods.blocks.restore_best import RestoreBest
 from recbench.methods.base import CompressionMethod, EmbeddingModule, Hook, InfeasibleBudget, ParamGroup
 from recbench.methods.blocks import budget as budget_lib
 from recbench.models.tasks import training_loss

@@ -35,7 +35,6 @@ Shapes: KJT (F keys, B bags) -> per-id (N, D) * alpha (N, D) -> KeyedTensor (B, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -45,6 +44,7 @@ from torch import nn
 
 from recbench.datasets.batching import BatchIterator
 from recbench.methods.base import Hook, ParamGroup
+from recbench.methods.blocks.restore_best import RestoreBest
 from recbench.methods.mixed_dim import frequency_order
 from recbench.methods.families.pruning import (MaskHook, PrunedEmbedding, PruningFamily, PruningSettings,
                                                pruning_stage_result, top_k_mask)
@@ -254,35 +254,6 @@ class AutoSrhEmbedding(PrunedEmbedding):
 
 
 # --------------------------------------------------------------------------------------------- hooks
-class RestoreBest(Hook):
-    """Stages ``warmup`` and ``search`` end on their best validation checkpoint (the trainer's rule:
-    val AUC above the best + ``min_delta``), which Hetu loads for the next stage. After a resume
-    inside such a stage the snapshot is gone and the last weights are used."""
-
-    STAGES = ("warmup", "search")
-
-    def __init__(self):
-        self.best_auc, self.best_state = -math.inf, None
-
-    def on_stage_start(self, context: Any) -> None:
-        self.best_auc, self.best_state = -math.inf, None
-
-    def on_eval_end(self, context: Any, metrics: Mapping[str, float]) -> Optional[bool]:
-        if context.stage.name in self.STAGES and metrics["auc"] > self.best_auc + context.trainer.config.min_delta:
-            self.best_auc = metrics["auc"]
-            self.best_state = {k: v.detach().clone() for k, v in context.model.state_dict().items()}
-        return None
-
-    def on_stage_end(self, context: Any) -> Optional[Mapping[str, Any]]:
-        if context.stage.name not in self.STAGES:
-            return None
-        restored = self.best_state is not None
-        if restored:
-            context.model.load_state_dict(self.best_state)
-        self.best_state = None
-        return {"restored_best": float(restored)}
-
-
 class FrozenDense(Hook):
     """Stage ``search``: only the embedding module's parameters train (Hetu's ``embed`` step holds
     the table's update alone); the model's other parameters get no gradient, so no optimizer moves them."""

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from recbench.methods.autosrh import RestoreBest
+from recbench.methods.blocks.restore_best import RestoreBest
 from recbench.methods.base import Hook
 from recbench.methods.blocks import sparse_storage
 from recbench.methods.blocks.budget import kept_bytes, split_tables
