@@ -21,6 +21,10 @@ Bookkeeping:
   never-started jobs run again, resuming from their checkpoint when one exists);
 - the dataset of each protocol is prepared and its MLflow experiment created once, here, so
   parallel jobs never race on either;
+- the grids run in this process (``launch_in_process``: Hydra's multirun called directly, so the
+  imports, the MLflow store's setup and Hydra's start are paid once per sweep, not once per grid);
+  ``--isolate`` runs each grid in its own ``recbench`` process instead (a job that crashes its
+  process, e.g. inside a native kernel, then cannot end the sweep);
 - parallel jobs (``--jobs N`` > 1: Hydra's joblib launcher) get ``max(1, cores // N)`` torch/OpenMP
   threads each; a failing or infeasible job is recorded and the sweep goes on;
 - each job to run is put to its method's budget solver (``method.solve``, no training): the jobs
@@ -43,11 +47,12 @@ docs/architecture.md ("Sweeps"). The planner is ``recbench.runs.sweep_plan``, th
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from recbench.cli import OneLineParser, refuse
 from recbench.cli.train import tracking_problem
@@ -56,7 +61,33 @@ from recbench.gates.settings import override_error
 from recbench.runs.config import ConfigError, compose, composition_problem, moved_keys, override_problem
 from recbench.tracking.mlflow_tracker import StoreError
 from recbench.runs.sweep_plan import _is_sweep, _search_path_overrides, build_plan, check_plan, presets
-from recbench.runs.sweep_launch import PeriodicExport, hydra_command, run_plan, summary
+from recbench.runs.sweep_launch import (PeriodicExport, hydra_command, job_environment, launch_in_subprocess,
+                                       run_plan, summary)
+
+
+def launch_in_process(arguments: List[str], threads: int) -> int:
+    """One grid's multirun in this process: ``recbench <arguments>`` through its own entry point
+    (``recbench.cli.train.main``: the same checks, Hydra launcher, callbacks and exit status as the
+    command). The thread variables of third-party pools are set as for a new process
+    (``job_environment``: parallel joblib workers inherit them) and this process's BLAS/OpenMP pools
+    are limited to ``threads`` while it runs (``threadpoolctl``); each job sets torch's threads from
+    its ``runtime.num_threads``. Everything is restored afterwards."""
+    from threadpoolctl import threadpool_limits
+
+    from recbench.cli.train import main as recbench_main
+
+    saved_argv, saved_env = sys.argv, dict(os.environ)
+    os.environ.update(job_environment(threads, base={}))
+    sys.argv = ["recbench", *arguments]
+    try:
+        with threadpool_limits(limits=threads):
+            return recbench_main()
+    except SystemExit as exc:  # Hydra exits on a composition error; its message is already printed
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
 
 
 def _job_count(value: str) -> int:
@@ -91,6 +122,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("outputs/sweeps"),
                         help="where the Hydra sweep folders (job logs, outcome.json) go (default outputs/sweeps)")
     parser.add_argument("--dry-run", action="store_true", help="plan and count, launch nothing")
+    parser.add_argument("--isolate", action="store_true",
+                        help="run each grid in its own recbench process (default: in this process, which pays the "
+                             "imports and the store setup once; isolated, a job crashing its process cannot end the sweep)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the pre-launch count of finished jobs and the budget check (launch at once)")
     parser.add_argument("--list", action="store_true", help="list the presets")
@@ -139,7 +173,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     exporting = PeriodicExport(plan.stores, args.export, args.export_every) if args.export else nullcontext()
     with exporting:
-        code, counts = run_plan(plan, jobs, args.root)
+        code, counts = run_plan(plan, jobs, args.root, launch_in_subprocess if args.isolate else launch_in_process)
     print("\n" + summary(plan, counts), flush=True)
     if code:
         print(f"recbench-sweep: the Hydra launcher exited with status {code}", file=sys.stderr)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from recbench.reporting.runs import load_mlflow_runs, save_records
 from recbench.runs.job import usable_cores
@@ -123,8 +123,12 @@ def recbench_command() -> List[str]:
 
 def hydra_command(plan: SweepPlan, grid: Grid, jobs: int, sweep_dir: Path) -> List[str]:
     """The multirun of one grid: the preset, the grid's overrides, the sweep id and each job's thread
-    count as config (both left out of the config hash), the launcher and the sweep folder."""
+    count as config (both left out of the config hash), the launcher and the sweep folder. Jobs the
+    planner composed and checked (``plan.checked``) go through the ``recbench_planned`` sweeper,
+    which does not compose them a second time to validate them."""
     launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    if plan.checked:
+        launcher.append("hydra/sweeper=recbench_planned")
     runtime = [f"sweep_id={plan.sweep_id}"]
     if not any(o.startswith("runtime.num_threads=") for o in grid.overrides):
         runtime.append(f"runtime.num_threads={job_threads(jobs)}")
@@ -180,16 +184,27 @@ class SweepProgress(Ticker):
         self.tick()
 
 
-def run_plan(plan: SweepPlan, jobs: int, root: Path) -> Tuple[int, Counter]:
+#: runs one grid's multirun: (``recbench`` arguments after the program name, the jobs' thread count) -> exit status
+Launch = Callable[[List[str], int], int]
+
+
+def launch_in_subprocess(arguments: List[str], threads: int) -> int:
+    """The multirun in a new ``recbench`` process (``--isolate``: a job that kills its process, e.g. a
+    crash inside a native kernel, cannot take the planner down with it; each grid pays a process
+    start, imports and the MLflow store's setup)."""
+    return subprocess.run([*recbench_command(), *arguments], env=job_environment(threads)).returncode
+
+
+def run_plan(plan: SweepPlan, jobs: int, root: Path, launch: Launch = launch_in_subprocess) -> Tuple[int, Counter]:
+    """Run every grid of ``plan`` through ``launch`` (one Hydra multirun per grid), with progress lines."""
     # one folder per launch, even for two launches of one sweep in the same second
     sweep_dir = Path(root) / plan.sweep_id / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{os.getpid()}"
     code = 0
     with SweepProgress(plan, sweep_dir):
         for grid in plan.grids:
             command = hydra_command(plan, grid, jobs, sweep_dir)
-            env = job_environment(job_threads(jobs, grid.overrides))
             print(f"\n[recbench-sweep] {grid.name}: {len(grid.jobs)} jobs\n  {shlex.join(command)}", flush=True)
-            code = subprocess.run(command, env=env).returncode or code
+            code = launch(command[len(recbench_command()):], job_threads(jobs, grid.overrides)) or code
     return code, count_outcomes(sweep_dir, plan.jobs_total)
 
 

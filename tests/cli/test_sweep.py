@@ -337,6 +337,23 @@ def test_killed_sweep_relaunched_skips_finished_jobs_and_parallel_jobs_lose_no_r
         assert f"closed {len(others)} run(s) left RUNNING by killed processes" in out
 
 
+@pytest.mark.parametrize("isolate", [False, pytest.param(True, marks=pytest.mark.slow)])  # ~40 s each on 2 cores
+def test_grids_run_in_the_planners_process_unless_isolated(toy_sweep, isolate):
+    """Default: both grids (main and the `full` reference) run inside the recbench-sweep process, so
+    imports and the store's setup are paid once; --isolate: one recbench process per grid."""
+    command, env, tmp = toy_sweep
+    done = subprocess.run(command + ["seed=0", "--jobs", "1", *(["--isolate"] if isolate else [])], env=env, cwd=tmp,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    assert _counts(out)["finished"] == 2, out[-2000:]
+    runs = finished_runs(env["MLFLOW_TRACKING_URI"])
+    assert sorted(r.data.tags["method"] for r in runs) == ["full", "hashing"]
+    pids = {r.data.tags["pid"] for r in runs}
+    assert len(pids) == (2 if isolate else 1), pids
+    assert "hydra/sweeper=recbench_planned" in out  # the planner composed the jobs: Hydra does not again
+
+
 def test_options_may_follow_the_preset_and_its_overrides(capsys):
     from recbench.cli.sweep import main
 
