@@ -129,18 +129,15 @@ def dense_forward_flops(model: nn.Module, batch) -> int:
     return int(counter.get_total_flops())
 
 
-def sgemm_rate(size: int = 1024, repeats: int = 20) -> float:
-    """This machine's fp32 matmul rate (FLOP/s) at the current thread count: the median of
-    ``repeats`` (size x size) @ (size x size) products, 2 size^3 FLOPs each (CPU time of one thread
-    when torch runs one; wall time otherwise)."""
-    import time
-
+def sgemm_workload(size: int = 1024, products: int = 8):
+    """``(run, flops)``: ``run()`` computes ``products`` fp32 (size x size) @ (size x size) matrix
+    products (``flops`` = products x 2 size^3), the machine's matmul rate once timed, e.g. in the
+    same interleaved rounds as the workload it is a floor for."""
     a, b = torch.randn(size, size), torch.randn(size, size)
-    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
-    a @ b  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = clock()
-        a @ b
-        samples.append(clock() - start)
-    return 2.0 * size ** 3 / float(np.median(samples))
+    out = torch.empty(size, size)
+
+    def run() -> None:
+        for _ in range(products):
+            torch.mm(a, b, out=out)
+
+    return run, products * 2.0 * size ** 3

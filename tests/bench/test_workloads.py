@@ -3,7 +3,7 @@ import numpy as np
 import torch
 
 from recbench.bench.workloads import (BOTTOM_MLP, NUM_DENSE, TOP_MLP, EmbeddingBagReference, criteo_batches,
-                                      criteo_like_tables, dense_forward_flops, dlrm, sgemm_rate)
+                                      criteo_like_tables, dense_forward_flops, dlrm, sgemm_workload)
 
 
 def test_sparse_reference_gives_sparse_gradients_of_the_looked_up_rows_only():
@@ -31,6 +31,12 @@ def test_forward_flops_equal_the_mlps_and_the_interaction_counted_by_hand():
     assert dense_forward_flops(model, batch) == linear + interaction
 
 
-def test_sgemm_rate_is_a_plausible_cpu_rate():
-    rate = sgemm_rate(size=256, repeats=5)
+def test_sgemm_workload_computes_its_products_at_a_plausible_cpu_rate():
+    import time
+
+    run, flops = sgemm_workload(size=256, products=3)
+    assert flops == 3 * 2 * 256 ** 3
+    start = time.perf_counter()
+    run()
+    rate = flops / (time.perf_counter() - start)
     assert 1e8 < rate < 1e13 and np.isfinite(rate)
