@@ -310,11 +310,12 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
         tracker.set_tags({f"hparam.{k}": v for k, v in flatten(hparams).items()})
 
     seed_everything(int(cfg.seed))
-    embedding = method.build(tables, dim, plan, embedding_optimizer)
+    parallel = distributed.current()
+    with parallel.building():  # distributed: tables on the meta device; wrap allocates this rank's shards
+        embedding = method.build(tables, dim, plan, embedding_optimizer)
     injected = {"gate": instantiate_without(cfg.gate, drop=(), _partial_=True)} if cfg.get("gate") is not None else {}
     model = instantiate_without(cfg.model, embedding=embedding, num_dense=spec.num_dense, num_sparse=len(tables),
                                 **injected)
-    parallel = distributed.current()
     model = parallel.wrap(model, method, cfg.runtime.get("sharding_types"))  # DMP + DDP when distributed
     curves = CurveRecorder(tracker.log_metrics)  # the training loss it passes on, for the learning-curve figure
     trainer = Trainer(settings.trainer, model, method, prepared,
@@ -323,7 +324,8 @@ def _train_and_evaluate(cfg: DictConfig, settings: JobSettings, prepared, tracke
                       log_stage=lambda *stage: _log_stage(tracker, *stage), parallel=parallel,
                       cost_clock=(cpu_start, wall_start))
     result = trainer.fit()
-    model = trainer.deployable_model()  # what the test metrics measured (after a distributed run: unsharded)
+    # what the test metrics measured (distributed: the model gathered on rank 0; the other ranks hold shards)
+    model = trainer.deployable_model() if parallel.is_main else None
     metrics = dict(result.metrics)
     # the trainer's final evaluation measured the memory of the module it evaluated (emb/bytes_inference)
     metrics["emb/closed_form_matches"] = float(metrics["emb/bytes_inference"] == closed_form.inference_bytes)

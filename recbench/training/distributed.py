@@ -10,9 +10,16 @@ process per rank. The trainer loop is unchanged; it talks to a *parallel strateg
   ``FusedEmbeddingBagCollection`` a table-backed method holds (``FusedTables.collection``) and
   whose data-parallel wrapper replicates everything else with DDP (dense MLPs and the modules of
   custom-lookup methods). Evaluation gathers every rank's predictions, so AUC and log loss are the
-  exact global ones; after training the sharded tables are gathered into an unsharded copy of the
-  model (``unshard``) on which the usual final evaluation runs (deployable form, memory report,
-  latency).
+  exact global ones. After training rank 0 alone gathers the tables, shard by shard
+  (``unshard``), and runs the final evaluation on the whole model (deployable form, memory
+  report, latency: ``on_main``) while the other ranks wait; its metrics are every rank's result.
+
+Memory. The job builds the model inside ``building()`` (``tables.tables_on_meta``): table-backed
+methods' ``FusedEmbeddingBagCollection``s are built on the meta device, TorchRec's sharder
+allocates each rank's shards (weights and fused optimizer state) and ``FusedTables.reset_parameters``
+fills them from its seeded per-block initialisation (``tables.seeded_uniform``), which gives one
+process's values. A rank holds its plan's share of the tables (the plan and the bytes per rank are
+logged: ``local_shard_bytes``); rank 0 holds the whole tables again for the final evaluation.
 
 Exactness: the loss of rank r is ``sum_i w_i * bce_i * W / n`` over its rows (n rows in the
 global batch, W ranks). DDP averages dense gradients over ranks and TorchRec divides the pooled
@@ -45,12 +52,16 @@ whole batch, e.g. DSL's regrow gradients). A resumed run replays the
 rebuild chain through the same ``rebuild`` before loading each rank's checkpoint.
 
 Limits: CPU processes with gloo only (the project pins FBGEMM's CPU build; the CUDA/NCCL path
-is not wired: tables are built on CPU and batches stay on CPU); a hook may not swap the
+is not wired: shards are allocated on CPU and batches stay on CPU); a hook may not swap the
 embedding module inside a stage (``ShardedModel`` refuses it; the method's ``rebuild`` between
 stages may), and a ``rebuild`` that reads or rewrites the weights of a table-backed method's
-tables would see them sharded (no method does); every rank builds the whole model before sharding
-and the final evaluation gathers the tables on every rank, so the model must fit one host;
-each rank checkpoints its own shards (``checkpoint.rank<r>-of-<W>.pt``); a killed run resumes
+tables would see them sharded (no method does). Tables a method initialises itself (it reads or
+writes ``FusedTables.weight`` while it is built: QR, CCE, dedup, mixed-dim, CAFE, ADAPT, AdaEmbed)
+are built whole on every rank and copied into the shards (``load_shards``; the wrap logs how many
+collections), and the modules of custom-lookup methods are replicated whole on every rank. The
+final evaluation needs the whole model on rank 0 (one host's memory for the deployable form) and
+takes one process's time there.
+Each rank checkpoints its own shards (``checkpoint.rank<r>-of-<W>.pt``); a killed run resumes
 when every rank's checkpoint is of the same step (same world size), else it restarts.
 
 References: TorchRec ``DistributedModelParallel``, ``EmbeddingShardingPlanner``; PyTorch
@@ -74,9 +85,11 @@ import torch.distributed as dist
 from torch import nn
 
 from recbench.datasets.batching import BatchIterator, RecBatch, make_batch
+from recbench.methods.blocks.tables import FusedTables, tables_on_meta
 from recbench.training.sharding import (DistributedSetupError, LocalShardOptimizer, RankDivergence, ShardedModel,
                                        SparseAwareDataParallel, all_reduce_sparse_gradients, check_sharding_types,
-                                       fingerprint, full_tensor, fused_sharder, load_shards, sparse_parameters)
+                                       fingerprint, fused_sharder, gather_to_main, load_shards, local_shard_bytes,
+                                       sparse_parameters)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +140,14 @@ class SingleProcess:
 
     def unshard(self, model: nn.Module) -> nn.Module:
         return model
+
+    def building(self):
+        """Context of building the model (one process: nothing changes)."""
+        return contextlib.nullcontext()
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run by the main process alone, whose value every process returns."""
+        return fn()
 
     def wrap(self, model: nn.Module, method, sharding_types=None) -> nn.Module:
         return model
@@ -235,10 +256,10 @@ class ProcessGroupParallel(SingleProcess):
         dist.all_gather_object(everyone, [t.detach().cpu() for t in tensors])
         return [torch.cat([parts[i] for parts in everyone]) for i in range(len(tensors))]
 
-    def first(self, fn: Callable[[], Any], wait: timedelta = timedelta(days=1)) -> Any:
-        """Rank 0 runs ``fn`` (e.g. building a dataset cache) while the others wait (up to ``wait``,
-        not the process group's timeout: a first preparation can take hours), then the others run
-        it (reading the cache). A failure on rank 0 is raised on every rank."""
+    def _run_on_main(self, fn: Callable[[], Any], wait: timedelta) -> Any:
+        """Rank 0 runs ``fn`` while the others wait (up to ``wait``, not the process group's timeout:
+        a first preparation or a final evaluation can take hours); its value on rank 0, None
+        elsewhere. A failure on rank 0 is raised on every rank."""
         error, value = None, None
         if self.is_main:
             try:
@@ -251,7 +272,18 @@ class ProcessGroupParallel(SingleProcess):
             raise error
         if failed is not None:
             raise DistributedSetupError(f"rank 0 failed: {failed}")
+        return value
+
+    def first(self, fn: Callable[[], Any], wait: timedelta = timedelta(days=1)) -> Any:
+        """Rank 0 runs ``fn`` (e.g. building a dataset cache) while the others wait, then the others
+        run it (reading the cache). A failure on rank 0 is raised on every rank."""
+        value = self._run_on_main(fn, wait)
         return value if self.is_main else fn()
+
+    def on_main(self, fn: Callable[[], Any], wait: timedelta = timedelta(days=1)) -> Any:
+        """Rank 0 runs ``fn`` (the final evaluation on the model ``unshard`` gathered there) while the
+        others wait; every rank returns rank 0's value. A failure on rank 0 is raised on every rank."""
+        return self.broadcast(self._run_on_main(fn, wait))
 
     def broadcast(self, value: Any) -> Any:
         box = [value]
@@ -259,12 +291,20 @@ class ProcessGroupParallel(SingleProcess):
         return box[0]
 
     # --------------------------------------------------------------- model
+    def building(self):
+        """Context of building the model (and of a ``rebuild``): ``FusedTables`` are built on the
+        meta device, so that ``wrap`` allocates only this rank's shards."""
+        return tables_on_meta()
+
     def wrap(self, model: nn.Module, method, sharding_types=None) -> ShardedModel:
         """Shard ``model``'s fused tables across ranks (planner-chosen) and replicate the rest.
 
-        Collections already sharded (a model re-wrapped by ``rebuild``) are kept as they are, with
-        their shards and fused optimizer state; only plain ``FusedEmbeddingBagCollection``s are
-        planned and sharded."""
+        A collection on the meta device (built inside ``building``) gets its shards from TorchRec's
+        sharder and their values from its ``FusedTables.reset_parameters`` (one process's values,
+        drawn shard by shard); a collection built whole is copied into its shards. Collections
+        already sharded (a model re-wrapped by ``rebuild``) are kept as they are, with their shards
+        and fused optimizer state; only plain ``FusedEmbeddingBagCollection``s are planned and
+        sharded."""
         from torchrec.distributed.model_parallel import DistributedModelParallel
         from torchrec.distributed.planner import EmbeddingShardingPlanner
         from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
@@ -282,19 +322,33 @@ class ProcessGroupParallel(SingleProcess):
             kernel_config=KernelConfig(compute_device=self.device.type))
         planner = EmbeddingShardingPlanner(topology=topology)
         plan = planner.collective_plan(model, [sharder], dist.group.WORLD)
-        initial = {path: {k: v.detach().clone() for k, v in m.state_dict().items()} for path, m in plain.items()}
+        owners = {path: model.get_submodule(path.rpartition(".")[0]) if "." in path else model for path in plain}
+        on_meta = {path for path, m in plain.items() if any(p.device.type == "meta" for p in m.parameters())}
+        for path in on_meta:
+            if not isinstance(owners[path], FusedTables):
+                raise DistributedSetupError(f"{path} is on the meta device but not held by a FusedTables, "
+                                            "which alone can initialise its shards")
+        initial = {path: {k: v.detach().clone() for k, v in m.state_dict().items()}
+                   for path, m in plain.items() if path not in on_meta}
         sparse = sparse_parameters(model)
         dmp = DistributedModelParallel(model, device=self.device, plan=plan, sharders=[sharder],
                                        data_parallel_wrapper=SparseAwareDataParallel(sparse))
-        for path, state in initial.items():  # the sharded kernels start from FBGEMM's own init otherwise
-            sharded = model.get_submodule(path)
-            load_shards(sharded, state)
+        for path in plain:  # the sharded kernels start from FBGEMM's own init otherwise
+            sharded, owner = model.get_submodule(path), owners[path]
+            if path in on_meta:
+                owner.reset_parameters()  # this rank's shards of the seeded initialisation
+            else:
+                load_shards(sharded, initial.pop(path))
             self._collections.append((sharded, configs[path]))
-            owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
             owner.fused_optimizer = lambda sharded=sharded: LocalShardOptimizer(sharded.fused_optimizer)
         self._hooks = all_reduce_sparse_gradients(sparse, self.world_size)
+        held: List[Any] = [None] * self.world_size
+        dist.all_gather_object(held, sum(local_shard_bytes(model.get_submodule(path).state_dict()) for path in plain))
         if self.is_main and plain:
             log.info("sharding plan over %d ranks:\n%s", self.world_size, plan)
+            log.info("table shards per rank (MB): %s; %d of %d collections allocated as shards only, the others "
+                     "built whole and copied (their method initialises them itself)",
+                     ", ".join(f"{b / 2 ** 20:.1f}" for b in held), len(on_meta), len(plain))
         elif self.is_main:
             log.info("sharding plan over %d ranks: (no %stables to shard)", self.world_size,
                      "new " if self._collections else "")
@@ -313,7 +367,8 @@ class ProcessGroupParallel(SingleProcess):
         if not isinstance(model, ShardedModel):
             return super().rebuild(model, fn)
         inner = self._release(model)
-        inner.embedding = fn(inner.embedding)
+        with self.building():  # new tables: this rank's shards only
+            inner.embedding = fn(inner.embedding)
         return self.wrap(inner, None, self._sharding_types)
 
     def _release(self, model: ShardedModel) -> nn.Module:
@@ -342,11 +397,12 @@ class ProcessGroupParallel(SingleProcess):
         return inner
 
     def unshard(self, model: nn.Module) -> nn.Module:
-        """The wrapped model with every sharded collection replaced, in place, by an unsharded
-        ``FusedEmbeddingBagCollection`` holding the whole tables (gathered from their shards on
-        every rank); DMP, DDP and the gradient hooks are dropped. The tables' optimizer state is
-        not carried over (training is over; the new collection allocates its own, so memory
-        reports stay exact)."""
+        """The inner model of ``model`` without DMP, DDP and the gradient hooks; on rank 0, every
+        sharded collection replaced, in place, by an unsharded ``FusedEmbeddingBagCollection``
+        holding the whole tables, received one collection and one shard at a time
+        (``gather_to_main``); the other ranks keep their shards (they only send them). The tables'
+        optimizer state is not carried over (training is over; the new collection allocates its
+        own, so memory reports stay exact)."""
         from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 
         if not isinstance(model, ShardedModel):
@@ -357,16 +413,21 @@ class ProcessGroupParallel(SingleProcess):
             path = where.get(id(sharded))
             if path is None:  # dropped by a rebuild
                 continue
-            state = {key: full_tensor(value) for key, value in sharded.state_dict().items()}
-            plain = FusedEmbeddingBagCollection(tables=configs, optimizer_type=optimizer_type,
-                                                optimizer_kwargs=optimizer_kwargs, device=self.device)
+            plain = None
+            if self.is_main:
+                with torch.random.fork_rng(devices=[]):  # FBGEMM's own init draws; one process draws nothing here
+                    plain = FusedEmbeddingBagCollection(tables=configs, optimizer_type=optimizer_type,
+                                                        optimizer_kwargs=optimizer_kwargs, device=self.device)
+            state = sharded.state_dict()
             with torch.no_grad():
                 for config in configs:
-                    plain.embedding_bags[config.name].weight.copy_(state[f"embedding_bags.{config.name}.weight"])
-            parent, _, attr = path.rpartition(".")
-            owner = inner.get_submodule(parent) if parent else inner
-            setattr(owner, attr, plain)
-            owner.__dict__.pop("fused_optimizer", None)  # back to the class's own fused_optimizer()
+                    gather_to_main(state[f"embedding_bags.{config.name}.weight"],
+                                   plain.embedding_bags[config.name].weight if plain is not None else None)
+            if plain is not None:
+                parent, _, attr = path.rpartition(".")
+                owner = inner.get_submodule(parent) if parent else inner
+                setattr(owner, attr, plain)
+                owner.__dict__.pop("fused_optimizer", None)  # back to the class's own fused_optimizer()
         self._collections = []
         return inner
 

@@ -1,7 +1,7 @@
 """TorchRec sharding on CPU/gloo: which sharding types the planner may choose, the model wrapper
 around ``DistributedModelParallel``, the data-parallel wrapper that keeps row-sparse parameters out
 of DDP (their gradients are all-reduced by hooks), and moving state between whole tensors and this
-rank's shards (checkpoints, the final unsharded model). Used by ``recbench.training.distributed``.
+rank's shards (checkpoints, the final model gathered on rank 0). Used by ``recbench.training.distributed``.
 
 Sharding types (checked against TorchRec 1.8): ``FusedEmbeddingBagCollectionSharder`` offers
 data_parallel, table_wise, column_wise and table_column_wise on CPU (row_wise and
@@ -241,13 +241,34 @@ class LocalShardOptimizer:
         restore(self.optimizer.state_dict(), state)  # in place: the live state tensors are the kernels'
 
 
-def full_tensor(value: Any) -> Any:
-    """A ShardedTensor -> the whole tensor on every rank (each element owned by exactly one rank)."""
-    if not isinstance(value, ShardedTensor):
-        return value
-    full = torch.zeros(value.size(), dtype=value.dtype)
-    for shard in value.local_shards():
-        index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
-        full[index] = shard.tensor.detach().to("cpu", full.dtype)
-    dist.all_reduce(full)
-    return full
+def gather_to_main(value: Any, out: Optional[torch.Tensor]) -> None:
+    """Rank 0 receives every shard of the ShardedTensor ``value`` into ``out`` (the whole tensor,
+    ``None`` on the other ranks), one shard at a time (point-to-point, in the order of the tensor's
+    shard metadata); every other rank sends the shards it holds. No rank holds more than the whole
+    tensor on rank 0 plus one shard in transit."""
+    rank = dist.get_rank()
+    local = {tuple(s.metadata.shard_offsets): s.tensor for s in value.local_shards()}
+    for meta in value.metadata().shards_metadata:
+        owner, offsets = meta.placement.rank(), tuple(meta.shard_offsets)
+        if rank == 0:
+            index = tuple(slice(o, o + s) for o, s in zip(meta.shard_offsets, meta.shard_sizes))
+            if owner == 0:
+                out[index] = local[offsets].detach()
+            else:
+                received = torch.empty(meta.shard_sizes, dtype=out.dtype)
+                dist.recv(received, src=owner)
+                out[index] = received
+        elif owner == rank:
+            dist.send(local[offsets].detach().contiguous(), dst=0)
+
+
+def local_shard_bytes(state: Dict[str, Any]) -> int:
+    """Bytes of the shards this rank holds of every ShardedTensor in a (nested) state dict, e.g. a
+    sharded collection's weights (``state_dict()``) or its fused optimizer's state."""
+    total = 0
+    for value in state.values():
+        if isinstance(value, ShardedTensor):
+            total += sum(s.tensor.numel() * s.tensor.element_size() for s in value.local_shards())
+        elif isinstance(value, dict):
+            total += local_shard_bytes(value)
+    return total

@@ -369,9 +369,18 @@ class Trainer:
             self._save(dict(progress), best_state)
         if last_train_best:
             self.model.load_state_dict(last_train_best)
-        self.model = self.parallel.unshard(self.model)  # distributed: gather the tables for the final evaluation
-        metrics = self._final_metrics()
+        self.model = self.parallel.unshard(self.model)  # distributed: rank 0 gathers the whole tables
+        metrics = self.parallel.on_main(self._final_metrics_alone)
         return TrainResult(metrics, self.stage_results, self.history)
+
+    def _final_metrics_alone(self) -> Dict[str, float]:
+        """``_final_metrics`` computed by this process alone on whole batches (distributed: on rank 0,
+        which holds the whole model after ``unshard``; the other ranks receive its metrics)."""
+        parallel, self.parallel = self.parallel, SingleProcess()
+        try:
+            return self._final_metrics()
+        finally:
+            self.parallel = parallel
 
     def _rebuild(self, result: Dict[str, Any]) -> None:
         """The next stage's module, ``method.rebuild(embedding, result)``, through the process strategy

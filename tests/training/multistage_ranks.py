@@ -2,8 +2,8 @@
 scenario definitions the single-process references use.
 
 Run as ``RANK=r WORLD_SIZE=W MASTER_ADDR=.. MASTER_PORT=.. python multistage_ranks.py DATA_ROOT OUT
-SCENARIO...``: joins the gloo group, trains each scenario through ``ProcessGroupParallel`` (wrap,
-rebuild between stages, unshard) and saves, per scenario, the final metrics, the stage results,
+SCENARIO...``: joins the gloo group, trains each scenario through ``ProcessGroupParallel`` (build
+inside ``building``, wrap, rebuild between stages, unshard) and saves, per scenario, the final metrics, the stage results,
 the validation history, the number of sparse-gradient all-reduces per training step and the error
 raised (if any) to ``OUT`` (``torch.save``).
 """
@@ -125,9 +125,11 @@ def assert_matches_one_process(reports, single, scenario: str, min_stages: int =
                 fingerprint({k: v for k, v in b.items() if k != "seconds"})
 
 
-def run_ranks(data_root: Path, out: Path, scenarios, world_size: int = 2, timeout: float = 600):
-    """Per-rank reports of ``scenarios`` from one ``world_size``-process gloo job (this script, one
-    subprocess per rank); a rank that fails fails the caller with its log."""
+def run_ranks(data_root: Optional[Path], out: Path, scenarios, world_size: int = 2, timeout: float = 600,
+              script: Path = Path(__file__)):
+    """Per-rank reports of ``scenarios`` from one ``world_size``-process gloo job (``script``, this
+    one by default, run as ``script [data_root] out scenario...``, one subprocess per rank); a rank
+    that fails fails the caller with its log."""
     import os
     import subprocess
 
@@ -135,7 +137,8 @@ def run_ranks(data_root: Path, out: Path, scenarios, world_size: int = 2, timeou
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(world_size),
                OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(repo / "tests"), str(repo), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, str(data_root), str(out / f"rank{r}.pt"), *scenarios],
+    root = [str(data_root)] if data_root is not None else []
+    procs = [subprocess.Popen([sys.executable, str(script), *root, str(out / f"rank{r}.pt"), *scenarios],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world_size)]
@@ -196,9 +199,12 @@ def train(scenario: str, dataset, parallel=None, checkpoint: Optional[Path] = No
     if crash is not None:
         hooks = method.hooks()
         method.hooks = lambda: [*hooks, crash]
-    model = model_of(method, dataset)
-    if parallel is not None:
+    if parallel is not None:  # as the job builds it: fused tables on the meta device, each rank fills its shards
+        with parallel.building():
+            model = model_of(method, dataset)
         model = parallel.wrap(model, method)
+    else:
+        model = model_of(method, dataset)
     config = dataclasses.replace(CONFIG, max_steps=MAX_STEPS.get(scenario, CONFIG.max_steps))
     config = dataclasses.replace(config, checkpoint_every_steps=2) if checkpoint else config
     trainer = Trainer(config, model, method, dataset, DenseOptimizer(), EMB, parallel=parallel,

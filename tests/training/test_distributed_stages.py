@@ -5,8 +5,9 @@ Two gloo processes (``multistage_ranks.py``, one subprocess per rank) train Auto
 the rebuild keeps the module), OptEmbed (custom lookup, per-sample random dims, a search stage
 scoring validation AUC, the rebuild returns a new module), PEP (a regulariser summed over the
 batch's lookups), DSL (one stage; its hook regrows from the batch's gradients) and a two-stage
-table-backed method (sharded tables survive the rebuild with their fused optimizer state) and
-are compared with one process: the same tolerance
+table-backed method (tables built on the meta device, each rank filling its shards; they survive
+the rebuild with their fused optimizer state; also killed and resumed) and are compared with one
+process: the same tolerance
 as ``test_distributed.py`` (|delta| <= 1e-4 on AUC and log loss, <= 1e-5 on logged losses). Every
 rank must end with identical stage results; a hook whose result differs between ranks must raise
 ``RankDivergence`` on every rank; each sparse parameter's gradient is all-reduced once per step.
@@ -22,7 +23,8 @@ import multistage_ranks
 from recbench.training import distributed
 from recbench.training.sharding import fingerprint, sparse_parameters
 
-SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "resumed_optembed", "diverging")
+SCENARIOS = ("autosrh", "optembed", "pep", "dsl", "two_stage_full", "resumed_optembed", "resumed_two_stage_full",
+             "diverging")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,18 @@ def test_a_run_stopped_in_its_last_stage_resumes_through_the_rebuild_chain(two_r
             assert resumed["metrics"][key] == pytest.approx(uninterrupted["metrics"][key], abs=1e-6), key
         assert [h["step"] for h in resumed["history"]] == [h["step"] for h in uninterrupted["history"]]
         assert fingerprint(resumed["stage_results"][1]["keep"]) == fingerprint(uninterrupted["stage_results"][1]["keep"])
+
+
+def test_killed_run_of_meta_built_sharded_tables_resumes_to_one_process_result(two_ranks, toy_dataset):
+    """Two-stage ``full`` (tables built on the meta device, each rank filling its shards) stopped at
+    step 5 of its last stage: every rank resumes its shards and fused optimizer state from its own
+    checkpoint (step 4) and the run ends where one uninterrupted process ends."""
+    reports = [r["resumed_two_stage_full"] for r in two_ranks]
+    for report in reports:
+        assert report["error"] is None, report.get("traceback")
+        assert report["resumed_from"]["stage_index"] == 1 and report["resumed_from"]["stage_step"] == 4
+    _, single = multistage_ranks.train("two_stage_full", toy_dataset)
+    multistage_ranks.assert_matches_one_process(reports, single, "resumed_two_stage_full", min_stages=2)
 
 
 def test_sparse_gradients_are_averaged_once_per_step_after_a_rebuild(two_ranks, toy_dataset):

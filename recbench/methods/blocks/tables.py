@@ -5,15 +5,22 @@ optimizer (SGD, Adagrad or row-wise Adagrad on CPU) runs inside FBGEMM's backwar
 gradient of a table is ever materialised. Methods that transform ids (hashing, QR, unified, ...)
 wrap it: they rewrite the KeyedJaggedTensor, look up, and combine.
 
+Initialisation is seeded per block of rows (``seeded_uniform``), so any part of a table can be
+drawn without the rest: a distributed run builds its tables on the meta device (``tables_on_meta``)
+and every rank fills only the shards TorchRec allocates for it, with the values one process draws.
+
 References: TorchRec ``FusedEmbeddingBagCollection``; FBGEMM ``SplitTableBatchedEmbeddingBagsCodegen``.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import functools
+import hashlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -88,11 +95,82 @@ def check_fbgemm_dim(dim: int, where: str) -> None:
         raise ValueError(f"{where}: FBGEMM tables need an embedding dim that is a positive multiple of 4, got {dim}")
 
 
+#: rows per block of the seeded table initialisation (``seeded_uniform``)
+INIT_BLOCK_ROWS = 2 ** 16
+
+_ON_META: contextvars.ContextVar = contextvars.ContextVar("recbench_tables_on_meta", default=False)
+
+
+@contextlib.contextmanager
+def tables_on_meta() -> Iterator[None]:
+    """``FusedTables`` built inside hold their collection on the meta device (no table memory):
+    a distributed run builds its model so, and TorchRec's sharder allocates each rank's shards,
+    which ``FusedTables.reset_parameters`` then fills (``recbench.training.distributed``)."""
+    token = _ON_META.set(True)
+    try:
+        yield
+    finally:
+        _ON_META.reset(token)
+
+
+def block_seed(seed: int, table: str, block: int) -> int:
+    """The generator seed of rows ``[block * INIT_BLOCK_ROWS, (block + 1) * INIT_BLOCK_ROWS)`` of ``table``."""
+    digest = hashlib.sha256(f"{int(seed)}/{table}/{int(block)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def seeded_uniform(out: torch.Tensor, seed: int, table: str, rows: int, dim: int, bound: float,
+                   row0: int = 0, col0: int = 0) -> None:
+    """Fill ``out`` (R, C), the part ``[row0:row0+R, col0:col0+C]`` of table ``table`` (``rows`` x
+    ``dim``), with the table's Uniform(-bound, bound) initialisation.
+
+    The table is drawn in blocks of ``INIT_BLOCK_ROWS`` rows, block k (all ``dim`` columns, row-major)
+    from its own ``torch.Generator`` seeded by ``block_seed(seed, table, k)``: a part is computed from
+    the blocks it overlaps only, and every split of a table into parts (one process, row-wise or
+    column-wise shards) yields the same values. Extra memory: one block (a part narrower than the
+    table draws its blocks whole and keeps its columns). Values are ``(2u - 1) * bound`` from
+    ``u`` ~ U[0, 1): ``2u - 1`` is exact and the product one rounding, so they do not depend on the
+    CPU's SIMD level (``uniform_(-bound, bound)`` differs in the last bit between AVX2 and the
+    default dispatch, measured).
+    """
+    count, width = out.shape
+    if count == 0 or width == 0:
+        return
+    generator = torch.Generator()
+    for block in range(row0 // INIT_BLOCK_ROWS, (row0 + count - 1) // INIT_BLOCK_ROWS + 1):
+        start = block * INIT_BLOCK_ROWS
+        size = min(INIT_BLOCK_ROWS, rows - start)
+        lo, hi = max(row0, start), min(row0 + count, start + size)
+        generator.manual_seed(block_seed(seed, table, block))
+        target = out[lo - row0:hi - row0]
+        whole = lo == start and hi == start + size and width == dim and target.is_contiguous()
+        drawn = target if whole else torch.empty(size, dim, dtype=out.dtype)  # a whole block is drawn in place
+        drawn.uniform_(0.0, 1.0, generator=generator).mul_(2.0).sub_(1.0).mul_(bound)
+        if not whole:
+            target.copy_(drawn[lo - start:hi - start, col0:col0 + width])
+
+
 class FusedTables(nn.Module):
     """A FusedEmbeddingBagCollection over physical tables.
 
     forward(features: KeyedJaggedTensor with keys covering every table's features)
         -> KeyedTensor with one (B, table.dim) block per feature, in config order.
+
+    Initialisation (``seed_init``): the DLRM one, Uniform(-1/sqrt(rows), 1/sqrt(rows)), drawn by
+    ``seeded_uniform`` from ``init_seed``, one int64 that the constructor draws from torch's global
+    RNG (seeded by the job before it builds the method, so no seed is passed through the methods'
+    constructors): the tables are a function of the run's seed and of the build order, and each
+    block of rows has its own generator, so a rank draws its shards alone and gets one process's
+    values (one process draws the same blocks). These values are not those of one whole-table
+    draw from the global RNG: runs recorded with such an initialisation are not reproduced bit for
+    bit (the reference leaderboards are re-run with this one).
+
+    Built inside ``tables_on_meta`` (a distributed run) with ``seed_init``, the collection is on the
+    meta device: ``recbench.training.distributed`` shards it and ``reset_parameters`` fills the
+    shards. A method that reads or writes the weights before sharding (``weight``: its own
+    initialisation) gets whole tables at that moment (``materialise``), initialised as in one
+    process; such tables are copied into the shards (``seed_init=False`` tables are always built
+    whole: their owner writes them).
     """
 
     def __init__(self, tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer, seed_init: bool = True):
@@ -104,30 +182,68 @@ class FusedTables(nn.Module):
         self.feature_order = [f for t in self.physical for f in t.features]
         self.mean_features = [f for t in self.physical if t.pooling == "mean" for f in t.features]
         self._feature_dims = [t.dim for t in self.physical for _ in t.features]
-        kwargs = {"lr": optimizer.learning_rate}
-        if optimizer.kind != "sgd":
-            kwargs["eps"] = optimizer.eps
-        self.collection = FusedEmbeddingBagCollection(
-            tables=[t.config() for t in tables],
-            optimizer_type=_OPTIMIZER_TYPES[optimizer.kind],
-            optimizer_kwargs=kwargs,
-            device=torch.device("cpu"),
-        )
-        for lookup in self.collection._emb_modules:  # TorchRec's wrapper around one FBGEMM TBE
-            skip_bounds_check(lookup._emb_module)
-        if seed_init:
+        self.init_seed = int(torch.randint(0, 2 ** 62, (1,), dtype=torch.int64))
+        on_meta = seed_init and _ON_META.get()
+        self.collection = self._build(torch.device("meta" if on_meta else "cpu"))
+        if seed_init and not on_meta:
             self.reset_parameters()
 
+    def _build(self, device: torch.device) -> FusedEmbeddingBagCollection:
+        """The collection on ``device``. FBGEMM's own initialisation of a CPU collection draws from
+        torch's global RNG, a meta one does not: the RNG state is restored after the build, so the
+        draws that follow (dense layers, other modules) are the same either way."""
+        kwargs = {"lr": self.optimizer_spec.learning_rate}
+        if self.optimizer_spec.kind != "sgd":
+            kwargs["eps"] = self.optimizer_spec.eps
+        with torch.random.fork_rng(devices=[]):
+            collection = FusedEmbeddingBagCollection(
+                tables=[t.config() for t in self.physical],
+                optimizer_type=_OPTIMIZER_TYPES[self.optimizer_spec.kind],
+                optimizer_kwargs=kwargs,
+                device=device,
+            )
+        for lookup in collection._emb_modules:  # TorchRec's wrapper around one FBGEMM TBE
+            skip_bounds_check(lookup._emb_module)
+        return collection
+
+    @property
+    def on_meta(self) -> bool:
+        """The collection is unallocated (built inside ``tables_on_meta`` and not sharded yet)."""
+        return any(p.device.type == "meta" for p in self.collection.parameters())
+
+    def materialise(self) -> None:
+        """Replace a meta collection by whole tables on CPU, initialised as in one process."""
+        if self.on_meta:
+            self.collection = self._build(torch.device("cpu"))
+            self.reset_parameters()
+
+    def local_parts(self, table_name: str) -> List[Tuple[int, int, torch.Tensor]]:
+        """(first row, first column, tensor) of every part of ``table_name`` this process holds: the
+        whole table, or, sharded by TorchRec, this rank's local shards (none when another rank holds
+        it)."""
+        from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+        if isinstance(self.collection, FusedEmbeddingBagCollection):
+            return [(0, 0, self.weight(table_name))]
+        weight = self.collection.state_dict()[f"embedding_bags.{table_name}.weight"]
+        if not isinstance(weight, ShardedTensor):
+            raise RuntimeError(f"table {table_name!r} is held by an unexpected {type(self.collection).__name__}")
+        return [(int(s.metadata.shard_offsets[0]), int(s.metadata.shard_offsets[1]), s.tensor)
+                for s in weight.local_shards()]
+
     def reset_parameters(self) -> None:
-        """Uniform(-1/sqrt(rows), 1/sqrt(rows)) from torch's global RNG (seeded by the trainer),
-        the DLRM initialisation; FBGEMM's own init does not follow torch's seed."""
+        """Uniform(-1/sqrt(rows), 1/sqrt(rows)), the DLRM initialisation, in every part of every table
+        this process holds (``seeded_uniform`` from ``init_seed``); FBGEMM's own init does not
+        follow torch's seed."""
         with torch.no_grad():
             for t in self.physical:
-                w = self.weight(t.name)
                 bound = 1.0 / max(t.rows, 1) ** 0.5
-                w.copy_(torch.empty_like(w).uniform_(-bound, bound))
+                for row0, col0, part in self.local_parts(t.name):
+                    seeded_uniform(part, self.init_seed, t.name, t.rows, t.dim, bound, row0, col0)
 
     def weight(self, table_name: str) -> torch.Tensor:
+        """The whole (rows, dim) weight of an unsharded collection (materialised first if on meta)."""
+        self.materialise()
         return self.collection.embedding_bags[table_name].weight
 
     def forward(self, features):
@@ -166,7 +282,8 @@ class FusedTables(nn.Module):
 
     # ---- memory, measured from the tensors held ----
     def weight_bytes(self) -> int:
-        return sum(self.weight(t.name).numel() * self.weight(t.name).element_size() for t in self.physical)
+        return sum(w.numel() * w.element_size() for w in (self.collection.embedding_bags[t.name].weight
+                                                          for t in self.physical))
 
     def optimizer_state_bytes(self) -> int:
         total = 0
@@ -193,23 +310,14 @@ def column_slices(fused: nn.Module, table: str, rows: int, owner: str) -> List[t
     Row writes (re-initialisations, copies between rows) act on each column independently, so a
     method that applies the same writes to every slice on every rank leaves the sharded table as
     one process would. ``owner`` names the method in errors."""
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     if not isinstance(fused, FusedTables):  # the deployable copy's plain collection
         return [fused.collection.embedding_bags[table].weight]
-    collection = fused.collection
-    if isinstance(collection, FusedEmbeddingBagCollection):
-        return [fused.weight(table)]
-    weight = collection.state_dict()[f"embedding_bags.{table}.weight"]
-    if not isinstance(weight, ShardedTensor):
-        raise RuntimeError(f"{owner}: table {table!r} is held by an unexpected {type(collection).__name__}")
     slices = []
-    for shard in weight.local_shards():
-        if shard.metadata.shard_offsets[0] != 0 or shard.metadata.shard_sizes[0] != rows:
-            raise RuntimeError(f"{owner}: a shard of table {table!r} holds rows {shard.metadata.shard_offsets[0]}.."
-                               f"{shard.metadata.shard_offsets[0] + shard.metadata.shard_sizes[0]} of {rows}; "
-                               "row writes need whole rows (table-wise or column-wise sharding)")
-        slices.append(shard.tensor)
+    for row0, _, part in fused.local_parts(table):
+        if row0 != 0 or part.shape[0] != rows:
+            raise RuntimeError(f"{owner}: a shard of table {table!r} holds rows {row0}..{row0 + part.shape[0]} of "
+                               f"{rows}; row writes need whole rows (table-wise or column-wise sharding)")
+        slices.append(part)
     return slices
 
 
