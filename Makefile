@@ -8,7 +8,7 @@ STAMP := $(VENV)/.install-stamp
 export RECBENCH_DATA_ROOT ?= datasets
 PORT ?= 5000
 
-.PHONY: setup setup-cluster setup-gpu test-gpu tracking-server tracking-server-stop tracking-server-status data demo test test-portable test-slow dashboard report bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
+.PHONY: setup setup-cluster setup-gpu test-gpu tracking-server tracking-server-stop tracking-server-status data demo test test-portable test-slow dashboard report claims bench clean-runs sweep-smoke sweep-movielens100k sweep-synthetic
 
 ## setup: create .venv if missing and install the pinned CPU stack (no CUDA wheels), then self-check
 setup: $(STAMP)
@@ -119,6 +119,12 @@ dashboard: setup
 ## report: leaderboards (md, csv, self-contained html, png) under reports/<dataset>/ from the MLflow store
 report: setup
 	$(BIN)/recbench-report $(ARGS)
+
+## claims: reports/claims.md, the seed papers' headline claims against recbench's runs (verdicts by fixed rules);
+# from the committed reference records, or CLAIMS_FROM="--tracking-uri sqlite:///mlflow.db" for a store
+CLAIMS_FROM ?= --records reports/reference/movielens100k/runs.json reports/reference/synthetic/runs.json
+claims: setup
+	$(PY) -m recbench.reporting.claims $(CLAIMS_FROM) --out reports/claims.md
 
 ## bench: the performance harness
 bench: setup
