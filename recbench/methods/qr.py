@@ -199,6 +199,11 @@ class _QRForward(nn.Module):
         return pooled
 
 
+def _only(bounds: Mapping[str, float], physical: Sequence[PhysicalTable]) -> Dict[str, float]:
+    names = {p.name for p in physical}
+    return {name: b for name, b in bounds.items() if name in names}
+
+
 def physical_tables(tables: Sequence[TableSpec], dim: int, hparams: Mapping[str, Any]):
     """(pooled, per_id) physical tables of the solved configuration."""
     operation, k = hparams["operation"], int(hparams["partitions"])
@@ -226,42 +231,39 @@ class QREmbedding(EmbeddingModule):
         super().__init__(tables, dim)
         self.hparams = dict(hparams)
         pooled, per_id = physical_tables(tables, dim, hparams)
-        self.pooled = FusedTables(pooled, optimizer) if pooled else None
-        self.per_id = FusedTables(per_id, optimizer, seed_init=False) if per_id else None
-        self._init_partitions()
+        bounds = self._init_bounds()  # drawn by the tables themselves: a distributed rank draws only its shards
+        self.pooled = FusedTables(pooled, optimizer, bounds=_only(bounds, pooled)) if pooled else None
+        self.per_id = FusedTables(per_id, optimizer, bounds=_only(bounds, per_id)) if per_id else None
         self.core = _QRForward(tables, dim, hparams, self.pooled, self.per_id)
 
     def _collections(self) -> List[FusedTables]:
         return [c for c in (self.pooled, self.per_id) if c is not None]
 
-    def _init_partitions(self) -> None:
-        """``uniform_largest_field`` (Hetu's trainer default): every table of the layer, partition or
-        plain, uniform(-b, b) with b = 1/sqrt(max_f n_f). ``variance_preserving``: partition tables
-        uniform(-b, b) with b chosen so the composed vector of an id has the variance of the plain
-        table's init, uniform(+-1/sqrt(n)), i.e. 1 / (3 n) per coordinate; plain tables keep
-        uniform(+-1/sqrt(n))."""
+    def _init_bounds(self) -> Dict[str, float]:
+        """The init bound b of each physical table, drawn U(-b, b). ``uniform_largest_field`` (Hetu's
+        trainer default): every table of the layer, partition or plain, b = 1/sqrt(max_f n_f).
+        ``variance_preserving``: partition tables get the b for which the composed vector of an id has
+        the variance of the plain table's init, uniform(+-1/sqrt(n)), i.e. 1 / (3 n) per coordinate;
+        plain tables keep uniform(+-1/sqrt(n)) (FusedTables' default, not listed)."""
         operation, k = self.hparams["operation"], int(self.hparams["partitions"])
         init = self.hparams.get("init", "variance_preserving")
         largest = max(t.num_embeddings for t in self.tables)
-        with torch.no_grad():
-            for collection in self._collections():
-                for p in collection.physical:
-                    field = p.name.rsplit("/", 1)[0] if "/" in p.name else None
-                    composed = field is not None and field in self.hparams["remainder_rows"]
-                    if init == "uniform_largest_field":
-                        bound = 1.0 / math.sqrt(largest)
-                    elif not composed:
-                        continue
-                    else:
-                        n = next(t.num_embeddings for t in self.tables if t.name == field)
-                        if operation == "mult":
-                            bound = math.sqrt(3.0) * (3.0 * n) ** (-1.0 / (2 * k))
-                        elif operation == "add":
-                            bound = 1.0 / math.sqrt(k * n)
-                        else:
-                            bound = 1.0 / math.sqrt(n)
-                    w = collection.weight(p.name)
-                    w.copy_(torch.empty_like(w).uniform_(-bound, bound))
+        pooled, per_id = physical_tables(self.tables, self.dim, self.hparams)
+        bounds: Dict[str, float] = {}
+        for p in [*pooled, *per_id]:
+            field = p.name.rsplit("/", 1)[0] if "/" in p.name else None
+            composed = field is not None and field in self.hparams["remainder_rows"]
+            if init == "uniform_largest_field":
+                bounds[p.name] = 1.0 / math.sqrt(largest)
+            elif composed:
+                n = next(t.num_embeddings for t in self.tables if t.name == field)
+                if operation == "mult":
+                    bounds[p.name] = math.sqrt(3.0) * (3.0 * n) ** (-1.0 / (2 * k))
+                elif operation == "add":
+                    bounds[p.name] = 1.0 / math.sqrt(k * n)
+                else:
+                    bounds[p.name] = 1.0 / math.sqrt(n)
+        return bounds
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         return self.core(features)

@@ -154,8 +154,12 @@ def test_initialisation(init):
             assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
         assert float(q.std()) == pytest.approx(bound / np.sqrt(3), rel=0.1)
     else:
-        composed = q[torch.arange(3000) // r.shape[0]] * r[torch.arange(3000) % r.shape[0]]
-        assert float(composed.var()) == pytest.approx(1 / (3 * 3000), rel=0.15)
+        # mult, 2 partitions: each factor U(+-b), b = sqrt(3) (3n)^(-1/4), so that the product of two
+        # independent zero-mean factors, the composed coordinate, has variance b^4 / 9 = 1 / (3n)
+        bound = np.sqrt(3.0) * (3.0 * 3000) ** -0.25
+        for w in (q, r):
+            assert float(w.abs().max()) <= bound and float(w.abs().max()) > 0.9 * bound
+        assert float(q.var()) * float(r.var()) == pytest.approx(1 / (3 * 3000), rel=0.15)
         assert float(tiny.abs().max()) > 1 / np.sqrt(3000)  # plain tables keep U(+-1/sqrt(n))
 
 

@@ -173,8 +173,13 @@ class FusedTables(nn.Module):
     whole: their owner writes them).
     """
 
-    def __init__(self, tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer, seed_init: bool = True):
+    def __init__(self, tables: Sequence[PhysicalTable], optimizer: EmbeddingOptimizer, seed_init: bool = True,
+                 bounds: Optional[Mapping[str, float]] = None):
         super().__init__()
+        unknown = sorted(set(bounds or {}) - {t.name for t in tables})
+        if unknown:
+            raise ValueError(f"init bounds for tables {unknown} that this collection does not hold")
+        self.bounds = {t.name: float((bounds or {}).get(t.name, 1.0 / max(t.rows, 1) ** 0.5)) for t in tables}
         for t in tables:
             check_fbgemm_dim(t.dim, f"table {t.name!r}")
         self.physical = list(tables)
@@ -232,12 +237,12 @@ class FusedTables(nn.Module):
                 for s in weight.local_shards()]
 
     def reset_parameters(self) -> None:
-        """Uniform(-1/sqrt(rows), 1/sqrt(rows)), the DLRM initialisation, in every part of every table
-        this process holds (``seeded_uniform`` from ``init_seed``); FBGEMM's own init does not
-        follow torch's seed."""
+        """Uniform(-b, b) in every part of every table this process holds (``seeded_uniform`` from
+        ``init_seed``), b = the table's ``bounds`` entry, by default 1/sqrt(rows) (the DLRM
+        initialisation); FBGEMM's own init does not follow torch's seed."""
         with torch.no_grad():
             for t in self.physical:
-                bound = 1.0 / max(t.rows, 1) ** 0.5
+                bound = self.bounds[t.name]
                 for row0, col0, part in self.local_parts(t.name):
                     seeded_uniform(part, self.init_seed, t.name, t.rows, t.dim, bound, row0, col0)
 
