@@ -11,7 +11,9 @@ h_j(x) = ((a_j x + b_j) mod p_j) mod m, m = ``hash_buckets`` (10^6), with a_j, b
 recbench's Carter-Wegman family with p = 2^31 - 1, ``recbench.methods.blocks.hashing_fns``). Each hash is
 transformed to a real: ``uniform``, 2 h / (m - 1) - 1 on [-1, 1]; ``gaussian``, Box-Muller on the
 pairs (u_{2i}, u_{2i+1}), u = max(h / (m - 1), 1e-12), written back to columns 2i (cos) and 2i + 1
-(sin). The dense (N, k) encoding is deterministic and storage-free. A decoder —
+(sin). The dense (N, k) encoding is deterministic and storage-free; it is computed field run by
+field run in cache-sized chunks, the hetu hashes in float64 arithmetic (vectorised division; exact,
+equal to the int64 arithmetic, while a x + b + p < 2^53, ``float64_is_exact``). A decoder —
 ``hidden_layers`` (5: Hetu's 1 + 4) blocks of Linear -> BatchNorm -> Mish (or ReLU), then
 Linear(h, D) — maps it to the D-dim embedding. ``layout: per_field`` (Hetu's use_multi = 1) builds
 one decoder per field; ``layout: shared`` one decoder for all fields (per-field hash salts).
@@ -37,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -65,6 +67,10 @@ PRIME_LIMIT = (1 << 31) - 1
 MILLER_RABIN_BASES = (2, 3, 5, 7)
 #: Head room below PRIME_LIMIT for the scan to the next prime (prime gaps below 2^31 are at most 292).
 PRIME_GAP = 300
+#: Integers up to 2^53 are exact in float64.
+FLOAT64_INTEGERS = 1 << 53
+#: Hash values computed at a time (rows x k): the temporaries of a chunk stay in cache.
+ENCODING_CHUNK = 1 << 17
 
 
 def is_prime(n: int) -> bool:
@@ -109,16 +115,38 @@ def draw_hetu_hashes(seed: int, shape: Sequence[int], buckets: int) -> Tuple[tor
     return a, b, primes.view(tuple(shape))
 
 
-def encode_hashes(hashes: torch.Tensor, buckets: int, distribution: str) -> torch.Tensor:
-    """(U, k) hash values in [0, buckets) -> (U, k) float32 encodings (Hetu's ``learn_hash`` transforms)."""
+def float64_is_exact(buckets: int, max_rows: int) -> bool:
+    """Whether ``hetu_hashes_float64`` is exact for ids below ``max_rows``: a x + b + p < 2^53."""
+    return (buckets - 1) * max(max_rows - 1, 0) + (buckets - 1) + PRIME_LIMIT < FLOAT64_INTEGERS
+
+
+def hetu_hashes_float64(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, p: torch.Tensor,
+                        buckets: int) -> torch.Tensor:
+    """((a x + b) mod p) mod m in float64 arithmetic: ids x (n, 1), parameters (k,) -> (n, k) float64.
+
+    Exact — equal to the int64 computation — whenever a x + b + p < 2^53 (``float64_is_exact``):
+    a x + b is an integer below 2^53, so exact; for integers 0 <= v and 0 < q with v + q < 2^53,
+    floor(fl(v / q)) = floor(v / q) (v / q lies at least 1 / q below the next integer, more than
+    half an ulp there), and v - floor(v / q) q is exact. Vectorised float64 division replaces the
+    scalar int64 one.
+    """
+    v = torch.addcmul(b, a, x)  # a x + b
+    v.sub_(torch.div(v, p).floor_().mul_(p))  # mod p
+    return v.sub_(torch.div(v, buckets).floor_().mul_(buckets))  # mod m
+
+
+def encode_hashes(hashes: torch.Tensor, buckets: int, distribution: str,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(U, k) hash values in [0, buckets) (int64 or float64) -> (U, k) float32 encodings (Hetu's
+    ``learn_hash`` transforms), computed in float64 and rounded once; written into ``out`` when given."""
+    out = torch.empty(hashes.shape, dtype=torch.float32) if out is None else out
+    if distribution == "uniform":  # 2 u - 1: dividing by (m - 1) / 2 rounds as 2 (h / (m - 1)) does (exact halving)
+        return torch.sub(hashes.to(torch.float64) / ((buckets - 1) / 2), 1.0, out=out)
     u = hashes.to(torch.float64) / (buckets - 1)
-    if distribution == "uniform":
-        return (2.0 * u - 1.0).to(torch.float32)
     radius = torch.sqrt(-2.0 * torch.log(u[:, 0::2].clamp(min=BOX_MULLER_EPS)))
     angle = 2.0 * math.pi * u[:, 1::2]
-    out = torch.empty_like(u)
     out[:, 0::2], out[:, 1::2] = radius * torch.cos(angle), radius * torch.sin(angle)
-    return out.to(torch.float32)
+    return out
 
 
 def count_weighted_batch_norm(norm: nn.BatchNorm1d, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -217,6 +245,7 @@ class DheEmbedding(PerIdEmbedding):
         self.register_buffer("a", a, persistent=False)
         self.register_buffer("b", b, persistent=False)
         self.register_buffer("p", p, persistent=False)
+        self.hetu_in_float64 = hash_family == "hetu" and float64_is_exact(self.hash_buckets, self.max_rows)
         compressed = [i for i, t in enumerate(self.tables) if t.name not in set(kept)]
         field_decoder = torch.full((len(self.tables),), -1, dtype=torch.int64)
         for j, i in enumerate(compressed):
@@ -228,15 +257,32 @@ class DheEmbedding(PerIdEmbedding):
             network = decoder(num_hashes, width, hidden_layers, dim, activation, batch_norm)
             self.decoders.append(hetu_init_(network, self.max_rows) if init == "hetu" else network)
 
+    def hashes(self, field: int, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) ids of one field -> (n, k) hash values in [0, m): float64 when ``hetu_in_float64``, else int64."""
+        a, b = self.a[field], self.b[field]
+        if self.hash_family == "universal":
+            return hashing_fns.universal(ids.unsqueeze(1), a, b, self.hash_buckets)
+        p = self.p[field]
+        if self.hetu_in_float64:
+            return hetu_hashes_float64(ids.to(torch.float64).unsqueeze(1), a.double(), b.double(), p.double(),
+                                       self.hash_buckets)
+        return torch.remainder(torch.remainder(a * ids.unsqueeze(1) + b, p), self.hash_buckets)
+
     def encodings(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """(N,) fields, ids -> (N, k) dense hash encodings."""
-        x = ids.unsqueeze(1)
-        if self.hash_family == "hetu":
-            hashes = torch.remainder(torch.remainder(self.a[fields] * x + self.b[fields], self.p[fields]),
-                                     self.hash_buckets)
-        else:
-            hashes = hashing_fns.universal(x, self.a[fields], self.b[fields], self.hash_buckets)
-        return encode_hashes(hashes, self.hash_buckets, self.distribution)
+        """(N,) fields, ids -> (N, k) float32 dense hash encodings.
+
+        Computed run by run of equal consecutive fields (``encode`` passes rows sorted by field),
+        ``ENCODING_CHUNK`` values at a time so that the temporaries stay in cache."""
+        out = torch.empty(ids.numel(), self.num_hashes)
+        chunk = max(1, ENCODING_CHUNK // self.num_hashes)
+        runs, lengths = torch.unique_consecutive(fields, return_counts=True)
+        start = 0
+        for field, length in zip(runs.tolist(), lengths.tolist()):
+            for lo in range(start, start + length, chunk):
+                hi = min(lo + chunk, start + length)
+                encode_hashes(self.hashes(field, ids[lo:hi]), self.hash_buckets, self.distribution, out[lo:hi])
+            start += length
+        return out
 
     def encode(self, fields: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if ids.numel() == 0:

@@ -146,3 +146,74 @@ def test_decoding_unique_ids_with_count_weighted_batch_norm_equals_decoding_ever
     assert torch.allclose(m0, m1, atol=1e-12) and torch.allclose(v0, v1, atol=1e-12)
     nets[0].eval(), nets[1].eval()
     assert torch.allclose(nets[0](unique), decode(nets[1], unique, counts), atol=1e-12)
+
+
+def int64_reference_encodings(module, fields, ids):
+    """The encodings as defined: int64 hash arithmetic on every (id, hash) at once, one float64 transform."""
+    from recbench.methods.dhe import encode_hashes
+
+    x = ids.unsqueeze(1)
+    if module.hash_family == "hetu":
+        hashes = torch.remainder(torch.remainder(module.a[fields] * x + module.b[fields], module.p[fields]),
+                                 module.hash_buckets)
+    else:
+        hashes = H.universal(x, module.a[fields], module.b[fields], module.hash_buckets)
+    return encode_hashes(hashes, module.hash_buckets, module.distribution)
+
+
+def test_float64_hetu_hash_equals_the_int64_arithmetic_exactly_at_the_edges():
+    """floor division in float64 is exact below 2^53: a x + b on a multiple of p or next to one,
+    (a x + b) mod p on a multiple of m, and a x + b + p just below 2^53."""
+    from recbench.methods.dhe import FLOAT64_INTEGERS, hetu_hashes_float64
+
+    m, p = 1_000_000, 2_147_483_629  # p: a prime below 2^31
+    for a in (999_999, 1, 524_287, 3 * 7 * 11 * 13 * 17 * 19, 1 << 19):
+        for b in (1, m - 1, 12_345):
+            top = (FLOAT64_INTEGERS - 1 - p - b) // a  # the largest x with a x + b + p < 2^53
+            xs = {0, 1, 2, 999_999, top, top - 1, top // 2}
+            for n in (1, 2, 1000, (a * top + b) // p):  # a x + b on, below and above multiples n p
+                xs |= {(n * p - b) // a + d for d in (-1, 0, 1)}
+            for n in (1, 7, 2000):  # (a x + b) mod p = n m when x = (n m - b) / a is an integer
+                if (n * m - b) % a == 0:
+                    xs.add((n * m - b) // a)
+            xs = sorted(x for x in xs if 0 <= x <= top)
+            expected = [((a * x + b) % p) % m for x in xs]  # Python integers: no overflow
+            ours = hetu_hashes_float64(torch.tensor(xs, dtype=torch.float64).unsqueeze(1),
+                                       *(torch.tensor([float(v)], dtype=torch.float64) for v in (a, b, p)), m)
+            assert [int(h) for h in ours.flatten().tolist()] == expected
+    for v in (3 * p, 7 * m, 3 * p + 7 * m, p - 1):  # exact multiples land on 0
+        ours = hetu_hashes_float64(torch.tensor([[float(v)]], dtype=torch.float64), torch.ones(1, dtype=torch.float64),
+                                   torch.zeros(1, dtype=torch.float64), torch.tensor([float(p)], dtype=torch.float64), m)
+        assert int(ours) == (v % p) % m
+
+
+@pytest.mark.parametrize("family", ["hetu", "universal"])
+@pytest.mark.parametrize("distribution", ["uniform", "gaussian"])
+def test_chunked_encodings_equal_the_int64_reference_exactly(family, distribution, monkeypatch):
+    """Field runs, chunks (a chunk of 3 rows here) and the float64 hash path change no bit."""
+    import recbench.methods.dhe as dhe
+
+    m = build(num_hashes=64, hash_family=family, distribution=distribution, hash_seed=2)
+    assert m.hetu_in_float64 == (family == "hetu")
+    g = torch.Generator().manual_seed(0)
+    fields = torch.randint(0, 2, (500,), generator=g)
+    ids = torch.where(fields == 0, torch.randint(0, 20000, (500,), generator=g), torch.randint(0, 5000, (500,), generator=g))
+    ids[:4] = torch.tensor([0, 19999, 4999, 0])
+    fields[:4] = torch.tensor([0, 0, 1, 1])
+    expected = int64_reference_encodings(m, fields, ids)
+    assert torch.equal(m.encodings(fields, ids), expected)  # unsorted fields: many short runs
+    order = torch.argsort(fields, stable=True)
+    monkeypatch.setattr(dhe, "ENCODING_CHUNK", 3 * 64)
+    assert torch.equal(m.encodings(fields[order], ids[order]), expected[order])
+
+
+def test_hetu_hashes_stay_in_int64_where_float64_would_not_be_exact():
+    from recbench.methods.dhe import DheEmbedding, float64_is_exact
+
+    assert float64_is_exact(1_000_000, 9_000_000) and not float64_is_exact(1 << 30, 10_000_000)
+    tables = [TableSpec("big", 10_000_000), TableSpec("small", 100)]
+    m = DheEmbedding(tables, DIM, 2, 1, 16, 1 << 30, "uniform", "mish", True, ["small"], 0)
+    assert not m.hetu_in_float64
+    ids = torch.tensor([0, 1, 9_999_999, 8_000_000, 123_456_789 % 10_000_000])
+    fields = torch.zeros_like(ids)
+    assert torch.equal(m.encodings(fields, ids), int64_reference_encodings(m, fields, ids))

@@ -164,3 +164,43 @@ def test_budget_solves_parts_and_codewords_or_reports_the_range():
     fixed = MGQE(codewords=256, tail_codewords=64)
     hp = fixed.solve(t, 16, Budget(compression_ratio=0.04)).hparams  # only P is solved: P = 2 gives ratio 0.038
     assert (hp["parts"], hp["codewords"], hp["tail_codewords"]) == (2, 256, 64)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 128, 1000])
+def test_head_index_slots_at_block_and_word_edges(rows):
+    g = torch.Generator().manual_seed(rows)
+    for is_head in (torch.rand(rows, generator=g) < 0.5, torch.ones(rows, dtype=torch.bool), torch.zeros(rows, dtype=torch.bool)):
+        index = HeadIndex(is_head)
+        every = torch.arange(rows)
+        flag, slot = index.slots(every)
+        head_before = torch.cumsum(is_head.long(), 0) - is_head.long()
+        assert torch.equal(flag, is_head)
+        assert torch.equal(slot, torch.where(is_head, head_before, every - head_before))
+
+
+@pytest.mark.parametrize("assignment", ["vq", "softmax"])
+def test_training_codes_equal_the_logits_as_defined(assignment):
+    """Codes of a training step: argmax of the masked, batch-normalised logits written out of place
+    (2 <q, k> - |q|^2 - |k|^2 for vq); the running statistics move the same way."""
+    heads = MGQE().heads(tables())
+    m = module(assignment, parts=2, codewords=8, tail=2, head=heads, normalize=True)
+    with torch.no_grad():
+        m.query.mul_(20.0)
+    rows = torch.arange(0, 250, 3)
+    queries = m.query.detach()[rows].view(len(rows), 2, -1)
+    keys = m.keys.detach()[0]
+    logits = torch.einsum("upd,pkd->upk", queries, keys)
+    if assignment == "vq":
+        logits = 2 * logits - (queries * queries).sum(-1, keepdim=True) - (keys * keys).sum(-1).unsqueeze(0)
+    mean, var = m.norm.running_mean.clone(), m.norm.running_var.clone()
+    normed = torch.nn.functional.batch_norm(logits.reshape(-1, 8), mean, var, training=True, momentum=m.norm.momentum,
+                                            eps=m.norm.eps).view_as(logits)
+    banned = (~m.is_head[rows]).view(-1, 1, 1) & (torch.arange(8) >= 2)
+    expected = normed.masked_fill(banned, float("-inf")).argmax(-1)
+    m.train()
+    fields = (rows >= 200).long()
+    out = m.encode(fields, rows - 200 * fields)
+    book_values = (m.values if assignment == "softmax" else m.keys).detach()[0]
+    hard = book_values[torch.arange(2), expected].reshape(len(rows), -1)
+    assert torch.allclose(out.detach(), hard, atol=1e-5)  # vq: q + (c - q); codewords lie far apart
+    assert torch.equal(m.norm.running_mean, mean) and torch.equal(m.norm.running_var, var)

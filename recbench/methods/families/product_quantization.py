@@ -68,6 +68,12 @@ def head_rows(counts: Optional[np.ndarray], fraction: float, name: str) -> np.nd
     return np.sort(order[:count])
 
 
+#: (64,) int64: the bits below position r of a 64-bit word, (1 << r) - 1
+_LOW_BITS = torch.tensor([(1 << r) - 1 for r in range(RANK_BLOCK)], dtype=torch.int64)
+#: (256,) int64: the set bits of each byte value
+_BYTE_POPCOUNT = torch.tensor([bin(v).count("1") for v in range(256)], dtype=torch.int64)
+
+
 def group_map_bytes(rows: int) -> int:
     """MGQE's head bitmap (1 bit per row) + one int32 rank per RANK_BLOCK rows."""
     return bit_packing.packed_bytes(rows, 1) + -(-rows // RANK_BLOCK) * INT32_BYTES
@@ -92,12 +98,16 @@ class HeadIndex(nn.Module):
         self.register_buffer("ranks", (torch.cumsum(per_block, 0) - per_block).to(torch.int32))
 
     def slots(self, rows: torch.Tensor):
-        block_start = (rows // RANK_BLOCK) * RANK_BLOCK
-        within = torch.arange(RANK_BLOCK, dtype=torch.int64)
-        bits = bit_packing.read_bits(self.bitmap, 1, (block_start.unsqueeze(1) + within).clamp(max=self.bitmap.numel() * 8 - 1))
-        before = (bits * (within < (rows - block_start).unsqueeze(1))).sum(1)
-        head_before = self.ranks[rows // RANK_BLOCK].to(torch.int64) + before
-        is_head = bit_packing.read_bits(self.bitmap, 1, rows).bool()
+        # the bitmap read as little-endian 64-bit words (zero-padded to whole words): word w holds
+        # rows [64 w, 64 w + 64) at bits 0..63, so the head rows before ``row`` in its block are
+        # the set bits of its word below bit row % 64 (popcount by a byte table)
+        pad = (-self.bitmap.numel()) % 8
+        words = torch.cat([self.bitmap, self.bitmap.new_zeros(pad)]).view(torch.int64)
+        word = words[rows // RANK_BLOCK]
+        within = rows % RANK_BLOCK
+        below = (word & _LOW_BITS[within]).view(torch.uint8).view(-1, 8)
+        head_before = self.ranks[rows // RANK_BLOCK].to(torch.int64) + _BYTE_POPCOUNT[below.long()].sum(1)
+        is_head = ((word >> within) & 1).bool()
         return is_head, torch.where(is_head, head_before, rows - head_before)
 
 
@@ -229,8 +239,8 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
             keys = self.keys[book]
             q = queries if members is None else queries[members]
             part = torch.einsum("upd,pkd->upk", q, keys)
-            if self.assignment == "vq":
-                part = 2 * part - (q * q).sum(-1, keepdim=True) - (keys * keys).sum(-1).unsqueeze(0)
+            if self.assignment == "vq":  # 2 <q, k> - |q|^2 - |k|^2, in place (the einsum's output is not saved)
+                part = part.mul_(2).sub_((q * q).sum(-1, keepdim=True)).sub_((keys * keys).sum(-1).unsqueeze(0))
             if members is None:
                 out = part
             else:
@@ -260,7 +270,9 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         if self.is_head is None or self.tail_codewords >= self.codewords:
             return logits
         banned = (~self.is_head[rows]).view(-1, 1, 1) & (torch.arange(self.codewords, device=rows.device) >= self.tail_codewords)
-        return logits.masked_fill(banned, float("-inf"))
+        if logits.requires_grad:
+            return logits.masked_fill(banned, float("-inf"))
+        return logits.masked_fill_(banned, float("-inf"))  # logits only select codes: masked in place
 
     def book_rows(self, rows: torch.Tensor) -> torch.Tensor:
         fields = torch.searchsorted(self.row_end, rows, right=True)
@@ -297,7 +309,9 @@ class ProductQuantizedEmbedding(PerIdEmbedding):
         owned = batch_part.first_holder(rows, world) if world > 1 else None
         books = self.book_rows(rows)
         queries = F.embedding(rows, self.query, sparse=True).view(len(rows), self.parts, -1)
-        logits = self.mask_tail(self.logits(queries, books, world, owned), rows)
+        # vq: the logits only select the codes (no gradient reaches them), so they build no graph
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.assignment == "softmax"):
+            logits = self.mask_tail(self.logits(queries, books, world, owned), rows)
         codes = logits.argmax(-1)
         if self.assignment == "softmax":
             # forward: the hard codeword; backward: values get the one-hot gradient, logits the
