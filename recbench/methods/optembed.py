@@ -259,6 +259,7 @@ class OptEmbedSupernet(_Trainable):
         self.candidate: Optional[Tuple[int, ...]] = None  # per-field dims under evaluation (search)
         self._keep_cache: Optional[Tuple[Any, torch.Tensor]] = None
         self._ranking: Optional[Tuple[Any, torch.Tensor, Any]] = None  # (state, row_scores, rank_rows)
+        self._row_dims: Optional[Tuple[torch.Tensor, torch.Tensor]] = None  # (deployed_keep, row_dims)
 
     def initial_rows(self) -> torch.Tensor:
         """(R, D) the initial table (``init``), regenerated from ``init_seed``."""
@@ -300,11 +301,32 @@ class OptEmbedSupernet(_Trainable):
         masked to its field's dim prefix and to the rows kept at those dims, then pooled."""
         if self.training:
             raise RuntimeError("OptEmbedSupernet.forward_precomputed is the eval forward; call eval() first")
-        row_dims = torch.cat([torch.where(self.deployed_keep(), self.dims()[self.row_field], 0),
-                              torch.tensor([self.dim])])  # (R + 1,): 0 for a pruned row, D for kept fields
-        per_id = state.values * (torch.arange(self.dim).unsqueeze(0) < row_dims[state.rows].unsqueeze(1))
+        prefixes = (torch.arange(self.dim).unsqueeze(0) < torch.arange(self.dim + 1).unsqueeze(1)).to(state.values.dtype)
+        per_id = state.values * prefixes.index_select(0, self.row_dims().index_select(0, state.rows))  # (N, D)
         out = per_id.view(state.batch, -1) if state.pooling is None else state.pooling(per_id)
         return self.keyed_output(out)
+
+    @torch.no_grad()
+    def row_dims(self) -> torch.Tensor:
+        """(R + 1,) int64 width of each stacked row at the current dims: its field's dim if the row is
+        kept, 0 if pruned; entry R (a kept field's value) is D. Cached with ``deployed_keep``."""
+        keep = self.deployed_keep()
+        if self._row_dims is None or self._row_dims[0] is not keep:
+            widths = torch.cat([torch.where(keep, self.dims()[self.row_field], 0), torch.tensor([self.dim])])
+            self._row_dims = (keep, widths)
+        return self._row_dims[1]
+
+    @torch.no_grad()
+    def active_columns(self) -> Optional[torch.Tensor]:
+        """(C,) int64 columns of the eval output (B, F * D) that can be nonzero at the current dims:
+        the first d_f of compressed field f, all D of a kept field; every other column is exactly 0
+        for every sample. None in training mode (the sampled dims reach D)."""
+        if self.training:
+            return None
+        widths = torch.full((len(self.tables),), self.dim, dtype=torch.int64)
+        compressed = self.compressed_position >= 0
+        widths[compressed] = self.dims()[self.compressed_position[compressed]]
+        return torch.nonzero((torch.arange(self.dim).unsqueeze(0) < widths.unsqueeze(1)).flatten()).squeeze(1)
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         out = super().forward(features)

@@ -110,7 +110,8 @@ class EmbeddingModel(nn.Module):
     not change when only the embedding module's behaviour changes (a search stage's candidate,
     e.g. OptEmbed's per-field dims, with every parameter frozen). ``memo`` computes that part
     once per batch and ``forward_memo`` the rest: ``forward_memo(memo(dense, sparse))`` is
-    ``forward(dense, sparse)``, the same operations on the same inputs (bitwise equal outputs).
+    ``forward(dense, sparse)``, the same operations on the same inputs (bitwise equal outputs;
+    ``DCNv2`` leaves out the embedding columns that are exactly 0, equal to float summation order).
     Subclasses define ``interact`` (and ``head`` when the over-arch is not ``self.over``).
     """
 

@@ -78,9 +78,11 @@ def test_cached_scores_equal_uncached_for_every_candidate(toy_dataset, kind):
 
 
 def test_memo_forward_is_the_forward_bitwise(toy_dataset):
+    """DLRM's memo forward is its forward; DCNv2's restricts to the active columns, equal to float
+    summation order (tests/methods/test_optembed_search_eval.py)."""
     from recbench.datasets.batching import BatchIterator
 
-    trainer = _trainer(toy_dataset, "dcn")
+    trainer = _trainer(toy_dataset, "dlrm")
     model, module = trainer.model.eval(), trainer.model.embedding
     module.candidate = _candidates(module, 1)[0]
     batch = next(iter(BatchIterator(toy_dataset.spec, trainer.split("val"), 300)))
