@@ -155,11 +155,12 @@ class AutoSrhEmbedding(PrunedEmbedding):
         return self.schedule == "joint" and self.retraining
 
     def effective(self, rows, fields, values):
+        """(N,) rows -> (N, D): e_x, e_x * alpha_g (gathered by ``index_select``) or joint's masked e_x."""
         if int(self.phase) == WARMUP:
             return values
         if self.masked_retrain():
-            return values * self.mask[rows]
-        return values * self.selection[self.row_group[rows]]
+            return values * self.mask.index_select(0, rows)
+        return values * self.selection.index_select(0, self.row_group.index_select(0, rows))
 
     @torch.no_grad()
     def effective_table(self) -> torch.Tensor:

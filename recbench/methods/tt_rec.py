@@ -13,9 +13,10 @@ start at (2, 2, 2) and double d2, d1, d0, d2, ... in turn; else the divisor near
 on, sorted). The cores are G0 (N0, d0, r), G1 (N1, r, d1, r), G2 (N2, r, d2) of rank r. Id i has
 digits i0 = i mod N0, i1 = (i // N0) mod N1, i2 = i // (N0 N1) (the least significant digit
 indexes the first core) and row W[i] = G0[i0] x G1[i1] x G2[i2] contracted over the ranks,
-reshaped (d0, d1, d2) -> D. fbgemm_gpu 1.8.0's CPU build has no TT ops, so the lookup gathers the
-core slices of every id of the batch and contracts them with two batched einsums; the per-id rows
-are then segment-summed into the bags (divided for mean pooling). Cores are small dense
+reshaped (d0, d1, d2) -> D. fbgemm_gpu 1.8.0's CPU build has no TT ops, so the lookup contracts the
+core slices with batched GEMMs (as FBTT's kernels do), each distinct id of the batch once: G0[i0]
+G1[i1] per distinct prefix (i0, i1), times G2[i2] per distinct id; the rows are gathered back to
+the N values, then segment-summed into the bags (divided for mean pooling). Cores are small dense
 parameters (Adam).
 
 Init (``init``): ``hetu`` (default) draws every core entry from Hetu's reversed truncated normal —
@@ -150,9 +151,20 @@ class TTCores(nn.Module):
         return ids % self.n0, (ids // self.n0) % self.n1, ids // (self.n0 * self.n1)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        i0, i1, i2 = self.digits(ids)
-        left = torch.einsum("nar,nrbs->nabs", self.core1[i0], self.core2[i1])
-        return torch.einsum("nabs,nsc->nabc", left, self.core3[i2]).reshape(len(ids), self.dim)
+        """(N,) ids -> (N, D): each distinct id's row is contracted once (``unique_rows``) and gathered."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        return self.unique_rows(unique).index_select(0, inverse)
+
+    def unique_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """(U,) distinct ids -> (U, D): the product G0[i0] G1[i1] (d0, d1 r) of each distinct prefix
+        (i0, i1) by one batched GEMM, then times G2[i2] (r, d2) per id by another. Each row is the
+        same two contractions as ``W[i]`` above."""
+        block = self.n0 * self.n1  # gathers by index_select: their gradients are index_add sums
+        prefixes, prefix_of_id = torch.unique(ids % block, return_inverse=True)
+        core1, core2 = self.core1.index_select(0, prefixes % self.n0), self.core2.index_select(0, prefixes // self.n0)
+        left = torch.bmm(core1, core2.flatten(2))  # (P, d0, d1 r)
+        left = left.view(len(prefixes), -1, self.rank).index_select(0, prefix_of_id)  # (U, d0 d1, r)
+        return torch.bmm(left, self.core3.index_select(0, ids // block)).reshape(len(ids), self.dim)
 
     def full_table(self) -> torch.Tensor:
         """The whole virtual (N0 N1 N2, D) table in id order (tests and small fields only)."""
