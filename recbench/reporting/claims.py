@@ -536,7 +536,19 @@ def markdown(records: Sequence[Dict[str, Any]], records_text: str, command: str)
 
 def from_records(paths: Sequence[Path], out: Path) -> str:
     """claims.md from exported record files, its header naming them and the command (``--out out``)."""
-    records = [r for path in paths for r in load_records(path)]
+    records = []
+    for path in paths:
+        try:
+            loaded = load_records(path)
+        except OSError as exc:
+            raise OSError(f"{path}: cannot read the records ({exc.strerror or exc})") from exc
+        except ValueError as exc:
+            raise ValueError(f"{path}: not a JSON records file ({exc}); allowed: the output of "
+                             "recbench-report --export or recbench-sweep --export") from exc
+        if not isinstance(loaded, list):
+            raise ValueError(f"{path}: a JSON {type(loaded).__name__}, not a list of run records; allowed: the output "
+                             "of recbench-report --export or recbench-sweep --export")
+        records += loaded
     command = shlex.join(["python", "-m", "recbench.reporting.claims", "--records", *map(str, paths), "--out", str(out)])
     return markdown(records, ", ".join(f"`{p}`" for p in paths), command)
 

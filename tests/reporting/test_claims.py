@@ -156,3 +156,16 @@ def test_cli_writes_the_file_and_refuses_missing_records(tmp_path, capsys):
     assert out.read_text().startswith("# Paper claims") and "| QR (`qr`) beats hashing" in out.read_text()
     assert C.main(["--records", str(tmp_path / "missing.json"), "--out", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"runs":', "not a JSON records file"),
+    ('{"a": 1}', "a JSON dict, not a list of run records"),
+])
+def test_a_bad_records_file_is_one_line_naming_the_file_and_nothing_is_written(tmp_path, capsys, content, message):
+    bad, out = tmp_path / "runs.json", tmp_path / "claims.md"
+    bad.write_text(content)
+    assert C.main(["--records", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and message in err[0]
+    assert not out.exists()
