@@ -369,3 +369,28 @@ def test_a_sweep_override_replaces_the_presets_axis_and_the_reference_point_wins
         "method=hashing", "method=qr"}
     assert [o for o in reference.overrides if o.startswith("method=")] == ["method=full"]
     assert plan.jobs_total == 13
+
+
+def test_planned_job_configs_equal_a_direct_composition_of_each_job():
+    """The planner composes once per set of config choices and applies each job's values after it:
+    every job's config equals Hydra composing that job alone."""
+    from omegaconf import OmegaConf
+
+    from recbench.runs.sweep_plan import _compose, _job_configs
+
+    for preset, extra in [("demo", []), ("leaderboard_movielens100k", ["method=hashing,optembed", "seed=0,2"])]:
+        plan = build_plan(preset, extra)
+        jobs = [job for grid in plan.grids for job in grid.jobs]
+        planned = list(_job_configs(jobs))
+        assert [job for job, _ in planned] == jobs and len(jobs) > 4
+        for job, cfg in planned:
+            assert OmegaConf.to_container(cfg) == OmegaConf.to_container(_compose(job)), job
+
+
+def test_a_grid_value_the_configs_refuse_is_one_line_naming_the_job(tmp_path, capsys):
+    from recbench.cli.sweep import main
+
+    assert main(["demo", "trainer.nonexistent_key=1,2", "--dry-run", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "trainer.nonexistent_key=1` does not compose: Could not override 'trainer.nonexistent_key'" in err[0]
