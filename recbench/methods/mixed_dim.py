@@ -226,7 +226,10 @@ class MixedDimEmbedding(EmbeddingModule):
         self.hparams = dict(hparams)
         physical = physical_tables(tables, hparams)
         fused = [p for p in physical if fbgemm_width(p.dim)]
-        self.fused = FusedTables(fused, optimizer) if fused else None
+        max_rows = max(t.num_embeddings for t in tables)
+        bounds = {p.name: _init_bounds(hparams["init"], p.rows, p.dim, dim, max_rows)[0] for p in fused}
+        # FBGEMM-width tables draw their own init (a distributed rank draws only its shards)
+        self.fused = FusedTables(fused, optimizer, bounds=bounds) if fused else None
         self.plain = PlainTables([p for p in physical if not fbgemm_width(p.dim)])
         self.projections = Projections(block_dims(tables, hparams), dim)
         self._initialise(physical, hparams["init"], max(t.num_embeddings for t in tables))
@@ -245,11 +248,15 @@ class MixedDimEmbedding(EmbeddingModule):
         return self.plain.weight(block)
 
     def _initialise(self, physical: Sequence[PhysicalTable], init: str, max_rows: int) -> None:
+        """U(-b, b) for the plain (narrow) tables and the projections, in block order; the FBGEMM
+        tables were drawn by ``FusedTables`` with the same bounds."""
+        fused = {p.name for p in self.fused.physical} if self.fused is not None else set()
         with torch.no_grad():
             for p in physical:
                 table_bound, proj_bound = _init_bounds(init, p.rows, p.dim, self.dim, max_rows)
-                w = self.table_weight(p.name)
-                w.copy_(torch.empty_like(w).uniform_(-table_bound, table_bound))
+                if p.name not in fused:
+                    w = self.table_weight(p.name)
+                    w.copy_(torch.empty_like(w).uniform_(-table_bound, table_bound))
                 if self.projections.has(p.name):
                     proj = self.projections.weights[_pkey(p.name)]
                     proj.uniform_(-proj_bound, proj_bound)

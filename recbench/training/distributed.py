@@ -56,7 +56,7 @@ is not wired: shards are allocated on CPU and batches stay on CPU); a hook may n
 embedding module inside a stage (``ShardedModel`` refuses it; the method's ``rebuild`` between
 stages may), and a ``rebuild`` that reads or rewrites the weights of a table-backed method's
 tables would see them sharded (no method does). Tables a method initialises itself (it reads or
-writes ``FusedTables.weight`` while it is built: CCE, dedup, mixed-dim, CAFE, ADAPT, AdaEmbed)
+writes ``FusedTables.weight`` while it is built: CCE, dedup, CAFE, ADAPT, AdaEmbed)
 are built whole on every rank and copied into the shards (``load_shards``; the wrap logs how many
 collections), and the modules of custom-lookup methods are replicated whole on every rank. The
 final evaluation needs the whole model on rank 0 (one host's memory for the deployable form) and

@@ -127,7 +127,8 @@ protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], 
 
 @pytest.mark.slow  # ~40-60 s on 2 shared cores: a torchrun job of 2 processes + a single-process run
 @pytest.mark.parametrize("method, extra", [("full", []), ("qr", ["budget.compression_ratio=0.5",
-                                                                 "runtime.sharding_types=[column_wise]"])])
+                                                                 "runtime.sharding_types=[column_wise]"]),
+                                           ("mixed_dim", ["budget.compression_ratio=0.5"])])
 def test_two_gloo_processes_match_one_process(tmp_path, method, extra):
     from mlflow.tracking import MlflowClient
 
