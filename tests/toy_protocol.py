@@ -85,3 +85,22 @@ def toy_cfg(tmp_path, *overrides, tracking="memory"):
     if tracking == "mlflow":
         cfg["tracking"].update({"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_root": str(tmp_path / "art")})
     return OmegaConf.create(cfg)
+
+
+#: the toy protocol as a sweep's dataset config (``conf/dataset/toy.yaml`` of the sweep tests:
+#: tests/cli/test_sweep.py, tests/tracking/test_postgres_server.py)
+SWEEP_DATASET = """_target_: toy_protocol.ToyProtocol
+rows: 1500
+protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], dense_learning_rate: 0.003,
+           embedding_learning_rate: 0.1, max_epochs: 1, evals_per_epoch: 1, patience: 1}
+"""
+
+
+def sweep_preset(seeds: str, reference: bool = True) -> str:
+    """A sweep preset over the toy dataset (DLRM): ``hashing`` at ratio 0.5 for ``seeds`` (``"0,1,2"``),
+    plus the ``full`` reference point at ratio 1 unless ``reference`` is False (then one grid only)."""
+    point = "sweep_preset:\n  reference: {method: full, budget.compression_ratio: 1.0}\n" if reference else ""
+    return ("# @package _global_\ndefaults:\n  - override /dataset: toy\n  - override /model: dlrm\n"
+            "trainer: {progress: false, latency_repeats: 1}\n" + point +
+            f"hydra:\n  sweeper:\n    params:\n      method: hashing\n      budget.compression_ratio: 0.5\n"
+            f"      seed: {seeds}\n")

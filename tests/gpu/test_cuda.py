@@ -89,15 +89,17 @@ def built_module(name, tables):
 
 
 def random_kjt(tables, batch, rng, device):
-    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+    """The method contract's random KJT (tests/methods/test_contract.py: bags of 0-4 ids in
+    multi-hot fields, one id elsewhere) on ``device``; imported when first used, so collecting
+    this file without a GPU imports nothing of the contract."""
+    import sys
 
-    values, lengths = [], []
-    for t in tables:
-        n = rng.integers(0, 5, batch) if t.multi_hot else np.ones(batch, dtype=np.int64)
-        lengths.append(n)
-        values.append(rng.integers(0, t.num_embeddings, int(n.sum())))
-    return KeyedJaggedTensor(keys=[t.name for t in tables], values=torch.from_numpy(np.concatenate(values)),
-                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32))).to(device)
+    contract = str(Path(__file__).resolve().parents[1] / "methods")
+    if contract not in sys.path:
+        sys.path.insert(0, contract)
+    from test_contract import random_kjt as contract_kjt
+
+    return contract_kjt(tables, batch, rng).to(device)
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -25,42 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from toy_protocol import SWEEP_DATASET, sweep_preset
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "tracking_server.sh"
 ARTIFACT_ROOT = "mlflow-artifacts:///recbench"  # artifacts go through the server (docs/tracking.md)
-TOY_DATASET = """_target_: toy_protocol.ToyProtocol
-rows: 1500
-protocol: {batch_size: 128, embedding_dim: 8, bottom_mlp: [8], top_mlp: [8, 1], dense_learning_rate: 0.003,
-           embedding_learning_rate: 0.1, max_epochs: 1, evals_per_epoch: 1, patience: 1}
-"""
-TOY_PRESET = """# @package _global_
-defaults:
-  - override /dataset: toy
-  - override /model: dlrm
-trainer: {progress: false, latency_repeats: 1}
-sweep_preset:
-  reference: {method: full, budget.compression_ratio: 1.0}
-hydra:
-  sweeper:
-    params:
-      method: hashing
-      budget.compression_ratio: 0.5
-      seed: 0,1,2
-"""
+TOY_DATASET, TOY_PRESET = SWEEP_DATASET, sweep_preset("0,1,2")
 #: one grid of 4 jobs (no reference point: a sweep launches its grids one after the other)
-TOY4_PRESET = """# @package _global_
-defaults:
-  - override /dataset: toy
-  - override /model: dlrm
-trainer: {progress: false, latency_repeats: 1}
-hydra:
-  sweeper:
-    params:
-      method: hashing
-      budget.compression_ratio: 0.5
-      seed: 0,1,2,3
-"""
+TOY4_PRESET = sweep_preset("0,1,2,3", reference=False)
 
 
 def run_script(command: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
