@@ -58,7 +58,7 @@ from recbench.cli import OneLineParser, refuse
 from recbench.cli.train import tracking_problem
 from recbench.datasets.errors import DatasetError
 from recbench.gates.settings import override_error
-from recbench.runs.config import ConfigError, compose, composition_problem, moved_keys, override_problem
+from recbench.runs.config import ConfigError, composition_problem, moved_keys, override_problem
 from recbench.tracking.mlflow_tracker import StoreError
 from recbench.runs.sweep_plan import _is_sweep, _search_path_overrides, build_plan, check_plan, presets
 from recbench.runs.sweep_launch import (PeriodicExport, hydra_command, job_environment, launch_in_subprocess,
@@ -164,8 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_plan(plan)
     except (ConfigError, DatasetError, StoreError) as exc:
         return _usage(str(exc))
-    jobs = args.jobs or int((compose([f"sweep={args.preset}", *(o for o in args.overrides if not _is_sweep(o))]).get("sweep_preset") or {})
-                            .get("jobs", 1))
+    jobs = args.jobs or plan.default_jobs
     print(summary(plan, jobs=jobs), flush=True)
     if args.dry_run:
         for grid in plan.grids:

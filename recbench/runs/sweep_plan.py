@@ -38,6 +38,7 @@ class SweepPlan:
     sweep_id: str
     grids: List[Grid]
     jobs_total: int = 0
+    default_jobs: int = 1  # the preset's ``sweep_preset.jobs``: parallel jobs when --jobs is not given
     already_finished: int = 0
     orphans_closed: int = 0
     protocols: List[str] = field(default_factory=list)
@@ -131,7 +132,8 @@ def build_plan(preset: str, overrides: Sequence[str], sweep_id: Optional[str] = 
             if key not in seen:  # a reference point already in the main grid runs once
                 seen.add(key)
                 grid.jobs.append([f"sweep={preset}", *search, *job])
-    plan = SweepPlan(preset, sweep_id or default_sweep_id(preset, overrides), [g for g in grids if g.jobs])
+    plan = SweepPlan(preset, sweep_id or default_sweep_id(preset, overrides), [g for g in grids if g.jobs],
+                     default_jobs=int(meta.get("jobs", 1)))
     plan.jobs_total = sum(len(g.jobs) for g in plan.grids)
     return plan
 
